@@ -1,0 +1,111 @@
+"""Composition root: build the model, store, reply sender and HTTP server from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import tornado.httpserver
+
+from adserver.exporter import FeedbackCollector, build_registry
+from adserver.ingest import FeedbackService, ReplyConfig
+from adserver.labels import seldon_default_labels
+from adserver.loader import load_model
+from adserver.reply import ReplySender
+from adserver.server import make_app
+from adserver.settings import Settings
+from adserver.state import MetricsState
+from adserver.store import open_store
+from cm_models.base import MetricModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Server:
+    settings: Settings
+    service: FeedbackService
+    http: tornado.httpserver.HTTPServer
+    sender: ReplySender | None
+    readiness: dict[str, bool]
+
+    async def drain(self, seconds: float = 10.0) -> None:
+        """Stop accepting, let in-flight events finish and commit, then release everything."""
+        self.readiness["ready"] = False
+        self.http.stop()
+        try:
+            await asyncio.wait_for(self.http.close_all_connections(), seconds)
+        except TimeoutError:
+            log.warning("connections still open after drain timeout")
+        if self.sender is not None:
+            await self.sender.close()
+        await self.service.store.close()
+
+
+def build_server(settings: Settings) -> Server:
+    """Everything is loaded here, before the first request (a bad model fails start-up)."""
+    model = load_model(settings)
+    state = MetricsState(getattr(model, "classes", ()))
+    store = open_store(settings, state)
+    sender = None
+    if settings.reply_url and settings.replies_enabled:
+        sender = ReplySender(
+            settings.reply_url,
+            timeout=settings.reply_timeout_seconds,
+            retries=settings.reply_retries,
+            queue_size=settings.reply_queue_size,
+        )
+    reply = (
+        ReplyConfig(settings.event_type, settings.event_source)
+        if settings.replies_enabled
+        else None
+    )
+    service = FeedbackService(model, store, reply=reply, sender=sender)
+    collector = FeedbackCollector(
+        settings.model_name,
+        state,
+        has_confusion=isinstance(model, MetricModel),
+        seldon_class_label=getattr(model, "seldon_class_label", False),
+        seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
+        reply_stats=sender.snapshot if sender is not None else None,
+    )
+    readiness = {"ready": True}
+    app = make_app(
+        service,
+        build_registry(collector),
+        protocol=settings.protocol,
+        max_body_bytes=settings.max_body_bytes,
+        readiness=readiness,
+    )
+    http = tornado.httpserver.HTTPServer(
+        app, max_body_size=settings.max_body_bytes + 1, xheaders=True
+    )
+    return Server(settings, service, http, sender, readiness)
+
+
+async def serve(settings: Settings) -> None:
+    server = build_server(settings)
+    server.http.listen(settings.http_port, address=settings.http_host)
+    if server.sender is not None:
+        server.sender.start()
+    if settings.elasticsearch_uri:
+        log.warning("--elasticsearch_uri is accepted but unsupported: feedback needs a response")
+    log.info(
+        "listening",
+        extra={
+            "port": settings.http_port,
+            "model": settings.model_name,
+            "storage_uri": settings.storage_uri,
+            "state": settings.state,
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await server.drain()
+    log.info("stopped")

@@ -1,0 +1,5 @@
+"""Keeps the reference's path `adserver.cm_models.binary_metrics.BinaryMetrics` working."""
+
+from cm_models.binary_metrics import BinaryMetrics
+
+__all__ = ["BinaryMetrics"]

@@ -1,0 +1,52 @@
+"""Every wire name the server reads or writes, defined once."""
+
+from typing import Final
+
+PROTOCOL_SELDON_FEEDBACK: Final = "seldonfeedback.http"
+SUBCOMMAND: Final = "MetricsServer"
+
+# CloudEvents HTTP binding
+CE_PREFIX: Final = "ce-"
+CE_SPECVERSION: Final = "1.0"
+CONTENT_TYPE_JSON: Final = "application/json"
+CONTENT_TYPE_CE_STRUCTURED: Final = "application/cloudevents"
+CONTENT_TYPE_CE_BATCH: Final = "application/cloudevents-batch"
+
+# Extensions a reply carries so consumers can correlate it with the prediction.
+CORRELATION_EXTENSIONS: Final = (
+    "requestid",
+    "inferenceservicename",
+    "namespace",
+    "endpoint",
+    "modelid",
+)
+
+# Event types
+SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
+
+# Seldon default metric labels: label -> environment variable (protocols.md 5.3)
+NOT_IMPLEMENTED: Final = "NOT_IMPLEMENTED"
+ENV_DEPLOYMENT: Final = "SELDON_DEPLOYMENT_ID"
+ENV_PREDICTIVE_UNIT: Final = "PREDICTIVE_UNIT_ID"
+ENV_IMAGE: Final = "PREDICTIVE_UNIT_IMAGE"
+ENV_PREDICTOR: Final = "PREDICTOR_ID"
+ENV_PREDICTOR_LABELS: Final = "PREDICTOR_LABELS"
+ENV_NAMESPACE: Final = "SELDON_DEPLOYMENT_NAMESPACE"
+
+# HTTP routes
+ROUTE_EVENTS: Final = "/"
+ROUTE_METRICS: Final = "/v1/metrics"
+ROUTE_PROTOCOL: Final = "/protocol"
+ROUTE_LIVE: Final = "/health/live"
+ROUTE_READY: Final = "/health/ready"
+
+# Metric name prefix of the server's own families
+METRIC_PREFIX: Final = "feedback_"
+SELDON_METRIC_PREFIX: Final = "seldon_metric_"
+
+# Server counters (exported as feedback_<name>_total)
+EVENTS_ACCEPTED: Final = "events_accepted"
+ROWS_ACCEPTED: Final = "rows_accepted"
+EVENTS_REJECTED: Final = "events_rejected"
+EVENTS_DUPLICATE: Final = "events_duplicate"
+METRICS_REJECTED: Final = "custom_metrics_rejected"

@@ -1,0 +1,142 @@
+"""CloudEvents over HTTP: decode any content mode into events, encode reply events.
+
+The receiver picks the mode from Content-Type (batched, structured) and the ``ce-specversion``
+header (binary), as the HTTP binding says; anything else is a plain JSON POST. Attributes are
+validated by the ``cloudevents`` SDK 2.x core; data is parsed here with orjson, whatever the
+Content-Type claims (KServe labels JSON as form data), and NaN/Infinity are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from cloudevents.core.bindings.http import HTTPMessage, from_binary, to_binary
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from adserver.constants import (
+    CE_PREFIX,
+    CONTENT_TYPE_CE_BATCH,
+    CONTENT_TYPE_CE_STRUCTURED,
+    CONTENT_TYPE_JSON,
+    CORRELATION_EXTENSIONS,
+)
+from adserver.errors import BadRequest
+
+REQUIRED_ATTRIBUTES = ("id", "source", "type")
+_FORMAT = JSONFormat()
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    """One event's attributes (empty for a plain POST) and its parsed JSON data."""
+
+    attributes: Mapping[str, Any]
+    data: Any
+
+    @property
+    def is_cloudevent(self) -> bool:
+        return "specversion" in self.attributes
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        """The deduplication key (source, id); None for a plain POST."""
+        if not self.is_cloudevent:
+            return None
+        return (str(self.attributes["source"]), str(self.attributes["id"]))
+
+
+def parse_json(body: bytes | str, what: str = "body") -> Any:
+    if not body:
+        raise BadRequest(f"{what} is empty", "empty_body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}", "invalid_json") from exc
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def decode_request(headers: Mapping[str, str], body: bytes) -> list[IncomingEvent]:
+    """All events in one HTTP request. ``headers`` has lower-case names."""
+    kind = media_type(headers)
+    if kind.startswith(CONTENT_TYPE_CE_BATCH):
+        batch = parse_json(body)
+        if not isinstance(batch, list) or not batch:
+            raise BadRequest("a CloudEvents batch must be a non-empty JSON array", "invalid_batch")
+        return [structured_event(item) for item in batch]
+    if kind.startswith(CONTENT_TYPE_CE_STRUCTURED):
+        return [structured_event(parse_json(body))]
+    if "ce-specversion" in headers:
+        return [binary_event(headers, body)]
+    extensions = {k[len(CE_PREFIX) :]: v for k, v in headers.items() if k.startswith(CE_PREFIX)}
+    return [IncomingEvent(attributes=extensions, data=parse_json(body))]
+
+
+def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
+    missing = [a for a in REQUIRED_ATTRIBUTES if not headers.get(CE_PREFIX + a)]
+    if missing:
+        raise BadRequest(
+            f"binary CloudEvent lacks {', '.join('ce-' + a for a in missing)}", "invalid_cloudevent"
+        )
+    attribute_headers = {k: v for k, v in headers.items() if k.startswith(CE_PREFIX)}
+    try:
+        event = from_binary(HTTPMessage(headers=attribute_headers, body=b""), _FORMAT)
+    except (BaseCloudEventException, ValueError) as exc:
+        raise BadRequest(f"invalid CloudEvent attributes: {exc}", "invalid_cloudevent") from exc
+    return IncomingEvent(attributes=event.get_attributes(), data=parse_json(body))
+
+
+def structured_event(document: Any) -> IncomingEvent:
+    if not isinstance(document, dict):
+        raise BadRequest("a structured CloudEvent must be a JSON object", "invalid_cloudevent")
+    attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
+    missing = [a for a in (*REQUIRED_ATTRIBUTES, "specversion") if not attributes.get(a)]
+    if missing:
+        raise BadRequest(f"CloudEvent lacks {', '.join(missing)}", "invalid_cloudevent")
+    try:
+        CloudEvent(attributes={k: v for k, v in attributes.items() if k != "time"})
+    except (BaseCloudEventException, ValueError, TypeError) as exc:
+        raise BadRequest(f"invalid CloudEvent attributes: {exc}", "invalid_cloudevent") from exc
+    return IncomingEvent(attributes=attributes, data=structured_data(document))
+
+
+def structured_data(document: dict[str, Any]) -> Any:
+    if "data_base64" in document:
+        try:
+            raw = base64.b64decode(document["data_base64"], validate=True)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise BadRequest("data_base64 is not valid base64", "invalid_cloudevent") from exc
+        return parse_json(raw, "data_base64")
+    data = document.get("data")
+    return parse_json(data, "data") if isinstance(data, str) else data
+
+
+def reply_message(
+    incoming: IncomingEvent, event_type: str, event_source: str, data: Any
+) -> HTTPMessage:
+    """A binary-mode reply: same id, configured type and source, correlation extensions only.
+
+    Knative-internal extensions are not copied, and the type differs from the Trigger's filter,
+    so a reply never loops back into this server.
+    """
+    attributes = {
+        "id": str(incoming.attributes.get("id") or uuid.uuid4()),
+        "type": event_type,
+        "source": event_source,
+        "datacontenttype": CONTENT_TYPE_JSON,
+    }
+    for name in CORRELATION_EXTENSIONS:
+        if name in incoming.attributes:
+            attributes[name] = str(incoming.attributes[name])
+    message = to_binary(CloudEvent(attributes=attributes), _FORMAT)
+    return HTTPMessage(headers=message.headers, body=orjson.dumps(data))

@@ -1,0 +1,49 @@
+"""Seldon's default metric labels, read from the same environment variables as Seldon.
+
+Existing dashboards select on these, so the Seldon-compatible families keep them. Seldon's
+``worker_id`` (a pid) is left out: it changes on every restart and breaks counter continuity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from adserver.constants import (
+    ENV_DEPLOYMENT,
+    ENV_IMAGE,
+    ENV_NAMESPACE,
+    ENV_PREDICTIVE_UNIT,
+    ENV_PREDICTOR,
+    ENV_PREDICTOR_LABELS,
+    NOT_IMPLEMENTED,
+)
+
+
+def seldon_default_labels(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    deployment = environ.get(ENV_DEPLOYMENT, NOT_IMPLEMENTED)
+    image, _, version = environ.get(ENV_IMAGE, "").rpartition(":")
+    if not image:
+        image, version = environ.get(ENV_IMAGE) or NOT_IMPLEMENTED, NOT_IMPLEMENTED
+    return {
+        "deployment_name": deployment,
+        "seldon_deployment_name": deployment,
+        "model_name": environ.get(ENV_PREDICTIVE_UNIT, NOT_IMPLEMENTED),
+        "model_image": image,
+        "image_name": image,
+        "model_version": version,
+        "image_version": version,
+        "predictor_name": environ.get(ENV_PREDICTOR, NOT_IMPLEMENTED),
+        "predictor_version": predictor_version(environ.get(ENV_PREDICTOR_LABELS, "")),
+        "seldon_deployment_namespace": environ.get(ENV_NAMESPACE, NOT_IMPLEMENTED),
+    }
+
+
+def predictor_version(labels_json: str) -> str:
+    try:
+        labels = json.loads(labels_json)
+    except ValueError:
+        return NOT_IMPLEMENTED
+    version = labels.get("version") if isinstance(labels, dict) else None
+    return str(version) if version is not None else NOT_IMPLEMENTED

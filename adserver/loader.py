@@ -1,0 +1,74 @@
+"""Resolve ``--storage_uri`` to a metric model at start-up, failing loudly on a bad path."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import cm_models
+from adserver.settings import Settings
+from cm_models.base import MetricModel
+from cm_models.seldon_adapter import SeldonMetricsAdapter
+
+
+class ModelLoadError(Exception):
+    """The configured model cannot be used; the message says why and what was tried."""
+
+
+def resolve_class(path: str) -> type:
+    """``pkg.module.Class`` (incl. Seldon's ``adserver.cm_models...``) or a bare cm_models name."""
+    if "." not in path:
+        found = getattr(cm_models, path, None)
+        if not inspect.isclass(found):
+            raise ModelLoadError(
+                f"unknown model {path!r}; built-in models: {', '.join(sorted(cm_models.__all__))}"
+            )
+        return found
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import module {module_name!r} for {path!r}: {exc}") from exc
+    found = getattr(module, class_name, None)
+    if not inspect.isclass(found):
+        raise ModelLoadError(f"module {module_name!r} has no class {class_name!r}")
+    return found
+
+
+def load_model(settings: Settings) -> Any:
+    """An object with ``observe(truth, response, request)`` ready before the first request."""
+    cls = resolve_class(settings.storage_uri)
+    if issubclass(cls, MetricModel):
+        try:
+            return cls(
+                name=settings.model_name,
+                classes=settings.classes,
+                threshold=settings.binary_threshold,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"cannot configure {cls.__name__}: {exc}") from exc
+    if not callable(getattr(cls, "transform", None)):
+        raise ModelLoadError(
+            f"{cls.__name__} is neither a cm_models.MetricModel nor has transform(truth, response)"
+        )
+    return SeldonMetricsAdapter(instantiate_seldon_style(cls, settings), settings.model_name)
+
+
+def instantiate_seldon_style(cls: type, settings: Settings) -> Any:
+    """Seldon constructs models as ``cls(name, storage_uri, elasticsearch_uri)`` then ``load()``."""
+    offered = {
+        "name": settings.model_name,
+        "storage_uri": settings.storage_uri,
+        "elasticsearch_uri": settings.elasticsearch_uri or None,
+    }
+    parameters = inspect.signature(cls).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in offered.items() if accepts_any or k in parameters}
+    try:
+        instance = cls(**kwargs)
+        if callable(getattr(instance, "load", None)):
+            instance.load()
+    except Exception as exc:  # a user's constructor can fail in any way; report it at start-up
+        raise ModelLoadError(f"cannot start {cls.__name__}: {exc}") from exc
+    return instance

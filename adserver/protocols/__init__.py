@@ -1,0 +1,1 @@
+"""Wire formats: one module per payload shape, each turning JSON into arrays."""

@@ -1,0 +1,49 @@
+"""Seldon ``Feedback`` bodies: ``{request?, response?, truth, reward?}``.
+
+Custom metrics come from ``truth.meta.metrics`` as in Seldon's server; ``reward`` is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from adserver.errors import BadRequest
+from adserver.protocols.seldon_message import decode_message
+from cm_models.custom_metrics import CustomMetric, parse_metrics
+
+
+@dataclass(frozen=True)
+class Feedback:
+    truth: Any
+    response: Any = None
+    request: Any = None
+    metrics: tuple[CustomMetric, ...] = ()
+    metric_problems: tuple[str, ...] = ()
+    puid: str | None = None
+
+
+def parse_feedback(body: Any) -> Feedback:
+    if not isinstance(body, dict):
+        raise BadRequest("feedback must be a JSON object", "invalid_body")
+    if body.get("truth") is None:
+        raise BadRequest("feedback has no truth", "missing_truth")
+    truth_message = body["truth"]
+    meta = truth_message.get("meta") if isinstance(truth_message, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    raw_metrics = meta.get("metrics") or []
+    if not isinstance(raw_metrics, list):
+        raise BadRequest("truth.meta.metrics must be a list", "invalid_metrics")
+    metrics, problems = parse_metrics(raw_metrics)
+    return Feedback(
+        truth=decode_message(truth_message, "truth"),
+        response=optional_message(body, "response"),
+        request=optional_message(body, "request"),
+        metrics=tuple(metrics),
+        metric_problems=tuple(problems),
+        puid=meta.get("puid") if isinstance(meta.get("puid"), str) else None,
+    )
+
+
+def optional_message(body: dict[str, Any], key: str) -> Any:
+    return None if body.get(key) is None else decode_message(body[key], key)

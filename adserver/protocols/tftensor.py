@@ -1,0 +1,90 @@
+"""Decode the JSON form of a TensorFlow ``TensorProto`` without TensorFlow.
+
+Accepts camelCase and snake_case keys, typed value lists (int64 as strings) and base64
+``tensorContent``, as protobuf's JSON mapping produces them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from adserver.errors import BadRequest
+
+DTYPES: dict[str, str] = {
+    "DT_FLOAT": "<f4",
+    "DT_DOUBLE": "<f8",
+    "DT_HALF": "<f2",
+    "DT_INT8": "<i1",
+    "DT_INT16": "<i2",
+    "DT_INT32": "<i4",
+    "DT_INT64": "<i8",
+    "DT_UINT8": "<u1",
+    "DT_UINT16": "<u2",
+    "DT_UINT32": "<u4",
+    "DT_UINT64": "<u8",
+    "DT_BOOL": "?",
+}
+VALUE_FIELDS = (
+    "float_val",
+    "double_val",
+    "int_val",
+    "int64_val",
+    "bool_val",
+    "uint32_val",
+    "uint64_val",
+    "half_val",
+)
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+def decode_tftensor(proto: Any) -> np.ndarray:
+    if not isinstance(proto, dict):
+        raise BadRequest("tftensor must be an object", "invalid_tftensor")
+    fields = {snake_case(k): v for k, v in proto.items()}
+    dtype = DTYPES.get(str(fields.get("dtype", "")))
+    if dtype is None:
+        raise BadRequest(
+            f"tftensor dtype {fields.get('dtype')!r} is not numeric", "invalid_tftensor"
+        )
+    shape = tensor_shape(fields.get("tensor_shape") or {})
+    try:
+        if "tensor_content" in fields:
+            values = np.frombuffer(base64.b64decode(fields["tensor_content"]), dtype=dtype)
+        else:
+            listed = next((fields[f] for f in VALUE_FIELDS if f in fields), [])
+            if dtype == "<f2" and "half_val" in fields:
+                values = np.asarray(listed, dtype=np.uint16).view(np.float16)
+            else:
+                values = np.asarray(listed, dtype=dtype)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise BadRequest(f"tftensor values do not match dtype: {exc}", "invalid_tftensor") from exc
+    size = math.prod(shape)
+    if values.size == 1 and size > 1:  # TensorFlow repeats a single value to fill the shape
+        values = np.full(size, values[0], dtype=values.dtype)
+    if values.size != size:
+        raise BadRequest(
+            f"tftensor has {values.size} values for shape {shape}", "tensor_shape_mismatch"
+        )
+    return values.reshape(shape)
+
+
+def tensor_shape(shape: Any) -> list[int]:
+    dims = shape.get("dim", []) if isinstance(shape, dict) else None
+    if not isinstance(dims, list):
+        raise BadRequest("tftensor tensorShape.dim must be a list", "invalid_tftensor")
+    try:
+        sizes = [int(d.get("size", 0)) for d in dims]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadRequest("tftensor dimension sizes must be integers", "invalid_tftensor") from exc
+    if any(s < 0 for s in sizes):
+        raise BadRequest("tftensor dimension sizes must be >= 0", "invalid_tftensor")
+    return sizes

@@ -1,0 +1,113 @@
+"""Asynchronous delivery of reply CloudEvents to ``--reply_url``.
+
+Ingestion only enqueues (bounded; a full queue drops and counts). Workers POST with a timeout and
+retry with exponential backoff. A slow or dead sink therefore never slows, fails or re-counts an
+incoming event (the reference posted synchronously and double counted on sink errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from cloudevents.core.bindings.http import HTTPMessage
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+log = logging.getLogger(__name__)
+
+# Statuses worth another attempt; any other non-2xx is final (retrying cannot help).
+RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
+
+
+@dataclass
+class ReplyStats:
+    sent: int = 0
+    failed: int = 0
+    dropped: int = 0
+    retries: int = 0
+
+
+class ReplySender:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retries: int,
+        queue_size: int,
+        concurrency: int = 16,
+        backoff: float = 0.1,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.concurrency = concurrency
+        self.backoff = backoff
+        self.stats = ReplyStats()
+        self._queue: asyncio.Queue[HTTPMessage] = asyncio.Queue(maxsize=queue_size)
+        self._workers: list[asyncio.Task[None]] = []
+        self._client = AsyncHTTPClient(force_instance=True, max_clients=concurrency)
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
+
+    def submit(self, message: HTTPMessage) -> None:
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return {**vars(self.stats), "queued": self._queue.qsize()}
+
+    async def close(self, drain_seconds: float = 5.0) -> None:
+        """Give queued replies a bounded chance to go out, then stop."""
+        try:
+            await asyncio.wait_for(self._queue.join(), drain_seconds)
+        except TimeoutError:
+            log.warning("reply queue not drained", extra={"queued": self._queue.qsize()})
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._client.close()
+
+    async def _work(self) -> None:
+        while True:
+            message = await self._queue.get()
+            try:
+                await self._deliver(message)
+            finally:
+                self._queue.task_done()
+
+    async def _deliver(self, message: HTTPMessage) -> None:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            error = await self._post(message)
+            if error is None:
+                self.stats.sent += 1
+                return
+            if not error[1]:
+                break
+        self.stats.failed += 1
+        log.warning("reply delivery failed", extra={"url": self.url, "error": error[0]})
+
+    async def _post(self, message: HTTPMessage) -> tuple[str, bool] | None:
+        """None on success, else (what went wrong, whether a retry may help)."""
+        request = HTTPRequest(
+            self.url,
+            method="POST",
+            headers=message.headers,
+            body=message.body,
+            request_timeout=self.timeout,
+            connect_timeout=self.timeout,
+        )
+        try:
+            await self._client.fetch(request)
+        except HTTPClientError as exc:
+            return f"HTTP {exc.code}", exc.code in RETRYABLE_STATUS
+        except (TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}", True
+        return None

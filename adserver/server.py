@@ -1,0 +1,184 @@
+"""Tornado application: thin handlers that translate HTTP to service calls and back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import tornado.web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from adserver.constants import (
+    CONTENT_TYPE_JSON,
+    ROUTE_EVENTS,
+    ROUTE_LIVE,
+    ROUTE_METRICS,
+    ROUTE_PROTOCOL,
+    ROUTE_READY,
+)
+from adserver.errors import PayloadTooLarge, RequestError
+from adserver.ingest import FeedbackService
+from adserver.summary import metrics_document
+
+log = logging.getLogger(__name__)
+
+
+class JsonErrorHandler(tornado.web.RequestHandler):
+    """Every error, including Tornado's own 404/405, is a JSON body, never an HTML page."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, RequestError):
+            body = exc.body()
+        else:
+            reason = self._reason.lower().replace(" ", "_")
+            body = {"error": self._reason, "reason": reason}
+        self.set_header("Content-Type", CONTENT_TYPE_JSON)
+        self.finish(orjson.dumps(body))
+
+    def send_error_for(self, error: RequestError) -> None:
+        self.set_status(error.status)
+        self.write_error(error.status, exc_info=(type(error), error, None))
+
+
+@tornado.web.stream_request_body
+class EventsHandler(JsonErrorHandler):
+    """``POST /``: one request carries one event (or a CloudEvents batch)."""
+
+    def initialize(self, service: FeedbackService, max_body_bytes: int) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.too_large = False
+
+    def prepare(self) -> None:
+        if self.request.method != "POST":
+            return
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            self.refuse_large()
+        else:
+            self.request.connection.set_max_body_size(self.max_body_bytes + 1)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.too_large:
+            return
+        self.received += len(chunk)
+        if self.received > self.max_body_bytes:
+            self.chunks.clear()
+            self.refuse_large()
+        else:
+            self.chunks.append(chunk)
+
+    def refuse_large(self) -> None:
+        """Answer 413 now and close, so the rest of the body is never buffered."""
+        self.too_large = True
+        self.request.connection.set_close()
+        self.send_error_for(
+            PayloadTooLarge(f"body exceeds {self.max_body_bytes} bytes", "body_too_large")
+        )
+
+    async def post(self) -> None:
+        if self.too_large:
+            return
+        headers = {name.lower(): value for name, value in self.request.headers.get_all()}
+        body = b"".join(self.chunks)
+        try:
+            outcome = await self.service.handle(headers, body)
+        except RequestError as error:
+            self.send_error_for(error)
+            return
+        self.set_status(outcome.status)
+        if outcome.reply is not None:
+            for name, value in outcome.reply.headers.items():
+                self.set_header(name, value)
+            self.finish(outcome.reply.body)
+
+    def options(self) -> None:
+        self.set_header("Allow", "POST, OPTIONS")
+        self.set_status(200)
+
+
+class MetricsHandler(JsonErrorHandler):
+    """``GET /v1/metrics``: Prometheus text/OpenMetrics by negotiation, or JSON on request."""
+
+    def initialize(self, registry: CollectorRegistry, service: FeedbackService) -> None:
+        self.registry = registry
+        self.service = service
+
+    def get(self) -> None:
+        accept = self.request.headers.get("Accept", "")
+        if self.get_argument("format", "") == "json" or CONTENT_TYPE_JSON in accept:
+            document = metrics_document(self.service.model.name, self.service.store.state)
+            self.set_header("Content-Type", CONTENT_TYPE_JSON)
+            self.finish(orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY))
+            return
+        encoder, content_type = choose_encoder(accept)
+        self.set_header("Content-Type", content_type)
+        self.finish(encoder(self.registry))
+
+
+class TextHandler(JsonErrorHandler):
+    def initialize(self, text: str) -> None:
+        self.text = text
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(self.text)
+
+
+class ReadyHandler(JsonErrorHandler):
+    """Ready while the server accepts events; a draining server is not ready."""
+
+    def initialize(self, readiness: dict[str, bool]) -> None:
+        self.readiness = readiness
+
+    def get(self) -> None:
+        if not self.readiness["ready"]:
+            raise tornado.web.HTTPError(503, reason="Draining")
+        self.finish(b"ok")
+
+
+class NotFoundHandler(JsonErrorHandler):
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
+
+
+def quiet_log(handler: tornado.web.RequestHandler) -> None:
+    """No access line per event at INFO; failures are logged at WARNING."""
+    status = handler.get_status()
+    level = logging.WARNING if status >= 500 else logging.DEBUG
+    log.log(
+        level,
+        "request",
+        extra={
+            "status": status,
+            "method": handler.request.method,
+            "path": handler.request.path,
+            "duration_ms": round(1000 * handler.request.request_time(), 3),
+        },
+    )
+
+
+def make_app(
+    service: FeedbackService,
+    registry: CollectorRegistry,
+    *,
+    protocol: str,
+    max_body_bytes: int,
+    readiness: dict[str, bool],
+) -> tornado.web.Application:
+    return tornado.web.Application(
+        [
+            (ROUTE_EVENTS, EventsHandler, {"service": service, "max_body_bytes": max_body_bytes}),
+            (ROUTE_METRICS, MetricsHandler, {"registry": registry, "service": service}),
+            (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
+            (ROUTE_LIVE, TextHandler, {"text": "ok"}),
+            (ROUTE_READY, ReadyHandler, {"readiness": readiness}),
+        ],
+        default_handler_class=NotFoundHandler,
+        log_function=quiet_log,
+    )

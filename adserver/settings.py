@@ -1,0 +1,112 @@
+"""Server settings: each one is a command-line flag and an environment variable.
+
+Precedence: flag, then environment variable, then default. Flag names follow Seldon's server
+(``--http_port``) so existing container args keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from adserver.constants import PROTOCOL_SELDON_FEEDBACK, SUBCOMMAND
+
+DEFAULT_MODEL = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
+
+
+def setting(default: Any, env: str, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+def _class_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str = setting("model", "MODEL_NAME", "name of the model in metric labels")
+    http_port: int = setting(8080, "HTTP_PORT", "port to listen on")
+    http_host: str = setting("0.0.0.0", "HTTP_HOST", "address to listen on")
+    protocol: str = setting(PROTOCOL_SELDON_FEEDBACK, "PROTOCOL", "wire protocol of POST /")
+    storage_uri: str = setting(
+        DEFAULT_MODEL,
+        "STORAGE_URI",
+        "metric model: a dotted path module.Class, or a bare class name from cm_models",
+    )
+    reply_url: str = setting("", "REPLY_URL", "POST a reply CloudEvent here after each event")
+    event_type: str = setting("", "EVENT_TYPE", "ce-type of reply events")
+    event_source: str = setting("", "EVENT_SOURCE", "ce-source of reply events")
+    elasticsearch_uri: str = setting(
+        "", "ELASTICSEARCH_URI", "accepted for compatibility; Elasticsearch lookup is unsupported"
+    )
+    classes: tuple[int, ...] = setting(
+        (), "CLASSES", "comma-separated class ids known up front (others are still discovered)"
+    )
+    binary_threshold: float = setting(
+        0.5, "BINARY_THRESHOLD", "BinaryMetrics: a score at or above it predicts class 1"
+    )
+    max_body_bytes: int = setting(10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies get 413")
+    reply_timeout_seconds: float = setting(5.0, "REPLY_TIMEOUT_SECONDS", "per reply attempt")
+    reply_retries: int = setting(3, "REPLY_RETRIES", "retries of a failed reply, backing off")
+    reply_queue_size: int = setting(1000, "REPLY_QUEUE_SIZE", "replies waiting; more are dropped")
+    state: str = setting("memory", "STATE", "state store: memory")
+    state_dir: str = setting("./state", "STATE_DIR", "directory of the state file")
+    dedup_retention_seconds: float = setting(
+        86400.0, "DEDUP_RETENTION_SECONDS", "how long an event id is remembered to drop redelivery"
+    )
+    dedup_max_ids: int = setting(1_000_000, "DEDUP_MAX_IDS", "most event ids remembered")
+    log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def replies_enabled(self) -> bool:
+        """A reply must be a valid CloudEvent, which needs both a type and a source."""
+        return bool(self.event_type and self.event_source)
+
+
+def _parser_type(kind: type) -> Any:
+    return _class_list if kind == "tuple[int, ...]" else {"int": int, "float": float}.get(kind, str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adserver",
+        description="Feedback-metrics server (drop-in for Seldon's MetricsServer).",
+    )
+    for item in dataclasses.fields(Settings):
+        parser.add_argument(
+            f"--{item.name}",
+            type=_parser_type(item.type),
+            default=argparse.SUPPRESS,
+            help=f"{item.metadata['help']} (env {item.metadata['env']}, default {item.default!r})",
+        )
+    parser.add_argument(
+        "server",
+        nargs="?",
+        choices=[SUBCOMMAND],
+        default=SUBCOMMAND,
+        help="server kind, as in Seldon's CLI (only MetricsServer)",
+    )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(Settings):
+        env = item.metadata["env"]
+        if item.name in flags:
+            values[item.name] = flags[item.name]
+        elif environ.get(env, "") != "":
+            try:
+                values[item.name] = _parser_type(item.type)(environ[env])
+            except ValueError:
+                parser.error(f"environment variable {env}={environ[env]!r} is not valid")
+    return Settings(**values)

@@ -1,0 +1,96 @@
+"""The server's in-memory view of everything counted: sufficient statistics only.
+
+State changes only through :class:`Delta` objects, the unit a store makes durable and
+deduplicates. Counts add; gauges keep the last value; timers are histogram counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cm_models.confusion import Cells, ConfusionMatrix
+from cm_models.custom_metrics import CustomMetric, MetricType
+
+# Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
+TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+CounterKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one event (or one rejection) adds. ``counters`` maps (name, label) to an increment."""
+
+    cells: Cells | None = None
+    metrics: tuple[CustomMetric, ...] = ()
+    counters: tuple[tuple[str, str, int], ...] = ()
+
+
+@dataclass
+class Histogram:
+    buckets: np.ndarray = field(default_factory=lambda: np.zeros(len(TIMER_BUCKETS), np.int64))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[np.searchsorted(TIMER_BUCKETS, seconds) :] += 1
+        self.total += seconds
+        self.count += 1
+
+
+class CustomMetricsState:
+    """Seldon semantics: COUNTER adds, GAUGE overwrites, TIMER (ms) feeds a seconds histogram."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, MetricType] = {}
+        self.counters: dict[SeriesKey, float] = {}
+        self.gauges: dict[SeriesKey, float] = {}
+        self.timers: dict[SeriesKey, Histogram] = {}
+
+    @staticmethod
+    def family(key: str) -> str:
+        """Prometheus appends ``_total`` to counters, so ``x`` and ``x_total`` are one family."""
+        return key.removesuffix("_total")
+
+    def conflicts(self, metric: CustomMetric) -> bool:
+        """A family name can have only one type in the exposition."""
+        known = self.types.get(self.family(metric.key))
+        return known is not None and known != metric.type
+
+    def apply(self, metric: CustomMetric) -> None:
+        series = (self.family(metric.key), metric.tags)
+        self.types[series[0]] = metric.type
+        if metric.type == "COUNTER":
+            self.counters[series] = self.counters.get(series, 0.0) + metric.value
+        elif metric.type == "GAUGE":
+            self.gauges[series] = metric.value
+        else:
+            self.timers.setdefault(series, Histogram()).observe(metric.value / 1000.0)
+
+
+class MetricsState:
+    """Everything ``/v1/metrics`` shows for one model, rebuilt from deltas after a restart."""
+
+    def __init__(self, classes: list[int] | tuple[int, ...] = ()) -> None:
+        self.confusion = ConfusionMatrix(classes)
+        self.custom = CustomMetricsState()
+        self.counters: Counter[CounterKey] = Counter()
+
+    def apply(self, delta: Delta) -> None:
+        if delta.cells is not None:
+            self.confusion.add(delta.cells)
+        for metric in delta.metrics:
+            self.custom.apply(metric)
+        for name, label, increment in delta.counters:
+            self.counters[(name, label)] += increment
+
+    def count(self, name: str, label: str = "") -> int:
+        return self.counters.get((name, label), 0)
+
+    def labelled(self, name: str) -> dict[str, int]:
+        """Values of a counter by label, e.g. rejections by reason."""
+        return {label: value for (key, label), value in self.counters.items() if key == name}

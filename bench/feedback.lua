@@ -1,0 +1,70 @@
+-- feedback.lua: wrk script that POSTs binary-mode CloudEvents carrying a Seldon Feedback body.
+--
+-- Usage: wrk -s bench/feedback.lua <url> -- <payload file> <id prefix>
+--   payload file  JSON body written by bench/payloads.py (read once per thread)
+--   id prefix     makes every ce-id unique across runs: the server dedups on (ce-source, ce-id),
+--                 so a warm-up and a measured run against one server must never share an id.
+--
+-- Why a response() hook: wrk only counts status > 399 as errors; we count every non-2xx ourselves
+-- and also count requests *sent*, so the caller can bound the server's row count between
+-- "acknowledged" (2xx) and "sent" (in-flight requests abandoned when wrk stops may still count).
+-- done() prints one line "BENCH_JSON {...}" that bench/wrk.py parses.
+
+local threads = {}
+
+function setup(thread)
+   thread:set("tid", #threads + 1)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   local path = args[1]
+   local prefix = args[2] or "bench"
+   local f = assert(io.open(path, "rb"), "cannot open payload " .. tostring(path))
+   body = f:read("*a")
+   f:close()
+   id_prefix = prefix .. "-" .. tostring(tid) .. "-"
+   sent = 0
+   ok = 0
+   non2xx = 0
+   headers = {
+      ["ce-specversion"] = "1.0",
+      ["ce-type"] = "io.seldon.serving.feedback",
+      ["ce-source"] = "bench",
+      ["content-type"] = "application/json",
+   }
+end
+
+function request()
+   sent = sent + 1
+   headers["ce-id"] = id_prefix .. sent
+   return wrk.format("POST", "/", headers, body)
+end
+
+function response(status, hdrs, resp_body)
+   if status >= 200 and status < 300 then
+      ok = ok + 1
+   else
+      non2xx = non2xx + 1
+   end
+end
+
+function done(summary, latency, requests)
+   local t_sent, t_ok, t_bad = 0, 0, 0
+   for _, thread in ipairs(threads) do
+      t_sent = t_sent + (thread:get("sent") or 0)
+      t_ok = t_ok + (thread:get("ok") or 0)
+      t_bad = t_bad + (thread:get("non2xx") or 0)
+   end
+   local e = summary.errors
+   io.write(string.format(
+      'BENCH_JSON {"duration_us":%d,"requests":%d,"bytes":%d,"sent":%d,"ok":%d,"non2xx":%d,'
+      .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
+      .. '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"stdev":%.1f,'
+      .. '"p50":%d,"p90":%d,"p99":%d,"p999":%d}}\n',
+      summary.duration, summary.requests, summary.bytes, t_sent, t_ok, t_bad,
+      e.connect, e.read, e.write, e.status, e.timeout,
+      latency.min, latency.mean, latency.max, latency.stdev,
+      latency:percentile(50), latency:percentile(90), latency:percentile(99),
+      latency:percentile(99.9)))
+end

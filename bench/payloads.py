@@ -1,0 +1,67 @@
+"""Deterministic request bodies for the benchmark.
+
+Bodies are generated once per run from a seeded numpy generator and written to files that the
+wrk Lua script reads, so every server (floor and ours) parses byte-identical input and results
+are comparable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+N_CLASSES = 3
+SEED = 20240601
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One body file and how many rows (predictions) it carries."""
+
+    name: str
+    rows: int
+    path: Path
+    size_bytes: int
+
+
+def feedback_body(truth: list, response: list) -> bytes:
+    """A Seldon Feedback message with ndarray truth and response, compact JSON."""
+    msg = {"truth": {"data": {"ndarray": truth}}, "response": {"data": {"ndarray": response}}}
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def one_hot_feedback(rows: int, rng: np.random.Generator) -> bytes:
+    """`rows` one-hot truths with probability responses (argmax right ~70% of the time)."""
+    truth_cls = rng.integers(0, N_CLASSES, size=rows)
+    truth = np.eye(N_CLASSES, dtype=np.int64)[truth_cls]
+    probs = rng.dirichlet(np.ones(N_CLASSES), size=rows)
+    hit = rng.random(rows) < 0.7
+    # Make the truth class the argmax on "hit" rows so the confusion matrix is realistic.
+    probs[hit, truth_cls[hit]] += 1.0
+    probs = np.round(probs / probs.sum(axis=1, keepdims=True), 4)
+    return feedback_body(truth.tolist(), probs.tolist())
+
+
+def numeric_feedback(n_classes: int, shift: int) -> bytes:
+    """Class-id truths 0..n-1 against predictions shifted by `shift` (fills off-diagonal cells)."""
+    truth = [[i] for i in range(n_classes)]
+    response = [[(i + shift) % n_classes] for i in range(n_classes)]
+    return feedback_body(truth, response)
+
+
+def write_payloads(out_dir: Path, sizes: tuple[int, ...] = (1, 100, 1000),
+                   seed: int = SEED) -> dict[int, Payload]:
+    """Write one body file per batch size; return them keyed by rows per request."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    payloads: dict[int, Payload] = {}
+    for rows in sizes:
+        body = one_hot_feedback(rows, rng)
+        path = out_dir / f"feedback_{rows}.json"
+        path.write_bytes(body)
+        payloads[rows] = Payload(name=f"{rows} row" + ("s" if rows > 1 else ""), rows=rows,
+                                 path=path, size_bytes=len(body))
+    return payloads

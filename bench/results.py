@@ -1,0 +1,116 @@
+"""Result records shared by the runner, the targets and the report (plain dataclasses -> JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class CaseResult:
+    """One measured wrk run against one server."""
+
+    server: str
+    rows: int
+    connections: int
+    duration_s: float
+    req_s: float                 # 2xx answers per second
+    rows_s: float                # rows acknowledged (2xx x rows per request) per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    ok: int
+    sent: int
+    non2xx: int
+    socket_errors: int
+    counted_rows: int | None = None   # server's row delta over the measured run (None: floor)
+    counted_events: int | None = None
+    counted_rows_s: float | None = None
+    check_ok: bool | None = None      # None: not checkable (floor)
+    check: str = "n/a"
+    warmup_check: str = "n/a"
+
+    @property
+    def case(self) -> str:
+        return f"{self.rows} row{'s' if self.rows > 1 else ''} c{self.connections}"
+
+
+@dataclass
+class ServerResult:
+    """One server process: how it started, its memory, and whether it was usable."""
+
+    name: str
+    argv: list[str]
+    status: str = "ok"               # ok | skipped: ... | failed: ...
+    pid: int | None = None
+    start_to_ready_s: float | None = None
+    rss_start_mb: float | None = None
+    rss_after_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScrapeResult:
+    """Timing of GET /v1/metrics (text) with a 100-class confusion matrix filled."""
+
+    classes: int
+    events: int
+    rows_counted: int
+    scrapes: int
+    median_ms: float
+    p90_ms: float
+    max_ms: float
+    body_bytes: int
+    samples: int
+
+
+@dataclass
+class Target:
+    """A goal expressed as a ratio or bound, evaluated from figures of the same run."""
+
+    name: str
+    measured: float | None
+    op: str                          # ">=" or "<="
+    threshold: float
+    unit: str = "x"
+    detail: str = ""
+    required: bool = True            # False: printed for information, no verdict
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None or not self.required:
+            return None
+        return self.measured >= self.threshold if self.op == ">=" else \
+            self.measured <= self.threshold
+
+
+@dataclass
+class BenchResults:
+    """Everything one run measured, plus what went wrong."""
+
+    machine: dict
+    params: dict
+    servers: list[ServerResult] = field(default_factory=list)
+    cases: list[CaseResult] = field(default_factory=list)
+    scrape: ScrapeResult | None = None
+    targets: list[Target] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def case(self, server: str, rows: int, connections: int) -> CaseResult | None:
+        """The measured run of `server` for this case, if there is one."""
+        for c in self.cases:
+            if (c.server, c.rows, c.connections) == (server, rows, connections):
+                return c
+        return None
+
+    def server(self, name: str) -> ServerResult | None:
+        return next((s for s in self.servers if s.name == name), None)
+
+    def to_json(self) -> dict:
+        """JSON-ready dict, with derived fields (case names, target verdicts) spelled out."""
+        doc = asdict(self)
+        for c, d in zip(self.cases, doc["cases"], strict=True):
+            d["case"] = c.case
+        for t, d in zip(self.targets, doc["targets"], strict=True):
+            d["met"] = t.met
+        return doc

@@ -1,0 +1,181 @@
+"""Process management: start servers pinned to a core, wait for readiness, stop them by PID.
+
+Every process the bench starts goes through `ProcessSet`, whose `stop_all` runs in a `finally`
+(and on Ctrl-C / SIGTERM), so a failed or interrupted run never leaves servers behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import probe
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bind to port 0 on loopback, then release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """Prefix `argv` with `taskset -c cpu` (taskset execs, so the PID stays the server's)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size in MB from /proc/<pid>/status (VmRSS), None if unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def adserver_argv(port: int, storage_uri: str, state: str | None = "memory",
+                  state_dir: Path | None = None, reply_url: str | None = None,
+                  model_name: str = "bench") -> list[str]:
+    """The drop-in command line of our server (Seldon MetricsServer flags plus ours)."""
+    argv = [sys.executable, "-m", "adserver", "--model_name", model_name,
+            "--http_port", str(port), "--http_host", HOST,
+            "--protocol", "seldonfeedback.http", "--storage_uri", storage_uri]
+    if state is not None:
+        argv += ["--state", state]
+    if state_dir is not None:
+        argv += ["--state_dir", str(state_dir)]
+    if reply_url is not None:
+        argv += ["--reply_url", reply_url, "--event_type", "io.seldon.serving.feedback.metrics",
+                 "--event_source", "bench"]
+    return [*argv, "MetricsServer"]
+
+
+def floor_argv(port: int) -> list[str]:
+    """Command line of the bare Tornado + json floor server."""
+    return [sys.executable, str(BENCH_DIR / "floor_server.py"), "--port", str(port), "--host", HOST]
+
+
+def sink_argv(port: int, delay: float) -> list[str]:
+    """Command line of the slow reply sink."""
+    return [sys.executable, str(BENCH_DIR / "sink.py"), "--port", str(port), "--host", HOST,
+            "--delay", str(delay)]
+
+
+class StartError(RuntimeError):
+    """A process exited or never answered 200 before its start-up deadline."""
+
+    def __init__(self, name: str, message: str, log_tail: str, returncode: int | None) -> None:
+        super().__init__(f"{name}: {message}\n--- log tail ---\n{log_tail}")
+        self.name = name
+        self.log_tail = log_tail
+        self.returncode = returncode
+
+
+@dataclass
+class Managed:
+    """A started process, its log file, and what we measured while starting it."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen
+    log_path: Path
+    port: int
+    started_at: float
+    start_to_ready_s: float | None = None
+    rss_start_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ProcessSet:
+    """Owns every child process of the bench; `stop_all` is safe to call any number of times."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[Managed] = []
+
+    def start(self, name: str, argv: list[str], port: int, cpu: int | None,
+              ready_path: str | None = "/v1/metrics", timeout_s: float = 30.0) -> Managed:
+        """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it."""
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed on stop
+        started_at = time.perf_counter()
+        proc = subprocess.Popen(pinned(argv, cpu), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        log.close()
+        m = Managed(name=name, argv=argv, proc=proc, log_path=log_path, port=port,
+                    started_at=started_at)
+        self._procs.append(m)
+        if ready_path is not None:
+            self._wait_ready(m, ready_path, timeout_s)
+        return m
+
+    def _wait_ready(self, m: Managed, path: str, timeout_s: float) -> None:
+        """Poll `path` every few ms; the time to the first 200 is a start-up figure we report."""
+        url = m.base_url + path
+        deadline = m.started_at + timeout_s
+        while time.perf_counter() < deadline:
+            if not m.alive():
+                raise StartError(m.name, f"exited with code {m.proc.returncode} before ready",
+                                 m.log_tail(), m.proc.returncode)
+            if probe.status(url, timeout_s=0.5) == 200:
+                m.start_to_ready_s = time.perf_counter() - m.started_at
+                m.rss_start_mb = rss_mb(m.pid)
+                return
+            time.sleep(0.005)
+        self.stop(m)
+        raise StartError(m.name, f"no 200 on {path} within {timeout_s:.0f} s", m.log_tail(), None)
+
+    def stop(self, m: Managed, kill: bool = False, grace_s: float = 5.0) -> None:
+        """SIGTERM (or SIGKILL) this one process by PID, escalate to SIGKILL after `grace_s`."""
+        if m.alive():
+            try:
+                os.kill(m.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                m.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.kill(m.pid, signal.SIGKILL)
+                m.proc.wait(timeout=grace_s)
+            except ProcessLookupError:
+                pass
+        if m in self._procs:
+            self._procs.remove(m)
+
+    def stop_all(self) -> None:
+        """Stop everything still running, newest first."""
+        for m in reversed(list(self._procs)):
+            try:
+                self.stop(m)
+            except (OSError, subprocess.SubprocessError) as exc:  # keep stopping the others
+                print(f"warning: could not stop {m.name} (pid {m.pid}): {exc}", file=sys.stderr)
+

@@ -1,0 +1,52 @@
+"""The performance targets, as ratios or bounds taken from figures of one run.
+
+Ratios to the floor server measured on the same core in the same run travel across machines;
+absolute bounds (memory, start-up, scrape time) are sized for the 2-core reference machine.
+"""
+
+from __future__ import annotations
+
+from bench.results import BenchResults, CaseResult, Target
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _req(c: CaseResult | None) -> float | None:
+    return c.req_s if c else None
+
+
+def evaluate(r: BenchResults) -> list[Target]:
+    """Compute every target that the run has the figures for (others report measured=None)."""
+    floor1c16, mem1c16 = r.case("floor", 1, 16), r.case("memory", 1, 16)
+    floor1c1, mem1c1 = r.case("floor", 1, 1), r.case("memory", 1, 1)
+    floor1k, mem1k = r.case("floor", 1000, 16), r.case("memory", 1000, 16)
+    sql1c16, sink1c16 = r.case("sqlite", 1, 16), r.case("sink200", 1, 16)
+    dead1c16 = r.case("deadsink", 1, 16)
+    mem = r.server("memory")
+    targets = [
+        Target("single row c16 req/s vs floor", _ratio(_req(mem1c16), _req(floor1c16)), ">=", 0.8),
+        Target("1000-row c16 rows counted/s vs floor rows parsed/s",
+               _ratio(mem1k.counted_rows_s if mem1k else None,
+                      floor1k.rows_s if floor1k else None), ">=", 1.0),
+        Target("single row c1 p99 vs floor p99",
+               _ratio(mem1c1.p99_ms if mem1c1 else None, floor1c1.p99_ms if floor1c1 else None),
+               "<=", 1.5),
+        Target("durable (sqlite) single row c16 req/s vs memory", _ratio(_req(sql1c16),
+                                                                      _req(mem1c16)), ">=", 0.7),
+        Target("200 ms reply sink single row c16 req/s vs no sink",
+               _ratio(_req(sink1c16), _req(mem1c16)), ">=", 0.9),
+        Target("dead reply sink single row c16 req/s vs no sink",
+               _ratio(_req(dead1c16), _req(mem1c16)), ">=", 0.9, required=False,
+               detail="information: same bar as the slow sink"),
+        Target("RSS after load (memory server)", mem.rss_after_mb if mem else None, "<=", 60.0,
+               unit="MB"),
+        Target("start to first 200 on /v1/metrics (memory server)",
+               mem.start_to_ready_s if mem else None, "<=", 0.5, unit="s"),
+        Target("one /v1/metrics scrape, 100 classes (median)",
+               r.scrape.median_ms if r.scrape else None, "<=", 20.0, unit="ms"),
+    ]
+    return targets

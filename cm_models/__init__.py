@@ -1,0 +1,15 @@
+"""Metric models: small classes that turn feedback arrays into confusion-matrix counts."""
+
+from cm_models.base import InvalidFeedback, MetricModel, Observation
+from cm_models.binary_metrics import BinaryMetrics
+from cm_models.multiclass_numeric import MultiClassNumeric
+from cm_models.multiclass_one_hot import MulticlassOneHot
+
+__all__ = [
+    "BinaryMetrics",
+    "InvalidFeedback",
+    "MetricModel",
+    "MultiClassNumeric",
+    "MulticlassOneHot",
+    "Observation",
+]

@@ -1,0 +1,103 @@
+"""The metric-model interface: turn one event's arrays into an additive observation."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
+from cm_models.custom_metrics import CustomMetric
+
+
+class InvalidFeedback(ValueError):
+    """The event's data cannot be scored; the server answers 400 with ``reason``."""
+
+    def __init__(self, message: str, reason: str = "invalid_data") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one event adds to the state: confusion-matrix cells and custom metrics."""
+
+    cells: Cells | None = None
+    metrics: Sequence[CustomMetric] = field(default_factory=tuple)
+    metric_problems: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> int:
+        return self.cells.rows if self.cells is not None else 0
+
+
+def numeric_array(values: object, what: str) -> np.ndarray:
+    """A finite numeric array of at least one row, or :class:`InvalidFeedback` saying why."""
+    if isinstance(values, np.ndarray):
+        array = values
+    else:
+        try:
+            array = np.asarray(values)
+        except ValueError as exc:  # numpy refuses ragged nested lists
+            raise InvalidFeedback(f"{what}: rows have different lengths", "ragged_rows") from exc
+    if array.dtype.kind not in "biuf":
+        raise InvalidFeedback(f"{what}: values must be numbers", "non_numeric")
+    if array.ndim == 0:
+        raise InvalidFeedback(f"{what}: expected a list of rows, got a scalar", "scalar")
+    if array.size == 0:
+        raise InvalidFeedback(f"{what}: no rows", "empty")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidFeedback(f"{what}: NaN or infinite values", "non_finite")
+    return array
+
+
+def class_id_column(array: np.ndarray, what: str) -> np.ndarray:
+    """One class id per row: ``[a, b]`` and ``[[a], [b]]`` are two rows, ``[[4]]`` is class 4."""
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise InvalidFeedback(
+            f"{what}: expected one class id per row, got shape {list(array.shape)}", "bad_shape"
+        )
+    if array.dtype.kind == "f" and not np.array_equal(array, np.floor(array)):
+        raise InvalidFeedback(f"{what}: class ids must be integers", "non_integer_class")
+    if array.min() < CLASS_ID_MIN or array.max() > CLASS_ID_MAX:
+        raise InvalidFeedback(f"{what}: class id out of the 32-bit range", "class_out_of_range")
+    return array.astype(np.int64)
+
+
+def matching_rows(truth: np.ndarray, prediction: np.ndarray) -> None:
+    if truth.shape[0] != prediction.shape[0]:
+        raise InvalidFeedback(
+            f"truth has {truth.shape[0]} rows but response has {prediction.shape[0]}",
+            "row_count_mismatch",
+        )
+
+
+class MetricModel(ABC):
+    """A model keeps no state of its own: it maps arrays to cells that the server counts.
+
+    Subclasses implement :meth:`labels`. ``classes`` fixes classes known up front (they appear in
+    metrics with zero counts before any feedback names them).
+    """
+
+    #: Seldon's counters carry ``class="CLASS_<n>"`` except for binary models.
+    seldon_class_label = True
+
+    def __init__(
+        self, name: str = "model", classes: Iterable[int] = (), **_options: object
+    ) -> None:
+        self.name = name
+        self.classes = [int(c) for c in classes]
+
+    @abstractmethod
+    def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class id per row of truth and of the prediction, same length."""
+
+    def observe(self, truth: object, response: object, request: object = None) -> Observation:
+        truth_ids, predicted_ids = self.labels(
+            numeric_array(truth, "truth"), numeric_array(response, "response")
+        )
+        return Observation(cells=Cells.from_labels(truth_ids, predicted_ids))

@@ -1,0 +1,84 @@
+"""A running confusion matrix whose classes are discovered as they appear.
+
+Updates arrive as *cells* (truth, prediction, count) so the same delta can be written to a store,
+summed across replicas and applied here: counts add, nothing else is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+# Class ids are packed two to a uint64 key to count pairs with one np.unique call.
+CLASS_ID_MIN = -(2**31)
+CLASS_ID_MAX = 2**31 - 1
+_OFFSET = np.int64(2**31)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Distinct (truth, prediction) pairs with how many rows fell in each."""
+
+    truth: np.ndarray
+    prediction: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def from_labels(cls, truth: np.ndarray, prediction: np.ndarray) -> Cells:
+        """Group row labels into cells in one vectorised pass (no per-row Python loop)."""
+        if truth.size == 1:
+            return cls(truth.reshape(1), prediction.reshape(1), np.ones(1, dtype=np.int64))
+        high = (truth.astype(np.int64) + _OFFSET).astype(np.uint64) << np.uint64(32)
+        low = (prediction.astype(np.int64) + _OFFSET).astype(np.uint64)
+        unique, counts = np.unique(high | low, return_counts=True)
+        return cls(
+            truth=(unique >> np.uint64(32)).astype(np.int64) - _OFFSET,
+            prediction=(unique & np.uint64(0xFFFFFFFF)).astype(np.int64) - _OFFSET,
+            count=counts.astype(np.int64),
+        )
+
+    @property
+    def rows(self) -> int:
+        return int(self.count.sum())
+
+    def items(self) -> Iterable[tuple[int, int, int]]:
+        return zip(self.truth.tolist(), self.prediction.tolist(), self.count.tolist())
+
+
+class ConfusionMatrix:
+    """Counts of (truth, prediction) pairs; rows are truth, columns are predictions."""
+
+    def __init__(self, classes: Iterable[int] = ()) -> None:
+        self._index: dict[int, int] = {}
+        self._counts = np.zeros((0, 0), dtype=np.int64)
+        self._ensure(list(classes))
+
+    @property
+    def classes(self) -> list[int]:
+        """Known classes, sorted (the order scikit-learn uses)."""
+        return sorted(self._index)
+
+    def matrix(self) -> np.ndarray:
+        """The matrix with rows and columns in :attr:`classes` order."""
+        order = [self._index[c] for c in self.classes]
+        return self._counts[np.ix_(order, order)]
+
+    def add(self, cells: Cells) -> None:
+        self._ensure(cells.truth.tolist() + cells.prediction.tolist())
+        rows = [self._index[c] for c in cells.truth.tolist()]
+        cols = [self._index[c] for c in cells.prediction.tolist()]
+        np.add.at(self._counts, (rows, cols), cells.count)
+
+    def _ensure(self, classes: list[int]) -> None:
+        new = [c for c in dict.fromkeys(classes) if c not in self._index]
+        if not new:
+            return
+        for label in new:
+            self._index[label] = len(self._index)
+        size = len(self._index)
+        grown = np.zeros((size, size), dtype=np.int64)
+        old = self._counts.shape[0]
+        grown[:old, :old] = self._counts
+        self._counts = grown

@@ -1,0 +1,41 @@
+"""Run a user's Seldon-style metrics class unchanged, without importing seldon_core.
+
+Such a class has ``transform(truth, response, request=None)`` and returns either an object with a
+``metrics`` attribute (Seldon's ``SeldonResponse``) or a list of metric dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cm_models.base import InvalidFeedback, Observation
+from cm_models.custom_metrics import parse_metrics
+
+# Exceptions a user's transform raises on data it cannot use: they mean bad input (400).
+INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+class SeldonMetricsAdapter:
+    """Presents a Seldon-style object as a metric model with no confusion matrix."""
+
+    seldon_class_label = False
+
+    def __init__(self, user_model: Any, name: str) -> None:
+        self.user_model = user_model
+        self.name = name
+        self.classes: list[int] = []
+
+    def observe(self, truth: object, response: object, request: object = None) -> Observation:
+        try:
+            result = self.user_model.transform(truth, response, request)
+        except INPUT_ERRORS as exc:
+            raise InvalidFeedback(f"model rejected the feedback: {exc}", "model_rejected") from exc
+        if result is None:
+            return Observation()
+        raw = getattr(result, "metrics", result)
+        if raw is None:
+            return Observation()
+        if not isinstance(raw, (list, tuple)):
+            raise InvalidFeedback("model returned metrics that are not a list", "model_output")
+        metrics, problems = parse_metrics(raw)
+        return Observation(metrics=tuple(metrics), metric_problems=tuple(problems))

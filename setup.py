@@ -1,0 +1,31 @@
+"""Packaging: ``pip install -e .`` for the server, ``.[test]`` adds the test tools."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="feedback-metrics-server",
+    version="0.1.0",
+    description="Stateful feedback-metrics server, a drop-in for Seldon's MetricsServer",
+    python_requires=">=3.11",
+    packages=find_packages(include=["adserver", "adserver.*", "cm_models", "cm_models.*"]),
+    install_requires=[
+        "tornado>=6.4",
+        "cloudevents>=2.2,<3",
+        "numpy>=1.26",
+        "prometheus-client>=0.20",
+        "orjson>=3.9",
+        "python-json-logger>=3.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "scikit-learn>=1.4",
+            "requests>=2.31",
+            "pyyaml>=6",
+            "kubernetes-validate>=1.28",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["feedback-metrics-server=adserver.__main__:main"]},
+)
