@@ -9,7 +9,9 @@ acknowledged; 1 otherwise (targets never change the exit status: they are report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import json
 import os
 import platform
 import signal
@@ -109,9 +111,21 @@ def row_check(counted: int, events: int, res: wrk.WrkResult, rows: int) -> tuple
         return False, f"PARTIAL event: counted {counted} rows, not a multiple of {rows}"
     if not res.ok <= events <= res.sent:
         return False, f"events counted {events} outside [{res.ok} acked, {res.sent} sent]"
-    extra = (counted - acked) // rows
-    return True, f"ok {counted} = {acked}" if extra == 0 else \
-        f"ok {counted} = {acked} + {extra} in-flight ev."
+    extra = counted - acked
+    if extra == 0:
+        return True, f"ok: {counted} counted = {acked} acked"
+    return True, f"ok: {counted} counted = {acked} acked + {extra} in flight"
+
+
+def _last_log_message(log: str, limit: int = 160) -> str:
+    """Last log line, or its "message" field when the server logs JSON lines."""
+    lines = log.strip().splitlines()
+    if not lines:
+        return ""
+    last = lines[-1]
+    with contextlib.suppress(ValueError, AttributeError):
+        last = str(json.loads(last).get("message", last))
+    return last[:limit]
 
 
 class Runner:
@@ -177,8 +191,7 @@ class Runner:
             tail = exc.log_tail.lower()
             if exc.returncode is not None and any(w in tail for w in may_reject):
                 sr.status = "skipped: server rejected the flags"
-                sr.notes.append(exc.log_tail.strip().splitlines()[-1] if exc.log_tail.strip()
-                                else "")
+                sr.notes.append(_last_log_message(exc.log_tail))
                 print(f"SKIP {name}: server rejected {' '.join(argv[-6:])}\n{exc.log_tail}",
                       file=sys.stderr)
             else:

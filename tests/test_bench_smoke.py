@@ -1,0 +1,51 @@
+"""Smoke run of the benchmark (`python -m bench --smoke`).
+
+Why a test: the bench is the proof of the performance claims, so it must keep working; and its
+smoke mode is also an end-to-end check that the real server, under concurrent load, counts exactly
+the rows it acknowledged (never fewer, never twice) and answers every event with a 2xx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.mark.e2e
+def test_bench_smoke(tmp_path: Path) -> None:
+    """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
+    if shutil.which("wrk") is None:
+        msg = "wrk is not installed: apt-get install -y --no-install-recommends wrk"
+        if _in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, log
+    doc = json.loads(out.read_text())
+    assert doc["failures"] == [], log
+    servers = {c["server"] for c in doc["cases"]}
+    assert {"floor", "memory"} <= servers, log
+    checked = [c for c in doc["cases"] if c["check_ok"] is not None]
+    assert checked, log
+    for case in checked:
+        assert case["check_ok"], f"{case['server']} {case['case']}: {case['check']}"
+        assert case["ok"] > 0 and case["non2xx"] == 0 and case["socket_errors"] == 0, case
+        assert case["ok"] * case["rows"] <= case["counted_rows"] <= case["sent"] * case["rows"]
+    assert doc["scrape"] is not None and doc["scrape"]["rows_counted"] == 500, log
