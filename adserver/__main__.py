@@ -7,7 +7,7 @@ import logging
 import sys
 
 from adserver.app import serve
-from adserver.loader import ModelLoadError
+from adserver.errors import StartupError
 from adserver.logs import configure_logging
 from adserver.settings import load_settings
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except (ModelLoadError, ValueError) as exc:
+    except StartupError as exc:
         logging.getLogger("adserver").critical("cannot start: %s", exc)
         return 2
     return 0

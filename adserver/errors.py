@@ -29,3 +29,7 @@ class Unavailable(RequestError):
     """A transient fault (e.g. the state store is busy): 503 asks the sender to retry."""
 
     status = 503
+
+
+class StartupError(Exception):
+    """Configuration or state the server cannot start with; the message says how to fix it."""

@@ -7,12 +7,13 @@ import inspect
 from typing import Any
 
 import cm_models
+from adserver.errors import StartupError
 from adserver.settings import Settings
 from cm_models.base import MetricModel
 from cm_models.seldon_adapter import SeldonMetricsAdapter
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StartupError):
     """The configured model cannot be used; the message says why and what was tried."""
 
 

@@ -53,8 +53,13 @@ class Settings:
     reply_timeout_seconds: float = setting(5.0, "REPLY_TIMEOUT_SECONDS", "per reply attempt")
     reply_retries: int = setting(3, "REPLY_RETRIES", "retries of a failed reply, backing off")
     reply_queue_size: int = setting(1000, "REPLY_QUEUE_SIZE", "replies waiting; more are dropped")
-    state: str = setting("memory", "STATE", "state store: memory")
-    state_dir: str = setting("./state", "STATE_DIR", "directory of the state file")
+    state: str = setting(
+        "sqlite", "STATE", "state store: sqlite (durable, in --state_dir) or memory (lost on exit)"
+    )
+    state_dir: str = setting("./state", "STATE_DIR", "directory of the SQLite state file")
+    reset_state: bool = setting(
+        False, "RESET_STATE", "move an existing (e.g. corrupt) state file aside and start empty"
+    )
     dedup_retention_seconds: float = setting(
         86400.0, "DEDUP_RETENTION_SECONDS", "how long an event id is remembered to drop redelivery"
     )
@@ -67,8 +72,18 @@ class Settings:
         return bool(self.event_type and self.event_source)
 
 
-def _parser_type(kind: type) -> Any:
-    return _class_list if kind == "tuple[int, ...]" else {"int": int, "float": float}.get(kind, str)
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _parser_type(kind: str) -> Any:
+    """Field annotations are strings here (postponed evaluation)."""
+    converters = {"int": int, "float": float, "bool": _flag, "tuple[int, ...]": _class_list}
+    return converters.get(kind, str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Feedback-metrics server (drop-in for Seldon's MetricsServer).",
     )
     for item in dataclasses.fields(Settings):
+        how: dict[str, Any] = (
+            {"action": "store_true"} if item.type == "bool" else {"type": _parser_type(item.type)}
+        )
         parser.add_argument(
             f"--{item.name}",
-            type=_parser_type(item.type),
             default=argparse.SUPPRESS,
             help=f"{item.metadata['help']} (env {item.metadata['env']}, default {item.default!r})",
+            **how,
         )
     parser.add_argument(
         "server",

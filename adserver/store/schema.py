@@ -1,0 +1,77 @@
+"""SQLite schema, versioned. Every table holds additive counts keyed by what they count."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 1
+
+# Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE cells (
+        truth INTEGER NOT NULL, prediction INTEGER NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (truth, prediction)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters (
+        name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL,
+        PRIMARY KEY (name, label)
+    ) WITHOUT ROWID;
+    CREATE TABLE custom_values (
+        key TEXT NOT NULL, tags TEXT NOT NULL, type TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (key, tags)
+    ) WITHOUT ROWID;
+    CREATE TABLE timer_buckets (
+        key TEXT NOT NULL, tags TEXT NOT NULL, bucket INTEGER NOT NULL,
+        count INTEGER NOT NULL, total REAL NOT NULL,
+        PRIMARY KEY (key, tags, bucket)
+    ) WITHOUT ROWID;
+    CREATE TABLE seen (
+        source TEXT NOT NULL, id TEXT NOT NULL, seen_at REAL NOT NULL,
+        PRIMARY KEY (source, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX seen_by_time ON seen (seen_at);
+    """,
+]
+
+
+class SchemaError(Exception):
+    """The file cannot be used as state; the message says how to recover."""
+
+
+def schema_version(connection: sqlite3.Connection) -> int:
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    if "meta" not in tables:
+        if tables:
+            raise SchemaError("the file is a SQLite database but not a feedback-metrics state")
+        return 0
+    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        raise SchemaError("the state file has no schema version")
+    return int(row[0])
+
+
+def migrate(connection: sqlite3.Connection, model_name: str) -> None:
+    """Bring the file to :data:`SCHEMA_VERSION` in one transaction, or refuse."""
+    version = schema_version(connection)
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the state file has schema version {version}, newer than this server's "
+            f"{SCHEMA_VERSION}: upgrade the server or start from a backup"
+        )
+    with connection:
+        for script in MIGRATIONS[version:]:
+            for statement in script.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+        connection.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        connection.execute("INSERT OR IGNORE INTO meta VALUES ('model_name', ?)", (model_name,))
+    stored = connection.execute("SELECT value FROM meta WHERE key = 'model_name'").fetchone()[0]
+    if stored != model_name:
+        raise SchemaError(
+            f"the state file belongs to model {stored!r}, not {model_name!r}: use another "
+            "--state_dir or --reset_state"
+        )
