@@ -35,10 +35,12 @@ class Server:
         """Stop accepting, let in-flight events finish and commit, then release everything."""
         self.readiness["ready"] = False
         self.http.stop()
-        try:
-            await asyncio.wait_for(self.http.close_all_connections(), seconds)
-        except TimeoutError:
-            log.warning("connections still open after drain timeout")
+        deadline = asyncio.get_running_loop().time() + seconds
+        while self.service.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.service.in_flight:
+            log.warning("events still in flight after drain timeout")
+        await self.http.close_all_connections()
         if self.sender is not None:
             await self.sender.close()
         await self.service.store.close()

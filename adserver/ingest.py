@@ -62,6 +62,7 @@ class FeedbackService:
         self.store = store
         self.reply = reply
         self.sender = sender
+        self.in_flight = 0
         # Custom metrics may not shadow the families the server derives itself.
         self.reserved_prefixes = (METRIC_PREFIX,) + (
             (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
@@ -69,6 +70,13 @@ class FeedbackService:
 
     async def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Count every event of the request, or none of them (answering 4xx)."""
+        self.in_flight += 1
+        try:
+            return await self._handle(headers, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         try:
             events = decode_request(headers, body)
             entries = [self.score(event) for event in events]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class JsonErrorHandler(tornado.web.RequestHandler):
     """Every error, including Tornado's own 404/405, is a JSON body, never an HTML page."""
+
+    def set_default_headers(self) -> None:
+        """No ``text/html`` default: an empty answer has no type, others set their own."""
+        self.clear_header("Content-Type")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -54,32 +60,40 @@ class EventsHandler(JsonErrorHandler):
         self.received = 0
         self.too_large = False
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         if self.request.method != "POST":
             return
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            self.refuse_large()
-        else:
-            self.request.connection.set_max_body_size(self.max_body_bytes + 1)
+        declared = self.request.headers.get("Content-Length", "")
+        too_large = declared.isdigit() and int(declared) > self.max_body_bytes
+        # The limit is enforced here (a declared length) and in data_received (a chunked body),
+        # so the client gets a JSON 413: Tornado's own check would drop the connection or answer
+        # a bare 400 before this handler could answer.
+        self.request.connection.set_max_body_size(int(declared) if too_large else sys.maxsize)
+        if too_large:
+            await self.refuse_large()
 
-    def data_received(self, chunk: bytes) -> None:
+    async def data_received(self, chunk: bytes) -> None:
         if self.too_large:
             return
         self.received += len(chunk)
         if self.received > self.max_body_bytes:
             self.chunks.clear()
-            self.refuse_large()
+            await self.refuse_large()
         else:
             self.chunks.append(chunk)
 
-    def refuse_large(self) -> None:
-        """Answer 413 now and close, so the rest of the body is never buffered."""
+    async def refuse_large(self) -> None:
+        """Count the refusal, answer 413 now and close, so the rest of the body is never buffered.
+
+        Tornado closes the connection itself when a response finishes before the body was read;
+        ``Connection: close`` tells the client not to reuse it.
+        """
         self.too_large = True
-        self.request.connection.set_close()
-        self.send_error_for(
-            PayloadTooLarge(f"body exceeds {self.max_body_bytes} bytes", "body_too_large")
-        )
+        error = PayloadTooLarge(f"body exceeds {self.max_body_bytes} bytes", "body_too_large")
+        with contextlib.suppress(RequestError):  # e.g. shutting down: refuse all the same
+            await self.service.reject(error.reason)
+        self.set_header("Connection", "close")
+        self.send_error_for(error)
 
     async def post(self) -> None:
         if self.too_large:
@@ -139,6 +153,7 @@ class ReadyHandler(JsonErrorHandler):
     def get(self) -> None:
         if not self.readiness["ready"]:
             raise tornado.web.HTTPError(503, reason="Draining")
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(b"ok")
 
 

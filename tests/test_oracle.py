@@ -59,8 +59,9 @@ def replay(model, events, to_labels) -> None:
 class_ids = st.integers(min_value=-3, max_value=6)
 numeric_events = st.lists(
     st.integers(1, 5).flatmap(
-        lambda n: st.tuples(st.lists(class_ids, min_size=n, max_size=n),
-                            st.lists(class_ids, min_size=n, max_size=n))
+        lambda n: st.tuples(
+            st.lists(class_ids, min_size=n, max_size=n), st.lists(class_ids, min_size=n, max_size=n)
+        )
     ),
     min_size=1,
     max_size=12,
@@ -82,7 +83,8 @@ def one_hot_events(draw):
     def scores(n: int):
         return st.lists(
             st.lists(st.floats(0, 1, allow_nan=False), min_size=width, max_size=width),
-            min_size=n, max_size=n,
+            min_size=n,
+            max_size=n,
         )
 
     events = []

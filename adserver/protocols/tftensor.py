@@ -30,6 +30,8 @@ DTYPES: dict[str, str] = {
     "DT_UINT64": "<u8",
     "DT_BOOL": "?",
 }
+# Most elements a single repeated value may expand to (about what the default body limit holds).
+MAX_FILLED_VALUES = 1 << 22
 VALUE_FIELDS = (
     "float_val",
     "double_val",
@@ -69,12 +71,19 @@ def decode_tftensor(proto: Any) -> np.ndarray:
         raise BadRequest(f"tftensor values do not match dtype: {exc}", "invalid_tftensor") from exc
     size = math.prod(shape)
     if values.size == 1 and size > 1:  # TensorFlow repeats a single value to fill the shape
+        if size > MAX_FILLED_VALUES:  # a few bytes must not make the server allocate gigabytes
+            raise BadRequest(
+                f"tftensor shape {shape} is too large to fill from one value", "tensor_too_large"
+            )
         values = np.full(size, values[0], dtype=values.dtype)
     if values.size != size:
         raise BadRequest(
             f"tftensor has {values.size} values for shape {shape}", "tensor_shape_mismatch"
         )
-    return values.reshape(shape)
+    try:
+        return values.reshape(shape)
+    except ValueError as exc:  # e.g. an empty tensor with a dimension numpy cannot represent
+        raise BadRequest(f"tftensor shape {shape} is invalid: {exc}", "invalid_tftensor") from exc
 
 
 def tensor_shape(shape: Any) -> list[int]:
