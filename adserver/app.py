@@ -11,6 +11,7 @@ import tornado.httpserver
 
 from adserver.exporter import FeedbackCollector, build_registry
 from adserver.ingest import FeedbackService, ReplyConfig
+from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
 from adserver.loader import load_model
 from adserver.reply import ReplySender
@@ -50,7 +51,8 @@ def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
     state = MetricsState(getattr(model, "classes", ()))
-    store = open_store(settings, state)
+    joiner = Joiner(model.observe, settings.join_ttl_seconds)
+    store = open_store(settings, state, joiner)
     sender = None
     if settings.reply_url and settings.replies_enabled:
         sender = ReplySender(

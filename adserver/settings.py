@@ -64,6 +64,12 @@ class Settings:
         86400.0, "DEDUP_RETENTION_SECONDS", "how long an event id is remembered to drop redelivery"
     )
     dedup_max_ids: int = setting(1_000_000, "DEDUP_MAX_IDS", "most event ids remembered")
+    join_ttl_seconds: float = setting(
+        7 * 86400.0, "JOIN_TTL_SECONDS", "how long logged predictions and parked labels are kept"
+    )
+    join_max_rows: int = setting(
+        1_000_000, "JOIN_MAX_ROWS", "most logged prediction rows (and parked label rows) kept"
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     @property

@@ -16,6 +16,23 @@ from cm_models.custom_metrics import CustomMetric, MetricType
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
 TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))
+# Label delay: from seconds to the longest time a prediction is kept (days).
+DELAY_BUCKETS = (
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+    12 * 3600.0,
+    86400.0,
+    2 * 86400.0,
+    4 * 86400.0,
+    7 * 86400.0,
+    14 * 86400.0,
+    30 * 86400.0,
+)
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 CounterKey = tuple[str, str]
@@ -23,23 +40,50 @@ CounterKey = tuple[str, str]
 
 @dataclass(frozen=True)
 class Delta:
-    """What one event (or one rejection) adds. ``counters`` maps (name, label) to an increment."""
+    """What one event (or one rejection) adds.
+
+    ``counters`` are (name, label, increment); ``delays`` are label delays in seconds.
+    """
 
     cells: Cells | None = None
     metrics: tuple[CustomMetric, ...] = ()
     counters: tuple[tuple[str, str, int], ...] = ()
+    delays: tuple[float, ...] = ()
+
+    def __add__(self, other: Delta) -> Delta:
+        cells = [c for c in (self.cells, other.cells) if c is not None]
+        return Delta(
+            cells=Cells.concat(cells) if cells else None,
+            metrics=self.metrics + other.metrics,
+            counters=self.counters + other.counters,
+            delays=self.delays + other.delays,
+        )
+
+
+def bucket_index(bounds: tuple[float, ...], value: float) -> int:
+    """Index of the first bucket whose upper bound holds ``value`` (len(bounds) = only +Inf)."""
+    return int(np.searchsorted(bounds, value))
 
 
 @dataclass
 class Histogram:
-    buckets: np.ndarray = field(default_factory=lambda: np.zeros(len(TIMER_BUCKETS), np.int64))
+    """Cumulative bucket counts, as Prometheus exposes them."""
+
+    bounds: tuple[float, ...] = TIMER_BUCKETS
+    buckets: np.ndarray = field(init=False)
     total: float = 0.0
     count: int = 0
 
-    def observe(self, seconds: float) -> None:
-        self.buckets[np.searchsorted(TIMER_BUCKETS, seconds) :] += 1
-        self.total += seconds
-        self.count += 1
+    def __post_init__(self) -> None:
+        self.buckets = np.zeros(len(self.bounds), np.int64)
+
+    def add(self, index: int, count: int, total: float) -> None:
+        self.buckets[index:] += count
+        self.count += count
+        self.total += total
+
+    def observe(self, value: float) -> None:
+        self.add(bucket_index(self.bounds, value), 1, value)
 
 
 class CustomMetricsState:
@@ -79,6 +123,7 @@ class MetricsState:
         self.confusion = ConfusionMatrix(classes)
         self.custom = CustomMetricsState()
         self.counters: Counter[CounterKey] = Counter()
+        self.label_delay = Histogram(DELAY_BUCKETS)
 
     def apply(self, delta: Delta) -> None:
         if delta.cells is not None:
@@ -87,6 +132,8 @@ class MetricsState:
             self.custom.apply(metric)
         for name, label, increment in delta.counters:
             self.counters[(name, label)] += increment
+        for seconds in delta.delays:
+            self.label_delay.observe(seconds)
 
     def count(self, name: str, label: str = "") -> int:
         return self.counters.get((name, label), 0)

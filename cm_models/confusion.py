@@ -39,6 +39,13 @@ class Cells:
             count=counts.astype(np.int64),
         )
 
+    @classmethod
+    def concat(cls, parts: list[Cells]) -> Cells:
+        """Cells of several updates in one (pairs may repeat; counts still add)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("truth", "prediction", "count")))
+
     @property
     def rows(self) -> int:
         return int(self.count.sum())

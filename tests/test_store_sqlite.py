@@ -11,7 +11,6 @@ import pytest
 
 from adserver.state import Delta, MetricsState
 from adserver.store.base import Entry
-from adserver.store.memory import MemoryStore
 from adserver.store.schema import SCHEMA_VERSION
 from adserver.store.sqlite import SQLiteStore, StateFileError, reset_state, state_path
 from adserver.summary import model_summary
@@ -135,7 +134,7 @@ def test_memory_store_has_the_same_semantics() -> None:
     clock = FakeClock()
 
     async def scenario() -> list[bool]:
-        store = MemoryStore(MetricsState(), retention=10.0, max_ids=100, clock=clock)
+        store = SQLiteStore(MetricsState(), None, "m", retention=10.0, max_ids=100, clock=clock)
         out = await store.commit([event("a", [1], [1]), event("a", [1], [1])])
         clock.now += 11
         return out + await store.commit([event("a", [1], [1])])

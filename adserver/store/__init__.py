@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from adserver.errors import StartupError
+from adserver.join import Joiner
 from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store.base import Entry, StateStore
-from adserver.store.memory import MemoryStore
 from adserver.store.sqlite import SQLiteStore, reset_state
 
 __all__ = ["Entry", "StateStore", "open_store"]
@@ -16,18 +16,20 @@ __all__ = ["Entry", "StateStore", "open_store"]
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings, state: MetricsState) -> StateStore:
-    if settings.state == "memory":
-        return MemoryStore(state, settings.dedup_retention_seconds, settings.dedup_max_ids)
-    if settings.state == "sqlite":
-        if settings.reset_state:
-            moved = reset_state(settings.state_dir)
-            log.warning("state reset", extra={"moved_to": str(moved) if moved else None})
-        return SQLiteStore(
-            state,
-            settings.state_dir,
-            settings.model_name,
-            retention=settings.dedup_retention_seconds,
-            max_ids=settings.dedup_max_ids,
-        )
-    raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
+def open_store(settings: Settings, state: MetricsState, joiner: Joiner) -> StateStore:
+    """``memory`` runs the same store on an in-memory database: identical semantics, no file."""
+    if settings.state not in ("sqlite", "memory"):
+        raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
+    durable = settings.state == "sqlite"
+    if durable and settings.reset_state:
+        moved = reset_state(settings.state_dir)
+        log.warning("state reset", extra={"moved_to": str(moved) if moved else None})
+    return SQLiteStore(
+        state,
+        settings.state_dir if durable else None,
+        settings.model_name,
+        retention=settings.dedup_retention_seconds,
+        max_ids=settings.dedup_max_ids,
+        joiner=joiner,
+        join_max_rows=settings.join_max_rows,
+    )

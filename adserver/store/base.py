@@ -1,17 +1,17 @@
 """The state-store interface: make deltas durable, exactly once, then apply them.
 
 Handlers and models never see a backend: they call :meth:`StateStore.commit`. A backend only
-decides where deltas and seen event ids live (process memory, a SQLite file, later Redis).
+decides where counts, seen event ids and logged predictions live (process memory, a SQLite
+file; a shared Redis would be one more subclass).
 """
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from adserver.join import Label, LoggedRows
 from adserver.state import Delta, MetricsState
 
 Clock = Callable[[], float]
@@ -19,10 +19,16 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True)
 class Entry:
-    """One event's delta. ``event_key`` is (source, id) or None when it cannot be deduplicated."""
+    """One event's effect.
 
-    delta: Delta
+    ``delta`` is known up front; ``operation`` (a logged prediction or a label to join) adds a
+    delta the store computes inside its transaction, from what it holds. ``event_key`` is
+    (source, id), or None when the event cannot be deduplicated (a plain POST).
+    """
+
+    delta: Delta = field(default_factory=Delta)
     event_key: tuple[str, str] | None = None
+    operation: LoggedRows | Label | None = None
 
 
 class StateStore(ABC):
@@ -33,43 +39,11 @@ class StateStore(ABC):
 
     @abstractmethod
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
-        """Durably record entries; True for each applied, False for a duplicate event key.
+        """Record entries; True for each applied, False for a duplicate event key.
 
-        When this returns, applied deltas are in :attr:`state`. All entries of one call succeed
-        or fail together.
+        When this returns, the entries are durable and their deltas are in :attr:`state`. The
+        entries of one call succeed or fail together; a failure raises and changes nothing.
         """
 
     async def close(self) -> None:
         """Finish pending work and release resources."""
-
-
-class SeenIds:
-    """Recently seen event keys, forgotten after ``retention`` seconds or beyond ``max_ids``."""
-
-    def __init__(self, retention: float, max_ids: int, clock: Clock = time.time) -> None:
-        self.retention = retention
-        self.max_ids = max_ids
-        self.clock = clock
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
-
-    def add(self, key: tuple[str, str]) -> bool:
-        """Remember ``key``; False if it was already known (a redelivery)."""
-        now = self.clock()
-        self._expire(now)
-        if key in self._seen:
-            return False
-        self._seen[key] = now
-        if len(self._seen) > self.max_ids:
-            self._seen.popitem(last=False)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self.retention
-        while self._seen:
-            key, seen_at = next(iter(self._seen.items()))
-            if seen_at > horizon:
-                break
-            del self._seen[key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
 MIGRATIONS: list[str] = [
@@ -32,6 +32,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (source, id)
     ) WITHOUT ROWID;
     CREATE INDEX seen_by_time ON seen (seen_at);
+    """,
+    """
+    CREATE TABLE logged_rows (
+        request_id TEXT NOT NULL, row INTEGER NOT NULL, prediction BLOB, request BLOB,
+        predicted_at REAL, labelled INTEGER NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (request_id, row)
+    ) WITHOUT ROWID;
+    CREATE INDEX logged_rows_by_expiry ON logged_rows (expires_at);
+    CREATE TABLE parked_labels (
+        request_id TEXT NOT NULL, row INTEGER NOT NULL, truth BLOB NOT NULL,
+        arrived_at REAL NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (request_id, row)
+    ) WITHOUT ROWID;
+    CREATE INDEX parked_labels_by_expiry ON parked_labels (expires_at);
+    CREATE TABLE label_delay (
+        bucket INTEGER PRIMARY KEY, count INTEGER NOT NULL, total REAL NOT NULL
+    );
     """,
 ]
 

@@ -1,7 +1,9 @@
-"""Durable state in a SQLite file: deltas and seen event ids committed in one transaction.
+"""State in SQLite: deltas, seen event ids and logged rows committed in one transaction.
 
-A writer thread commits everything that arrived while the previous transaction ran (group
-commit), so one fsync covers many events and the IOLoop never blocks on disk. An event is
+Durable mode keeps a WAL file under ``--state_dir``; a writer thread commits everything that
+arrived while the previous transaction ran (group commit), so one fsync covers many events and
+the IOLoop never waits on disk. Memory mode runs the very same SQL on an in-memory database on
+the IOLoop (no I/O), so both modes share one implementation and one behaviour. An event is
 acknowledged only after its transaction committed; a redelivered event finds its id in ``seen``
 and changes nothing.
 """
@@ -19,16 +21,29 @@ from pathlib import Path
 
 import numpy as np
 
-from adserver.errors import StartupError, Unavailable
-from adserver.state import TIMER_BUCKETS, CustomMetricsState, Delta, Histogram, MetricsState
+from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
+from adserver.join import EXPIRED, LABELS, Joiner
+from adserver.state import (
+    DELAY_BUCKETS,
+    TIMER_BUCKETS,
+    CustomMetricsState,
+    Delta,
+    Histogram,
+    MetricsState,
+    bucket_index,
+)
 from adserver.store.base import Clock, Entry, StateStore
+from adserver.store.join_tables import SQLJoinTables
 from adserver.store.schema import SchemaError, migrate
+from cm_models.base import InvalidFeedback
 from cm_models.confusion import Cells
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "feedback-state.sqlite3"
-PURGE_INTERVAL = 60.0  # seconds between sweeps of expired event ids
+PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
+EVICTED = "join_rows_evicted"
+Outcome = list[bool] | RequestError
 _Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
 
 
@@ -53,7 +68,12 @@ def reset_state(state_dir: str, clock: Clock = time.time) -> Path | None:
     return aside
 
 
-def open_connection(path: Path, model_name: str) -> sqlite3.Connection:
+def open_connection(path: Path | None, model_name: str) -> sqlite3.Connection:
+    """A migrated connection to ``path``, or to a private in-memory database for None."""
+    if path is None:
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        migrate(connection, model_name)
+        return connection
     recovery = (
         f"move it aside with --reset_state (it is kept as {path.name}.reset-<time>) "
         "or restore a backup"
@@ -73,6 +93,10 @@ def open_connection(path: Path, model_name: str) -> sqlite3.Connection:
     return connection
 
 
+def series(key: str, tags: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return key, tuple(tuple(t) for t in json.loads(tags))
+
+
 def load_state(connection: sqlite3.Connection, state: MetricsState) -> None:
     """Rebuild the in-memory view, so /v1/metrics continues where it stopped."""
     cells = np.array(
@@ -86,37 +110,40 @@ def load_state(connection: sqlite3.Connection, state: MetricsState) -> None:
     for key, tags, kind, value in connection.execute(
         "SELECT key, tags, type, value FROM custom_values"
     ):
-        series = (key, tuple(tuple(t) for t in json.loads(tags)))
         custom.types[key] = kind
-        (custom.counters if kind == "COUNTER" else custom.gauges)[series] = value
+        (custom.counters if kind == "COUNTER" else custom.gauges)[series(key, tags)] = value
     for key, tags, bucket, count, total in connection.execute(
         "SELECT key, tags, bucket, count, total FROM timer_buckets"
     ):
-        series = (key, tuple(tuple(t) for t in json.loads(tags)))
         custom.types[key] = "TIMER"
-        histogram = custom.timers.setdefault(series, Histogram())
-        histogram.buckets[bucket:] += count
-        histogram.count += count
-        histogram.total += total
+        custom.timers.setdefault(series(key, tags), Histogram()).add(bucket, count, total)
+    for bucket, count, total in connection.execute("SELECT bucket, count, total FROM label_delay"):
+        state.label_delay.add(bucket, count, total)
 
 
 class SQLiteStore(StateStore):
     def __init__(
         self,
         state: MetricsState,
-        state_dir: str,
+        state_dir: str | None,
         model_name: str,
         *,
         retention: float,
         max_ids: int,
+        joiner: Joiner | None = None,
+        join_max_rows: int = 1_000_000,
         clock: Clock = time.time,
     ) -> None:
         super().__init__(state)
-        self.path = state_path(state_dir)
+        self.durable = state_dir is not None
         self.retention = retention
         self.max_ids = max_ids
+        self.joiner = joiner
+        self.join_max_rows = join_max_rows
         self.clock = clock
-        self.connection = open_connection(self.path, model_name)
+        self.connection = open_connection(
+            state_path(state_dir) if state_dir is not None else None, model_name
+        )
         load_state(self.connection, state)
         self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
@@ -128,6 +155,8 @@ class SQLiteStore(StateStore):
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
         if self._closed:
             raise Unavailable("the server is shutting down", "shutting_down")
+        if not self.durable:
+            return self._settle(*self._write([entries]))[0]
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         if self._flushing is None:
@@ -141,53 +170,93 @@ class SQLiteStore(StateStore):
             while self._pending:
                 group, self._pending = self._pending, []
                 try:
-                    results = await loop.run_in_executor(self._writer, self._write, group)
+                    written = await loop.run_in_executor(
+                        self._writer, self._write, [entries for entries, _ in group]
+                    )
                 except sqlite3.Error as exc:
                     log.error("state commit failed", extra={"error": str(exc)})
                     for _, future in group:
                         future.set_exception(Unavailable("state store unavailable", "store_error"))
                     continue
-                for (entries, future), applied in zip(group, results):
-                    for entry, new in zip(entries, applied):
-                        if new:
-                            self.state.apply(entry.delta)
-                    future.set_result(applied)
+                for (_, future), outcome in zip(group, self._settle(*written)):
+                    if isinstance(outcome, RequestError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
         finally:
             self._flushing = None
 
-    def _write(self, group: list[_Batch]) -> list[list[bool]]:
-        """Runs on the writer thread: one transaction for the whole group."""
+    def _settle(self, outcomes: list[Outcome], deltas: list[Delta]) -> list[Outcome]:
+        """After commit: apply the committed deltas to the in-memory view, in commit order."""
+        for delta in deltas:
+            self.state.apply(delta)
+        if not self.durable and isinstance(outcomes[0], RequestError):
+            raise outcomes[0]
+        return outcomes
+
+    def _write(self, batches: list[Sequence[Entry]]) -> tuple[list[Outcome], list[Delta]]:
+        """One transaction for all batches; a batch that fails is rolled back alone."""
         now = self.clock()
         cursor = self.connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
+        outcomes: list[Outcome] = []
+        deltas: list[Delta] = []
         try:
-            results = [
-                [self._write_entry(cursor, entry, now) for entry in entries] for entries, _ in group
-            ]
-            self._bound_seen(cursor, now)
+            for entries in batches:
+                cursor.execute("SAVEPOINT batch")
+                try:
+                    applied, batch_deltas = self._write_batch(cursor, entries, now)
+                except (RequestError, InvalidFeedback) as exc:
+                    cursor.execute("ROLLBACK TO batch")
+                    outcomes.append(as_request_error(exc))
+                else:
+                    outcomes.append(applied)
+                    deltas += batch_deltas
+                cursor.execute("RELEASE batch")
+            housekeeping = self._housekeeping(cursor, now)
+            if housekeeping is not None:
+                write_delta(cursor, housekeeping)
+                deltas.append(housekeeping)
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
             raise
-        return results
+        return outcomes, deltas
 
-    def _write_entry(self, cursor: sqlite3.Cursor, entry: Entry, now: float) -> bool:
-        if entry.event_key is not None:
-            cursor.execute(
-                "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (source, id) "
-                "DO UPDATE SET seen_at = excluded.seen_at WHERE seen.seen_at <= ?",
-                (*entry.event_key, now, now - self.retention),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self.seen_count += 1
-        write_delta(cursor, entry.delta)
+    def _write_batch(
+        self, cursor: sqlite3.Cursor, entries: Sequence[Entry], now: float
+    ) -> tuple[list[bool], list[Delta]]:
+        applied, deltas = [], []
+        for entry in entries:
+            new = entry.event_key is None or self._first_sighting(cursor, entry.event_key, now)
+            applied.append(new)
+            if not new:
+                continue
+            delta = entry.delta
+            if entry.operation is not None:
+                if self.joiner is None:
+                    raise BadRequest("this model cannot join labels", "join_unsupported")
+                delta = delta + self.joiner.apply(SQLJoinTables(cursor), entry.operation, now)
+            write_delta(cursor, delta)
+            deltas.append(delta)
+        return applied, deltas
+
+    def _first_sighting(self, cursor: sqlite3.Cursor, key: tuple[str, str], now: float) -> bool:
+        """Record the event key; False if it was seen within the retention window."""
+        cursor.execute(
+            "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (source, id) "
+            "DO UPDATE SET seen_at = excluded.seen_at WHERE seen.seen_at <= ?",
+            (*key, now, now - self.retention),
+        )
+        if cursor.rowcount == 0:
+            return False
+        self.seen_count += 1
         return True
 
-    def _bound_seen(self, cursor: sqlite3.Cursor, now: float) -> None:
-        """Forget ids past retention, and the oldest beyond ``max_ids``."""
+    def _housekeeping(self, cursor: sqlite3.Cursor, now: float) -> Delta | None:
+        """Every minute (or when over the bound): forget old ids, expire logged rows."""
         if self.seen_count <= self.max_ids and now - self._last_purge < PURGE_INTERVAL:
-            return
+            return None
         self._last_purge = now
         cursor.execute("DELETE FROM seen WHERE seen_at <= ?", (now - self.retention,))
         self.seen_count = cursor.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
@@ -199,6 +268,12 @@ class SQLiteStore(StateStore):
                 (excess,),
             )
             self.seen_count -= excess
+        dropped = SQLJoinTables(cursor).expire(now, self.join_max_rows)
+        counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
+        labels_lost = dropped["label_expired"] + dropped["label_evicted"]
+        if labels_lost:
+            counters.append((LABELS, EXPIRED, labels_lost))
+        return Delta(counters=tuple(counters)) if counters else None
 
     async def close(self) -> None:
         self._closed = True
@@ -206,6 +281,13 @@ class SQLiteStore(StateStore):
             await self._flushing
         self._writer.shutdown(wait=True)
         self.connection.close()
+
+
+def as_request_error(exc: Exception) -> RequestError:
+    if isinstance(exc, InvalidFeedback):
+        return BadRequest(str(exc), exc.reason)
+    assert isinstance(exc, RequestError)
+    return exc
 
 
 def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
@@ -220,6 +302,11 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
         "DO UPDATE SET value = value + excluded.value",
         delta.counters,
     )
+    cursor.executemany(
+        "INSERT INTO label_delay VALUES (?, 1, ?) ON CONFLICT (bucket) "
+        "DO UPDATE SET count = count + 1, total = total + excluded.total",
+        [(bucket_index(DELAY_BUCKETS, seconds), seconds) for seconds in delta.delays],
+    )
     for metric in delta.metrics:
         family, tags = CustomMetricsState.family(metric.key), json.dumps(metric.tags)
         if metric.type == "TIMER":
@@ -227,7 +314,7 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
             cursor.execute(
                 "INSERT INTO timer_buckets VALUES (?, ?, ?, 1, ?) ON CONFLICT (key, tags, bucket) "
                 "DO UPDATE SET count = count + 1, total = total + excluded.total",
-                (family, tags, int(np.searchsorted(TIMER_BUCKETS, seconds)), seconds),
+                (family, tags, bucket_index(TIMER_BUCKETS, seconds), seconds),
             )
         else:
             update = "value + excluded.value" if metric.type == "COUNTER" else "excluded.value"
