@@ -50,3 +50,21 @@ ROWS_ACCEPTED: Final = "rows_accepted"
 EVENTS_REJECTED: Final = "events_rejected"
 EVENTS_DUPLICATE: Final = "events_duplicate"
 METRICS_REJECTED: Final = "custom_metrics_rejected"
+
+# Payload-logger event types (protocols.md 1.5 and 2.1) and the attribute holding the join key
+SELDON_REQUEST_TYPE: Final = "io.seldon.serving.inference.request"
+SELDON_RESPONSE_TYPE: Final = "io.seldon.serving.inference.response"
+KSERVE_REQUEST_TYPE: Final = "org.kubeflow.serving.inference.request"
+KSERVE_RESPONSE_TYPE: Final = "org.kubeflow.serving.inference.response"
+LOGGER_TYPES: Final = {
+    # Seldon gives each logged message its own ce-id; the prediction's puid is in `requestid`.
+    SELDON_REQUEST_TYPE: ("request", "requestid"),
+    SELDON_RESPONSE_TYPE: ("response", "requestid"),
+    # KServe's request and response events share one ce-id.
+    KSERVE_REQUEST_TYPE: ("request", "id"),
+    KSERVE_RESPONSE_TYPE: ("response", "id"),
+}
+# Where a label names its prediction, in order of preference, and which of its rows it labels.
+HEADER_SELDON_PUID: Final = "seldon-puid"
+EXTENSION_REQUEST_ID: Final = "requestid"
+EXTENSION_ROW_INDEX: Final = "rowindex"

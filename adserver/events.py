@@ -36,10 +36,20 @@ _FORMAT = JSONFormat()
 
 @dataclass(frozen=True)
 class IncomingEvent:
-    """One event's attributes (empty for a plain POST) and its parsed JSON data."""
+    """One event's attributes (empty for a plain POST) and its parsed JSON data.
+
+    A binary event whose body is not JSON keeps the parse error instead of failing at once: a
+    logged inference may legitimately carry raw bytes, feedback never does.
+    """
 
     attributes: Mapping[str, Any]
     data: Any
+    error: BadRequest | None = None
+
+    def payload(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.data
 
     @property
     def is_cloudevent(self) -> bool:
@@ -93,7 +103,10 @@ def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
         event = from_binary(HTTPMessage(headers=attribute_headers, body=b""), _FORMAT)
     except (BaseCloudEventException, ValueError) as exc:
         raise BadRequest(f"invalid CloudEvent attributes: {exc}", "invalid_cloudevent") from exc
-    return IncomingEvent(attributes=event.get_attributes(), data=parse_json(body))
+    try:
+        return IncomingEvent(attributes=event.get_attributes(), data=parse_json(body))
+    except BadRequest as error:
+        return IncomingEvent(attributes=event.get_attributes(), data=None, error=error)
 
 
 def structured_event(document: Any) -> IncomingEvent:

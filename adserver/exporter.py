@@ -26,7 +26,8 @@ from adserver.constants import (
     ROWS_ACCEPTED,
     SELDON_METRIC_PREFIX,
 )
-from adserver.state import TIMER_BUCKETS, MetricsState
+from adserver.join import EVICTED, JOINED, LABELS, LATE, LOGGER_EVENTS, PREDICTED_ROWS
+from adserver.state import Histogram, MetricsState
 from cm_models.formulas import ClassCounts, classification_report
 
 SELDON_COUNTS = {
@@ -48,6 +49,14 @@ SERVER_COUNTERS = {
     EVENTS_REJECTED: ("events refused with a 4xx, by reason", ("reason",)),
     EVENTS_DUPLICATE: ("redelivered events ignored (same CloudEvent source and id)", ()),
     METRICS_REJECTED: ("custom metric dicts refused individually", ()),
+    LABELS: (
+        "label rows joined to logged predictions, by outcome: joined, late (joined when the "
+        "prediction came), parked, duplicate, expired, failed",
+        ("outcome",),
+    ),
+    PREDICTED_ROWS: ("prediction rows received from payload loggers", ()),
+    LOGGER_EVENTS: ("payload-logger events by kind (request, response, ignored_*)", ("kind",)),
+    EVICTED: ("logged predictions and parked labels dropped, by reason", ("reason",)),
 }
 
 
@@ -73,6 +82,7 @@ class FeedbackCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.server_counters()
+        yield from self.join_families()
         if self.has_confusion:
             yield from self.confusion_families()
         yield from self.custom_families()
@@ -90,6 +100,24 @@ class FeedbackCollector:
             else:
                 family.add_metric((self.model_name,), self.state.count(name))
             yield family
+
+    def join_families(self) -> Iterator[Metric]:
+        """Trust signals of the late-label join: how much is labelled, and how late."""
+        labelled = self.state.count(LABELS, JOINED) + self.state.count(LABELS, LATE)
+        predicted = self.state.count(PREDICTED_ROWS)
+        coverage = GaugeMetricFamily(
+            METRIC_PREFIX + "label_coverage",
+            "labelled rows / rows predicted by payload loggers (0 before any prediction)",
+            labels=("model",),
+        )
+        coverage.add_metric((self.model_name,), labelled / predicted if predicted else 0.0)
+        yield coverage
+        yield histogram_family(
+            METRIC_PREFIX + "label_delay_seconds",
+            "seconds from a prediction (its ce-time) to the arrival of its label",
+            {"model": self.model_name},
+            [({}, self.state.label_delay)],
+        )
 
     def confusion_families(self) -> Iterator[Metric]:
         classes = [str(c) for c in self.state.confusion.classes]
@@ -170,18 +198,12 @@ class FeedbackCollector:
             yield family
 
     def timer_family(self, key: str, help_text: str) -> Metric:
-        family = HistogramMetricFamily(key, help_text + " (seconds)", labels=None)
-        bounds = [repr(b) for b in TIMER_BUCKETS] + ["+Inf"]
-        for (series_key, tags), histogram in self.state.custom.timers.items():
-            if series_key != key:
-                continue
-            labels = self.custom_labels(tags)
-            cumulative = [*histogram.buckets.tolist(), histogram.count]
-            for bound, count in zip(bounds, cumulative):
-                family.add_sample(key + "_bucket", {**labels, "le": bound}, count)
-            family.add_sample(key + "_count", labels, histogram.count)
-            family.add_sample(key + "_sum", labels, histogram.total)
-        return family
+        timers = [
+            (self.custom_labels(tags), histogram)
+            for (series_key, tags), histogram in self.state.custom.timers.items()
+            if series_key == key
+        ]
+        return histogram_family(key, help_text + " (seconds)", {}, timers)
 
     def custom_labels(self, tags: tuple[tuple[str, str], ...]) -> dict[str, str]:
         """Seldon's merge order: user tags, then ``method`` and default labels override them.
@@ -209,6 +231,23 @@ class FeedbackCollector:
         )
         depth.add_metric((self.model_name,), stats["queued"])
         yield depth
+
+
+def histogram_family(
+    name: str,
+    help_text: str,
+    common: Mapping[str, str],
+    series: list[tuple[Mapping[str, str], Histogram]],
+) -> Metric:
+    family = HistogramMetricFamily(name, help_text, labels=None)
+    for own, histogram in series:
+        labels = {**common, **own}
+        bounds = [repr(b) for b in histogram.bounds] + ["+Inf"]
+        for bound, count in zip(bounds, [*histogram.buckets.tolist(), histogram.count]):
+            family.add_sample(name + "_bucket", {**labels, "le": bound}, count)
+        family.add_sample(name + "_count", labels, histogram.count)
+        family.add_sample(name + "_sum", labels, histogram.total)
+    return family
 
 
 def build_registry(collector: FeedbackCollector) -> CollectorRegistry:

@@ -1,4 +1,4 @@
-"""The path of one request: decode, score, commit exactly once, then reply.
+"""The path of one request: decode, score or join, commit exactly once, then reply.
 
 Everything here is independent of HTTP: handlers pass headers and body in and turn the
 :class:`Outcome` back into a response.
@@ -7,16 +7,24 @@ Everything here is independent of HTTP: handlers pass headers and body in and tu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import orjson
 from cloudevents.core.bindings.http import HTTPMessage
+from dateutil.parser import isoparse
 
 from adserver.constants import (
     EVENTS_ACCEPTED,
     EVENTS_DUPLICATE,
     EVENTS_REJECTED,
+    EXTENSION_REQUEST_ID,
+    EXTENSION_ROW_INDEX,
+    HEADER_SELDON_PUID,
+    LOGGER_TYPES,
     METRIC_PREFIX,
     METRICS_REJECTED,
     ROWS_ACCEPTED,
@@ -24,6 +32,8 @@ from adserver.constants import (
 )
 from adserver.errors import BadRequest, RequestError
 from adserver.events import IncomingEvent, decode_request, reply_message
+from adserver.join import LOGGER_EVENTS, Label, LoggedRows
+from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
 from adserver.protocols.seldon_feedback import Feedback, parse_feedback
 from adserver.reply import ReplySender
 from adserver.state import Delta
@@ -47,6 +57,20 @@ class Outcome:
 class ReplyConfig:
     event_type: str
     event_source: str
+
+
+def model_errors(what: str):
+    """Turn a model's verdict on the data into a 400 naming the problem."""
+
+    class Translate:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> None:
+            if isinstance(exc, InvalidFeedback):
+                raise BadRequest(str(exc), exc.reason) from exc
+
+    return Translate()
 
 
 class FeedbackService:
@@ -79,37 +103,93 @@ class FeedbackService:
     async def _handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         try:
             events = decode_request(headers, body)
-            entries = [self.score(event) for event in events]
+            entries = [self.entry(event, headers) for event in events]
+            applied = await self.store.commit(entries)
         except RequestError as error:
-            await self.reject(error.reason)
+            if error.status < 500:
+                await self.reject(error.reason)
             raise
-        applied = await self.store.commit(entries)
         duplicates = applied.count(False)
         if duplicates:
             await self.store.commit([Entry(Delta(counters=((EVENTS_DUPLICATE, "", duplicates),)))])
-        if len(events) != 1:
-            return Outcome(200)
+        if len(events) != 1 or entries[0].operation.__class__ is LoggedRows:
+            return Outcome(200)  # a logger event never gets a reply: no loops
         return Outcome(200, self.reply_for(events[0], new=applied[0]))
 
-    def score(self, event: IncomingEvent) -> Entry:
-        feedback = parse_feedback(event.data)
+    def entry(self, event: IncomingEvent, headers: Mapping[str, str]) -> Entry:
+        logger = LOGGER_TYPES.get(str(event.attributes.get("type", "")))
+        if logger is not None:
+            return self.logged(event, *logger)
+        feedback = parse_feedback(event.payload())
         if feedback.response is None:
-            raise BadRequest(
-                "feedback has no response (prediction) to compare the truth with",
-                "missing_response",
-            )
-        try:
+            return self.label(event, headers, feedback)
+        with model_errors("feedback"):
             observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
-        except InvalidFeedback as exc:
-            raise BadRequest(str(exc), exc.reason) from exc
-        metrics, refused = self.admissible([*observation.metrics, *feedback.metrics])
-        problems = len(observation.metric_problems) + len(feedback.metric_problems) + refused
-        counters = [(EVENTS_ACCEPTED, "", 1), (ROWS_ACCEPTED, "", observation.rows)]
+        extra = self.feedback_delta(
+            feedback, [*observation.metrics], len(observation.metric_problems)
+        )
+        delta = Delta(
+            cells=observation.cells,
+            counters=((ROWS_ACCEPTED, "", observation.rows),),
+        )
+        return Entry(delta=delta + extra, event_key=event.key)
+
+    def feedback_delta(
+        self, feedback: Feedback, model_metrics: list[CustomMetric], model_problems: int
+    ) -> Delta:
+        """What any feedback event adds besides its rows: itself, and its custom metrics."""
+        metrics, refused = self.admissible([*model_metrics, *feedback.metrics])
+        problems = model_problems + len(feedback.metric_problems) + refused
+        counters = [(EVENTS_ACCEPTED, "", 1)]
         if problems:
             counters.append((METRICS_REJECTED, "", problems))
-            log.debug("custom metrics refused", extra=self.log_fields(event, feedback))
-        delta = Delta(cells=observation.cells, metrics=tuple(metrics), counters=tuple(counters))
-        return Entry(delta=delta, event_key=event.key)
+        return Delta(metrics=tuple(metrics), counters=tuple(counters))
+
+    def label(self, event: IncomingEvent, headers: Mapping[str, str], feedback: Feedback) -> Entry:
+        """Feedback without a response: join its truth to the logged prediction by request id."""
+        request_id = (
+            event.attributes.get(EXTENSION_REQUEST_ID)
+            or headers.get(HEADER_SELDON_PUID)
+            or feedback.puid
+            or event.attributes.get("id")
+        )
+        if not request_id:
+            raise BadRequest(
+                "feedback has no response and no request id (ce-requestid, Seldon-Puid, "
+                "truth.meta.puid or ce-id) to find the logged prediction",
+                "missing_response",
+            )
+        first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0))
+        with model_errors("truth"):
+            rows = self.model.rows(feedback.truth, "truth")
+        operation = Label(
+            request_id=str(request_id),
+            first_row=first_row,
+            truth_rows=encode_rows(rows),
+            extra=self.feedback_delta(feedback, [], 0),
+        )
+        return Entry(event_key=event.key, operation=operation)
+
+    def logged(self, event: IncomingEvent, kind: str, key_attribute: str) -> Entry:
+        """A payload logger's request or response event: keep its rows for later labels."""
+        request_id = event.attributes.get(key_attribute)
+        if not request_id:
+            raise BadRequest(f"logger event lacks ce-{key_attribute}", "missing_request_id")
+        # KServe reuses one ce-id for the request and the response event: the type tells them apart.
+        key = event.key and (event.key[0], f"{event.key[1]}|{event.attributes['type']}")
+        try:
+            body = event.payload()
+            extract = prediction_payload if kind == "response" else request_payload
+            values = extract(body)
+            with model_errors(kind):
+                rows = self.model.rows(values, kind) if kind == "response" else as_rows(values)
+        except (Unscorable, BadRequest) as exc:
+            if isinstance(exc, BadRequest) and exc.reason != "invalid_json":
+                raise
+            reason = str(exc) if isinstance(exc, Unscorable) else "not_json"
+            return Entry(Delta(counters=((LOGGER_EVENTS, f"ignored_{reason}", 1),)), key)
+        operation = LoggedRows(str(request_id), kind, encode_rows(rows), event_time(event))
+        return Entry(event_key=key, operation=operation)
 
     def admissible(self, metrics: list[CustomMetric]) -> tuple[list[CustomMetric], int]:
         """Drop custom metrics that would clash with the server's own families or types."""
@@ -136,9 +216,36 @@ class FeedbackService:
             self.sender.submit(message)
         return message
 
-    @staticmethod
-    def log_fields(event: IncomingEvent, feedback: Feedback | None = None) -> dict[str, Any]:
-        return {
-            "event_id": event.attributes.get("id"),
-            "request_id": event.attributes.get("requestid") or (feedback and feedback.puid),
-        }
+
+def encode_rows(rows: Any) -> tuple[bytes, ...]:
+    listed = rows.tolist() if hasattr(rows, "tolist") else rows
+    return tuple(orjson.dumps(row) for row in listed)
+
+
+def as_rows(values: Any) -> list[Any]:
+    """Inputs are kept for user models as they came: the first axis is the batch."""
+    listed = values.tolist() if hasattr(values, "tolist") else values
+    return listed if isinstance(listed, list) else [listed]
+
+
+def row_index(value: Any) -> int:
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if index < 0:
+        raise BadRequest("ce-rowindex must be a non-negative integer", "invalid_row_index")
+    return index
+
+
+def event_time(event: IncomingEvent) -> float:
+    """The prediction's ``time`` attribute as epoch seconds (arrival time if absent)."""
+    value = event.attributes.get("time")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return isoparse(value).timestamp()
+        except ValueError:
+            pass
+    return time.time()

@@ -92,6 +92,10 @@ class MetricModel(ABC):
         self.name = name
         self.classes = [int(c) for c in classes]
 
+    def rows(self, values: object, what: str) -> np.ndarray:
+        """``values`` as an array whose first axis is rows (used to store predictions by row)."""
+        return numeric_array(values, what)
+
     @abstractmethod
     def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class id per row of truth and of the prediction, same length."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cm_models.base import InvalidFeedback, MetricModel, matching_rows
+from cm_models.base import InvalidFeedback, MetricModel, matching_rows, numeric_array
 
 
 def score_rows(array: np.ndarray, what: str) -> np.ndarray:
@@ -20,6 +20,9 @@ def score_rows(array: np.ndarray, what: str) -> np.ndarray:
 
 class MulticlassOneHot(MetricModel):
     """The class of a row is its argmax, so probabilities work as predictions."""
+
+    def rows(self, values: object, what: str) -> np.ndarray:
+        return score_rows(numeric_array(values, what), what)
 
     def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         truth, response = score_rows(truth, "truth"), score_rows(response, "response")

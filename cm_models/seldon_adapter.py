@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cm_models.base import InvalidFeedback, Observation
 from cm_models.custom_metrics import parse_metrics
 
 # Exceptions a user's transform raises on data it cannot use: they mean bad input (400).
 INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+def seldon_features(values: object) -> object:
+    """What Seldon hands a model: ``np.array(data.ndarray)``, so user code may use numpy's API.
+
+    Tensors arrive as arrays already; other payloads (strings, bytes, None) pass unchanged.
+    """
+    if not isinstance(values, list):
+        return values
+    try:
+        return np.array(values)
+    except ValueError as exc:  # numpy refuses ragged nested lists
+        raise InvalidFeedback("rows have different lengths", "ragged_rows") from exc
 
 
 class SeldonMetricsAdapter:
@@ -25,9 +40,19 @@ class SeldonMetricsAdapter:
         self.name = name
         self.classes: list[int] = []
 
+    def rows(self, values: object, what: str) -> list[Any]:
+        """A user's model may take any data: the first axis of a list is its rows."""
+        if isinstance(values, list):
+            return values
+        tolist = getattr(values, "tolist", None)
+        listed = tolist() if tolist is not None else values
+        return listed if isinstance(listed, list) else [listed]
+
     def observe(self, truth: object, response: object, request: object = None) -> Observation:
         try:
-            result = self.user_model.transform(truth, response, request)
+            result = self.user_model.transform(
+                seldon_features(truth), seldon_features(response), seldon_features(request)
+            )
         except INPUT_ERRORS as exc:
             raise InvalidFeedback(f"model rejected the feedback: {exc}", "model_rejected") from exc
         if result is None:

@@ -42,7 +42,10 @@ def decode_data(data: Any, what: str) -> Any:
         values = data["ndarray"]
         if not isinstance(values, list):
             raise BadRequest(f"{what}.data.ndarray must be a list", "invalid_ndarray")
-        return values
+        try:
+            return np.asarray(values)  # as Seldon hands it to models
+        except ValueError as exc:
+            raise BadRequest(f"{what}: rows have different lengths", "ragged_rows") from exc
     if "tensor" in data:
         return decode_tensor(data["tensor"], what)
     if "tftensor" in data:

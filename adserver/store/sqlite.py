@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
-from adserver.join import EXPIRED, LABELS, Joiner
+from adserver.join import EVICTED, EXPIRED, LABELS, Joiner
 from adserver.state import (
     DELAY_BUCKETS,
     TIMER_BUCKETS,
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "feedback-state.sqlite3"
 PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
-EVICTED = "join_rows_evicted"
 Outcome = list[bool] | RequestError
 _Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
 
