@@ -13,14 +13,17 @@ def placeholders(count: int) -> str:
 
 
 class SQLJoinTables:
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
+    """Rows past their expiry are invisible even before a sweep deletes them."""
+
+    def __init__(self, cursor: sqlite3.Cursor, now: float) -> None:
         self.cursor = cursor
+        self.now = now
 
     def rows(self, request_id: str, indexes: Sequence[int]) -> dict[int, StoredRow]:
         found = self.cursor.execute(
             "SELECT row, prediction, request, predicted_at, labelled FROM logged_rows "
-            f"WHERE request_id = ? AND row IN ({placeholders(len(indexes))})",
-            (request_id, *indexes),
+            f"WHERE request_id = ? AND expires_at > ? AND row IN ({placeholders(len(indexes))})",
+            (request_id, self.now, *indexes),
         )
         return {row: StoredRow(p, r, at, bool(done)) for row, p, r, at, done in found}
 
@@ -44,8 +47,8 @@ class SQLJoinTables:
     def parked(self, request_id: str, indexes: Sequence[int]) -> dict[int, tuple[bytes, float]]:
         found = self.cursor.execute(
             "SELECT row, truth, arrived_at FROM parked_labels "
-            f"WHERE request_id = ? AND row IN ({placeholders(len(indexes))})",
-            (request_id, *indexes),
+            f"WHERE request_id = ? AND expires_at > ? AND row IN ({placeholders(len(indexes))})",
+            (request_id, self.now, *indexes),
         )
         return {row: (truth, arrived_at) for row, truth, arrived_at in found}
 
@@ -63,7 +66,7 @@ class SQLJoinTables:
             [(request_id, i) for i in indexes],
         )
 
-    def expire(self, now: float, max_rows: int) -> dict[str, int]:
+    def expire(self, max_rows: int) -> dict[str, int]:
         """Drop rows past their time-to-live, then the oldest beyond ``max_rows`` per table.
 
         Returns how many were dropped, by what: an unlabelled prediction or a parked label that
@@ -72,7 +75,7 @@ class SQLJoinTables:
         dropped = {}
         for table, what in (("logged_rows", "prediction"), ("parked_labels", "label")):
             dropped[f"{what}_expired"] = self.cursor.execute(
-                f"DELETE FROM {table} WHERE expires_at <= ?", (now,)
+                f"DELETE FROM {table} WHERE expires_at <= ?", (self.now,)
             ).rowcount
             excess = self.cursor.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - max_rows
             dropped[f"{what}_evicted"] = max(excess, 0)

@@ -201,6 +201,10 @@ class SQLiteStore(StateStore):
         outcomes: list[Outcome] = []
         deltas: list[Delta] = []
         try:
+            housekeeping = self._housekeeping(cursor, now)
+            if housekeeping is not None:
+                write_delta(cursor, housekeeping)
+                deltas.append(housekeeping)
             for entries in batches:
                 cursor.execute("SAVEPOINT batch")
                 try:
@@ -212,10 +216,6 @@ class SQLiteStore(StateStore):
                     outcomes.append(applied)
                     deltas += batch_deltas
                 cursor.execute("RELEASE batch")
-            housekeeping = self._housekeeping(cursor, now)
-            if housekeeping is not None:
-                write_delta(cursor, housekeeping)
-                deltas.append(housekeeping)
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
@@ -235,7 +235,7 @@ class SQLiteStore(StateStore):
             if entry.operation is not None:
                 if self.joiner is None:
                     raise BadRequest("this model cannot join labels", "join_unsupported")
-                delta = delta + self.joiner.apply(SQLJoinTables(cursor), entry.operation, now)
+                delta = delta + self.joiner.apply(SQLJoinTables(cursor, now), entry.operation, now)
             write_delta(cursor, delta)
             deltas.append(delta)
         return applied, deltas
@@ -267,7 +267,7 @@ class SQLiteStore(StateStore):
                 (excess,),
             )
             self.seen_count -= excess
-        dropped = SQLJoinTables(cursor).expire(now, self.join_max_rows)
+        dropped = SQLJoinTables(cursor, now).expire(self.join_max_rows)
         counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
         labels_lost = dropped["label_expired"] + dropped["label_evicted"]
         if labels_lost:

@@ -1,0 +1,266 @@
+"""Late ground truth: labels joined to predictions logged by KServe and Seldon payload loggers.
+
+The logger events are the shapes from KServe's and Seldon's own docs (tests/data/logger/), sent
+to a real server; scores are checked against scikit-learn on the joined rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+
+from adserver.constants import (
+    KSERVE_REQUEST_TYPE,
+    KSERVE_RESPONSE_TYPE,
+    SELDON_REQUEST_TYPE,
+    SELDON_RESPONSE_TYPE,
+)
+from adserver.join import Joiner, Label, LoggedRows
+from adserver.state import MetricsState
+from adserver.store.base import Entry
+from adserver.store.sqlite import SQLiteStore
+from cm_models import MultiClassNumeric
+from tests.helpers import (
+    DATA,
+    MULTICLASS_NUMERIC,
+    ONE_HOT,
+    ce_headers,
+    model_doc,
+    new_id,
+    post_json,
+    scrape,
+    start_server,
+    value,
+)
+
+LOGGER = DATA / "logger"
+
+
+def logged(url: str, name: str, event_type: str, event_id: str, **headers: str) -> None:
+    """Deliver a logger event as the KServe agent does (JSON labelled as form data)."""
+    body = (LOGGER / name).read_bytes()
+    sent = ce_headers(
+        event_id,
+        source="sklearn-iris-predictor-00001",
+        event_type=event_type,
+        content_type="application/x-www-form-urlencoded",
+        **headers,
+    )
+    answer = post_json(url, body, sent)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == b"" and "ce-type" not in answer.headers  # no reply, no loop
+
+
+def label(url: str, truth: Any, **headers: str) -> None:
+    """Feedback carrying only the truth and the id, as a labelling client sends it."""
+    answer = post_json(url, {"truth": {"data": {"ndarray": truth}}}, headers)
+    assert answer.status_code == 200, answer.text
+
+
+def outcome(url: str, name: str) -> float:
+    return value(scrape(url), "feedback_labels_total", outcome=name)
+
+
+@pytest.fixture
+def numeric(servers):
+    return servers("--storage_uri", MULTICLASS_NUMERIC, "--state", "memory")
+
+
+def test_kserve_iris_join(numeric) -> None:
+    """KServe's sklearn-iris example: request and response share ce-id; the label names it."""
+    rid = new_id()
+    logged(numeric.url, "kserve-iris-request.json", KSERVE_REQUEST_TYPE, rid)
+    logged(
+        numeric.url,
+        "kserve-iris-response.json",
+        KSERVE_RESPONSE_TYPE,
+        rid,
+        time="2021-04-10T00:23:26.080736102Z",
+    )
+    label(numeric.url, [1, 2], **{"ce-requestid": rid})
+    doc = model_doc(numeric.url)
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix([1, 2], [1, 1], labels=doc["classes"])
+    )
+    assert doc["rows"] == 2
+    samples = scrape(numeric.url)
+    assert value(samples, "feedback_labels_total", outcome="joined") == 2
+    assert value(samples, "feedback_predicted_rows_total") == 2
+    assert value(samples, "feedback_label_coverage") == 1.0
+    assert value(samples, "feedback_logger_events_total", kind="request") == 1
+    # the prediction is from 2021: the delay lands beyond the largest finite bucket
+    assert value(samples, "feedback_label_delay_seconds_count") == 2
+    assert value(samples, "feedback_label_delay_seconds_bucket", le="2.592e+06") == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "truth", "storage", "predicted"),
+    [
+        ("kserve-v2-response-flat.json", [1, 0], MULTICLASS_NUMERIC, [1, 2]),
+        ("kserve-v2-response-nested.json", [[0, 1, 0], [1, 0, 0]], ONE_HOT, [1, 2]),
+    ],
+)
+def test_v2_outputs_flat_and_nested(servers, response, truth, storage, predicted) -> None:
+    server = servers("--storage_uri", storage, "--state", "memory")
+    rid = new_id()
+    logged(server.url, "kserve-v2-request.json", KSERVE_REQUEST_TYPE, rid)
+    logged(server.url, response, KSERVE_RESPONSE_TYPE, rid)
+    label(server.url, truth, **{"ce-requestid": rid})
+    doc = model_doc(server.url)
+    truth_ids = np.argmax(truth, axis=1).tolist() if storage == ONE_HOT else truth
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix(truth_ids, predicted, labels=doc["classes"])
+    )
+
+
+def test_seldon_puid_flow_with_one_row_labels(servers) -> None:
+    """Seldon: ids differ per message, the puid joins; each row of a batch labelled alone."""
+    server = servers("--storage_uri", ONE_HOT, "--state", "memory")
+    puid = new_id()
+    for name, kind in (
+        ("seldon-request.json", SELDON_REQUEST_TYPE),
+        ("seldon-response.json", SELDON_RESPONSE_TYPE),
+    ):
+        logged(server.url, name, kind, new_id(), requestid=puid, modelid="classifier")
+    label(server.url, [[1, 0, 0]], **{"Seldon-Puid": puid, "ce-rowindex": "1"})
+    answer = post_json(
+        server.url, {"truth": {"data": {"ndarray": [[0, 1, 0]]}, "meta": {"puid": puid}}}
+    )
+    assert answer.status_code == 200, answer.text
+    doc = model_doc(server.url)
+    # row 1 predicted class 0 (truth 0), row 0 predicted class 2 (truth 1)
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix([0, 1], [0, 2], labels=doc["classes"])
+    )
+
+
+def test_label_before_prediction_is_parked_then_joined(numeric) -> None:
+    rid = new_id()
+    label(numeric.url, [3, 3, 1], **{"ce-requestid": rid})
+    assert model_doc(numeric.url)["rows"] == 0
+    assert outcome(numeric.url, "parked") == 3
+    logged(numeric.url, "kserve-iris-response.json", KSERVE_RESPONSE_TYPE, rid)  # 2 rows
+    doc = model_doc(numeric.url)
+    assert doc["rows"] == 2
+    assert outcome(numeric.url, "late") == 2
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix([3, 3], [1, 1], labels=doc["classes"])
+    )
+
+
+def test_duplicate_labels_and_redelivered_logger_events(numeric) -> None:
+    rid = new_id()
+    logged(numeric.url, "kserve-iris-response.json", KSERVE_RESPONSE_TYPE, rid)
+    logged(numeric.url, "kserve-iris-response.json", KSERVE_RESPONSE_TYPE, rid)  # redelivery
+    label(numeric.url, [1, 1], **{"ce-requestid": rid})
+    label(numeric.url, [1, 1], **{"ce-requestid": rid})  # a second label for the same rows
+    samples = scrape(numeric.url)
+    assert value(samples, "feedback_predicted_rows_total") == 2
+    assert value(samples, "feedback_labels_total", outcome="duplicate") == 2
+    assert model_doc(numeric.url)["rows"] == 2
+
+
+def test_label_that_does_not_fit_the_prediction_is_400(servers) -> None:
+    server = servers("--storage_uri", ONE_HOT, "--state", "memory")
+    rid = new_id()
+    logged(server.url, "seldon-response.json", SELDON_RESPONSE_TYPE, new_id(), requestid=rid)
+    answer = post_json(
+        server.url, {"truth": {"data": {"ndarray": [[0, 1], [1, 0]]}}}, {"ce-requestid": rid}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["reason"] == "width_mismatch"
+    assert model_doc(server.url)["rows"] == 0
+
+
+def test_unscorable_logger_payloads_are_acknowledged(numeric) -> None:
+    bytes_tensor = {"outputs": [{"name": "o", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    for body in (json.dumps(bytes_tensor).encode(), b"\x00binary-tensor-extension"):
+        answer = post_json(numeric.url, body, ce_headers(event_type=KSERVE_RESPONSE_TYPE))
+        assert answer.status_code == 200, answer.text
+    samples = scrape(numeric.url)
+    assert value(samples, "feedback_logger_events_total", kind="ignored_bytes_tensor") == 1
+    assert value(samples, "feedback_logger_events_total", kind="ignored_not_json") == 1
+
+
+def test_restart_between_prediction_and_label(tmp_path: Path) -> None:
+    args = ("--storage_uri", MULTICLASS_NUMERIC, "--state_dir", str(tmp_path))
+    first = start_server(*args)
+    rid = new_id()
+    try:
+        logged(first.url, "kserve-iris-response.json", KSERVE_RESPONSE_TYPE, rid)
+        label(first.url, [2], **{"ce-requestid": "other-" + rid})  # parked across the restart
+    finally:
+        first.stop()
+    second = start_server(*args)
+    try:
+        label(second.url, [1, 0], **{"ce-requestid": rid})
+        logged(second.url, "kserve-iris-response.json", KSERVE_RESPONSE_TYPE, "other-" + rid)
+        doc = model_doc(second.url)
+    finally:
+        second.stop()
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix([1, 0, 2], [1, 1, 1], labels=doc["classes"])
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttl_expiry_with_clock() -> None:
+    """Predictions and parked labels expire after the TTL; what was lost is counted."""
+    clock = FakeClock()
+    model = MultiClassNumeric()
+    store = SQLiteStore(
+        MetricsState(),
+        None,
+        "m",
+        retention=10,
+        max_ids=100,
+        joiner=Joiner(model.observe, ttl=100.0),
+        clock=clock,
+    )
+
+    def commit(operation) -> None:
+        asyncio.run(store.commit([Entry(operation=operation)]))
+
+    commit(LoggedRows("r1", "response", (b"1", b"2"), clock.now))
+    commit(Label("parked", 0, (b"1",)))
+    clock.now += 101  # both past the TTL; the next commit sweeps them
+    commit(Label("r1", 0, (b"1",)))
+    assert store.state.count("rows_accepted") == 0
+    assert store.state.count("join_rows_evicted", "prediction_expired") == 2
+    assert store.state.count("labels", "expired") == 1
+    assert store.state.count("labels", "parked") == 2  # the first, and the one that came late
+
+
+def test_capacity_bound_evicts_oldest() -> None:
+    clock = FakeClock()
+    store = SQLiteStore(
+        MetricsState(),
+        None,
+        "m",
+        retention=10,
+        max_ids=100,
+        joiner=Joiner(MultiClassNumeric().observe, ttl=1e6),
+        join_max_rows=3,
+        clock=clock,
+    )
+    for i in range(5):
+        clock.now += 61  # each commit runs the sweep
+        asyncio.run(store.commit([Entry(operation=LoggedRows(f"r{i}", "response", (b"1",), 0))]))
+    clock.now += 61
+    asyncio.run(store.commit([Entry()]))  # a sweep with nothing new: exactly the bound is left
+    assert store.state.count("join_rows_evicted", "prediction_evicted") == 2
+    remaining = store.connection.execute("SELECT request_id FROM logged_rows").fetchall()
+    assert sorted(r[0] for r in remaining) == ["r2", "r3", "r4"]
