@@ -7,6 +7,7 @@ tests find it first. The PromQL itself is tested with promtool in test_prometheu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from adserver.settings import Settings, load_settings
 from tests.dashboard import dashboard_exprs, dashboard_targets, iter_panels, load_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,28 +44,6 @@ SCRAPE_ANNOTATIONS = {
     "prometheus.io/port": "8080",
 }
 STATE_DIR = "/var/lib/feedback-metrics"
-SETTINGS = {
-    "MODEL_NAME": "model",
-    "HTTP_PORT": "8080",
-    "HTTP_HOST": "0.0.0.0",
-    "PROTOCOL": "seldonfeedback.http",
-    "STORAGE_URI": "adserver.cm_models.multiclass_one_hot.MulticlassOneHot",
-    "REPLY_URL": "",
-    "EVENT_TYPE": "",
-    "EVENT_SOURCE": "",
-    "ELASTICSEARCH_URI": "",
-    "STATE": "sqlite",
-    "STATE_DIR": STATE_DIR,
-    "DEDUP_RETENTION_SECONDS": "86400",
-    "DEDUP_MAX_IDS": "1000000",
-    "MAX_BODY_BYTES": "10485760",
-    "CLASSES": "",
-    "BINARY_THRESHOLD": "0.5",
-    "REPLY_TIMEOUT_SECONDS": "5",
-    "REPLY_RETRIES": "3",
-    "REPLY_QUEUE_SIZE": "1000",
-    "CESERVER_LOGLEVEL": "INFO",
-}
 YAML_FILES = sorted(CONFIG.glob("*.yaml"))
 WORKLOADS = ["deployment.yaml", "knative-service.yaml"]
 
@@ -387,10 +367,13 @@ def parse_env_file(path: Path) -> list[tuple[str, str]]:
 
 
 def test_example_settings_lists_every_setting_with_its_default() -> None:
+    """Loading the file gives exactly the server's defaults (the state dir is the image's)."""
     pairs = parse_env_file(CONFIG / "example-settings.env")
     keys = [key for key, _ in pairs]
     assert len(keys) == len(set(keys)), "duplicate settings"
-    assert dict(pairs) == SETTINGS
+    assert set(keys) == {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    loaded = load_settings([], environ=dict(pairs))
+    assert loaded == dataclasses.replace(Settings(), state_dir=STATE_DIR)
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
