@@ -1,0 +1,39 @@
+"""Fixtures for the HTTP-level tests: real server subprocesses and a real reply sink."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ``from tests.helpers import ...`` must work however pytest is launched.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.helpers import ServerFactory, Sink  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def module_servers() -> Iterator[ServerFactory]:
+    """Servers shared by one module's tests (they compare state before/after, not absolutes)."""
+    factory = ServerFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[ServerFactory]:
+    """Servers owned by one test: for absolute counts or settings no other test wants."""
+    factory = ServerFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A reply sink answering 200 at once; tests may set ``delay`` or ``status``."""
+    with Sink() as running:
+        yield running
