@@ -23,6 +23,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from adserver.constants import (
     CE_PREFIX,
+    CE_SPECVERSION,
     CONTENT_TYPE_CE_BATCH,
     CONTENT_TYPE_CE_STRUCTURED,
     CONTENT_TYPE_JSON,
@@ -92,12 +93,22 @@ def decode_request(headers: Mapping[str, str], body: bytes) -> list[IncomingEven
     return [IncomingEvent(attributes=extensions, data=parse_json(body))]
 
 
+def supported_version(specversion: Any) -> None:
+    """Knative and both payload loggers speak 1.0; anything else is refused the same way."""
+    if specversion != CE_SPECVERSION:
+        raise BadRequest(
+            f"CloudEvents specversion {specversion!r} is not supported (expected 1.0)",
+            "unsupported_specversion",
+        )
+
+
 def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
     missing = [a for a in REQUIRED_ATTRIBUTES if not headers.get(CE_PREFIX + a)]
     if missing:
         raise BadRequest(
             f"binary CloudEvent lacks {', '.join('ce-' + a for a in missing)}", "invalid_cloudevent"
         )
+    supported_version(headers.get("ce-specversion", "").strip())
     attribute_headers = {k: v for k, v in headers.items() if k.startswith(CE_PREFIX)}
     try:
         event = from_binary(HTTPMessage(headers=attribute_headers, body=b""), _FORMAT)
@@ -116,6 +127,7 @@ def structured_event(document: Any) -> IncomingEvent:
     missing = [a for a in (*REQUIRED_ATTRIBUTES, "specversion") if not attributes.get(a)]
     if missing:
         raise BadRequest(f"CloudEvent lacks {', '.join(missing)}", "invalid_cloudevent")
+    supported_version(attributes["specversion"])
     try:
         CloudEvent(attributes={k: v for k, v in attributes.items() if k != "time"})
     except (BaseCloudEventException, ValueError, TypeError) as exc:

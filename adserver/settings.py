@@ -72,6 +72,14 @@ class Settings:
     )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
+    def __post_init__(self) -> None:
+        positive = ("reply_queue_size", "max_body_bytes", "dedup_max_ids", "join_max_rows")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError("--http_port must be a port number")
+
     @property
     def replies_enabled(self) -> bool:
         """A reply must be a valid CloudEvent, which needs both a type and a source."""
@@ -133,4 +141,7 @@ def load_settings(
                 values[item.name] = _parser_type(item.type)(environ[env])
             except ValueError:
                 parser.error(f"environment variable {env}={environ[env]!r} is not valid")
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        parser.error(str(exc))

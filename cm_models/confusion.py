@@ -44,7 +44,12 @@ class Cells:
         """Cells of several updates in one (pairs may repeat; counts still add)."""
         if len(parts) == 1:
             return parts[0]
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("truth", "prediction", "count")))
+        return cls(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("truth", "prediction", "count")
+            )
+        )
 
     @property
     def rows(self) -> int:

@@ -6,6 +6,7 @@ Such a class has ``transform(truth, response, request=None)`` and returns either
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,7 @@ import numpy as np
 from cm_models.base import InvalidFeedback, Observation
 from cm_models.custom_metrics import parse_metrics
 
-# Exceptions a user's transform raises on data it cannot use: they mean bad input (400).
-INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+log = logging.getLogger(__name__)
 
 
 def seldon_features(values: object) -> object:
@@ -53,8 +53,12 @@ class SeldonMetricsAdapter:
             result = self.user_model.transform(
                 seldon_features(truth), seldon_features(response), seldon_features(request)
             )
-        except INPUT_ERRORS as exc:
-            raise InvalidFeedback(f"model rejected the feedback: {exc}", "model_rejected") from exc
+        except Exception as exc:
+            # The same data would fail again: a 400 (not a 500 that Knative retries forever).
+            log.warning("model transform failed", exc_info=True)
+            raise InvalidFeedback(
+                f"model rejected the feedback: {type(exc).__name__}: {exc}", "model_rejected"
+            ) from exc
         if result is None:
             return Observation()
         raw = getattr(result, "metrics", result)

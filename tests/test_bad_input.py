@@ -135,13 +135,16 @@ CASES: dict[str, Bad] = {
     "binary_empty_id": Bad(GOOD, "invalid_cloudevent", {**ce_headers(), "ce-id": ""}),
     "binary_invalid_extension_name": Bad(GOOD, "invalid_cloudevent", ce_headers(my_ext="x")),
     "binary_invalid_time": Bad(GOOD, "invalid_cloudevent", ce_headers(time="yesterday")),
+    "binary_wrong_specversion": Bad(
+        GOOD, "unsupported_specversion", {**ce_headers(), "ce-specversion": "0.3"}
+    ),
     "binary_bad_body": Bad(b"not json", "invalid_json", ce_headers()),
     "structured_not_an_object": Bad([1], "invalid_cloudevent", STRUCT),
     "structured_missing_id": Bad(
         {k: v for k, v in structured(GOOD).items() if k != "id"}, "invalid_cloudevent", STRUCT
     ),
     "structured_wrong_specversion": Bad(
-        structured(GOOD, specversion="0.3"), "invalid_cloudevent", STRUCT
+        structured(GOOD, specversion="0.3"), "unsupported_specversion", STRUCT
     ),
     "structured_numeric_id": Bad(structured(GOOD, id=7), "invalid_cloudevent", STRUCT),
     "structured_invalid_extension_name": Bad(

@@ -37,8 +37,14 @@ from tests.helpers import (
 )
 
 REFERENCE_FLAGS = (
-    "--model_name", "--http_port", "--protocol", "--storage_uri", "--reply_url", "--event_type",
-    "--event_source", "--elasticsearch_uri",
+    "--model_name",
+    "--http_port",
+    "--protocol",
+    "--storage_uri",
+    "--reply_url",
+    "--event_type",
+    "--event_source",
+    "--elasticsearch_uri",
 )
 USER_MODELS = str(DATA / "user_models")
 
@@ -47,12 +53,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     """A command that must finish by itself (help, bad configuration)."""
     return subprocess.run(
         [sys.executable, "-m", "adserver", *args],
-        cwd=ROOT, env=child_env(env), capture_output=True, text=True, timeout=20,
+        cwd=ROOT,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
 
 
-def start_exact(argv: list[str], port: int, tmp_path: Path, env: dict[str, str] | None = None
-                ) -> ServerProcess:
+def start_exact(
+    argv: list[str], port: int, tmp_path: Path, env: dict[str, str] | None = None
+) -> ServerProcess:
     """Start with exactly ``argv`` (no flags added), state kept under ``tmp_path``."""
     process, stderr = launch(argv, {"STATE_DIR": str(tmp_path / "state"), **(env or {})})
     url = f"http://127.0.0.1:{port}"
@@ -69,12 +80,20 @@ def test_reference_container_args_start_and_serve(tmp_path: Path) -> None:
     """The args of Seldon's example manifest, unchanged (the reply sink is down)."""
     port = free_port()
     argv = [
-        "--model_name", "multiclassserver", "--http_port", str(port),
-        "--protocol", "seldonfeedback.http",
-        "--storage_uri", "adserver.cm_models.multiclass_one_hot.MulticlassOneHot",
-        "--reply_url", f"http://127.0.0.1:{free_port()}",
-        "--event_type", "io.seldon.serving.feedback.metrics",
-        "--event_source", "io.seldon.serving.feedback",
+        "--model_name",
+        "multiclassserver",
+        "--http_port",
+        str(port),
+        "--protocol",
+        "seldonfeedback.http",
+        "--storage_uri",
+        "adserver.cm_models.multiclass_one_hot.MulticlassOneHot",
+        "--reply_url",
+        f"http://127.0.0.1:{free_port()}",
+        "--event_type",
+        "io.seldon.serving.feedback.metrics",
+        "--event_source",
+        "io.seldon.serving.feedback",
         "MetricsServer",
     ]
     server = start_exact(argv, port, tmp_path)
@@ -97,17 +116,28 @@ def test_reference_container_args_start_and_serve(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("storage_uri", "truth", "response", "expected"),
     [
-        ("cm_models.multiclass_numeric.MultiClassNumeric", [[4], [1]], [[4], [2]],
-         {(4, 4): 1, (1, 2): 1}),
+        (
+            "cm_models.multiclass_numeric.MultiClassNumeric",
+            [[4], [1]],
+            [[4], [2]],
+            {(4, 4): 1, (1, 2): 1},
+        ),
         ("adserver.cm_models.multiclass_numeric.MultiClassNumeric", [3], [3], {(3, 3): 1}),
-        ("adserver.cm_models.binary_metrics.BinaryMetrics", [[1], [0]], [[1], [1]],
-         {(1, 1): 1, (0, 1): 1}),
+        (
+            "adserver.cm_models.binary_metrics.BinaryMetrics",
+            [[1], [0]],
+            [[1], [1]],
+            {(1, 1): 1, (0, 1): 1},
+        ),
         ("BinaryMetrics", [1, 0, 1], [0.9, 0.2, 0.4], {(1, 1): 1, (0, 0): 1, (1, 0): 1}),
         ("MulticlassOneHot", [[0, 1]], [[0.3, 0.7]], {(1, 1): 1}),
     ],
 )
 def test_storage_uri_forms(
-    module_servers: ServerFactory, storage_uri: str, truth: list, response: list,
+    module_servers: ServerFactory,
+    storage_uri: str,
+    truth: list,
+    response: list,
     expected: dict[tuple[int, int], int],
 ) -> None:
     url = module_servers("--storage_uri", storage_uri).url
@@ -117,8 +147,13 @@ def test_storage_uri_forms(
 
 def test_users_own_seldon_style_class_on_pythonpath(servers: ServerFactory) -> None:
     """Metric dicts from the user's transform are exported; the one invalid dict is dropped."""
-    server = servers("--storage_uri", "my_metrics.MyMetrics", "--model_name", "mine",
-                     env={"PYTHONPATH": USER_MODELS})
+    server = servers(
+        "--storage_uri",
+        "my_metrics.MyMetrics",
+        "--model_name",
+        "mine",
+        env={"PYTHONPATH": USER_MODELS},
+    )
     truth, response = [[0, 1, 0], [1, 0, 0]], [[0.1, 0.8, 0.1], [0.2, 0.5, 0.3]]
     for _ in range(2):
         send_event(server.url, feedback(truth, response))
@@ -140,9 +175,20 @@ def test_user_class_rejecting_input_is_a_400(servers: ServerFactory) -> None:
     assert model_doc(url)["events"] == 0
 
 
+def test_any_failure_of_the_user_transform_is_a_400(servers: ServerFactory) -> None:
+    """Retrying cannot fix a deterministic model failure, so Knative must not get a 500."""
+    url = servers("--storage_uri", "my_metrics.FragileMetrics", env={"PYTHONPATH": USER_MODELS}).url
+    assert post_json(url, feedback([[1]], [[1]]), ce_headers()).status_code == 200
+    answer = post_json(url, feedback([[0]], [[1]]), ce_headers())
+    assert answer.status_code == 400, answer.text
+    assert "ZeroDivisionError" in answer.json()["error"]
+    assert model_doc(url)["events"] == 1
+
+
 def test_user_class_returning_a_seldon_response(servers: ServerFactory) -> None:
-    url = servers("--storage_uri", "my_metrics.MyMetricsResponse",
-                  env={"PYTHONPATH": USER_MODELS}).url
+    url = servers(
+        "--storage_uri", "my_metrics.MyMetricsResponse", env={"PYTHONPATH": USER_MODELS}
+    ).url
     send_event(url, feedback([[1]], [[1]]))
     send_event(url, feedback([[0]], [[1]]))
     assert value(scrape(url), "user_events_total") == 2
@@ -159,8 +205,14 @@ def test_user_class_returning_a_seldon_response(servers: ServerFactory) -> None:
 )
 def test_bad_storage_uri_fails_start_up(storage_uri: str, mentioned: str) -> None:
     started = time.monotonic()
-    result = run_cli("--http_port", str(free_port()), "--storage_uri", storage_uri,
-                     "MetricsServer", env={"STATE": "memory"})
+    result = run_cli(
+        "--http_port",
+        str(free_port()),
+        "--storage_uri",
+        storage_uri,
+        "MetricsServer",
+        env={"STATE": "memory"},
+    )
     assert result.returncode != 0
     assert time.monotonic() - started < 10
     assert mentioned in result.stderr

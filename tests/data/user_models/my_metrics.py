@@ -53,3 +53,13 @@ class MyMetricsResponse:
 
     def transform(self, truth: np.ndarray, response: np.ndarray, request: Any = None) -> Response:
         return Response(None, None, [{"key": "user_events", "type": "COUNTER", "value": 1}])
+
+
+class FragileMetrics:
+    """A realistic user bug: all-zero truth divides by zero (ZeroDivisionError, not ValueError)."""
+
+    def __init__(self, name: str, storage_uri: str, **_: Any) -> None:
+        self.name = name
+
+    def transform(self, truth: np.ndarray, response: np.ndarray, request: Any = None) -> list:
+        return [{"key": "user_ratio", "type": "GAUGE", "value": 1 / int(truth.sum())}]
