@@ -15,7 +15,7 @@ from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
 from adserver.loader import load_model
 from adserver.reply import ReplySender
-from adserver.server import make_app
+from adserver.server import Lifecycle, make_app
 from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store import open_store
@@ -30,16 +30,16 @@ class Server:
     service: FeedbackService
     http: tornado.httpserver.HTTPServer
     sender: ReplySender | None
-    readiness: dict[str, bool]
+    lifecycle: Lifecycle
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight events finish and commit, then release everything."""
-        self.readiness["ready"] = False
+        self.lifecycle.ready = False
         self.http.stop()
         deadline = asyncio.get_running_loop().time() + seconds
-        while self.service.in_flight and asyncio.get_running_loop().time() < deadline:
+        while self.lifecycle.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
-        if self.service.in_flight:
+        if self.lifecycle.in_flight:
             log.warning("events still in flight after drain timeout")
         await self.http.close_all_connections()
         if self.sender is not None:
@@ -75,18 +75,18 @@ def build_server(settings: Settings) -> Server:
         seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
         reply_stats=sender.snapshot if sender is not None else None,
     )
-    readiness = {"ready": True}
+    lifecycle = Lifecycle()
     app = make_app(
         service,
         build_registry(collector),
         protocol=settings.protocol,
         max_body_bytes=settings.max_body_bytes,
-        readiness=readiness,
+        lifecycle=lifecycle,
     )
     http = tornado.httpserver.HTTPServer(
         app, max_body_size=settings.max_body_bytes + 1, xheaders=True
     )
-    return Server(settings, service, http, sender, readiness)
+    return Server(settings, service, http, sender, lifecycle)
 
 
 async def serve(settings: Settings) -> None:

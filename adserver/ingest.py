@@ -59,20 +59,6 @@ class ReplyConfig:
     event_source: str
 
 
-def model_errors(what: str):
-    """Turn a model's verdict on the data into a 400 naming the problem."""
-
-    class Translate:
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> None:
-            if isinstance(exc, InvalidFeedback):
-                raise BadRequest(str(exc), exc.reason) from exc
-
-    return Translate()
-
-
 class FeedbackService:
     def __init__(
         self,
@@ -86,7 +72,6 @@ class FeedbackService:
         self.store = store
         self.reply = reply
         self.sender = sender
-        self.in_flight = 0
         # Custom metrics may not shadow the families the server derives itself.
         self.reserved_prefixes = (METRIC_PREFIX,) + (
             (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
@@ -94,16 +79,12 @@ class FeedbackService:
 
     async def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Count every event of the request, or none of them (answering 4xx)."""
-        self.in_flight += 1
         try:
-            return await self._handle(headers, body)
-        finally:
-            self.in_flight -= 1
-
-    async def _handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
-        try:
-            events = decode_request(headers, body)
-            entries = [self.entry(event, headers) for event in events]
+            try:
+                events = decode_request(headers, body)
+                entries = [self.entry(event, headers) for event in events]
+            except InvalidFeedback as exc:  # the model's verdict on the data
+                raise BadRequest(str(exc), exc.reason) from exc
             applied = await self.store.commit(entries)
         except RequestError as error:
             if error.status < 500:
@@ -123,8 +104,7 @@ class FeedbackService:
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
             return self.label(event, headers, feedback)
-        with model_errors("feedback"):
-            observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
+        observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
         extra = self.feedback_delta(
             feedback, [*observation.metrics], len(observation.metric_problems)
         )
@@ -160,8 +140,7 @@ class FeedbackService:
                 "missing_response",
             )
         first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0))
-        with model_errors("truth"):
-            rows = self.model.rows(feedback.truth, "truth")
+        rows = self.model.rows(feedback.truth, "truth")
         operation = Label(
             request_id=str(request_id),
             first_row=first_row,
@@ -181,8 +160,7 @@ class FeedbackService:
             body = event.payload()
             extract = prediction_payload if kind == "response" else request_payload
             values = extract(body)
-            with model_errors(kind):
-                rows = self.model.rows(values, kind) if kind == "response" else as_rows(values)
+            rows = self.model.rows(values, kind) if kind == "response" else as_rows(values)
         except (Unscorable, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != "invalid_json":
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,6 +26,14 @@ from adserver.ingest import FeedbackService
 from adserver.summary import metrics_document
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lifecycle:
+    """Shared by handlers and shutdown: readiness, and events whose answer is not yet sent."""
+
+    ready: bool = True
+    in_flight: int = 0
 
 
 class JsonErrorHandler(tornado.web.RequestHandler):
@@ -53,8 +62,11 @@ class JsonErrorHandler(tornado.web.RequestHandler):
 class EventsHandler(JsonErrorHandler):
     """``POST /``: one request carries one event (or a CloudEvents batch)."""
 
-    def initialize(self, service: FeedbackService, max_body_bytes: int) -> None:
+    def initialize(
+        self, service: FeedbackService, max_body_bytes: int, lifecycle: Lifecycle
+    ) -> None:
         self.service = service
+        self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
         self.chunks: list[bytes] = []
         self.received = 0
@@ -96,20 +108,29 @@ class EventsHandler(JsonErrorHandler):
         self.send_error_for(error)
 
     async def post(self) -> None:
+        """Counted in flight until the answer is written, so a drain never cuts it off."""
         if self.too_large:
             return
-        headers = {name.lower(): value for name, value in self.request.headers.get_all()}
-        body = b"".join(self.chunks)
+        self.lifecycle.in_flight += 1
         try:
-            outcome = await self.service.handle(headers, body)
+            await self.finish(await self.answer())
+        finally:
+            self.lifecycle.in_flight -= 1
+
+    async def answer(self) -> bytes | None:
+        headers = {name.lower(): value for name, value in self.request.headers.get_all()}
+        try:
+            outcome = await self.service.handle(headers, b"".join(self.chunks))
         except RequestError as error:
-            self.send_error_for(error)
-            return
+            self.set_status(error.status)
+            self.set_header("Content-Type", CONTENT_TYPE_JSON)
+            return orjson.dumps(error.body())
         self.set_status(outcome.status)
-        if outcome.reply is not None:
-            for name, value in outcome.reply.headers.items():
-                self.set_header(name, value)
-            self.finish(outcome.reply.body)
+        if outcome.reply is None:
+            return None
+        for name, value in outcome.reply.headers.items():
+            self.set_header(name, value)
+        return outcome.reply.body
 
     def options(self) -> None:
         self.set_header("Allow", "POST, OPTIONS")
@@ -147,11 +168,11 @@ class TextHandler(JsonErrorHandler):
 class ReadyHandler(JsonErrorHandler):
     """Ready while the server accepts events; a draining server is not ready."""
 
-    def initialize(self, readiness: dict[str, bool]) -> None:
-        self.readiness = readiness
+    def initialize(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
 
     def get(self) -> None:
-        if not self.readiness["ready"]:
+        if not self.lifecycle.ready:
             raise tornado.web.HTTPError(503, reason="Draining")
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(b"ok")
@@ -184,15 +205,19 @@ def make_app(
     *,
     protocol: str,
     max_body_bytes: int,
-    readiness: dict[str, bool],
+    lifecycle: Lifecycle,
 ) -> tornado.web.Application:
     return tornado.web.Application(
         [
-            (ROUTE_EVENTS, EventsHandler, {"service": service, "max_body_bytes": max_body_bytes}),
+            (
+                ROUTE_EVENTS,
+                EventsHandler,
+                {"service": service, "max_body_bytes": max_body_bytes, "lifecycle": lifecycle},
+            ),
             (ROUTE_METRICS, MetricsHandler, {"registry": registry, "service": service}),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
-            (ROUTE_READY, ReadyHandler, {"readiness": readiness}),
+            (ROUTE_READY, ReadyHandler, {"lifecycle": lifecycle}),
         ],
         default_handler_class=NotFoundHandler,
         log_function=quiet_log,
