@@ -205,17 +205,22 @@ class SQLiteStore(StateStore):
             if housekeeping is not None:
                 write_delta(cursor, housekeeping)
                 deltas.append(housekeeping)
+            isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
             for entries in batches:
-                cursor.execute("SAVEPOINT batch")
+                if isolate:
+                    cursor.execute("SAVEPOINT batch")
                 try:
                     applied, batch_deltas = self._write_batch(cursor, entries, now)
                 except (RequestError, InvalidFeedback) as exc:
-                    cursor.execute("ROLLBACK TO batch")
+                    cursor.execute("ROLLBACK TO batch" if isolate else "ROLLBACK")
+                    if not isolate:
+                        return [as_request_error(exc)], []
                     outcomes.append(as_request_error(exc))
                 else:
                     outcomes.append(applied)
                     deltas += batch_deltas
-                cursor.execute("RELEASE batch")
+                if isolate:
+                    cursor.execute("RELEASE batch")
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
@@ -301,11 +306,12 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
         "DO UPDATE SET value = value + excluded.value",
         delta.counters,
     )
-    cursor.executemany(
-        "INSERT INTO label_delay VALUES (?, 1, ?) ON CONFLICT (bucket) "
-        "DO UPDATE SET count = count + 1, total = total + excluded.total",
-        [(bucket_index(DELAY_BUCKETS, seconds), seconds) for seconds in delta.delays],
-    )
+    if delta.delays:
+        cursor.executemany(
+            "INSERT INTO label_delay VALUES (?, 1, ?) ON CONFLICT (bucket) "
+            "DO UPDATE SET count = count + 1, total = total + excluded.total",
+            [(bucket_index(DELAY_BUCKETS, seconds), seconds) for seconds in delta.delays],
+        )
     for metric in delta.metrics:
         family, tags = CustomMetricsState.family(metric.key), json.dumps(metric.tags)
         if metric.type == "TIMER":
