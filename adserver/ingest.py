@@ -72,6 +72,8 @@ class FeedbackService:
         self.store = store
         self.reply = reply
         self.sender = sender
+        self._summary: dict[str, Any] = {}
+        self._summary_version = -1
         # Custom metrics may not shadow the families the server derives itself.
         self.reserved_prefixes = (METRIC_PREFIX,) + (
             (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
@@ -181,6 +183,14 @@ class FeedbackService:
         consistent = [m for m in kept if types.setdefault(custom.family(m.key), m.type) == m.type]
         return consistent, len(metrics) - len(consistent)
 
+    def current_summary(self) -> dict[str, Any]:
+        """Events committed in one group share a state, hence one summary."""
+        state = self.store.state
+        if self._summary_version != state.version:
+            self._summary = model_summary(state)
+            self._summary_version = state.version
+        return self._summary
+
     async def reject(self, reason: str) -> None:
         await self.store.commit([Entry(Delta(counters=((EVENTS_REJECTED, reason, 1),)))])
 
@@ -188,7 +198,7 @@ class FeedbackService:
         if self.reply is None:
             return None
         message = reply_message(
-            event, self.reply.event_type, self.reply.event_source, model_summary(self.store.state)
+            event, self.reply.event_type, self.reply.event_source, self.current_summary()
         )
         if new and self.sender is not None:
             self.sender.submit(message)

@@ -124,8 +124,10 @@ class MetricsState:
         self.custom = CustomMetricsState()
         self.counters: Counter[CounterKey] = Counter()
         self.label_delay = Histogram(DELAY_BUCKETS)
+        self.version = 0  # bumped on every change, so readers can cache what they derive
 
     def apply(self, delta: Delta) -> None:
+        self.version += 1
         if delta.cells is not None:
             self.confusion.add(delta.cells)
         for metric in delta.metrics:

@@ -60,37 +60,40 @@ class Cells:
 
 
 class ConfusionMatrix:
-    """Counts of (truth, prediction) pairs; rows are truth, columns are predictions."""
+    """Counts of (truth, prediction) pairs; rows are truth, columns are predictions.
+
+    Rows and columns are kept in sorted class order (scikit-learn's), so reading the matrix is
+    free; a new class (rare) rebuilds it in the new order.
+    """
 
     def __init__(self, classes: Iterable[int] = ()) -> None:
+        self.classes: list[int] = []
         self._index: dict[int, int] = {}
         self._counts = np.zeros((0, 0), dtype=np.int64)
         self._ensure(list(classes))
 
-    @property
-    def classes(self) -> list[int]:
-        """Known classes, sorted (the order scikit-learn uses)."""
-        return sorted(self._index)
-
     def matrix(self) -> np.ndarray:
-        """The matrix with rows and columns in :attr:`classes` order."""
-        order = [self._index[c] for c in self.classes]
-        return self._counts[np.ix_(order, order)]
+        """The matrix with rows and columns in :attr:`classes` order (read-only view)."""
+        view = self._counts.view()
+        view.flags.writeable = False
+        return view
 
     def add(self, cells: Cells) -> None:
-        self._ensure(cells.truth.tolist() + cells.prediction.tolist())
-        rows = [self._index[c] for c in cells.truth.tolist()]
-        cols = [self._index[c] for c in cells.prediction.tolist()]
+        truth, prediction = cells.truth.tolist(), cells.prediction.tolist()
+        self._ensure(truth + prediction)
+        index = self._index
+        rows = [index[c] for c in truth]
+        cols = [index[c] for c in prediction]
         np.add.at(self._counts, (rows, cols), cells.count)
 
     def _ensure(self, classes: list[int]) -> None:
-        new = [c for c in dict.fromkeys(classes) if c not in self._index]
+        new = {c for c in classes if c not in self._index}
         if not new:
             return
-        for label in new:
-            self._index[label] = len(self._index)
-        size = len(self._index)
-        grown = np.zeros((size, size), dtype=np.int64)
-        old = self._counts.shape[0]
-        grown[:old, :old] = self._counts
+        old = self.classes
+        self.classes = sorted([*old, *new])
+        self._index = {label: i for i, label in enumerate(self.classes)}
+        moved = [self._index[c] for c in old]
+        grown = np.zeros((len(self.classes),) * 2, dtype=np.int64)
+        grown[np.ix_(moved, moved)] = self._counts
         self._counts = grown

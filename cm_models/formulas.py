@@ -62,37 +62,34 @@ def accuracy(matrix: np.ndarray) -> float:
     return float(safe_divide(np.trace(matrix), matrix.sum()))
 
 
-def averaged(values: np.ndarray, support: np.ndarray) -> dict[str, float]:
-    """Macro (plain mean) and weighted (by support) averages of a per-class metric."""
-    macro = float(values.mean()) if values.size else 0.0
-    weighted = float(safe_divide((values * support).sum(), support.sum()))
-    return {"macro": macro, "weighted": weighted}
+AVERAGED = ("precision", "recall", "f1")
 
 
 def classification_report(matrix: np.ndarray) -> ClassificationReport:
-    counts = ClassCounts.from_matrix(matrix)
-    precision = safe_divide(counts.tp, counts.tp + counts.fp)
-    recall = safe_divide(counts.tp, counts.support)
-    f1 = safe_divide(2 * counts.tp, 2 * counts.tp + counts.fp + counts.fn)
-    specificity = safe_divide(counts.tn, counts.tn + counts.fp)
-    tp, fp, fn = counts.tp.sum(), counts.fp.sum(), counts.fn.sum()
-    micro = {
-        "precision": float(safe_divide(tp, tp + fp)),
-        "recall": float(safe_divide(tp, tp + fn)),
-        "f1": float(safe_divide(2 * tp, 2 * tp + fp + fn)),
+    """All metrics in a few whole-matrix operations (this runs on every scrape and reply).
+
+    Rows of the stacked arrays are precision, recall, F1 and specificity; micro averages pool
+    the counts, macro averages are plain means, weighted ones are weighted by support.
+    """
+    c = ClassCounts.from_matrix(matrix)
+    numerators = np.stack([c.tp, c.tp, 2 * c.tp, c.tn])
+    denominators = np.stack([c.tp + c.fp, c.support, 2 * c.tp + c.fp + c.fn, c.tn + c.fp])
+    per_class = safe_divide(numerators, denominators)
+    scores = per_class[:3]
+    support = c.support
+    macro = scores.mean(axis=1) if support.size else np.zeros(3)
+    weighted = safe_divide(scores @ support, support.sum())
+    micro = safe_divide(numerators[:3].sum(axis=1), denominators[:3].sum(axis=1))
+    averages = {
+        kind: dict(zip(AVERAGED, values.tolist()))
+        for kind, values in (("micro", micro), ("macro", macro), ("weighted", weighted))
     }
-    per_metric = {"precision": precision, "recall": recall, "f1": f1}
-    averages = {"micro": micro}
-    for kind in ("macro", "weighted"):
-        averages[kind] = {
-            name: averaged(values, counts.support)[kind] for name, values in per_metric.items()
-        }
     return ClassificationReport(
         accuracy=accuracy(matrix),
-        precision=precision,
-        recall=recall,
-        f1=f1,
-        specificity=specificity,
-        support=counts.support,
+        precision=per_class[0],
+        recall=per_class[1],
+        f1=per_class[2],
+        specificity=per_class[3],
+        support=support,
         averages=averages,
     )
