@@ -69,8 +69,9 @@ BATCH = {"Content-Type": "application/cloudevents-batch+json"}
 STRUCT = {"Content-Type": STRUCTURED_TYPE}
 CASES: dict[str, Bad] = {
     "invalid_json": Bad(b'{"truth": {"data": ', "invalid_json"),
-    "not_json_at_all": Bad(b"truth=1&response=2", "invalid_json",
-                           {"Content-Type": "application/x-www-form-urlencoded"}),
+    "not_json_at_all": Bad(
+        b"truth=1&response=2", "invalid_json", {"Content-Type": "application/x-www-form-urlencoded"}
+    ),
     "empty_body": Bad(b"", "empty_body"),
     "array_body": Bad([GOOD], "invalid_body"),
     "string_body": Bad(b'"feedback"', "invalid_body"),
@@ -89,18 +90,27 @@ CASES: dict[str, Bad] = {
     "strings": Bad(feedback([["a", "b", "c"]], [[0.1, 0.2, 0.7]]), "non_numeric"),
     "null_in_row": Bad(feedback([[0, None, 1]], [[0.1, 0.2, 0.7]]), "non_numeric"),
     "objects_in_row": Bad(feedback([[{"x": 1}]], [[1]]), "non_numeric"),
-    "raw_nan": Bad(b'{"truth":{"data":{"ndarray":[[NaN,0,1]]}},' + json.dumps(
-        {"response": RESPONSE}).encode()[1:], "invalid_json"),
-    "raw_infinity": Bad(b'{"truth":{"data":{"ndarray":[[0,0,1]]}},"response":{"data":'
-                        b'{"ndarray":[[Infinity,0,0]]}}}', "invalid_json"),
-    "overflowing_float": Bad(b'{"truth":{"data":{"ndarray":[[0,0,1]]}},"response":{"data":'
-                             b'{"ndarray":[[1e999,0,0]]}}}', "invalid_json"),
+    "raw_nan": Bad(
+        b'{"truth":{"data":{"ndarray":[[NaN,0,1]]}},'
+        + json.dumps({"response": RESPONSE}).encode()[1:],
+        "invalid_json",
+    ),
+    "raw_infinity": Bad(
+        b'{"truth":{"data":{"ndarray":[[0,0,1]]}},"response":{"data":'
+        b'{"ndarray":[[Infinity,0,0]]}}}',
+        "invalid_json",
+    ),
+    "overflowing_float": Bad(
+        b'{"truth":{"data":{"ndarray":[[0,0,1]]}},"response":{"data":{"ndarray":[[1e999,0,0]]}}}',
+        "invalid_json",
+    ),
     "three_d_rows": Bad(feedback([[[0, 0, 1]]], [[[0.1, 0.2, 0.7]]]), "bad_shape"),
     "tensor_shape_mismatch": Bad(truth_only(tensor([2, 3], [0, 0, 1])), "tensor_shape_mismatch"),
     "tensor_bad_shape": Bad(truth_only(tensor([-1, 3], [0, 0, 1])), "invalid_tensor"),
     "tensor_not_flat": Bad(truth_only(tensor([1, 3], [[0, 0, 1]])), "tensor_shape_mismatch"),
-    "tftensor_string_dtype": Bad(truth_only(tftensor(dtype="DT_STRING", stringVal=["YQ=="])),
-                                 "invalid_tftensor"),
+    "tftensor_string_dtype": Bad(
+        truth_only(tftensor(dtype="DT_STRING", stringVal=["YQ=="])), "invalid_tftensor"
+    ),
     "tftensor_shape_mismatch": Bad(
         truth_only(tftensor(dtype="DT_FLOAT", tensorShape=dims(1, 3), floatVal=[0, 1])),
         "tensor_shape_mismatch",
@@ -129,7 +139,8 @@ CASES: dict[str, Bad] = {
         {**GOOD, "truth": {**GOOD["truth"], "meta": {"metrics": {"key": "x"}}}}, "invalid_metrics"
     ),
     "binary_missing_attributes": Bad(
-        GOOD, "invalid_cloudevent",
+        GOOD,
+        "invalid_cloudevent",
         {"ce-specversion": "1.0", "ce-requestid": "r", "Content-Type": "application/json"},
     ),
     "binary_empty_id": Bad(GOOD, "invalid_cloudevent", {**ce_headers(), "ce-id": ""}),
@@ -178,7 +189,8 @@ def url(module_servers: ServerFactory) -> str:
 def unchanged_part(samples: Samples) -> Samples:
     """Everything but the rejection counter and the process' own metrics."""
     return {
-        key: v for key, v in samples.items()
+        key: v
+        for key, v in samples.items()
         if key[0] != REJECTED and not key[0].startswith("process_")
     }
 
@@ -199,7 +211,8 @@ def assert_json_error(answer: requests.Response, status: int, reason: str) -> No
 def assert_only_rejection_moved(before: Samples, after: Samples, reason: str) -> None:
     assert unchanged_part(after) == unchanged_part(before)
     moved = {
-        r: n - rejections(before).get(r, 0) for r, n in rejections(after).items()
+        r: n - rejections(before).get(r, 0)
+        for r, n in rejections(after).items()
         if n != rejections(before).get(r, 0)
     }
     assert moved == {reason: 1}

@@ -67,8 +67,14 @@ def with_metrics(body: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[st
 def url(module_servers: ServerFactory) -> str:
     """A Seldon-configured server fed a known stream and custom metrics once."""
     server = module_servers(
-        "--storage_uri", MULTICLASS_NUMERIC, "--model_name", "iris",
-        "--event_type", REPLY_TYPE, "--event_source", REPLY_SOURCE,
+        "--storage_uri",
+        MULTICLASS_NUMERIC,
+        "--model_name",
+        "iris",
+        "--event_type",
+        REPLY_TYPE,
+        "--event_source",
+        REPLY_SOURCE,
         env=SELDON_ENV,
     )
     first = [
@@ -149,8 +155,10 @@ def test_seldon_families_carry_seldon_default_labels(url: str) -> None:
     for _, labels in seldon:
         assert labels == {**SELDON_LABELS, "class": labels["class"]}
         assert "worker_id" not in labels
-    assert all(not name.startswith("seldon_") or "worker_id" not in dict(labels)
-               for (name, labels) in samples)
+    assert all(
+        not name.startswith("seldon_") or "worker_id" not in dict(labels)
+        for (name, labels) in samples
+    )
 
 
 def test_seldon_counters_are_one_vs_rest_counts(url: str) -> None:
@@ -178,7 +186,8 @@ def test_custom_metrics_follow_seldon_semantics(url: str) -> None:
     assert value(samples, "my_timer_count") == 2
     assert value(samples, "my_timer_sum") == pytest.approx(2.25)
     buckets = {
-        float(dict(labels)["le"]): v for (name, labels), v in samples.items()
+        float(dict(labels)["le"]): v
+        for (name, labels), v in samples.items()
         if name == "my_timer_bucket"
     }
     assert len(buckets) == 51 and buckets[float("inf")] == 2
@@ -229,7 +238,11 @@ def test_json_by_query_or_accept_header(url: str) -> None:
     assert model["confusion_matrix"] == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
     assert (model["accuracy"], model["events"], model["rows"]) == (0.5, 2, 4)
     assert model["per_class"]["2"] == {
-        "precision": 0.5, "recall": 0.5, "f1": 0.5, "specificity": 0.5, "support": 2,
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "specificity": 0.5,
+        "support": 2,
     }
     for average in ("macro", "micro", "weighted"):
         assert set(model[average]) == {"precision", "recall", "f1"}

@@ -77,8 +77,9 @@ def test_header_names_in_any_case(onehot: str) -> None:
     assert (change.events, change.rows) == (1, 1)
 
 
-@pytest.mark.parametrize("content_type", ["application/cloudevents+json; charset=UTF-8",
-                                          "application/cloudevents+json"])
+@pytest.mark.parametrize(
+    "content_type", ["application/cloudevents+json; charset=UTF-8", "application/cloudevents+json"]
+)
 def test_structured_mode_with_data(onehot: str, content_type: str) -> None:
     before = model_doc(onehot)
     answer = post_json(onehot, structured(ROW), {"Content-Type": content_type})

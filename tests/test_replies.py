@@ -172,7 +172,9 @@ def timed_events(url: str, count: int) -> tuple[list[str], list[float]]:
             event_id = new_id()
             started = time.perf_counter()
             answer = session.post(
-                url + "/", data=requests.compat.json.dumps(ROW), headers=ce_headers(event_id),
+                url + "/",
+                data=requests.compat.json.dumps(ROW),
+                headers=ce_headers(event_id),
                 timeout=10,
             )
             latencies.append(time.perf_counter() - started)
@@ -247,8 +249,13 @@ def test_sink_slower_than_the_reply_timeout_is_given_up(servers: ServerFactory, 
     """Each attempt is cut at --reply_timeout_seconds, retried, then counted failed."""
     sink.delay = 3.0
     url = servers(
-        *REPLY_FLAGS, "--reply_url", sink.url, "--reply_timeout_seconds", "0.2",
-        "--reply_retries", "1",
+        *REPLY_FLAGS,
+        "--reply_url",
+        sink.url,
+        "--reply_timeout_seconds",
+        "0.2",
+        "--reply_retries",
+        "1",
     ).url
     ids, latencies = timed_events(url, 2)
     assert max(latencies) < 0.2, latencies  # blocking on the sink would take 0.5 s
