@@ -91,18 +91,28 @@ class FeedbackService:
         except RequestError as error:
             if error.status < 500:
                 await self.reject(error.reason)
+            self.log_event("event refused", headers, reason=error.reason, status=error.status)
             raise
         duplicates = applied.count(False)
         if duplicates:
             await self.store.commit([Entry(Delta(counters=((EVENTS_DUPLICATE, "", duplicates),)))])
-        if len(events) != 1 or entries[0].operation.__class__ is LoggedRows:
+        self.log_event("events committed", headers, events=len(events), duplicates=duplicates)
+        if len(events) != 1 or is_logger_event(events[0]):
             return Outcome(200)  # a logger event never gets a reply: no loops
         return Outcome(200, self.reply_for(events[0], new=applied[0]))
 
+    def log_event(self, message: str, headers: Mapping[str, str], **fields: Any) -> None:
+        """One DEBUG line per request (never at INFO: ingestion must stay quiet and fast)."""
+        if log.isEnabledFor(logging.DEBUG):
+            ids = {
+                "event_id": headers.get("ce-id"),
+                "request_id": headers.get("ce-requestid") or headers.get(HEADER_SELDON_PUID),
+            }
+            log.debug(message, extra={"model": self.model.name, **ids, **fields})
+
     def entry(self, event: IncomingEvent, headers: Mapping[str, str]) -> Entry:
-        logger = LOGGER_TYPES.get(str(event.attributes.get("type", "")))
-        if logger is not None:
-            return self.logged(event, *logger)
+        if is_logger_event(event):
+            return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
             return self.label(event, headers, feedback)
@@ -203,6 +213,10 @@ class FeedbackService:
         if new and self.sender is not None:
             self.sender.submit(message)
         return message
+
+
+def is_logger_event(event: IncomingEvent) -> bool:
+    return event.attributes.get("type") in LOGGER_TYPES
 
 
 def encode_rows(rows: Any) -> tuple[bytes, ...]:

@@ -306,3 +306,18 @@ def test_sigterm_stops_promptly_with_exit_0(servers: ServerFactory) -> None:
     started = time.monotonic()
     assert server.stop(timeout=5) == 0
     assert time.monotonic() - started < 3
+
+
+def test_debug_logs_name_the_event_request_and_model(servers: ServerFactory) -> None:
+    server = servers("--model_name", "traced", env={"CESERVER_LOGLEVEL": "DEBUG"})
+    send_event(server.url, feedback([[1, 0]], [[0.6, 0.4]]), "evt-42", requestid="req-7")
+    post_json(server.url, b"not json", ce_headers("evt-43"))
+    server.stop()
+    records = [json.loads(line) for line in server.stderr().splitlines()]
+    committed = [r for r in records if r["message"] == "events committed"]
+    refused = [r for r in records if r["message"] == "event refused"]
+    assert (
+        committed[0] | {"event_id": "evt-42", "request_id": "req-7", "model": "traced"}
+        == (committed[0])
+    )
+    assert refused[0]["event_id"] == "evt-43" and refused[0]["reason"] == "invalid_json"

@@ -264,3 +264,10 @@ def test_capacity_bound_evicts_oldest() -> None:
     assert store.state.count("join_rows_evicted", "prediction_evicted") == 2
     remaining = store.connection.execute("SELECT request_id FROM logged_rows").fetchall()
     assert sorted(r[0] for r in remaining) == ["r2", "r3", "r4"]
+
+
+def test_ignored_logger_event_gets_no_reply_even_with_replies_on(servers) -> None:
+    server = servers("--state", "memory", "--event_type", "t.reply", "--event_source", "s")
+    answer = post_json(server.url, b"\x00raw", ce_headers(event_type=KSERVE_RESPONSE_TYPE))
+    assert answer.status_code == 200 and answer.content == b""
+    assert "ce-type" not in answer.headers
