@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import tornado.httpserver
 
+from adserver.constants import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exporter import FeedbackCollector, build_registry
 from adserver.ingest import FeedbackService, ReplyConfig
 from adserver.join import Joiner
@@ -52,7 +53,11 @@ def build_server(settings: Settings) -> Server:
     model = load_model(settings)
     state = MetricsState(getattr(model, "classes", ()))
     joiner = Joiner(model.observe, settings.join_ttl_seconds)
-    store = open_store(settings, state, joiner)
+    # Custom metrics may not shadow the families the server exports itself.
+    reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
+        (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
+    )
+    store = open_store(settings, state, joiner, reserved)
     sender = None
     if settings.reply_url and settings.replies_enabled:
         sender = ReplySender(

@@ -43,6 +43,7 @@ ROUTE_READY: Final = "/health/ready"
 # Metric name prefix of the server's own families
 METRIC_PREFIX: Final = "feedback_"
 SELDON_METRIC_PREFIX: Final = "seldon_metric_"
+PROCESS_METRIC_PREFIX: Final = "process_"  # prometheus_client's process collector
 
 # Server counters (exported as feedback_<name>_total)
 EVENTS_ACCEPTED: Final = "events_accepted"

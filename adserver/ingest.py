@@ -19,16 +19,13 @@ from dateutil.parser import isoparse
 
 from adserver.constants import (
     EVENTS_ACCEPTED,
-    EVENTS_DUPLICATE,
     EVENTS_REJECTED,
     EXTENSION_REQUEST_ID,
     EXTENSION_ROW_INDEX,
     HEADER_SELDON_PUID,
     LOGGER_TYPES,
-    METRIC_PREFIX,
     METRICS_REJECTED,
     ROWS_ACCEPTED,
-    SELDON_METRIC_PREFIX,
 )
 from adserver.errors import BadRequest, RequestError
 from adserver.events import IncomingEvent, decode_request, reply_message
@@ -39,7 +36,7 @@ from adserver.reply import ReplySender
 from adserver.state import Delta
 from adserver.store.base import Entry, StateStore
 from adserver.summary import model_summary
-from cm_models.base import InvalidFeedback, MetricModel
+from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import CustomMetric
 
 log = logging.getLogger(__name__)
@@ -74,10 +71,6 @@ class FeedbackService:
         self.sender = sender
         self._summary: dict[str, Any] = {}
         self._summary_version = -1
-        # Custom metrics may not shadow the families the server derives itself.
-        self.reserved_prefixes = (METRIC_PREFIX,) + (
-            (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
-        )
 
     async def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Count every event of the request, or none of them (answering 4xx)."""
@@ -93,10 +86,7 @@ class FeedbackService:
                 await self.reject(error.reason)
             self.log_event("event refused", headers, reason=error.reason, status=error.status)
             raise
-        duplicates = applied.count(False)
-        if duplicates:
-            await self.store.commit([Entry(Delta(counters=((EVENTS_DUPLICATE, "", duplicates),)))])
-        self.log_event("events committed", headers, events=len(events), duplicates=duplicates)
+        self.log_event("events committed", headers, events=len(events), new=applied.count(True))
         if len(events) != 1 or is_logger_event(events[0]):
             return Outcome(200)  # a logger event never gets a reply: no loops
         return Outcome(200, self.reply_for(events[0], new=applied[0]))
@@ -130,8 +120,8 @@ class FeedbackService:
         self, feedback: Feedback, model_metrics: list[CustomMetric], model_problems: int
     ) -> Delta:
         """What any feedback event adds besides its rows: itself, and its custom metrics."""
-        metrics, refused = self.admissible([*model_metrics, *feedback.metrics])
-        problems = model_problems + len(feedback.metric_problems) + refused
+        metrics = [*model_metrics, *feedback.metrics]
+        problems = model_problems + len(feedback.metric_problems)
         counters = [(EVENTS_ACCEPTED, "", 1)]
         if problems:
             counters.append((METRICS_REJECTED, "", problems))
@@ -181,18 +171,6 @@ class FeedbackService:
         operation = LoggedRows(str(request_id), kind, encode_rows(rows), event_time(event))
         return Entry(event_key=key, operation=operation)
 
-    def admissible(self, metrics: list[CustomMetric]) -> tuple[list[CustomMetric], int]:
-        """Drop custom metrics that would clash with the server's own families or types."""
-        custom = self.store.state.custom
-        kept = [
-            m
-            for m in metrics
-            if not m.key.startswith(self.reserved_prefixes) and not custom.conflicts(m)
-        ]
-        types: dict[str, str] = {}
-        consistent = [m for m in kept if types.setdefault(custom.family(m.key), m.type) == m.type]
-        return consistent, len(metrics) - len(consistent)
-
     def current_summary(self) -> dict[str, Any]:
         """Events committed in one group share a state, hence one summary."""
         state = self.store.state
@@ -202,7 +180,11 @@ class FeedbackService:
         return self._summary
 
     async def reject(self, reason: str) -> None:
-        await self.store.commit([Entry(Delta(counters=((EVENTS_REJECTED, reason, 1),)))])
+        """Count a refusal; if even that cannot be recorded, the refusal still stands."""
+        try:
+            await self.store.commit([Entry(Delta(counters=((EVENTS_REJECTED, reason, 1),)))])
+        except RequestError:
+            log.warning("could not count a rejected event", extra={"reason": reason})
 
     def reply_for(self, event: IncomingEvent, *, new: bool) -> HTTPMessage | None:
         if self.reply is None:

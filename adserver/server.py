@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from adserver.constants import (
     ROUTE_PROTOCOL,
     ROUTE_READY,
 )
-from adserver.errors import PayloadTooLarge, RequestError
+from adserver.errors import PayloadTooLarge, RequestError, Unavailable
 from adserver.ingest import FeedbackService
 from adserver.summary import metrics_document
 
@@ -102,8 +101,7 @@ class EventsHandler(JsonErrorHandler):
         """
         self.too_large = True
         error = PayloadTooLarge(f"body exceeds {self.max_body_bytes} bytes", "body_too_large")
-        with contextlib.suppress(RequestError):  # e.g. shutting down: refuse all the same
-            await self.service.reject(error.reason)
+        await self.service.reject(error.reason)
         self.set_header("Connection", "close")
         self.send_error_for(error)
 
@@ -120,6 +118,8 @@ class EventsHandler(JsonErrorHandler):
     async def answer(self) -> bytes | None:
         headers = {name.lower(): value for name, value in self.request.headers.get_all()}
         try:
+            if not self.lifecycle.ready:  # draining: nothing new may start, the sender retries
+                raise Unavailable("the server is shutting down", "shutting_down")
             outcome = await self.service.handle(headers, b"".join(self.chunks))
         except RequestError as error:
             self.set_status(error.status)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cm_models.confusion import Cells, ConfusionMatrix
-from cm_models.custom_metrics import CustomMetric, MetricType
+from cm_models.custom_metrics import CustomMetric, MetricType, family_name
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
 TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))
@@ -95,18 +95,9 @@ class CustomMetricsState:
         self.gauges: dict[SeriesKey, float] = {}
         self.timers: dict[SeriesKey, Histogram] = {}
 
-    @staticmethod
-    def family(key: str) -> str:
-        """Prometheus appends ``_total`` to counters, so ``x`` and ``x_total`` are one family."""
-        return key.removesuffix("_total")
-
-    def conflicts(self, metric: CustomMetric) -> bool:
-        """A family name can have only one type in the exposition."""
-        known = self.types.get(self.family(metric.key))
-        return known is not None and known != metric.type
-
     def apply(self, metric: CustomMetric) -> None:
-        series = (self.family(metric.key), metric.tags)
+        """Metrics arrive admitted by the store's :class:`MetricCatalog`: types never clash."""
+        series = (family_name(metric), metric.tags)
         self.types[series[0]] = metric.type
         if metric.type == "COUNTER":
             self.counters[series] = self.counters.get(series, 0.0) + metric.value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,3 +62,53 @@ def parse_metrics(items: Iterable[object]) -> tuple[list[CustomMetric], list[str
         except ValueError as exc:
             problems.append(str(exc))
     return accepted, problems
+
+
+def family_name(metric: CustomMetric) -> str:
+    """Prometheus appends ``_total`` to counters: counter ``x`` and ``x_total`` are one family."""
+    return metric.key.removesuffix("_total") if metric.type == "COUNTER" else metric.key
+
+
+SAMPLE_SUFFIXES: dict[MetricType, tuple[str, ...]] = {
+    "COUNTER": ("_total", "_created"),
+    "GAUGE": ("",),
+    "TIMER": ("_bucket", "_count", "_sum", "_created"),
+}
+
+
+class MetricCatalog:
+    """Which custom families exist, with which type: the gate every custom metric passes.
+
+    A family keeps the type it was first seen with, and no two families may expose the same
+    sample name (``x_count`` of a timer ``x`` against a counter ``x_count``), or the exposition
+    would be invalid and Prometheus would drop the whole scrape. Names starting with
+    ``reserved_prefixes`` belong to the server.
+    """
+
+    def __init__(self, reserved_prefixes: tuple[str, ...] = ()) -> None:
+        self.reserved_prefixes = reserved_prefixes
+        self.types: dict[str, MetricType] = {}
+        self._owners: dict[str, str] = {}
+
+    def admit(self, metrics: Sequence[CustomMetric]) -> tuple[list[CustomMetric], int]:
+        """The metrics that may be recorded (registering new families) and how many may not."""
+        kept = [m for m in metrics if self._admissible(m)]
+        return kept, len(metrics) - len(kept)
+
+    def register(self, family: str, kind: MetricType) -> None:
+        self.types[family] = kind
+        for suffix in SAMPLE_SUFFIXES[kind]:
+            self._owners[family + suffix] = family
+
+    def _admissible(self, metric: CustomMetric) -> bool:
+        family = family_name(metric)
+        if family.startswith(self.reserved_prefixes):
+            return False
+        known = self.types.get(family)
+        if known is not None:
+            return known == metric.type
+        names = [family + suffix for suffix in SAMPLE_SUFFIXES[metric.type]]
+        if any(name in self._owners for name in [family, *names]):
+            return False
+        self.register(family, metric.type)
+        return True

@@ -16,7 +16,12 @@ __all__ = ["Entry", "StateStore", "open_store"]
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings, state: MetricsState, joiner: Joiner) -> StateStore:
+def open_store(
+    settings: Settings,
+    state: MetricsState,
+    joiner: Joiner,
+    reserved_prefixes: tuple[str, ...] = (),
+) -> StateStore:
     """``memory`` runs the same store on an in-memory database: identical semantics, no file."""
     if settings.state not in ("sqlite", "memory"):
         raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
@@ -32,4 +37,5 @@ def open_store(settings: Settings, state: MetricsState, joiner: Joiner) -> State
         max_ids=settings.dedup_max_ids,
         joiner=joiner,
         join_max_rows=settings.join_max_rows,
+        reserved_prefixes=reserved_prefixes,
     )

@@ -11,6 +11,7 @@ and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from adserver.constants import EVENTS_DUPLICATE, METRICS_REJECTED
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
 from adserver.join import EVICTED, EXPIRED, LABELS, Joiner
 from adserver.state import (
     DELAY_BUCKETS,
     TIMER_BUCKETS,
-    CustomMetricsState,
     Delta,
     Histogram,
     MetricsState,
@@ -37,6 +38,7 @@ from adserver.store.join_tables import SQLJoinTables
 from adserver.store.schema import SchemaError, migrate
 from cm_models.base import InvalidFeedback
 from cm_models.confusion import Cells
+from cm_models.custom_metrics import MetricCatalog, family_name
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class SQLiteStore(StateStore):
         max_ids: int,
         joiner: Joiner | None = None,
         join_max_rows: int = 1_000_000,
+        reserved_prefixes: tuple[str, ...] = (),
         clock: Clock = time.time,
     ) -> None:
         super().__init__(state)
@@ -144,6 +147,11 @@ class SQLiteStore(StateStore):
             state_path(state_dir) if state_dir is not None else None, model_name
         )
         load_state(self.connection, state)
+        # Owned by whoever writes (the writer thread, or the IOLoop in memory mode), so custom
+        # metric types are decided in commit order, identically in the file and in memory.
+        self.catalog = MetricCatalog(reserved_prefixes)
+        for family, kind in state.custom.types.items():
+            self.catalog.register(family, kind)
         self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._pending: list[_Batch] = []
@@ -234,16 +242,25 @@ class SQLiteStore(StateStore):
         for entry in entries:
             new = entry.event_key is None or self._first_sighting(cursor, entry.event_key, now)
             applied.append(new)
-            if not new:
-                continue
-            delta = entry.delta
-            if entry.operation is not None:
+            delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
+            if new and entry.operation is not None:
                 if self.joiner is None:
                     raise BadRequest("this model cannot join labels", "join_unsupported")
                 delta = delta + self.joiner.apply(SQLJoinTables(cursor, now), entry.operation, now)
+            delta = self._admit_metrics(delta)
             write_delta(cursor, delta)
             deltas.append(delta)
         return applied, deltas
+
+    def _admit_metrics(self, delta: Delta) -> Delta:
+        """Drop custom metrics whose family clashes; count them as rejected."""
+        if not delta.metrics:
+            return delta
+        kept, refused = self.catalog.admit(delta.metrics)
+        if not refused:
+            return delta
+        counters = (*delta.counters, (METRICS_REJECTED, "", refused))
+        return dataclasses.replace(delta, metrics=tuple(kept), counters=counters)
 
     def _first_sighting(self, cursor: sqlite3.Cursor, key: tuple[str, str], now: float) -> bool:
         """Record the event key; False if it was seen within the retention window."""
@@ -313,7 +330,7 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
             [(bucket_index(DELAY_BUCKETS, seconds), seconds) for seconds in delta.delays],
         )
     for metric in delta.metrics:
-        family, tags = CustomMetricsState.family(metric.key), json.dumps(metric.tags)
+        family, tags = family_name(metric), json.dumps(metric.tags)
         if metric.type == "TIMER":
             seconds = metric.value / 1000.0
             cursor.execute(
