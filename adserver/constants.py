@@ -69,3 +69,4 @@ LOGGER_TYPES: Final = {
 HEADER_SELDON_PUID: Final = "seldon-puid"
 EXTENSION_REQUEST_ID: Final = "requestid"
 EXTENSION_ROW_INDEX: Final = "rowindex"
+MAX_ROW_INDEX: Final = 2**31 - 1

@@ -24,6 +24,7 @@ from adserver.constants import (
     EXTENSION_ROW_INDEX,
     HEADER_SELDON_PUID,
     LOGGER_TYPES,
+    MAX_ROW_INDEX,
     METRICS_REJECTED,
     ROWS_ACCEPTED,
 )
@@ -36,7 +37,7 @@ from adserver.reply import ReplySender
 from adserver.state import Delta
 from adserver.store.base import Entry, StateStore
 from adserver.summary import model_summary
-from cm_models.base import InvalidFeedback
+from cm_models.base import InvalidFeedback, MetricModel, first_axis_rows, numeric_array
 from cm_models.custom_metrics import CustomMetric
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,8 @@ class FeedbackService:
                 "truth.meta.puid or ce-id) to find the logged prediction",
                 "missing_response",
             )
-        first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0))
         rows = self.model.rows(feedback.truth, "truth")
+        first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0), len(rows))
         operation = Label(
             request_id=str(request_id),
             first_row=first_row,
@@ -162,13 +163,16 @@ class FeedbackService:
             body = event.payload()
             extract = prediction_payload if kind == "response" else request_payload
             values = extract(body)
-            rows = self.model.rows(values, kind) if kind == "response" else as_rows(values)
-        except (Unscorable, BadRequest) as exc:
+            if kind == "response" and isinstance(self.model, MetricModel):
+                numeric_array(values, kind)  # e.g. string labels: valid, but never scorable
+        except (Unscorable, InvalidFeedback, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != "invalid_json":
                 raise
-            reason = str(exc) if isinstance(exc, Unscorable) else "not_json"
+            reason = getattr(exc, "reason", None) or str(exc)
+            reason = "not_json" if reason == "invalid_json" else reason
             return Entry(Delta(counters=((LOGGER_EVENTS, f"ignored_{reason}", 1),)), key)
-        operation = LoggedRows(str(request_id), kind, encode_rows(rows), event_time(event))
+        rows = encode_rows(first_axis_rows(values))
+        operation = LoggedRows(str(request_id), kind, rows, event_time(event))
         return Entry(event_key=key, operation=operation)
 
     def current_summary(self) -> dict[str, Any]:
@@ -206,19 +210,16 @@ def encode_rows(rows: Any) -> tuple[bytes, ...]:
     return tuple(orjson.dumps(row) for row in listed)
 
 
-def as_rows(values: Any) -> list[Any]:
-    """Inputs are kept for user models as they came: the first axis is the batch."""
-    listed = values.tolist() if hasattr(values, "tolist") else values
-    return listed if isinstance(listed, list) else [listed]
-
-
-def row_index(value: Any) -> int:
+def row_index(value: Any, rows: int) -> int:
+    """First row a label covers; rows are 32-bit indexes, like class ids."""
     try:
         index = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         index = -1
-    if index < 0:
-        raise BadRequest("ce-rowindex must be a non-negative integer", "invalid_row_index")
+    if not 0 <= index <= MAX_ROW_INDEX - rows:
+        raise BadRequest(
+            f"ce-rowindex must be an integer from 0 to {MAX_ROW_INDEX - rows}", "invalid_row_index"
+        )
     return index
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from adserver.constants import ROWS_ACCEPTED
+from adserver.constants import METRICS_REJECTED, ROWS_ACCEPTED
 from adserver.state import Delta
 from cm_models.base import InvalidFeedback, Observation
 
@@ -67,11 +67,11 @@ class StoredRow:
 class JoinTables(Protocol):
     """Row storage inside the store's current transaction."""
 
-    def rows(self, request_id: str, indexes: Sequence[int]) -> dict[int, StoredRow]: ...
+    def rows(self, request_id: str, indexes: range) -> dict[int, StoredRow]: ...
 
     def save_rows(self, request_id: str, rows: dict[int, StoredRow], expires_at: float) -> None: ...
 
-    def parked(self, request_id: str, indexes: Sequence[int]) -> dict[int, tuple[bytes, float]]: ...
+    def parked(self, request_id: str, indexes: range) -> dict[int, tuple[bytes, float]]: ...
 
     def park(
         self, request_id: str, rows: dict[int, tuple[bytes, float]], expires_at: float
@@ -111,7 +111,11 @@ class Joiner:
         delta = Delta()
         if logged.kind == "response":
             counters.append((PREDICTED_ROWS, "", len(changed)))
-            waiting = tables.parked(logged.request_id, list(changed))
+            waiting = {
+                i: parked
+                for i, parked in tables.parked(logged.request_id, indexes).items()
+                if i in changed
+            }
             if waiting:
                 delta = self.score_parked(changed, waiting, now)
                 tables.unpark(logged.request_id, list(waiting))
@@ -141,11 +145,10 @@ class Joiner:
         truth = dict(zip(indexes, label.truth_rows))
         stored = tables.rows(label.request_id, indexes)
         already_parked = tables.parked(label.request_id, indexes)
-        duplicate = [
-            i for i in indexes if i in already_parked or stored.get(i, StoredRow()).labelled
-        ]
-        ready = [i for i in indexes if i not in duplicate and stored.get(i, StoredRow()).prediction]
-        waiting = [i for i in indexes if i not in duplicate and i not in ready]
+        duplicate = already_parked.keys() | {i for i, row in stored.items() if row.labelled}
+        predicted = {i for i, row in stored.items() if row.prediction is not None}
+        ready = sorted(predicted - duplicate)
+        waiting = [i for i in indexes if i not in duplicate and i not in predicted]
         delta = label.extra
         if ready:
             try:
@@ -176,9 +179,12 @@ class Joiner:
             for arrival, row in zip(arrivals, rows)
             if row.predicted_at is not None
         )
+        counters = [(ROWS_ACCEPTED, "", observation.rows)]
+        if observation.metric_problems:
+            counters.append((METRICS_REJECTED, "", len(observation.metric_problems)))
         return Delta(
             cells=observation.cells,
             metrics=tuple(observation.metrics),
-            counters=((ROWS_ACCEPTED, "", observation.rows),),
+            counters=tuple(counters),
             delays=delays,
         )

@@ -46,6 +46,9 @@ class Settings:
     classes: tuple[int, ...] = setting(
         (), "CLASSES", "comma-separated class ids known up front (others are still discovered)"
     )
+    max_classes: int = setting(
+        1000, "MAX_CLASSES", "most classes kept (the confusion matrix grows with their square)"
+    )
     binary_threshold: float = setting(
         0.5, "BINARY_THRESHOLD", "BinaryMetrics: a score at or above it predicts class 1"
     )
@@ -73,12 +76,20 @@ class Settings:
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
-        positive = ("reply_queue_size", "max_body_bytes", "dedup_max_ids", "join_max_rows")
+        positive = (
+            "reply_queue_size",
+            "max_body_bytes",
+            "dedup_max_ids",
+            "join_max_rows",
+            "max_classes",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive")
         if not 0 <= self.http_port <= 65535:
             raise ValueError("--http_port must be a port number")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("--log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     @property
     def replies_enabled(self) -> bool:

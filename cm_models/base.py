@@ -53,6 +53,13 @@ def numeric_array(values: object, what: str) -> np.ndarray:
     return array
 
 
+def first_axis_rows(values: object) -> list[object]:
+    """The batch as a list of rows, for data of any shape or kind (the first axis is the batch)."""
+    tolist = getattr(values, "tolist", None)
+    listed = tolist() if tolist is not None else values
+    return listed if isinstance(listed, list) else [listed]
+
+
 def class_id_column(array: np.ndarray, what: str) -> np.ndarray:
     """One class id per row: ``[a, b]`` and ``[[a], [b]]`` are two rows, ``[[4]]`` is class 4."""
     if array.ndim == 2 and array.shape[1] == 1:

@@ -25,6 +25,8 @@ class BinaryMetrics(MetricModel):
         **options: object,
     ) -> None:
         super().__init__(name, classes or (0, 1), **options)
+        if not set(self.classes) <= {0, 1}:
+            raise ValueError(f"binary classes are 0 and 1, not {sorted(self.classes)}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold

@@ -33,4 +33,9 @@ class MulticlassOneHot(MetricModel):
                 f"{response.shape[1]}",
                 "width_mismatch",
             )
+        if (truth < 0).any() or not (truth.max(axis=1) > 0).all():
+            raise InvalidFeedback(
+                "truth: every row needs a positive entry marking its class (one-hot)",
+                "invalid_one_hot",
+            )
         return truth.argmax(axis=1), response.argmax(axis=1)

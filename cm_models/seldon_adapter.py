@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cm_models.base import InvalidFeedback, Observation
+from cm_models.base import InvalidFeedback, Observation, first_axis_rows
 from cm_models.custom_metrics import parse_metrics
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,8 @@ class SeldonMetricsAdapter:
         self.classes: list[int] = []
 
     def rows(self, values: object, what: str) -> list[Any]:
-        """A user's model may take any data: the first axis of a list is its rows."""
-        if isinstance(values, list):
-            return values
-        tolist = getattr(values, "tolist", None)
-        listed = tolist() if tolist is not None else values
-        return listed if isinstance(listed, list) else [listed]
+        """A user's model may take any data: the first axis is its rows."""
+        return first_axis_rows(values)
 
     def observe(self, truth: object, response: object, request: object = None) -> Observation:
         try:

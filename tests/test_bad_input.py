@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from tests.helpers import (
+    MULTICLASS_NUMERIC,
     STRUCTURED_TYPE,
     Samples,
     ServerFactory,
@@ -107,7 +108,7 @@ CASES: dict[str, Bad] = {
     "three_d_rows": Bad(feedback([[[0, 0, 1]]], [[[0.1, 0.2, 0.7]]]), "bad_shape"),
     "tensor_shape_mismatch": Bad(truth_only(tensor([2, 3], [0, 0, 1])), "tensor_shape_mismatch"),
     "tensor_bad_shape": Bad(truth_only(tensor([-1, 3], [0, 0, 1])), "invalid_tensor"),
-    "tensor_not_flat": Bad(truth_only(tensor([1, 3], [[0, 0, 1]])), "tensor_shape_mismatch"),
+    "tensor_not_flat": Bad(truth_only(tensor([1, 3], [[0, 0, 1]])), "invalid_tensor"),
     "tftensor_string_dtype": Bad(
         truth_only(tftensor(dtype="DT_STRING", stringVal=["YQ=="])), "invalid_tftensor"
     ),
@@ -305,3 +306,68 @@ def test_nothing_answers_500_or_html(url: str) -> None:
         assert 400 <= answer.status_code < 500, (answer.request.method, answer.status_code)
         assert "html" not in answer.headers.get("Content-Type", ""), answer.headers
         assert set(answer.json()) == {"error", "reason"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "reason"),
+    [
+        (
+            {"truth": {"data": {"ndarray": [1]}}},
+            {"ce-requestid": "r", "ce-rowindex": "9" * 20},
+            "invalid_row_index",
+        ),
+        (
+            {
+                "truth": {"data": {"ndarray": [[0, 0, 0]]}},
+                "response": {"data": {"ndarray": [[1, 0, 0]]}},
+            },
+            {},
+            "invalid_one_hot",
+        ),
+        (
+            {"outputs": [{"name": "o", "shape": [2.0], "datatype": "FP32", "data": [1, 2]}]},
+            {"ce-type": "org.kubeflow.serving.inference.response"},
+            "invalid_tensor",
+        ),
+        (
+            {"outputs": [{"name": "o", "shape": [-1, -2], "datatype": "FP32", "data": [1, 2]}]},
+            {"ce-type": "org.kubeflow.serving.inference.response"},
+            "invalid_tensor",
+        ),
+        (
+            {"outputs": [{"name": "o", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]},
+            {"ce-type": "org.kubeflow.serving.inference.response"},
+            "invalid_tensor",
+        ),
+        (
+            {
+                "truth": {"data": {"tftensor": {"dtype": "DT_INT8", "intVal": [300]}}},
+                "response": {"data": {"ndarray": [1]}},
+            },
+            {},
+            "invalid_tftensor",
+        ),
+    ],
+    ids=[
+        "huge_row_index",
+        "all_zero_one_hot_truth",
+        "v2_float_shape",
+        "v2_negative_shape",
+        "v2_ragged",
+        "tftensor_overflow",
+    ],
+)
+def test_review_cases_are_400_not_500(module_servers, body, headers, reason) -> None:
+    """Inputs that once crashed the server (500, or a hang) are plain 400s naming the problem."""
+    server = module_servers("--state", "memory")
+    answer = post_json(server.url, body, {**ce_headers(), **headers})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["reason"] == reason
+
+
+def test_too_many_classes_is_a_400_and_changes_nothing(servers) -> None:
+    server = servers("--storage_uri", MULTICLASS_NUMERIC, "--max_classes", "5", "--state", "memory")
+    assert post_json(server.url, feedback([[0], [1]], [[1], [2]]), ce_headers()).status_code == 200
+    answer = post_json(server.url, feedback([[3], [4]], [[5], [6]]), ce_headers())
+    assert answer.status_code == 400 and answer.json()["reason"] == "too_many_classes"
+    assert model_doc(server.url)["classes"] == [0, 1, 2]

@@ -7,13 +7,11 @@ are not JSON (the binary tensor extension) cannot be scored and are reported as 
 
 from __future__ import annotations
 
-import math
 from typing import Any
-
-import numpy as np
 
 from adserver.errors import BadRequest
 from adserver.protocols.seldon_message import decode_message
+from adserver.protocols.shapes import shaped
 
 
 class Unscorable(Exception):
@@ -27,15 +25,7 @@ def v2_tensor(tensors: Any, what: str) -> Any:
     tensor = tensors[0]
     if tensor.get("datatype") == "BYTES":
         raise Unscorable("bytes_tensor")
-    shape, data = tensor.get("shape"), tensor.get("data")
-    if not isinstance(shape, list) or not isinstance(data, list):
-        raise BadRequest(f"{what}[0] needs shape and data lists", "invalid_v2")
-    flat = np.asarray(data).reshape(-1) if data else np.asarray([])
-    if flat.size != math.prod(shape):
-        raise BadRequest(
-            f"{what}[0] has {flat.size} values for shape {shape}", "tensor_shape_mismatch"
-        )
-    return flat.reshape(shape)
+    return shaped(tensor.get("data"), tensor.get("shape"), f"{what}[0]")
 
 
 def prediction_payload(body: Any) -> Any:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from typing import Any
 
 import numpy as np
 
 from adserver.errors import BadRequest
+from adserver.protocols.shapes import shaped
 from adserver.protocols.tftensor import decode_tftensor
 
 PASSTHROUGH = ("jsonData", "strData")
@@ -56,21 +56,5 @@ def decode_data(data: Any, what: str) -> Any:
 def decode_tensor(tensor: Any, what: str) -> np.ndarray:
     if not isinstance(tensor, dict):
         raise BadRequest(f"{what}.data.tensor must be an object", "invalid_tensor")
-    shape, values = tensor.get("shape"), tensor.get("values", [])
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise BadRequest(f"{what}.data.tensor.shape must be a list of sizes", "invalid_tensor")
-    if not isinstance(values, list):
-        raise BadRequest(f"{what}.data.tensor.values must be a list", "invalid_tensor")
-    if len(values) != math.prod(shape):
-        raise BadRequest(
-            f"{what}.data.tensor has {len(values)} values for shape {shape}",
-            "tensor_shape_mismatch",
-        )
-    try:
-        return np.asarray(values).reshape(shape)
-    except ValueError as exc:
-        raise BadRequest(
-            f"{what}.data.tensor.values must be a flat list", "invalid_tensor"
-        ) from exc
+    # Seldon's proto has `repeated double values`: flat only.
+    return shaped(tensor.get("values", []), tensor.get("shape"), f"{what}.data.tensor", flat=True)

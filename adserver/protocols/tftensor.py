@@ -67,7 +67,7 @@ def decode_tftensor(proto: Any) -> np.ndarray:
                 values = np.asarray(listed, dtype=np.uint16).view(np.float16)
             else:
                 values = np.asarray(listed, dtype=dtype)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"tftensor values do not match dtype: {exc}", "invalid_tftensor") from exc
     size = math.prod(shape)
     if values.size == 1 and size > 1:  # TensorFlow repeats a single value to fill the shape

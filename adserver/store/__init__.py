@@ -37,5 +37,6 @@ def open_store(
         max_ids=settings.dedup_max_ids,
         joiner=joiner,
         join_max_rows=settings.join_max_rows,
+        max_classes=settings.max_classes,
         reserved_prefixes=reserved_prefixes,
     )

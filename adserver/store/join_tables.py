@@ -8,10 +8,6 @@ from collections.abc import Sequence
 from adserver.join import StoredRow
 
 
-def placeholders(count: int) -> str:
-    return ",".join("?" * count)
-
-
 class SQLJoinTables:
     """Rows past their expiry are invisible even before a sweep deletes them."""
 
@@ -19,11 +15,11 @@ class SQLJoinTables:
         self.cursor = cursor
         self.now = now
 
-    def rows(self, request_id: str, indexes: Sequence[int]) -> dict[int, StoredRow]:
+    def rows(self, request_id: str, indexes: range) -> dict[int, StoredRow]:
         found = self.cursor.execute(
             "SELECT row, prediction, request, predicted_at, labelled FROM logged_rows "
-            f"WHERE request_id = ? AND expires_at > ? AND row IN ({placeholders(len(indexes))})",
-            (request_id, self.now, *indexes),
+            "WHERE request_id = ? AND expires_at > ? AND row >= ? AND row < ?",
+            (request_id, self.now, indexes.start, indexes.stop),
         )
         return {row: StoredRow(p, r, at, bool(done)) for row, p, r, at, done in found}
 
@@ -44,11 +40,11 @@ class SQLJoinTables:
             ],
         )
 
-    def parked(self, request_id: str, indexes: Sequence[int]) -> dict[int, tuple[bytes, float]]:
+    def parked(self, request_id: str, indexes: range) -> dict[int, tuple[bytes, float]]:
         found = self.cursor.execute(
             "SELECT row, truth, arrived_at FROM parked_labels "
-            f"WHERE request_id = ? AND expires_at > ? AND row IN ({placeholders(len(indexes))})",
-            (request_id, self.now, *indexes),
+            "WHERE request_id = ? AND expires_at > ? AND row >= ? AND row < ?",
+            (request_id, self.now, indexes.start, indexes.stop),
         )
         return {row: (truth, arrived_at) for row, truth, arrived_at in found}
 

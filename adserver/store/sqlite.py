@@ -133,6 +133,7 @@ class SQLiteStore(StateStore):
         max_ids: int,
         joiner: Joiner | None = None,
         join_max_rows: int = 1_000_000,
+        max_classes: int = 1000,
         reserved_prefixes: tuple[str, ...] = (),
         clock: Clock = time.time,
     ) -> None:
@@ -150,6 +151,8 @@ class SQLiteStore(StateStore):
         # Owned by whoever writes (the writer thread, or the IOLoop in memory mode), so custom
         # metric types are decided in commit order, identically in the file and in memory.
         self.catalog = MetricCatalog(reserved_prefixes)
+        self.classes = set(state.confusion.classes)
+        self.max_classes = max_classes
         for family, kind in state.custom.types.items():
             self.catalog.register(family, kind)
         self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
@@ -163,7 +166,12 @@ class SQLiteStore(StateStore):
         if self._closed:
             raise Unavailable("the server is shutting down", "shutting_down")
         if not self.durable:
-            return self._settle(*self._write([entries]))[0]
+            try:
+                written = self._write([entries])
+            except sqlite3.Error as exc:
+                log.exception("state commit failed")
+                raise Unavailable("state store unavailable", "store_error") from exc
+            return self._settle(*written)[0]
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         if self._flushing is None:
@@ -180,12 +188,13 @@ class SQLiteStore(StateStore):
                     written = await loop.run_in_executor(
                         self._writer, self._write, [entries for entries, _ in group]
                     )
-                except sqlite3.Error as exc:
-                    log.error("state commit failed", extra={"error": str(exc)})
+                    outcomes = self._settle(*written)
+                except Exception:  # never leave a sender hanging: 503, and it retries
+                    log.exception("state commit failed")
                     for _, future in group:
                         future.set_exception(Unavailable("state store unavailable", "store_error"))
                     continue
-                for (_, future), outcome in zip(group, self._settle(*written)):
+                for (_, future), outcome in zip(group, outcomes):
                     if isinstance(outcome, RequestError):
                         future.set_exception(outcome)
                     else:
@@ -247,10 +256,23 @@ class SQLiteStore(StateStore):
                 if self.joiner is None:
                     raise BadRequest("this model cannot join labels", "join_unsupported")
                 delta = delta + self.joiner.apply(SQLJoinTables(cursor, now), entry.operation, now)
+            if delta.cells is not None:
+                self._check_classes(delta.cells)
             delta = self._admit_metrics(delta)
             write_delta(cursor, delta)
             deltas.append(delta)
         return applied, deltas
+
+    def _check_classes(self, cells: Cells) -> None:
+        """The matrix is dense (classes squared): refuse an event that would grow it too far."""
+        new = {*cells.truth.tolist(), *cells.prediction.tolist()} - self.classes
+        if len(self.classes) + len(new) > self.max_classes:
+            raise BadRequest(
+                f"the event would make {len(self.classes) + len(new)} classes; at most "
+                f"{self.max_classes} are kept (--max_classes)",
+                "too_many_classes",
+            )
+        self.classes |= new
 
     def _admit_metrics(self, delta: Delta) -> Delta:
         """Drop custom metrics whose family clashes; count them as rejected."""
