@@ -100,7 +100,12 @@ async def serve(settings: Settings) -> None:
     if server.sender is not None:
         server.sender.start()
     if settings.elasticsearch_uri:
-        log.warning("--elasticsearch_uri is accepted but unsupported: feedback needs a response")
+        log.warning(
+            "--elasticsearch_uri is accepted but unsupported: send payload-logger events to this "
+            "server and labels are joined to them by request id"
+        )
+    if settings.reply_url and not settings.replies_enabled:
+        log.warning("--reply_url is ignored: replies need both --event_type and --event_source")
     log.info(
         "listening",
         extra={

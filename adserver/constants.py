@@ -9,6 +9,7 @@ SUBCOMMAND: Final = "MetricsServer"
 CE_PREFIX: Final = "ce-"
 CE_SPECVERSION: Final = "1.0"
 CONTENT_TYPE_JSON: Final = "application/json"
+CONTENT_TYPE_TEXT: Final = "text/plain; charset=utf-8"
 CONTENT_TYPE_CE_STRUCTURED: Final = "application/cloudevents"
 CONTENT_TYPE_CE_BATCH: Final = "application/cloudevents-batch"
 
@@ -21,8 +22,6 @@ CORRELATION_EXTENSIONS: Final = (
     "modelid",
 )
 
-# Event types
-SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
 
 # Seldon default metric labels: label -> environment variable (protocols.md 5.3)
 NOT_IMPLEMENTED: Final = "NOT_IMPLEMENTED"

@@ -14,6 +14,7 @@ from prometheus_client.exposition import choose_encoder
 
 from adserver.constants import (
     CONTENT_TYPE_JSON,
+    CONTENT_TYPE_TEXT,
     ROUTE_EVENTS,
     ROUTE_LIVE,
     ROUTE_METRICS,
@@ -161,7 +162,7 @@ class TextHandler(JsonErrorHandler):
         self.text = text
 
     def get(self) -> None:
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Type", CONTENT_TYPE_TEXT)
         self.finish(self.text)
 
 
@@ -174,7 +175,7 @@ class ReadyHandler(JsonErrorHandler):
     def get(self) -> None:
         if not self.lifecycle.ready:
             raise tornado.web.HTTPError(503, reason="Draining")
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Type", CONTENT_TYPE_TEXT)
         self.finish(b"ok")
 
 

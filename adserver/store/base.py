@@ -1,8 +1,8 @@
 """The state-store interface: make deltas durable, exactly once, then apply them.
 
 Handlers and models never see a backend: they call :meth:`StateStore.commit`. A backend only
-decides where counts, seen event ids and logged predictions live (process memory, a SQLite
-file; a shared Redis would be one more subclass).
+decides where counts, seen event ids and logged predictions live (a SQLite file, or an in-memory
+SQLite database; a shared Redis would be one more subclass).
 """
 
 from __future__ import annotations

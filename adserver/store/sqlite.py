@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "feedback-state.sqlite3"
 PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
-Outcome = list[bool] | RequestError
+BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
 _Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
 
 
@@ -202,7 +202,7 @@ class SQLiteStore(StateStore):
         finally:
             self._flushing = None
 
-    def _settle(self, outcomes: list[Outcome], deltas: list[Delta]) -> list[Outcome]:
+    def _settle(self, outcomes: list[BatchResult], deltas: list[Delta]) -> list[BatchResult]:
         """After commit: apply the committed deltas to the in-memory view, in commit order."""
         for delta in deltas:
             self.state.apply(delta)
@@ -210,12 +210,12 @@ class SQLiteStore(StateStore):
             raise outcomes[0]
         return outcomes
 
-    def _write(self, batches: list[Sequence[Entry]]) -> tuple[list[Outcome], list[Delta]]:
+    def _write(self, batches: list[Sequence[Entry]]) -> tuple[list[BatchResult], list[Delta]]:
         """One transaction for all batches; a batch that fails is rolled back alone."""
         now = self.clock()
         cursor = self.connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
-        outcomes: list[Outcome] = []
+        outcomes: list[BatchResult] = []
         deltas: list[Delta] = []
         try:
             housekeeping = self._housekeeping(cursor, now)
