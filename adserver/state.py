@@ -51,9 +51,12 @@ class Delta:
     delays: tuple[float, ...] = ()
 
     def __add__(self, other: Delta) -> Delta:
-        cells = [c for c in (self.cells, other.cells) if c is not None]
+        if self.cells is None or other.cells is None:
+            cells = self.cells if other.cells is None else other.cells
+        else:
+            cells = Cells.concat([self.cells, other.cells])
         return Delta(
-            cells=Cells.concat(cells) if cells else None,
+            cells=cells,
             metrics=self.metrics + other.metrics,
             counters=self.counters + other.counters,
             delays=self.delays + other.delays,
