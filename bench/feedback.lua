@@ -27,6 +27,7 @@ function init(args)
    sent = 0
    ok = 0
    non2xx = 0
+   statuses = {}
    headers = {
       ["ce-specversion"] = "1.0",
       ["ce-type"] = "io.seldon.serving.feedback",
@@ -46,19 +47,30 @@ function response(status, hdrs, resp_body)
       ok = ok + 1
    else
       non2xx = non2xx + 1
+      local key = tostring(status)
+      statuses[key] = (statuses[key] or 0) + 1
    end
 end
 
 function done(summary, latency, requests)
    local t_sent, t_ok, t_bad = 0, 0, 0
+   local by_status = {}
    for _, thread in ipairs(threads) do
       t_sent = t_sent + (thread:get("sent") or 0)
       t_ok = t_ok + (thread:get("ok") or 0)
       t_bad = t_bad + (thread:get("non2xx") or 0)
+      for code, n in pairs(thread:get("statuses") or {}) do
+         by_status[code] = (by_status[code] or 0) + n
+      end
+   end
+   local parts = {}
+   for code, n in pairs(by_status) do
+      table.insert(parts, string.format('"%s":%d', code, n))
    end
    local e = summary.errors
    io.write(string.format(
       'BENCH_JSON {"duration_us":%d,"requests":%d,"bytes":%d,"sent":%d,"ok":%d,"non2xx":%d,'
+      .. '"non2xx_by_status":{' .. table.concat(parts, ",") .. '},'
       .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
       .. '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"stdev":%.1f,'
       .. '"p50":%d,"p90":%d,"p99":%d,"p999":%d}}\n',

@@ -52,8 +52,9 @@ def numeric_feedback(n_classes: int, shift: int) -> bytes:
     return feedback_body(truth, response)
 
 
-def write_payloads(out_dir: Path, sizes: tuple[int, ...] = (1, 100, 1000),
-                   seed: int = SEED) -> dict[int, Payload]:
+def write_payloads(
+    out_dir: Path, sizes: tuple[int, ...] = (1, 100, 1000), seed: int = SEED
+) -> dict[int, Payload]:
     """Write one body file per batch size; return them keyed by rows per request."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -62,6 +63,10 @@ def write_payloads(out_dir: Path, sizes: tuple[int, ...] = (1, 100, 1000),
         body = one_hot_feedback(rows, rng)
         path = out_dir / f"feedback_{rows}.json"
         path.write_bytes(body)
-        payloads[rows] = Payload(name=f"{rows} row" + ("s" if rows > 1 else ""), rows=rows,
-                                 path=path, size_bytes=len(body))
+        payloads[rows] = Payload(
+            name=f"{rows} row" + ("s" if rows > 1 else ""),
+            rows=rows,
+            path=path,
+            size_bytes=len(body),
+        )
     return payloads

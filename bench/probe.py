@@ -26,8 +26,13 @@ def _conn(url: str, timeout_s: float) -> tuple[http.client.HTTPConnection, str]:
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s), path
 
 
-def request(url: str, method: str = "GET", body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout_s: float = 5.0) -> tuple[int, bytes]:
+def request(
+    url: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, bytes]:
     """One request on a fresh connection; returns (status, body)."""
     conn, path = _conn(url, timeout_s)
     try:
@@ -73,8 +78,9 @@ def counts(base_url: str, model: str = "bench", timeout_s: float = 5.0) -> Count
     return Counts(rows=int(rows.get(model, 0)), events=int(events.get(model, 0)))
 
 
-def stable_counts(base_url: str, model: str = "bench", settle_s: float = 0.1,
-                  timeout_s: float = 10.0) -> Counts:
+def stable_counts(
+    base_url: str, model: str = "bench", settle_s: float = 0.1, timeout_s: float = 10.0
+) -> Counts:
     """Counts once two reads `settle_s` apart agree.
 
     When wrk stops it abandons up to `-c` in-flight requests; the server may still count them
@@ -91,11 +97,17 @@ def stable_counts(base_url: str, model: str = "bench", settle_s: float = 0.1,
     return last
 
 
-def post_event(base_url: str, body: bytes, ce_id: str, source: str = "bench",
-               timeout_s: float = 5.0) -> int:
+def post_event(
+    base_url: str, body: bytes, ce_id: str, source: str = "bench", timeout_s: float = 5.0
+) -> int:
     """POST one binary-mode feedback CloudEvent; returns the HTTP status."""
-    headers = {"ce-specversion": "1.0", "ce-type": "io.seldon.serving.feedback",
-               "ce-source": source, "ce-id": ce_id, "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.seldon.serving.feedback",
+        "ce-source": source,
+        "ce-id": ce_id,
+        "content-type": "application/json",
+    }
     return request(base_url + "/", "POST", body, headers, timeout_s)[0]
 
 
@@ -130,8 +142,16 @@ def time_scrapes(base_url: str, n: int = 50, timeout_s: float = 10.0) -> ScrapeT
     finally:
         conn.close()
     times.sort()
-    samples = sum(1 for line in body.decode(errors="replace").splitlines()
-                  if line and not line.startswith("#"))
-    return ScrapeTiming(n=n, median_ms=statistics.median(times),
-                        p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
-                        max_ms=times[-1], body_bytes=len(body), samples=samples)
+    samples = sum(
+        1
+        for line in body.decode(errors="replace").splitlines()
+        if line and not line.startswith("#")
+    )
+    return ScrapeTiming(
+        n=n,
+        median_ms=statistics.median(times),
+        p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+        max_ms=times[-1],
+        body_bytes=len(body),
+        samples=samples,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.machine import NOISY_PCT
 from bench.results import BenchResults, CaseResult
 
 
@@ -13,10 +14,13 @@ def _f(x: float | None, fmt: str = "{:.0f}") -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
@@ -30,19 +34,56 @@ def cases_table(r: BenchResults) -> str:
         x_req = c.req_s / floor.req_s if floor and floor.req_s else None
         x_p99 = c.p99_ms / floor.p99_ms if floor and floor.p99_ms else None
         errors = c.non2xx + c.socket_errors
-        rows.append([c.case, c.server, _f(c.req_s), _f(c.rows_s), _f(c.p50_ms, "{:.2f}"),
-                     _f(c.p99_ms, "{:.2f}"), _f(x_req, "{:.2f}"), _f(x_p99, "{:.2f}"),
-                     str(errors), c.check])
-    return _table(["case", "server", "req/s", "rows/s", "p50 ms", "p99 ms", "x floor req/s",
-                   "x floor p99", "errors", "rows counted vs acked"], rows)
+        rows.append(
+            [
+                c.case,
+                c.server,
+                _f(c.req_s),
+                _f(c.rows_s),
+                _f(c.p50_ms, "{:.2f}"),
+                _f(c.p99_ms, "{:.2f}"),
+                _f(x_req, "{:.2f}"),
+                _f(x_p99, "{:.2f}"),
+                str(errors),
+                _f(c.other_cpu_pct),
+                c.check,
+            ]
+        )
+    return _table(
+        [
+            "case",
+            "server",
+            "req/s",
+            "rows/s",
+            "p50 ms",
+            "p99 ms",
+            "x floor req/s",
+            "x floor p99",
+            "errors",
+            "other CPU %",
+            "rows counted vs acked",
+        ],
+        rows,
+    )
 
 
 def servers_table(r: BenchResults) -> str:
     """Start-up time and memory of every server process."""
-    rows = [[s.name, s.status, _f(s.start_to_ready_s, "{:.3f}"), _f(s.rss_start_mb, "{:.1f}"),
-             _f(s.rss_after_mb, "{:.1f}"), "; ".join(s.notes)] for s in r.servers]
-    return _table(["server", "status", "start to first 200 s", "RSS start MB",
-                   "RSS after load MB", "notes"], rows)
+    rows = [
+        [
+            s.name,
+            s.status,
+            _f(s.start_to_ready_s, "{:.3f}"),
+            _f(s.rss_start_mb, "{:.1f}"),
+            _f(s.rss_after_mb, "{:.1f}"),
+            "; ".join(s.notes),
+        ]
+        for s in r.servers
+    ]
+    return _table(
+        ["server", "status", "start to first 200 s", "RSS start MB", "RSS after load MB", "notes"],
+        rows,
+    )
 
 
 def targets_table(r: BenchResults) -> str:
@@ -52,9 +93,14 @@ def targets_table(r: BenchResults) -> str:
         verdict = {True: "met", False: "NOT MET", None: "n/a"}[t.met]
         if not t.required and t.measured is not None:
             verdict = "(info)"
-        rows.append([t.name, _f(t.measured, "{:.3f}") + ("" if t.measured is None else
-                                                         f" {t.unit}"),
-                     f"{t.op} {t.threshold:g} {t.unit}", verdict])
+        rows.append(
+            [
+                t.name,
+                _f(t.measured, "{:.3f}") + ("" if t.measured is None else f" {t.unit}"),
+                f"{t.op} {t.threshold:g} {t.unit}",
+                verdict,
+            ]
+        )
     return _table(["target", "measured", "goal", "verdict"], rows)
 
 
@@ -62,11 +108,18 @@ def render(r: BenchResults) -> str:
     """The whole report as Markdown text."""
     m, p = r.machine, r.params
     parts = [
-        (f"machine: {m.get('cpu_model', '?')}, nproc {m.get('nproc', '?')}, "
-         f"Python {m.get('python', '?')}, wrk {m.get('wrk', '?')}, {m.get('date', '?')}"),
-        (f"params: mode {p.get('mode')}, duration {p.get('duration_s')} s, warm-up "
-         f"{p.get('warmup_s')} s, server cpu {p.get('server_cpu')}, "
-         f"load cpu {p.get('load_cpu')}"),
+        (
+            f"machine: {m.get('cpu_model', '?')}, nproc {m.get('nproc', '?')}, "
+            f"Python {m.get('python', '?')}, wrk {m.get('wrk', '?')}, {m.get('date', '?')}, "
+            f"commit {m.get('git_commit', '?')}, load avg {_f(m.get('loadavg_start'), '{:.2f}')}"
+            f" -> {_f(m.get('loadavg_end'), '{:.2f}')}"
+        ),
+        (
+            f"params: mode {p.get('mode')}, duration {p.get('duration_s')} s, warm-up "
+            f"{p.get('warmup_s')} s, server cpu {p.get('server_cpu')}, "
+            f"load cpu {p.get('load_cpu')}, other processes' CPU before the run "
+            f"{_f(m.get('other_cpu_pct_before'))}% of a core"
+        ),
         "",
         "### Throughput and latency (ratios to the floor server of the same run)",
         "",
@@ -82,10 +135,20 @@ def render(r: BenchResults) -> str:
         parts += [
             "### Scrape",
             "",
-            (f"GET /v1/metrics (text) with {s.classes} classes ({s.events} events, "
-             f"{s.rows_counted} rows counted): median {s.median_ms:.2f} ms, "
-             f"p90 {s.p90_ms:.2f} ms, max {s.max_ms:.2f} ms over {s.scrapes} scrapes; "
-             f"body {s.body_bytes} bytes, {s.samples} samples"),
+            (
+                f"GET /v1/metrics (text) with {s.classes} classes ({s.events} events, "
+                f"{s.rows_counted} rows counted): median {s.median_ms:.2f} ms, "
+                f"p90 {s.p90_ms:.2f} ms, max {s.max_ms:.2f} ms over {s.scrapes} scrapes; "
+                f"body {s.body_bytes} bytes, {s.samples} samples"
+            ),
+            "",
+        ]
+    noisy = [c for c in r.cases if (c.other_cpu_pct or 0) > NOISY_PCT]
+    if noisy:
+        parts += [
+            f"warning: {len(noisy)} of {len(r.cases)} runs shared the machine with other "
+            f"processes using > {NOISY_PCT:.0f}% of a core (column 'other CPU %'); rerun "
+            f"on a quiet machine before trusting their ratios",
             "",
         ]
     parts += ["### Targets", "", targets_table(r), ""]

@@ -13,8 +13,8 @@ class CaseResult:
     rows: int
     connections: int
     duration_s: float
-    req_s: float                 # 2xx answers per second
-    rows_s: float                # rows acknowledged (2xx x rows per request) per second
+    req_s: float  # 2xx answers per second
+    rows_s: float  # rows acknowledged (2xx x rows per request) per second
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -22,13 +22,18 @@ class CaseResult:
     ok: int
     sent: int
     non2xx: int
+    non2xx_by_status: dict[str, int]
     socket_errors: int
-    counted_rows: int | None = None   # server's row delta over the measured run (None: floor)
+    counted_rows: int | None = None  # server's row delta over the measured run (None: floor)
     counted_events: int | None = None
     counted_rows_s: float | None = None
-    check_ok: bool | None = None      # None: not checkable (floor)
+    check_ok: bool | None = None  # None: not checkable (floor)
     check: str = "n/a"
     warmup_check: str = "n/a"
+    warmup_ok: int = 0  # 2xx answers during the warm-up
+    other_cpu_pct: float | None = None  # CPU used by processes not ours, % of one core
+    attempts: int = 1  # >1 when reruns were needed because the machine was busy
+    acked_rows_all: int = 0  # rows acked over every warm-up and attempt of this case
 
     @property
     def case(self) -> str:
@@ -41,7 +46,7 @@ class ServerResult:
 
     name: str
     argv: list[str]
-    status: str = "ok"               # ok | skipped: ... | failed: ...
+    status: str = "ok"  # ok | skipped: ... | failed: ...
     pid: int | None = None
     start_to_ready_s: float | None = None
     rss_start_mb: float | None = None
@@ -70,18 +75,19 @@ class Target:
 
     name: str
     measured: float | None
-    op: str                          # ">=" or "<="
+    op: str  # ">=" or "<="
     threshold: float
     unit: str = "x"
     detail: str = ""
-    required: bool = True            # False: printed for information, no verdict
+    required: bool = True  # False: printed for information, no verdict
 
     @property
     def met(self) -> bool | None:
         if self.measured is None or not self.required:
             return None
-        return self.measured >= self.threshold if self.op == ">=" else \
-            self.measured <= self.threshold
+        return (
+            self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
+        )
 
 
 @dataclass

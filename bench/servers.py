@@ -48,20 +48,43 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def adserver_argv(port: int, storage_uri: str, state: str | None = "memory",
-                  state_dir: Path | None = None, reply_url: str | None = None,
-                  model_name: str = "bench") -> list[str]:
-    """The drop-in command line of our server (Seldon MetricsServer flags plus ours)."""
-    argv = [sys.executable, "-m", "adserver", "--model_name", model_name,
-            "--http_port", str(port), "--http_host", HOST,
-            "--protocol", "seldonfeedback.http", "--storage_uri", storage_uri]
+def adserver_argv(
+    port: int,
+    storage_uri: str,
+    state: str | None = "memory",
+    state_dir: Path | None = None,
+    reply_url: str | None = None,
+    reply_ce: bool = False,
+    model_name: str = "bench",
+) -> list[str]:
+    """The drop-in command line of our server (Seldon MetricsServer flags plus ours).
+
+    `reply_ce` (implied by `reply_url`) sets --event_type/--event_source, which makes the server
+    answer each event with a reply CloudEvent.
+    """
+    argv = [
+        sys.executable,
+        "-m",
+        "adserver",
+        "--model_name",
+        model_name,
+        "--http_port",
+        str(port),
+        "--http_host",
+        HOST,
+        "--protocol",
+        "seldonfeedback.http",
+        "--storage_uri",
+        storage_uri,
+    ]
     if state is not None:
         argv += ["--state", state]
     if state_dir is not None:
         argv += ["--state_dir", str(state_dir)]
     if reply_url is not None:
-        argv += ["--reply_url", reply_url, "--event_type", "io.seldon.serving.feedback.metrics",
-                 "--event_source", "bench"]
+        argv += ["--reply_url", reply_url]
+    if reply_ce or reply_url is not None:
+        argv += ["--event_type", "io.seldon.serving.feedback.metrics", "--event_source", "bench"]
     return [*argv, "MetricsServer"]
 
 
@@ -72,8 +95,16 @@ def floor_argv(port: int) -> list[str]:
 
 def sink_argv(port: int, delay: float) -> list[str]:
     """Command line of the slow reply sink."""
-    return [sys.executable, str(BENCH_DIR / "sink.py"), "--port", str(port), "--host", HOST,
-            "--delay", str(delay)]
+    return [
+        sys.executable,
+        str(BENCH_DIR / "sink.py"),
+        "--port",
+        str(port),
+        "--host",
+        HOST,
+        "--delay",
+        str(delay),
+    ]
 
 
 class StartError(RuntimeError):
@@ -125,17 +156,30 @@ class ProcessSet:
         self.log_dir = log_dir
         self._procs: list[Managed] = []
 
-    def start(self, name: str, argv: list[str], port: int, cpu: int | None,
-              ready_path: str | None = "/v1/metrics", timeout_s: float = 30.0) -> Managed:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        cpu: int | None,
+        ready_path: str | None = "/v1/metrics",
+        timeout_s: float = 30.0,
+    ) -> Managed:
         """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it."""
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed on stop
         started_at = time.perf_counter()
-        proc = subprocess.Popen(pinned(argv, cpu), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        proc = subprocess.Popen(
+            pinned(argv, cpu),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+        )
         log.close()
-        m = Managed(name=name, argv=argv, proc=proc, log_path=log_path, port=port,
-                    started_at=started_at)
+        m = Managed(
+            name=name, argv=argv, proc=proc, log_path=log_path, port=port, started_at=started_at
+        )
         self._procs.append(m)
         if ready_path is not None:
             self._wait_ready(m, ready_path, timeout_s)
@@ -147,8 +191,12 @@ class ProcessSet:
         deadline = m.started_at + timeout_s
         while time.perf_counter() < deadline:
             if not m.alive():
-                raise StartError(m.name, f"exited with code {m.proc.returncode} before ready",
-                                 m.log_tail(), m.proc.returncode)
+                raise StartError(
+                    m.name,
+                    f"exited with code {m.proc.returncode} before ready",
+                    m.log_tail(),
+                    m.proc.returncode,
+                )
             if probe.status(url, timeout_s=0.5) == 200:
                 m.start_to_ready_s = time.perf_counter() - m.started_at
                 m.rss_start_mb = rss_mb(m.pid)
@@ -171,6 +219,10 @@ class ProcessSet:
         if m in self._procs:
             self._procs.remove(m)
 
+    def pids(self) -> list[int]:
+        """PIDs of the processes still running (to tell our CPU time from others')."""
+        return [m.pid for m in self._procs if m.alive()]
+
     def stop_all(self) -> None:
         """Stop everything still running, newest first."""
         for m in reversed(list(self._procs)):
@@ -178,4 +230,3 @@ class ProcessSet:
                 self.stop(m)
             except (OSError, subprocess.SubprocessError) as exc:  # keep stopping the others
                 print(f"warning: could not stop {m.name} (pid {m.pid}): {exc}", file=sys.stderr)
-

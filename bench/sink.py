@@ -49,10 +49,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--delay", type=float, default=0.2, help="seconds per request")
     args = parser.parse_args()
-    app = tornado.web.Application([
-        (r"/stats", StatsHandler),
-        (r"/(.*)", SinkHandler, {"delay": args.delay}),
-    ])
+    app = tornado.web.Application(
+        [
+            (r"/stats", StatsHandler),
+            (r"/(.*)", SinkHandler, {"delay": args.delay}),
+        ]
+    )
     app.listen(args.port, address=args.host)
     with contextlib.suppress(KeyboardInterrupt):
         tornado.ioloop.IOLoop.current().start()

@@ -27,10 +27,11 @@ class WrkResult:
     """One wrk run: counts from our Lua hooks plus wrk's own summary and latency percentiles."""
 
     duration_s: float
-    requests: int      # completed responses (wrk)
-    sent: int          # requests written (Lua request() calls)
-    ok: int            # 2xx responses
-    non2xx: int        # any other status
+    requests: int  # completed responses (wrk)
+    sent: int  # requests written (Lua request() calls)
+    ok: int  # 2xx responses
+    non2xx: int  # any other status
+    non2xx_by_status: dict[str, int]  # e.g. {"500": 12}
     socket_errors: int  # connect + read + write + timeout
     p50_ms: float
     p90_ms: float
@@ -57,22 +58,37 @@ def parse(stdout: str) -> WrkResult:
     """Build a WrkResult from wrk's stdout (the BENCH_JSON line)."""
     for line in stdout.splitlines():
         if line.startswith(MARKER):
-            doc = json.loads(line[len(MARKER):])
+            doc = json.loads(line[len(MARKER) :])
             break
     else:
         raise WrkError("wrk printed no BENCH_JSON line:\n" + stdout[-2000:])
     lat, err = doc["latency_us"], doc["errors"]
     return WrkResult(
-        duration_s=doc["duration_us"] / 1e6, requests=doc["requests"], sent=doc["sent"],
-        ok=doc["ok"], non2xx=doc["non2xx"],
+        duration_s=doc["duration_us"] / 1e6,
+        requests=doc["requests"],
+        sent=doc["sent"],
+        ok=doc["ok"],
+        non2xx=doc["non2xx"],
+        non2xx_by_status=doc.get("non2xx_by_status", {}),
         socket_errors=err["connect"] + err["read"] + err["write"] + err["timeout"],
-        p50_ms=lat["p50"] / 1000.0, p90_ms=lat["p90"] / 1000.0, p99_ms=lat["p99"] / 1000.0,
-        max_ms=lat["max"] / 1000.0, mean_ms=lat["mean"] / 1000.0,
+        p50_ms=lat["p50"] / 1000.0,
+        p90_ms=lat["p90"] / 1000.0,
+        p99_ms=lat["p99"] / 1000.0,
+        max_ms=lat["max"] / 1000.0,
+        mean_ms=lat["mean"] / 1000.0,
     )
 
 
-def run(url: str, payload: Path, id_prefix: str, connections: int, duration_s: int,
-        cpu: int | None, request_timeout_s: int = 10, slack_s: float = 30.0) -> WrkResult:
+def run(
+    url: str,
+    payload: Path,
+    id_prefix: str,
+    connections: int,
+    duration_s: int,
+    cpu: int | None,
+    request_timeout_s: int = 10,
+    slack_s: float = 30.0,
+) -> WrkResult:
     """Drive `url` for `duration_s` with `connections` connections on one thread, pinned to `cpu`.
 
     The whole run is bounded: wrk is killed if it has not finished `slack_s` after its duration.
@@ -80,12 +96,30 @@ def run(url: str, payload: Path, id_prefix: str, connections: int, duration_s: i
     exe = wrk_path()
     if exe is None:
         raise WrkError("wrk not found: apt-get install -y --no-install-recommends wrk")
-    argv = pinned([exe, "-t1", f"-c{connections}", f"-d{max(1, int(duration_s))}s",
-                   f"--timeout={request_timeout_s}s", "-s", str(LUA_SCRIPT), url,
-                   "--", str(payload), id_prefix], cpu)
+    argv = pinned(
+        [
+            exe,
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, int(duration_s))}s",
+            f"--timeout={request_timeout_s}s",
+            "-s",
+            str(LUA_SCRIPT),
+            url,
+            "--",
+            str(payload),
+            id_prefix,
+        ],
+        cpu,
+    )
     try:
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True,
-                              timeout=duration_s + request_timeout_s + slack_s)
+        proc = subprocess.run(
+            argv,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=duration_s + request_timeout_s + slack_s,
+        )
     except subprocess.TimeoutExpired as exc:
         raise WrkError(f"wrk did not finish within {exc.timeout:.0f} s") from exc
     if proc.returncode != 0:
