@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from cloudevents.core.bindings.http import HTTPMessage
@@ -16,6 +17,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 log = logging.getLogger(__name__)
 
+WARN_EVERY_SECONDS = 60.0
 # Statuses worth another attempt; any other non-2xx is final (retrying cannot help).
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
 
@@ -48,6 +50,7 @@ class ReplySender:
         self._queue: asyncio.Queue[HTTPMessage] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._client = AsyncHTTPClient(force_instance=True, max_clients=concurrency)
+        self._warned_at = float("-inf")
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
@@ -92,7 +95,13 @@ class ReplySender:
             if not error[1]:
                 break
         self.stats.failed += 1
-        log.warning("reply delivery failed", extra={"url": self.url, "error": error[0]})
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_SECONDS:  # a dead sink must not flood the log
+            self._warned_at = now
+            log.warning(
+                "reply delivery failing",
+                extra={"url": self.url, "error": error[0], "failed_total": self.stats.failed},
+            )
 
     async def _post(self, message: HTTPMessage) -> tuple[str, bool] | None:
         """None on success, else (what went wrong, whether a retry may help)."""

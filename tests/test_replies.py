@@ -275,3 +275,13 @@ def test_full_reply_queue_drops_and_counts(servers: ServerFactory, sink: Sink) -
     assert stats["sent"] + stats["dropped"] == 40
     assert len(sink.received) == stats["sent"]
     assert model_doc(url)["events"] == 40
+
+
+def test_dead_sink_warns_once_not_once_per_reply(servers: ServerFactory) -> None:
+    """A dead sink must not flood the log: one warning when failures start."""
+    dead = f"http://127.0.0.1:{free_port()}/"
+    server = servers(*REPLY_FLAGS, "--reply_url", dead, "--reply_retries", "0")
+    timed_events(server.url, 10)
+    wait_until(lambda: reply_stats(server.url)["failed"] == 10, what="all replies failed")
+    warnings = [line for line in server.stderr().splitlines() if "reply delivery failing" in line]
+    assert len(warnings) == 1
