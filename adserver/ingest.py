@@ -179,7 +179,7 @@ class FeedbackService:
         """Events committed in one group share a state, hence one summary."""
         state = self.store.state
         if self._summary_version != state.version:
-            self._summary = model_summary(state)
+            self._summary = model_summary(state, with_matrix=False)
             self._summary_version = state.version
         return self._summary
 

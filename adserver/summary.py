@@ -9,23 +9,34 @@ from adserver.state import MetricsState
 from cm_models.formulas import classification_report
 
 
-def model_summary(state: MetricsState) -> dict[str, Any]:
+def model_summary(state: MetricsState, *, with_matrix: bool = True) -> dict[str, Any]:
+    """Metrics of the model; the matrix (classes squared) is left out of reply events."""
     classes = state.confusion.classes
     matrix = state.confusion.matrix()
     report = classification_report(matrix)
+    columns = zip(
+        classes,
+        report.precision.tolist(),
+        report.recall.tolist(),
+        report.f1.tolist(),
+        report.specificity.tolist(),
+        report.support.tolist(),
+    )
     per_class = {
         str(label): {
-            "precision": float(report.precision[i]),
-            "recall": float(report.recall[i]),
-            "f1": float(report.f1[i]),
-            "specificity": float(report.specificity[i]),
-            "support": int(report.support[i]),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "specificity": specificity,
+            "support": support,
         }
-        for i, label in enumerate(classes)
+        for label, precision, recall, f1, specificity, support in columns
     }
+    summary: dict[str, Any] = {"classes": classes}
+    if with_matrix:
+        summary["confusion_matrix"] = matrix.tolist()
     return {
-        "classes": classes,
-        "confusion_matrix": matrix.tolist(),
+        **summary,
         "accuracy": report.accuracy,
         "per_class": per_class,
         **report.averages,

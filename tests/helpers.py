@@ -374,6 +374,11 @@ def model_doc(url: str, model: str = "model") -> dict[str, Any]:
     return answer.json()["models"][model]
 
 
+def reply_data(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reply event carries: the model document without its (classes squared) matrix."""
+    return {key: value for key, value in doc.items() if key != "confusion_matrix"}
+
+
 def cells(doc: Mapping[str, Any]) -> Counter[tuple[int, int]]:
     """Confusion-matrix cells {(truth, prediction): rows} of a model document (zeros left out)."""
     classes = doc["classes"]

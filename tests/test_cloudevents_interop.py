@@ -41,6 +41,7 @@ from tests.helpers import (
     model_doc,
     new_id,
     progress,
+    reply_data,
     send_event,
 )
 from tests.prometheus import require, require_program
@@ -139,14 +140,14 @@ def assert_python_reply(event: CloudEvent, event_id: str, doc: Mapping[str, Any]
     assert event.get_type() == REPLY_TYPE
     assert event.get_source() == REPLY_SOURCE
     assert event.get_extension("modelid") == EXTENSION["modelid"]
-    assert event.get_data() == doc
+    assert event.get_data() == reply_data(doc)
 
 
 def assert_node_reply(event: Mapping[str, Any], event_id: str, doc: Mapping[str, Any]) -> None:
     assert event["specversion"] == "1.0"
     assert (event["id"], event["type"], event["source"]) == (event_id, REPLY_TYPE, REPLY_SOURCE)
     assert event["modelid"] == EXTENSION["modelid"]
-    assert event["data"] == doc
+    assert event["data"] == reply_data(doc)
 
 
 PythonCase = tuple[Callable[[CloudEvent], HTTPMessage], dict[str, Any] | bytes]
