@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ``numerator / denominator`` with 0 where the denominator is 0."""
-    numerator = np.asarray(numerator, dtype=np.float64)
-    denominator = np.asarray(denominator, dtype=np.float64)
-    out = np.zeros(np.broadcast(numerator, denominator).shape, dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator != 0)
-    return out
+def count_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator`` for counts whose numerator is 0 wherever the denominator is.
+
+    That holds for every ratio below (e.g. no true positive without a prediction), so 0/0 gives
+    0 by dividing by at least 1: scikit-learn's ``zero_division=0`` in one numpy call.
+    """
+    return np.true_divide(numerator, np.maximum(denominator, 1))
 
 
 @dataclass(frozen=True)
@@ -59,33 +59,38 @@ class ClassificationReport:
 
 
 def accuracy(matrix: np.ndarray) -> float:
-    return float(safe_divide(np.trace(matrix), matrix.sum()))
+    return float(count_ratio(np.trace(matrix), matrix.sum()))
 
 
 AVERAGED = ("precision", "recall", "f1")
 
 
 def classification_report(matrix: np.ndarray) -> ClassificationReport:
-    """All metrics in a few whole-matrix operations (this runs on every scrape and reply).
+    """All metrics in a dozen whole-matrix operations (this runs on every scrape and reply).
 
-    Rows of the stacked arrays are precision, recall, F1 and specificity; micro averages pool
-    the counts, macro averages are plain means, weighted ones are weighted by support.
+    With tp the diagonal, ``predicted`` the column sums and ``support`` the row sums, the
+    denominators are: precision ``predicted``, recall ``support``, F1 ``predicted + support``
+    (= 2tp + fp + fn), specificity ``total - support`` (= tn + fp). Micro averages pool the
+    counts, which over all classes equals accuracy for precision, recall and F1 alike.
     """
-    c = ClassCounts.from_matrix(matrix)
-    numerators = np.stack([c.tp, c.tp, 2 * c.tp, c.tn])
-    denominators = np.stack([c.tp + c.fp, c.support, 2 * c.tp + c.fp + c.fn, c.tn + c.fp])
-    per_class = safe_divide(numerators, denominators)
+    tp = np.diagonal(matrix)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    total = int(support.sum())
+    numerators = np.array([tp, tp, 2 * tp, total - support - predicted + tp])
+    denominators = np.array([predicted, support, predicted + support, total - support])
+    per_class = count_ratio(numerators, denominators)
     scores = per_class[:3]
-    support = c.support
-    macro = scores.mean(axis=1) if support.size else np.zeros(3)
-    weighted = safe_divide(scores @ support, support.sum())
-    micro = safe_divide(numerators[:3].sum(axis=1), denominators[:3].sum(axis=1))
+    correct = float(count_ratio(tp.sum(), total))
+    macro = scores.mean(axis=1).tolist() if len(tp) else [0.0, 0.0, 0.0]
+    weighted = count_ratio(scores @ support, total).tolist()
     averages = {
-        kind: dict(zip(AVERAGED, values.tolist()))
-        for kind, values in (("micro", micro), ("macro", macro), ("weighted", weighted))
+        "micro": dict.fromkeys(AVERAGED, correct),
+        "macro": dict(zip(AVERAGED, macro)),
+        "weighted": dict(zip(AVERAGED, weighted)),
     }
     return ClassificationReport(
-        accuracy=accuracy(matrix),
+        accuracy=correct,
         precision=per_class[0],
         recall=per_class[1],
         f1=per_class[2],
