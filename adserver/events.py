@@ -14,14 +14,13 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
-from cloudevents.core.bindings.http import HTTPMessage, to_binary
+from cloudevents.core.bindings.http import HTTPMessage
 from cloudevents.core.exceptions import BaseCloudEventException
-from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from adserver.constants import (
@@ -36,7 +35,8 @@ from adserver.errors import BadRequest
 
 REQUIRED_ATTRIBUTES = ("id", "source", "type")
 ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]+$")
-_FORMAT = JSONFormat()
+HEADER_SAFE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+HEADER_SAFE = re.compile(f"[{re.escape(HEADER_SAFE_CHARS)}]*")
 
 
 @dataclass(frozen=True)
@@ -183,13 +183,24 @@ def reply_message(
     so a reply never loops back into this server.
     """
     attributes = {
+        "specversion": CE_SPECVERSION,
         "id": str(incoming.attributes.get("id") or uuid.uuid4()),
         "type": event_type,
         "source": event_source,
-        "datacontenttype": CONTENT_TYPE_JSON,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
     for name in CORRELATION_EXTENSIONS:
         if name in incoming.attributes:
             attributes[name] = str(incoming.attributes[name])
-    message = to_binary(CloudEvent(attributes=attributes), _FORMAT)
-    return HTTPMessage(headers=message.headers, body=orjson.dumps(data))
+    headers = {CE_PREFIX + name: encode_header(value) for name, value in attributes.items()}
+    headers["content-type"] = CONTENT_TYPE_JSON
+    return HTTPMessage(headers=headers, body=orjson.dumps(data))
+
+
+def encode_header(value: str) -> str:
+    """Percent-encode as the HTTP binding asks (space, quote, percent, non-printable ASCII).
+
+    Written here rather than via the SDK's ``to_binary`` (which builds and validates an event
+    object first): replies are on the hot path. Both SDKs parse these replies (tests).
+    """
+    return value if HEADER_SAFE.fullmatch(value) else quote(value, safe=HEADER_SAFE_CHARS)
