@@ -191,10 +191,17 @@ def reply_message(
     }
     for name in CORRELATION_EXTENSIONS:
         if name in incoming.attributes:
-            attributes[name] = str(incoming.attributes[name])
+            attributes[name] = attribute_text(incoming.attributes[name])
     headers = {CE_PREFIX + name: encode_header(value) for name, value in attributes.items()}
     headers["content-type"] = CONTENT_TYPE_JSON
     return HTTPMessage(headers=headers, body=orjson.dumps(data))
+
+
+def attribute_text(value: Any) -> str:
+    """CloudEvents' canonical string of an attribute (a JSON ``true`` is ``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def encode_header(value: str) -> str:

@@ -89,6 +89,18 @@ class MetricCatalog:
         self.reserved_prefixes = reserved_prefixes
         self.types: dict[str, MetricType] = {}
         self._owners: dict[str, str] = {}
+        self._journal: list[str] = []  # families in registration order, for rollback
+
+    def mark(self) -> int:
+        """A point to :meth:`rollback` to (a transaction or savepoint begins)."""
+        return len(self._journal)
+
+    def rollback(self, mark: int) -> None:
+        """Forget families registered since ``mark``: their transaction did not commit."""
+        while len(self._journal) > mark:
+            family = self._journal.pop()
+            for suffix in ("", *SAMPLE_SUFFIXES[self.types.pop(family)]):
+                self._owners.pop(family + suffix, None)
 
     def admit(self, metrics: Sequence[CustomMetric]) -> tuple[list[CustomMetric], int]:
         """The metrics that may be recorded (registering new families) and how many may not."""
@@ -96,14 +108,18 @@ class MetricCatalog:
         return kept, len(metrics) - len(kept)
 
     def register(self, family: str, kind: MetricType) -> None:
+        """The family name (its ``# TYPE`` line) and all its sample names become taken."""
         self.types[family] = kind
-        for suffix in SAMPLE_SUFFIXES[kind]:
+        self._journal.append(family)
+        for suffix in ("", *SAMPLE_SUFFIXES[kind]):
             self._owners[family + suffix] = family
 
     def _admissible(self, metric: CustomMetric) -> bool:
         family = family_name(metric)
         if family.startswith(self.reserved_prefixes):
             return False
+        if metric.type == "COUNTER" and family.endswith("_total"):
+            return False  # `x_total_total`: exposed as family `x`, sample `x_total`, a clash
         known = self.types.get(family)
         if known is not None:
             return known == metric.type

@@ -59,3 +59,41 @@ def test_conflicting_types_in_one_batch_survive_a_restart_identically(tmp_path: 
         assert value(samples, "dual_total") == 6
         assert value(samples, "feedback_custom_metrics_rejected_total") == 1
     assert text.count("# TYPE dual") == 1
+
+
+def test_a_doubly_suffixed_counter_is_refused() -> None:
+    """``x_total_total`` would be exposed as family ``x``, clashing with a gauge ``x``."""
+    catalog = MetricCatalog()
+    kept, refused = catalog.admit([metric("a_total_total", "COUNTER"), metric("a", "GAUGE")])
+    assert [m.key for m in kept] == ["a"] and refused == 1
+
+
+def test_catalog_rollback_forgets_uncommitted_families() -> None:
+    catalog = MetricCatalog()
+    catalog.admit([metric("kept", "GAUGE")])
+    mark = catalog.mark()
+    catalog.admit([metric("x", "GAUGE"), metric("lat", "TIMER")])
+    catalog.rollback(mark)
+    kept, refused = catalog.admit([metric("x", "COUNTER"), metric("lat_count", "GAUGE")])
+    assert refused == 0 and [m.key for m in kept] == ["x", "lat_count"]
+    assert catalog.admit([metric("kept", "COUNTER")]) == ([], 1)
+
+
+def test_a_rolled_back_batch_leaves_no_classes_or_metric_types_behind(servers) -> None:
+    """A refused batch must not use up --max_classes nor fix a custom metric's type."""
+    server = servers(
+        "--storage_uri", "cm_models.multiclass_numeric.MultiClassNumeric", "--max_classes", "2"
+    )
+
+    def event(truth: int, predicted: int, kind: str) -> dict:
+        body = feedback([[truth]], [[predicted]])
+        body["truth"]["meta"] = {"metrics": [{"key": "x", "type": kind, "value": 1}]}
+        return structured(body)
+
+    batch = {"Content-Type": "application/cloudevents-batch+json"}
+    refused = post_json(server.url, [event(0, 0, "GAUGE"), event(1, 2, "GAUGE")], batch)
+    assert refused.status_code == 400 and refused.json()["reason"] == "too_many_classes"
+    accepted = post_json(server.url, [event(5, 6, "COUNTER")], batch)
+    assert accepted.status_code == 200, accepted.text
+    assert model_doc(server.url)["classes"] == [5, 6]
+    assert value(scrape(server.url), "x_total") == 1

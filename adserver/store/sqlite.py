@@ -152,6 +152,7 @@ class SQLiteStore(StateStore):
         # metric types are decided in commit order, identically in the file and in memory.
         self.catalog = MetricCatalog(reserved_prefixes)
         self.classes = set(state.confusion.classes)
+        self._class_journal: list[int] = []  # classes in the order they were admitted
         self.max_classes = max_classes
         for family, kind in state.custom.types.items():
             self.catalog.register(family, kind)
@@ -215,6 +216,7 @@ class SQLiteStore(StateStore):
         now = self.clock()
         cursor = self.connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
+        start = self._mark()
         outcomes: list[BatchResult] = []
         deltas: list[Delta] = []
         try:
@@ -226,12 +228,16 @@ class SQLiteStore(StateStore):
             for entries in batches:
                 if isolate:
                     cursor.execute("SAVEPOINT batch")
+                mark = self._mark()
                 try:
                     applied, batch_deltas = self._write_batch(cursor, entries, now)
                 except (RequestError, InvalidFeedback) as exc:
-                    cursor.execute("ROLLBACK TO batch" if isolate else "ROLLBACK")
                     if not isolate:
+                        cursor.execute("ROLLBACK")
+                        self._undo(start)
                         return [as_request_error(exc)], []
+                    cursor.execute("ROLLBACK TO batch")
+                    self._undo(mark)
                     outcomes.append(as_request_error(exc))
                 else:
                     outcomes.append(applied)
@@ -241,8 +247,19 @@ class SQLiteStore(StateStore):
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
+            self._undo(start)
             raise
         return outcomes, deltas
+
+    def _mark(self) -> tuple[int, int, int, float]:
+        """What the writer keeps beside the database, to put back if a rollback happens."""
+        return len(self._class_journal), self.catalog.mark(), self.seen_count, self._last_purge
+
+    def _undo(self, mark: tuple[int, int, int, float]) -> None:
+        classes, catalog, self.seen_count, self._last_purge = mark
+        while len(self._class_journal) > classes:
+            self.classes.discard(self._class_journal.pop())
+        self.catalog.rollback(catalog)
 
     def _write_batch(
         self, cursor: sqlite3.Cursor, entries: Sequence[Entry], now: float
@@ -273,6 +290,7 @@ class SQLiteStore(StateStore):
                 "too_many_classes",
             )
         self.classes |= new
+        self._class_journal += new
 
     def _admit_metrics(self, delta: Delta) -> Delta:
         """Drop custom metrics whose family clashes; count them as rejected."""
