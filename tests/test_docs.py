@@ -39,3 +39,17 @@ def test_every_exported_family_is_documented(servers, sink) -> None:
     bases = {re.sub(r"_(bucket|count|sum)$", "", name) for name in families}
     missing = {name for name in bases if name not in documented}
     assert not missing, f"exported but not in the README: {sorted(missing)}"
+
+
+def test_every_error_reason_is_documented() -> None:
+    """Reason codes are part of the API: each one raised in the code is listed in the README."""
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(
+        r"(?:BadRequest|InvalidFeedback|PayloadTooLarge|Unavailable)\("
+        r'(?:[^()]|\([^()]*\))*?,\s*"([a-z_]+)"\s*,?\s*\)',
+        re.S,
+    )
+    sources = [*root.joinpath("adserver").rglob("*.py"), *root.joinpath("cm_models").rglob("*.py")]
+    reasons = {m.group(1) for path in sources for m in pattern.finditer(path.read_text())}
+    assert len(reasons) > 30  # the pattern still finds them
+    assert not {r for r in reasons if f"`{r}`" not in README}
