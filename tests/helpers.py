@@ -58,6 +58,16 @@ SELDON_ENV = (
 SERVER_ENV = (*(item.metadata["env"] for item in dataclasses.fields(Settings)), *SELDON_ENV)
 
 
+class FakeClock:
+    """An injectable clock for the store: tests move time by setting ``now``."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (also how a 'dead sink' is made)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -17,13 +17,23 @@ import numpy as np
 import requests
 from sklearn.metrics import confusion_matrix
 
-from tests.helpers import MULTICLASS_NUMERIC, ServerProcess, launch, start_server, wait_ready
+from tests.helpers import (
+    MULTICLASS_NUMERIC,
+    ServerProcess,
+    ce_headers,
+    feedback,
+    launch,
+    post_json,
+    start_server,
+    wait_ready,
+)
 
+Event = tuple[str, list[int], list[int]]  # (ce-id, truth class ids, predicted class ids)
 EVENTS = 300
 ROWS_MAX = 5
 
 
-def make_events(seed: int) -> list[tuple[str, list[int], list[int]]]:
+def make_events(seed: int) -> list[Event]:
     rng = np.random.default_rng(seed)
     events = []
     for i in range(EVENTS):
@@ -34,26 +44,32 @@ def make_events(seed: int) -> list[tuple[str, list[int], list[int]]]:
     return events
 
 
-def send_until_acknowledged(base: list[str], event: tuple[str, list[int], list[int]]) -> int:
-    """Like Knative: redeliver the same (source, id) until a 2xx; returns attempts made."""
+def crash_args(state: str, state_dir: Path) -> tuple[str, ...]:
+    return (
+        "--model_name", "crash", "--storage_uri", MULTICLASS_NUMERIC,
+        "--state", state, "--state_dir", str(state_dir),
+    )  # fmt: skip
+
+
+def deliver(url: str, event: Event, source: str, timeout: float) -> requests.Response:
+    """One binary-mode delivery of the event, as a Broker sends it."""
     event_id, truth, predicted = event
-    body = {"truth": {"data": {"ndarray": truth}}, "response": {"data": {"ndarray": predicted}}}
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": event_id,
-        "ce-source": "crash-test",
-        "ce-type": "io.seldon.serving.feedback",
-    }
+    headers = ce_headers(event_id, source=source)
+    return post_json(url, feedback(truth, predicted), headers, timeout=timeout)
+
+
+def send_until_acknowledged(base: list[str], event: Event) -> int:
+    """Like Knative: redeliver the same (source, id) until a 2xx; returns attempts made."""
     for attempt in range(1, 2000):
         try:
-            response = requests.post(base[0] + "/", json=body, headers=headers, timeout=2)
+            response = deliver(base[0], event, "crash-test", timeout=2)
             if 200 <= response.status_code < 300:
                 return attempt
             assert response.status_code >= 500, response.text  # never a 4xx for good input
         except requests.RequestException:
             pass
         time.sleep(0.02)
-    raise AssertionError(f"{event_id} never acknowledged")
+    raise AssertionError(f"{event[0]} never acknowledged")
 
 
 def restart_on(url: str, args: tuple[str, ...]) -> ServerProcess:
@@ -71,16 +87,7 @@ def metrics(server_url: str) -> dict:
 
 
 def test_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
-    args = (
-        "--model_name",
-        "crash",
-        "--storage_uri",
-        MULTICLASS_NUMERIC,
-        "--state",
-        "sqlite",
-        "--state_dir",
-        str(tmp_path),
-    )
+    args = crash_args("sqlite", tmp_path)
     server = start_server(*args)
     base = [server.url]
     events = make_events(seed=7)
@@ -121,35 +128,14 @@ def test_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
 
 def test_sigterm_drains_in_flight_events(tmp_path: Path) -> None:
     """Events acknowledged before and during SIGTERM are all there after a restart."""
-    args = (
-        "--model_name",
-        "crash",
-        "--storage_uri",
-        MULTICLASS_NUMERIC,
-        "--state_dir",
-        str(tmp_path),
-    )
+    args = crash_args("sqlite", tmp_path)  # the default mode, said explicitly
     server: ServerProcess = start_server(*args)
     events = make_events(seed=11)[:120]
-    acknowledged: list[tuple[str, list[int], list[int]]] = []
+    acknowledged: list[Event] = []
 
-    def send_once(event: tuple[str, list[int], list[int]]) -> None:
-        event_id, truth, predicted = event
+    def send_once(event: Event) -> None:
         try:
-            response = requests.post(
-                server.url + "/",
-                json={
-                    "truth": {"data": {"ndarray": truth}},
-                    "response": {"data": {"ndarray": predicted}},
-                },
-                headers={
-                    "ce-specversion": "1.0",
-                    "ce-id": event_id,
-                    "ce-source": "drain",
-                    "ce-type": "io.seldon.serving.feedback",
-                },
-                timeout=5,
-            )
+            response = deliver(server.url, event, "drain", timeout=5)
         except requests.RequestException:
             return
         if response.status_code == 200:
@@ -173,16 +159,7 @@ def test_sigterm_drains_in_flight_events(tmp_path: Path) -> None:
 
 
 def test_memory_mode_starts_empty_after_restart(tmp_path: Path) -> None:
-    args = (
-        "--model_name",
-        "crash",
-        "--storage_uri",
-        MULTICLASS_NUMERIC,
-        "--state",
-        "memory",
-        "--state_dir",
-        str(tmp_path),
-    )
+    args = crash_args("memory", tmp_path)
     server = start_server(*args)
     send_until_acknowledged([server.url], ("m-1", [1, 2], [1, 1]))
     assert metrics(server.url)["rows"] == 2

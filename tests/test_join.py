@@ -30,6 +30,7 @@ from tests.helpers import (
     DATA,
     MULTICLASS_NUMERIC,
     ONE_HOT,
+    FakeClock,
     ce_headers,
     model_doc,
     new_id,
@@ -209,27 +210,18 @@ def test_restart_between_prediction_and_label(tmp_path: Path) -> None:
     )
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+def joining_store(clock: FakeClock, ttl: float, **options: int) -> SQLiteStore:
+    """An in-memory store that joins labels for a MultiClassNumeric model."""
+    joiner = Joiner(MultiClassNumeric().observe, ttl=ttl)
+    return SQLiteStore(
+        MetricsState(), None, "m", retention=10, max_ids=100, joiner=joiner, clock=clock, **options
+    )
 
 
 def test_ttl_expiry_with_clock() -> None:
     """Predictions and parked labels expire after the TTL; what was lost is counted."""
     clock = FakeClock()
-    model = MultiClassNumeric()
-    store = SQLiteStore(
-        MetricsState(),
-        None,
-        "m",
-        retention=10,
-        max_ids=100,
-        joiner=Joiner(model.observe, ttl=100.0),
-        clock=clock,
-    )
+    store = joining_store(clock, ttl=100.0)
 
     def commit(operation) -> None:
         asyncio.run(store.commit([Entry(operation=operation)]))
@@ -246,16 +238,7 @@ def test_ttl_expiry_with_clock() -> None:
 
 def test_capacity_bound_evicts_oldest() -> None:
     clock = FakeClock()
-    store = SQLiteStore(
-        MetricsState(),
-        None,
-        "m",
-        retention=10,
-        max_ids=100,
-        joiner=Joiner(MultiClassNumeric().observe, ttl=1e6),
-        join_max_rows=3,
-        clock=clock,
-    )
+    store = joining_store(clock, ttl=1e6, join_max_rows=3)
     for i in range(5):
         clock.now += 61  # each commit runs the sweep
         asyncio.run(store.commit([Entry(operation=LoggedRows(f"r{i}", "response", (b"1",), 0))]))

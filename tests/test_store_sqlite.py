@@ -16,14 +16,7 @@ from adserver.store.sqlite import SQLiteStore, StateFileError, reset_state, stat
 from adserver.summary import model_summary
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def event(event_id: str, truth: list[int], predicted: list[int], **extra) -> Entry:
