@@ -18,6 +18,7 @@ from cloudevents.core.bindings.http import HTTPMessage
 from dateutil.parser import isoparse
 
 from adserver.constants import (
+    CE_PREFIX,
     EVENTS_ACCEPTED,
     EVENTS_REJECTED,
     EXTENSION_REQUEST_ID,
@@ -96,8 +97,9 @@ class FeedbackService:
         """One DEBUG line per request (never at INFO: ingestion must stay quiet and fast)."""
         if log.isEnabledFor(logging.DEBUG):
             ids = {
-                "event_id": headers.get("ce-id"),
-                "request_id": headers.get("ce-requestid") or headers.get(HEADER_SELDON_PUID),
+                "event_id": headers.get(CE_PREFIX + "id"),
+                "request_id": headers.get(CE_PREFIX + EXTENSION_REQUEST_ID)
+                or headers.get(HEADER_SELDON_PUID),
             }
             log.debug(message, extra={"model": self.model.name, **ids, **fields})
 

@@ -51,8 +51,11 @@ class JsonErrorHandler(tornado.web.RequestHandler):
         else:
             reason = self._reason.lower().replace(" ", "_")
             body = {"error": self._reason, "reason": reason}
+        self.finish(self.json_body(body))
+
+    def json_body(self, body: dict[str, str]) -> bytes:
         self.set_header("Content-Type", CONTENT_TYPE_JSON)
-        self.finish(orjson.dumps(body))
+        return orjson.dumps(body)
 
     def send_error_for(self, error: RequestError) -> None:
         self.set_status(error.status)
@@ -126,8 +129,7 @@ class EventsHandler(JsonErrorHandler):
             outcome = await self.service.handle(headers, b"".join(self.chunks))
         except RequestError as error:
             self.set_status(error.status)
-            self.set_header("Content-Type", CONTENT_TYPE_JSON)
-            return orjson.dumps(error.body())
+            return self.json_body(error.body())
         self.set_status(outcome.status)
         if outcome.reply is None:
             return None

@@ -107,7 +107,7 @@ class CustomMetricsState:
         elif metric.type == "GAUGE":
             self.gauges[series] = metric.value
         else:
-            self.timers.setdefault(series, Histogram()).observe(metric.value / 1000.0)
+            self.timers.setdefault(series, Histogram()).observe(metric.seconds)
 
 
 class MetricsState:

@@ -28,6 +28,11 @@ class CustomMetric:
     value: float
     tags: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def seconds(self) -> float:
+        """A TIMER's value: Seldon sends milliseconds, Prometheus histograms are in seconds."""
+        return self.value / 1000.0
+
 
 def parse_metric(item: object) -> CustomMetric:
     """Validate one metric dict; :class:`ValueError` says what is wrong with it."""

@@ -372,7 +372,7 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
     for metric in delta.metrics:
         family, tags = family_name(metric), json.dumps(metric.tags)
         if metric.type == "TIMER":
-            seconds = metric.value / 1000.0
+            seconds = metric.seconds
             cursor.execute(
                 "INSERT INTO timer_buckets VALUES (?, ?, ?, 1, ?) ON CONFLICT (key, tags, bucket) "
                 "DO UPDATE SET count = count + 1, total = total + excluded.total",
