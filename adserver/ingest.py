@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 from cloudevents.core.bindings.http import HTTPMessage
-from dateutil.parser import isoparse
 
 from adserver.constants import (
     CE_PREFIX,
@@ -30,7 +29,7 @@ from adserver.constants import (
     ROWS_ACCEPTED,
 )
 from adserver.errors import BadRequest, RequestError
-from adserver.events import IncomingEvent, decode_request, reply_message
+from adserver.events import IncomingEvent, decode_request, parse_time, reply_message
 from adserver.join import LOGGER_EVENTS, Label, LoggedRows
 from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
 from adserver.protocols.seldon_feedback import Feedback, parse_feedback
@@ -230,9 +229,9 @@ def event_time(event: IncomingEvent) -> float:
     value = event.attributes.get("time")
     if isinstance(value, datetime):
         return value.timestamp()
-    if isinstance(value, str):
+    if isinstance(value, str):  # structured mode keeps attributes as sent
         try:
-            return isoparse(value).timestamp()
-        except ValueError:
+            return parse_time(value).timestamp()
+        except BadRequest:
             pass
     return time.time()

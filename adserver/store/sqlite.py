@@ -172,7 +172,10 @@ class SQLiteStore(StateStore):
             except sqlite3.Error as exc:
                 log.exception("state commit failed")
                 raise Unavailable("state store unavailable", "store_error") from exc
-            return self._settle(*written)[0]
+            outcome = self._settle(*written)[0]
+            if isinstance(outcome, RequestError):
+                raise outcome
+            return outcome
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         if self._flushing is None:
@@ -207,8 +210,6 @@ class SQLiteStore(StateStore):
         """After commit: apply the committed deltas to the in-memory view, in commit order."""
         for delta in deltas:
             self.state.apply(delta)
-        if not self.durable and isinstance(outcomes[0], RequestError):
-            raise outcomes[0]
         return outcomes
 
     def _write(self, batches: list[Sequence[Entry]]) -> tuple[list[BatchResult], list[Delta]]:
