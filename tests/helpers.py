@@ -43,6 +43,8 @@ REPLY_TYPE = "io.seldon.serving.feedback.metrics"
 REPLY_SOURCE = "io.seldon.serving.feedback"
 STRUCTURED_TYPE = "application/cloudevents+json"
 BATCH_TYPE = "application/cloudevents-batch+json"
+# Flags that make the server answer each event with a reply CloudEvent.
+REPLY_FLAGS = ("--event_type", REPLY_TYPE, "--event_source", REPLY_SOURCE)
 MULTICLASS_NUMERIC = "cm_models.multiclass_numeric.MultiClassNumeric"
 ONE_HOT = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
 # Settings and Seldon label variables: removed from the child's environment so the developer's

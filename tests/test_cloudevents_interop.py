@@ -32,6 +32,7 @@ from cloudevents.core.v1.event import CloudEvent
 from tests.helpers import (
     FEEDBACK_TYPE,
     MULTICLASS_NUMERIC,
+    REPLY_FLAGS,
     REPLY_SOURCE,
     REPLY_TYPE,
     Progress,
@@ -73,10 +74,7 @@ def served(module_servers: ServerFactory) -> Iterator[Served]:
             MULTICLASS_NUMERIC,
             "--reply_url",
             sink.url,
-            "--event_type",
-            REPLY_TYPE,
-            "--event_source",
-            REPLY_SOURCE,
+            *REPLY_FLAGS,
         ).url
         yield Served(url, sink)
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families as text_fami
 
 from tests.helpers import (
     MULTICLASS_NUMERIC,
-    REPLY_SOURCE,
+    REPLY_FLAGS,
     REPLY_TYPE,
     ServerFactory,
     feedback,
@@ -71,10 +71,7 @@ def url(module_servers: ServerFactory) -> str:
         MULTICLASS_NUMERIC,
         "--model_name",
         "iris",
-        "--event_type",
-        REPLY_TYPE,
-        "--event_source",
-        REPLY_SOURCE,
+        *REPLY_FLAGS,
         env=SELDON_ENV,
     )
     first = [

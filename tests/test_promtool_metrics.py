@@ -20,8 +20,7 @@ from tests.helpers import (
     DATA,
     MULTICLASS_NUMERIC,
     ONE_HOT,
-    REPLY_SOURCE,
-    REPLY_TYPE,
+    REPLY_FLAGS,
     ServerFactory,
     Sink,
     feedback,
@@ -108,10 +107,7 @@ def test_every_model_with_custom_metrics_and_a_reply_sink_passes(
         case.storage_uri,
         "--reply_url",
         sink.url,
-        "--event_type",
-        REPLY_TYPE,
-        "--event_source",
-        REPLY_SOURCE,
+        *REPLY_FLAGS,
         env=case.env,
     )
     event_id = send_event(server.url, with_custom_metrics(case.body, CUSTOM))

@@ -15,6 +15,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from tests.helpers import (
     BATCH_TYPE,
+    REPLY_FLAGS,
     REPLY_SOURCE,
     REPLY_TYPE,
     STRUCTURED_TYPE,
@@ -34,7 +35,6 @@ from tests.helpers import (
 )
 
 ROW = feedback([[0, 1, 0]], [[0.2, 0.7, 0.1]])
-REPLY_FLAGS = ("--event_type", REPLY_TYPE, "--event_source", REPLY_SOURCE)
 CORRELATION = {
     "requestid": "f8b21985-8687-4bb8-a94c-4fac362eb34c",
     "inferenceservicename": "multiclass-model",
