@@ -49,13 +49,20 @@ def numeric(module_servers: ServerFactory) -> str:
     return module_servers("--storage_uri", MULTICLASS_NUMERIC).url
 
 
+def assert_one_row_counted(url: str, body: Any, headers: dict[str, str]) -> None:
+    """The delivery is accepted and adds exactly ROW: one event, one row, its one cell."""
+    before = model_doc(url)
+    answer = post_json(url, body, headers)
+    assert answer.status_code == 200, answer.text
+    change = progress(before, model_doc(url))
+    assert (change.events, change.rows, change.cells) == (1, 1, ROW_CELL)
+
+
 def test_binary_event_counts_one_row(onehot: str) -> None:
     """The Broker's usual delivery: binary mode, Feedback JSON body."""
-    before = model_doc(onehot)
-    answer = post_json(onehot, ROW, ce_headers(requestid="r-1", knativearrivaltime="2021-02-22"))
-    assert answer.status_code == 200, answer.text
-    change = progress(before, model_doc(onehot))
-    assert (change.events, change.rows, change.cells) == (1, 1, ROW_CELL)
+    assert_one_row_counted(
+        onehot, ROW, ce_headers(requestid="r-1", knativearrivaltime="2021-02-22")
+    )
 
 
 def test_header_names_in_any_case(onehot: str) -> None:
@@ -81,22 +88,14 @@ def test_header_names_in_any_case(onehot: str) -> None:
     "content_type", ["application/cloudevents+json; charset=UTF-8", "application/cloudevents+json"]
 )
 def test_structured_mode_with_data(onehot: str, content_type: str) -> None:
-    before = model_doc(onehot)
-    answer = post_json(onehot, structured(ROW), {"Content-Type": content_type})
-    assert answer.status_code == 200, answer.text
-    change = progress(before, model_doc(onehot))
-    assert (change.events, change.rows, change.cells) == (1, 1, ROW_CELL)
+    assert_one_row_counted(onehot, structured(ROW), {"Content-Type": content_type})
 
 
 def test_structured_mode_with_data_base64(onehot: str) -> None:
     event = structured(None)
     del event["data"]
     event["data_base64"] = base64.b64encode(json.dumps(ROW).encode()).decode()
-    before = model_doc(onehot)
-    answer = post_json(onehot, event, STRUCTURED)
-    assert answer.status_code == 200, answer.text
-    change = progress(before, model_doc(onehot))
-    assert (change.events, change.rows, change.cells) == (1, 1, ROW_CELL)
+    assert_one_row_counted(onehot, event, STRUCTURED)
 
 
 def test_structured_mode_deduplicates_on_source_and_id(onehot: str) -> None:
@@ -153,11 +152,7 @@ def test_plain_json_post_without_ce_headers(onehot: str) -> None:
 def test_json_body_whatever_the_content_type(onehot: str, content_type: str, binary: bool) -> None:
     """KServe labels JSON as form data (curl -d); the body is JSON all the same."""
     headers = ce_headers(content_type=content_type) if binary else {"Content-Type": content_type}
-    before = model_doc(onehot)
-    answer = post_json(onehot, ROW, headers)
-    assert answer.status_code == 200, answer.text
-    change = progress(before, model_doc(onehot))
-    assert (change.events, change.rows, change.cells) == (1, 1, ROW_CELL)
+    assert_one_row_counted(onehot, ROW, headers)
 
 
 def test_json_body_without_content_type(onehot: str) -> None:
