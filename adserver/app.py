@@ -11,12 +11,13 @@ import tornado.httpserver
 
 from adserver.constants import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exporter import FeedbackCollector, build_registry
+from adserver.http_events import Lifecycle
 from adserver.ingest import FeedbackService, ReplyConfig
 from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
 from adserver.loader import load_model
 from adserver.reply import ReplySender
-from adserver.server import Lifecycle, make_app
+from adserver.server import make_app
 from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store import open_store

@@ -31,5 +31,11 @@ class Unavailable(RequestError):
     status = 503
 
 
+class InternalError(RequestError):
+    """A bug or an unexpected fault: answered as JSON like every other error, and logged."""
+
+    status = 500
+
+
 class StartupError(Exception):
     """Configuration or state the server cannot start with; the message says how to fix it."""
