@@ -14,6 +14,7 @@ setup(
         "numpy>=1.26",
         "prometheus-client>=0.20",
         "orjson>=3.9",
+        "pysimdjson>=6.0",
         "python-json-logger>=3.1",
     ],
     extras_require={

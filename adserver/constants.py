@@ -32,6 +32,10 @@ ENV_PREDICTOR: Final = "PREDICTOR_ID"
 ENV_PREDICTOR_LABELS: Final = "PREDICTOR_LABELS"
 ENV_NAMESPACE: Final = "SELDON_DEPLOYMENT_NAMESPACE"
 
+# JSON keys whose array values are tensors in the formats we read: Seldon ``data.ndarray`` and
+# ``data.tensor.values``, KServe V1 ``instances``/``predictions``, V2 tensor ``data``
+TENSOR_KEYS: Final = frozenset({"ndarray", "values", "instances", "predictions", "data"})
+
 # HTTP routes
 ROUTE_EVENTS: Final = "/"
 ROUTE_METRICS: Final = "/v1/metrics"

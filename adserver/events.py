@@ -23,6 +23,7 @@ from cloudevents.core.bindings.http import HTTPMessage
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
+from adserver import json_body
 from adserver.constants import (
     CE_PREFIX,
     CE_SPECVERSION,
@@ -72,7 +73,7 @@ def parse_json(body: bytes | str, what: str = "body") -> Any:
     if not body:
         raise BadRequest(f"{what} is empty", "empty_body")
     try:
-        return orjson.loads(body)
+        return json_body.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}", "invalid_json") from exc
 

@@ -40,7 +40,7 @@ def decode_data(data: Any, what: str) -> Any:
         raise BadRequest(f"{what}.data must be an object", "invalid_message")
     if "ndarray" in data:
         values = data["ndarray"]
-        if not isinstance(values, list):
+        if not isinstance(values, list | np.ndarray):
             raise BadRequest(f"{what}.data.ndarray must be a list", "invalid_ndarray")
         try:
             return np.asarray(values)  # as Seldon hands it to models

@@ -16,7 +16,7 @@ def shaped(values: Any, shape: Any, what: str, *, flat: bool = False) -> np.ndar
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise BadRequest(f"{what}.shape must be a list of sizes", "invalid_tensor")
-    if not isinstance(values, list):
+    if not isinstance(values, list | np.ndarray):
         raise BadRequest(f"{what} values must be a list", "invalid_tensor")
     try:
         array = np.asarray(values)
