@@ -7,7 +7,6 @@ from typing import Any
 import orjson
 import tornado.web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from adserver.constants import (
     CONTENT_TYPE_JSON,
@@ -19,6 +18,7 @@ from adserver.constants import (
     ROUTE_READY,
 )
 from adserver.errors import RequestError
+from adserver.exposition import CachingEncoder
 from adserver.http_events import EventsEndpoint, EventsRouter, Lifecycle, log_access
 from adserver.ingest import FeedbackService
 from adserver.summary import metrics_document
@@ -56,9 +56,12 @@ class EventsHandler(JsonErrorHandler):
 class MetricsHandler(JsonErrorHandler):
     """``GET /v1/metrics``: Prometheus text/OpenMetrics by negotiation, or JSON on request."""
 
-    def initialize(self, registry: CollectorRegistry, service: FeedbackService) -> None:
+    def initialize(
+        self, registry: CollectorRegistry, service: FeedbackService, encoder: CachingEncoder
+    ) -> None:
         self.registry = registry
         self.service = service
+        self.encoder = encoder
 
     def get(self) -> None:
         accept = self.request.headers.get("Accept", "")
@@ -67,7 +70,7 @@ class MetricsHandler(JsonErrorHandler):
             self.set_header("Content-Type", CONTENT_TYPE_JSON)
             self.finish(orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY))
             return
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = self.encoder.choose(accept)
         self.set_header("Content-Type", content_type)
         self.finish(encoder(self.registry))
 
@@ -116,7 +119,11 @@ def make_app(
     app = tornado.web.Application(
         [
             (ROUTE_EVENTS, EventsHandler),
-            (ROUTE_METRICS, MetricsHandler, {"registry": registry, "service": service}),
+            (
+                ROUTE_METRICS,
+                MetricsHandler,
+                {"registry": registry, "service": service, "encoder": CachingEncoder()},
+            ),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": lifecycle}),
