@@ -223,7 +223,7 @@ class SQLiteStore(StateStore):
         try:
             housekeeping = self._housekeeping(cursor, now)
             if housekeeping is not None:
-                write_delta(cursor, housekeeping)
+                self._persist(cursor, housekeeping)
                 deltas.append(housekeeping)
             isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
             for entries in batches:
@@ -277,9 +277,15 @@ class SQLiteStore(StateStore):
             if delta.cells is not None:
                 self._check_classes(delta.cells)
             delta = self._admit_metrics(delta)
-            write_delta(cursor, delta)
+            self._persist(cursor, delta)
             deltas.append(delta)
         return applied, deltas
+
+    def _persist(self, cursor: sqlite3.Cursor, delta: Delta) -> None:
+        """Counts go to the file; in memory mode :class:`MetricsState` is their only home (the
+        count tables of an in-memory database would only ever be written)."""
+        if self.durable:
+            write_delta(cursor, delta)
 
     def _check_classes(self, cells: Cells) -> None:
         """The matrix is dense (classes squared): refuse an event that would grow it too far."""
