@@ -4,7 +4,7 @@ prometheus_client's encoders validate and escape every label of every sample on 
 With 100 classes a scrape has ~1,500 samples, 400 of them with Seldon's 12 labels: about 10 ms of
 escaping the same strings as last time. Here each distinct (sample name, labels) prefix is
 rendered once, with the library's own escaping functions, and kept; the output is the library's
-byte for byte (tests/test_exposition.py compares them). What this encoder does not render
+byte for byte (tests/test_exposition_encoder.py compares them). What this encoder does not render
 (other escaping schemes, units, exemplars, timestamps, ``_created`` samples, other metric types)
 goes to the library's encoder unchanged.
 """

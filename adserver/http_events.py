@@ -65,6 +65,7 @@ class EventsRouter(tornado.routing.Router):
 
 
 def json_error(error: RequestError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of every error answer the server gives (both route layers)."""
     return error.status, {"Content-Type": CONTENT_TYPE_JSON}, orjson.dumps(error.body())
 
 
@@ -78,6 +79,7 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         self.chunks: list[bytes] = []
         self.received = 0
         self.refused = False
+        # asyncio keeps only weak references to tasks: this one holds the answer until it is sent.
         self.task: asyncio.Task[None] | None = None
 
     def headers_received(

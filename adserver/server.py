@@ -19,7 +19,13 @@ from adserver.constants import (
 )
 from adserver.errors import RequestError
 from adserver.exposition import CachingEncoder
-from adserver.http_events import EventsEndpoint, EventsRouter, Lifecycle, log_access
+from adserver.http_events import (
+    EventsEndpoint,
+    EventsRouter,
+    Lifecycle,
+    json_error,
+    log_access,
+)
 from adserver.ingest import FeedbackService
 from adserver.summary import metrics_document
 
@@ -33,16 +39,12 @@ class JsonErrorHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, RequestError):
-            body = exc.body()
-        else:
-            reason = self._reason.lower().replace(" ", "_")
-            body = {"error": self._reason, "reason": reason}
-        self.finish(self.json_body(body))
-
-    def json_body(self, body: dict[str, str]) -> bytes:
-        self.set_header("Content-Type", CONTENT_TYPE_JSON)
-        return orjson.dumps(body)
+        if not isinstance(exc, RequestError):  # Tornado's own 404/405/500
+            exc = RequestError(self._reason, self._reason.lower().replace(" ", "_"))
+        _, headers, body = json_error(exc)
+        for name, value in headers.items():
+            self.set_header(name, value)
+        self.finish(body)
 
 
 class EventsHandler(JsonErrorHandler):
