@@ -26,6 +26,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine
 from tornado.iostream import StreamClosedError
 
 from adserver.constants import CONTENT_TYPE_JSON, ROUTE_EVENTS
+from adserver.eager import start_eagerly
 from adserver.errors import InternalError, PayloadTooLarge, RequestError, Unavailable
 from adserver.ingest import FeedbackService
 
@@ -107,8 +108,8 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         return None
 
     def finish(self) -> None:
-        """The whole body is here: answer it (the connection waits for our response)."""
-        self.task = asyncio.ensure_future(self.respond())
+        """The whole body is here: answer it now, or from a task if the answer has to wait."""
+        self.task = start_eagerly(self.respond())
 
     def on_connection_close(self) -> None:
         """The client left before sending the whole body: there is nothing to count."""
