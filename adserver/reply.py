@@ -1,8 +1,9 @@
 """Asynchronous delivery of reply CloudEvents to ``--reply_url``.
 
-Ingestion only enqueues (bounded; a full queue drops and counts). Workers POST with a timeout and
-retry with exponential backoff. A slow or dead sink therefore never slows, fails or re-counts an
-incoming event (the reference posted synchronously and double counted on sink errors).
+Ingestion only enqueues (bounded; a full queue drops and counts). Workers POST with a timeout, each
+over its own kept-alive connection, and retry with exponential backoff. A slow or dead sink
+therefore never slows, fails or re-counts an incoming event (the reference posted synchronously
+and double counted on sink errors).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import time
 from dataclasses import dataclass
 
 from cloudevents.core.bindings.http import HTTPMessage
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPInputError
+
+from adserver.errors import StartupError
+from adserver.keepalive import PersistentConnection, Target
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ class ReplySender:
         concurrency: int = 16,
         backoff: float = 0.1,
     ) -> None:
+        try:
+            Target.parse(url)
+        except ValueError as exc:  # fail start-up, not every reply
+            raise StartupError(f"--reply_url: {exc}") from exc
         self.url = url
         self.timeout = timeout
         self.retries = retries
@@ -49,7 +57,6 @@ class ReplySender:
         self.stats = ReplyStats()
         self._queue: asyncio.Queue[HTTPMessage] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
-        self._client = AsyncHTTPClient(force_instance=True, max_clients=concurrency)
         self._warned_at = float("-inf")
 
     def start(self) -> None:
@@ -73,22 +80,25 @@ class ReplySender:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        self._client.close()
 
     async def _work(self) -> None:
-        while True:
-            message = await self._queue.get()
-            try:
-                await self._deliver(message)
-            finally:
-                self._queue.task_done()
+        connection = PersistentConnection(self.url)
+        try:
+            while True:
+                message = await self._queue.get()
+                try:
+                    await self._deliver(connection, message)
+                finally:
+                    self._queue.task_done()
+        finally:
+            connection.close()
 
-    async def _deliver(self, message: HTTPMessage) -> None:
+    async def _deliver(self, connection: PersistentConnection, message: HTTPMessage) -> None:
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            error = await self._post(message)
+            error = await self._post(connection, message)
             if error is None:
                 self.stats.sent += 1
                 return
@@ -103,20 +113,14 @@ class ReplySender:
                 extra={"url": self.url, "error": error[0], "failed_total": self.stats.failed},
             )
 
-    async def _post(self, message: HTTPMessage) -> tuple[str, bool] | None:
+    async def _post(
+        self, connection: PersistentConnection, message: HTTPMessage
+    ) -> tuple[str, bool] | None:
         """None on success, else (what went wrong, whether a retry may help)."""
-        request = HTTPRequest(
-            self.url,
-            method="POST",
-            headers=message.headers,
-            body=message.body,
-            request_timeout=self.timeout,
-            connect_timeout=self.timeout,
-        )
         try:
-            await self._client.fetch(request)
-        except HTTPClientError as exc:
-            return f"HTTP {exc.code}", exc.code in RETRYABLE_STATUS
-        except (TimeoutError, OSError) as exc:
+            status = await connection.post(dict(message.headers), message.body, self.timeout)
+        except (TimeoutError, OSError, HTTPInputError) as exc:
             return f"{type(exc).__name__}: {exc}", True
-        return None
+        if 200 <= status < 300:
+            return None
+        return f"HTTP {status}", status in RETRYABLE_STATUS

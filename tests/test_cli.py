@@ -16,6 +16,7 @@ import requests
 from adserver.settings import Settings
 from tests.helpers import (
     DATA,
+    REPLY_FLAGS,
     REPLY_SOURCE,
     REPLY_TYPE,
     ROOT,
@@ -277,6 +278,19 @@ def test_unknown_subcommand_is_refused() -> None:
     result = run_cli("--http_port", str(free_port()), "OutlierDetector")
     assert result.returncode == 2
     assert "MetricsServer" in result.stderr
+
+
+def test_malformed_reply_url_fails_start_up() -> None:
+    result = run_cli(
+        "--http_port",
+        str(free_port()),
+        *REPLY_FLAGS,
+        "--reply_url",
+        "message-dumper",
+        "MetricsServer",
+    )
+    assert result.returncode == 2
+    assert "--reply_url" in result.stderr and "not an http(s) URL" in result.stderr
 
 
 def test_elasticsearch_uri_is_accepted_and_said_unsupported(servers: ServerFactory) -> None:
