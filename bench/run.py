@@ -47,7 +47,7 @@ class Plan:
 
 
 ALL_SERVERS = ("floor", "memory", "sqlite", "replyce", "sink200", "deadsink", "scrape")
-SMOKE_SERVERS = ("floor", "memory", "sqlite", "sink200", "deadsink", "scrape")
+SMOKE_SERVERS = ("floor", "memory", "sqlite", "replyce", "sink200", "deadsink", "scrape")
 FULL_GRID: Grid = [(1, 1), (1, 16), (100, 1), (100, 16), (1000, 1), (1000, 16)]
 SQLITE_REJECT = ("sqlite", "--state", "state_dir", "unrecognized", "invalid choice")
 SMOKE_GRID: Grid = [(1, 1), (1, 16), (1000, 16)]
