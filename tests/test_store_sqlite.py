@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +15,13 @@ import pytest
 from adserver.state import Delta, MetricsState
 from adserver.store.base import Entry
 from adserver.store.schema import SCHEMA_VERSION
-from adserver.store.sqlite import SQLiteStore, StateFileError, reset_state, state_path
+from adserver.store.sqlite import (
+    SQLiteStore,
+    StateFileError,
+    create_spill_file,
+    reset_state,
+    state_path,
+)
 from adserver.summary import model_summary
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
@@ -134,6 +143,54 @@ def test_memory_store_has_the_same_semantics() -> None:
         return out + await store.commit([event("a", [1], [1])])
 
     assert run(scenario()) == [True, False, True]
+
+
+def spill_files() -> set[str]:
+    """SQLite's unlinked temporary files held open by this process."""
+    fd_dir = Path("/proc/self/fd")
+    targets = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            targets.add(os.readlink(fd))
+    return {t for t in targets if "etilqs_" in t and t.endswith("(deleted)")}
+
+
+def test_memory_store_keeps_ids_beyond_its_cache_in_an_unlinked_file() -> None:
+    """The heap does not grow with remembered ids: past SQLite's page cache they spill to a
+    temporary file that no one else can see and that goes away with the connection."""
+    before = spill_files()
+    ours: set[str] = set()
+
+    async def scenario() -> tuple[list[bool], list[bool]]:
+        store = SQLiteStore(
+            MetricsState(), None, "m", retention=1e9, max_ids=10**6, clock=FakeClock()
+        )
+        ours.update(spill_files() - before)
+        assert ours, "the spill file exists from the start"
+        first = [await store.commit([event(f"{n:040d}", [1], [1])]) for n in range(40_000)]
+        pages = store.connection.execute("PRAGMA page_count").fetchone()[0]
+        cache = -store.connection.execute("PRAGMA cache_size").fetchone()[0] * 1024
+        assert pages * 4096 > 2 * cache  # the ids outgrew the cache
+        again = [await store.commit([event(f"{n:040d}", [1], [1])]) for n in (0, 39_999)]
+        await store.close()
+        return [f for [f] in first], [f for [f] in again]
+
+    first, again = run(scenario())
+    assert all(first) and again == [False, False]  # spilled ids still deduplicate
+    assert not ours & spill_files()  # closed with the store
+
+
+def test_memory_mode_without_a_temporary_directory_refuses_to_start() -> None:
+    class NoTemporaryFile(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.startswith("CREATE TABLE spill_probe"):
+                raise sqlite3.OperationalError("unable to open database file")
+            return super().execute(sql, *args)
+
+    connection = sqlite3.connect("", factory=NoTemporaryFile)
+    with pytest.raises(StateFileError, match="SQLITE_TMPDIR"):
+        create_spill_file(connection)
+    assert connection.execute("PRAGMA cache_size").fetchone()[0] == -2000  # put back
 
 
 def test_corrupt_file_refuses_to_start_and_reset_moves_it_aside(tmp_path: Path) -> None:

@@ -70,9 +70,18 @@ def reset_state(state_dir: str, clock: Clock = time.time) -> Path | None:
 
 
 def open_connection(path: Path | None, model_name: str) -> sqlite3.Connection:
-    """A migrated connection to ``path``, or to a private in-memory database for None."""
+    """A migrated connection to ``path``, or to a private temporary database for None.
+
+    The temporary database (memory mode) keeps at most SQLite's page cache (2 MB) in the
+    process and spills the rest to an unlinked file that is gone when the process is: remembered
+    event ids (about 75 B each, up to ``--dedup_max_ids``) then do not grow the heap, where
+    ``":memory:"`` held every one of them.
+    """
     if path is None:
-        connection = sqlite3.connect(":memory:", isolation_level=None)
+        connection = sqlite3.connect("", isolation_level=None)
+        connection.execute("PRAGMA journal_mode=MEMORY")  # nothing to recover after a crash
+        connection.execute("PRAGMA synchronous=OFF")
+        create_spill_file(connection)
         migrate(connection, model_name)
         return connection
     recovery = (
@@ -92,6 +101,25 @@ def open_connection(path: Path | None, model_name: str) -> sqlite3.Connection:
     except OSError as exc:
         raise StateFileError(f"cannot open state file {path}: {exc}") from exc
     return connection
+
+
+def create_spill_file(connection: sqlite3.Connection) -> None:
+    """Make SQLite create its temporary file now, so that a missing writable directory fails
+    start-up rather than a commit once the cache fills up (hours later, under load)."""
+    cache_size = connection.execute("PRAGMA cache_size").fetchone()[0]
+    try:
+        connection.execute("PRAGMA cache_size=1")
+        connection.execute("BEGIN")
+        connection.execute("CREATE TABLE spill_probe (b BLOB)")
+        connection.executemany("INSERT INTO spill_probe VALUES (?)", [(bytes(4096),)] * 8)
+        connection.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise StateFileError(
+            f"memory mode spills remembered event ids to a temporary file and cannot create one "
+            f"({exc}): make SQLITE_TMPDIR, TMPDIR, /var/tmp or /tmp writable"
+        ) from exc
+    finally:
+        connection.execute(f"PRAGMA cache_size={int(cache_size)}")
 
 
 def series(key: str, tags: str) -> tuple[str, tuple[tuple[str, str], ...]]:
