@@ -78,7 +78,6 @@ class Target:
     op: str  # ">=" or "<="
     threshold: float
     unit: str = "x"
-    detail: str = ""
     required: bool = True  # False: printed for information, no verdict
 
     @property

@@ -56,30 +56,6 @@ def evaluate(r: BenchResults) -> list[Target]:
             0.9,
         ),
         Target(
-            "dead reply sink single row c16 req/s vs no sink",
-            _ratio(_req(dead1c16), _req(reply1c16)),
-            ">=",
-            0.9,
-            required=False,
-            detail="information: same bar as the slow sink",
-        ),
-        Target(
-            "200 ms reply sink single row c16 req/s vs no reply at all",
-            _ratio(_req(sink1c16), _req(mem1c16)),
-            ">=",
-            0.9,
-            required=False,
-            detail="information: the sink and the reply CloudEvent together",
-        ),
-        Target(
-            "reply CloudEvent, no sink, single row c16 req/s vs no reply",
-            _ratio(_req(reply1c16), _req(mem1c16)),
-            ">=",
-            0.9,
-            required=False,
-            detail="information: what building the reply costs, without any sink",
-        ),
-        Target(
             "RSS after load (memory server)",
             mem.rss_after_mb if mem else None,
             "<=",
@@ -100,5 +76,16 @@ def evaluate(r: BenchResults) -> list[Target]:
             20.0,
             unit="ms",
         ),
+    ]
+    # Printed with the slow sink's bar, for information: the reply itself (the running metrics
+    # per event) is priced by the last two, and no sink setting can avoid it.
+    information = [
+        ("dead reply sink single row c16 req/s vs no sink", dead1c16, reply1c16),
+        ("200 ms reply sink single row c16 req/s vs no reply at all", sink1c16, mem1c16),
+        ("reply CloudEvent, no sink, single row c16 req/s vs no reply", reply1c16, mem1c16),
+    ]
+    targets += [
+        Target(name, _ratio(_req(case), _req(base)), ">=", 0.9, required=False)
+        for name, case, base in information
     ]
     return targets
