@@ -9,29 +9,31 @@ reply costs one write and one read on the IOLoop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import tornado.httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.httputil import HTTPHeaders, RequestStartLine, ResponseStartLine
+from tornado.httputil import HTTPHeaders, HTTPInputError, RequestStartLine, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
 # A reply sink answers with a status; its body is read (to keep the connection usable), not kept.
-MAX_RESPONSE_BYTES = 1 << 20
+MAX_RESPONSE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where to connect and what to put in the request line and ``Host``."""
+    """Where to connect, and the request line, ``Host`` and (for ``user:pass@``) basic auth."""
 
     host: str
     port: int
     path: str
     authority: str
     tls: bool
+    authorization: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -40,8 +42,13 @@ class Target:
             raise ValueError(f"not an http(s) URL: {url!r}")
         tls = parts.scheme == "https"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = parts.netloc.rpartition("@")[2]
-        return cls(parts.hostname, parts.port or (443 if tls else 80), path, authority, tls)
+        credentials, _, authority = parts.netloc.rpartition("@")
+        authorization = None
+        if credentials:
+            user_pass = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(user_pass.encode()).decode()
+        port = parts.port or (443 if tls else 80)
+        return cls(parts.hostname, port, path, authority, tls, authorization)
 
 
 class _Response(tornado.httputil.HTTPMessageDelegate):
@@ -56,9 +63,8 @@ class _Response(tornado.httputil.HTTPMessageDelegate):
     ) -> None:
         assert isinstance(start_line, ResponseStartLine)
         self.code = start_line.code
-        self.reusable = (
-            start_line.version == "HTTP/1.1" and headers.get("Connection", "").lower() != "close"
-        )
+        options = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+        self.reusable = start_line.version == "HTTP/1.1" and "close" not in options
 
     def data_received(self, chunk: bytes) -> None:
         """The body is not needed; reading it is what keeps the connection in step."""
@@ -75,21 +81,22 @@ class PersistentConnection:
         self._stream: IOStream | None = None
 
     async def post(self, headers: dict[str, str], body: bytes, timeout: float) -> int:
-        """The response status. Raises ``TimeoutError`` or ``OSError``; the connection is then
-        closed, so the next call starts on a fresh one."""
-        return await asyncio.wait_for(self._post(headers, body), timeout)
+        """The response status. Raises ``TimeoutError``, ``OSError`` or ``HTTPInputError``; the
+        connection is then closed, so the next call starts on a fresh one."""
+        async with asyncio.timeout(timeout):
+            reused = self._stream is not None and not self._stream.closed()
+            response = _Response()
+            try:
+                return await self._exchange(headers, body, response)
+            except StreamClosedError:
+                if not reused or response.code:
+                    raise
+            # The sink closed the idle connection before answering: send again on a new one. A
+            # CloudEvent is known by its source and id, so a sink that did see the first copy
+            # can tell the second for a duplicate.
+            return await self._exchange(headers, body, _Response())
 
-    async def _post(self, headers: dict[str, str], body: bytes) -> int:
-        reused = self._stream is not None and not self._stream.closed()
-        try:
-            return await self._exchange(headers, body)
-        except StreamClosedError:
-            if not reused:
-                raise
-        # The sink closed an idle connection before reading this request: send it on a new one.
-        return await self._exchange(headers, body)
-
-    async def _exchange(self, headers: dict[str, str], body: bytes) -> int:
+    async def _exchange(self, headers: dict[str, str], body: bytes, response: _Response) -> int:
         try:
             if self._stream is None or self._stream.closed():
                 self._stream = await self._tcp.connect(
@@ -98,13 +105,14 @@ class PersistentConnection:
             connection = HTTP1Connection(self._stream, is_client=True, params=self._params)
             request = HTTPHeaders(headers)
             request["Host"] = self.target.authority
+            if self.target.authorization:
+                request["Authorization"] = self.target.authorization
             request["Content-Length"] = str(len(body))
             start = RequestStartLine("POST", self.target.path, "HTTP/1.1")
             connection.write_headers(start, request, body)
             connection.finish()
-            response = _Response()
             if not await connection.read_response(response):
-                raise StreamClosedError()  # tornado logged the malformed answer and closed
+                raise HTTPInputError("malformed response")  # tornado logged it and closed
         except BaseException:  # includes cancellation by a timeout: the stream is out of step
             self.close()
             raise

@@ -63,7 +63,22 @@ def test_exceptions_reach_whoever_would_have_seen_them() -> None:
     asyncio.run(main())
 
 
-def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
+def test_the_task_returns_the_coroutines_value() -> None:
+    async def answer(gate: asyncio.Future[int]) -> int:
+        return await gate + 1
+
+    async def main() -> None:
+        gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = start_eagerly(answer(gate))
+        assert task is not None
+        gate.set_result(41)
+        assert await task == 42
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("first_step_ran", [True, False])
+def test_cancelling_the_task_cancels_the_coroutine_where_it_waits(first_step_ran: bool) -> None:
     seen: list[str] = []
 
     async def answer(gate: asyncio.Future[None]) -> None:
@@ -77,10 +92,13 @@ def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = start_eagerly(answer(gate))
         assert task is not None
-        await asyncio.sleep(0)
+        if first_step_ran:
+            await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert seen == ["cancelled while waiting"] and gate.cancelled()
+        assert seen == ["cancelled while waiting"]
+        # Cancelled in its wait, the task cancels the future; before its first step it has none.
+        assert gate.cancelled() is first_step_ran
 
     asyncio.run(main())

@@ -14,11 +14,11 @@ from adserver.keepalive import PersistentConnection, Target
 
 @dataclass
 class RawSink:
-    """Answers each request with ``status``; optionally says ``Connection: close`` or hangs up
-    after every answer without saying so (a sink that drops idle connections)."""
+    """Answers each request with ``status``; optionally closes after each answer, saying so in
+    a ``Connection`` header (``close_with``) or not (a sink that drops idle connections)."""
 
     status: int = 200
-    say_close: bool = False
+    close_with: bytes = b""
     hang_up: bool = False
     delay: float = 0.0
     connections: int = 0
@@ -35,12 +35,12 @@ class RawSink:
                 )
                 self.requests.append(head + await reader.readexactly(length))
                 await asyncio.sleep(self.delay)
-                close = b"Connection: close\r\n" if self.say_close else b""
+                close = b"Connection: %s\r\n" % self.close_with if self.close_with else b""
                 writer.write(
                     b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n%s\r\nok" % (self.status, close)
                 )
                 await writer.drain()
-                if self.say_close or self.hang_up:
+                if self.close_with or self.hang_up:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -83,16 +83,29 @@ def test_one_connection_serves_every_request() -> None:
     assert "Host: 127.0.0.1:" in first and "Content-Length: 2" in first and first.endswith("{}")
 
 
-def test_connection_close_is_honoured() -> None:
-    sink = RawSink(say_close=True)
+@pytest.mark.parametrize("header", [b"close", b"Keep-Alive, Close"])
+def test_connection_close_is_honoured(header: bytes) -> None:
+    sink = RawSink(close_with=header)
     assert posts(sink, 3) == [200] * 3
-    assert sink.connections == 3
+    assert sink.connections == 3 and len(sink.requests) == 3  # no request sent twice
 
 
 def test_a_dropped_idle_connection_is_replaced_without_losing_the_request() -> None:
     sink = RawSink(hang_up=True)
     assert posts(sink, 3) == [200] * 3
     assert len(sink.requests) == 3 and sink.connections == 3
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth() -> None:
+    async def main(sink: RawSink) -> None:
+        async with running(sink) as url:
+            connection = PersistentConnection(url.replace("http://", "http://user:secret@"))
+            assert await connection.post({}, b"{}", 2.0) == 200
+            connection.close()
+
+    sink = RawSink()
+    asyncio.run(main(sink))
+    assert b"Authorization: Basic dXNlcjpzZWNyZXQ=\r\n" in sink.requests[0]
 
 
 def test_status_is_returned_not_raised() -> None:
@@ -109,7 +122,10 @@ def test_a_timeout_abandons_the_connection() -> None:
     ("url", "expected"),
     [
         ("http://sink.default/", Target("sink.default", 80, "/", "sink.default", False)),
-        ("https://u:p@h:8443/a?b=c", Target("h", 8443, "/a?b=c", "h:8443", True)),
+        (
+            "https://u%40x:p@h:8443/a?b=c",
+            Target("h", 8443, "/a?b=c", "h:8443", True, "Basic dUB4OnA="),  # u@x:p
+        ),
         ("http://h:1", Target("h", 1, "/", "h:1", False)),
     ],
 )

@@ -190,7 +190,8 @@ def test_memory_mode_without_a_temporary_directory_refuses_to_start() -> None:
     connection = sqlite3.connect("", factory=NoTemporaryFile)
     with pytest.raises(StateFileError, match="SQLITE_TMPDIR"):
         create_spill_file(connection)
-    assert connection.execute("PRAGMA cache_size").fetchone()[0] == -2000  # put back
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        connection.execute("SELECT 1")
 
 
 def test_corrupt_file_refuses_to_start_and_reset_moves_it_aside(tmp_path: Path) -> None:

@@ -114,12 +114,12 @@ def create_spill_file(connection: sqlite3.Connection) -> None:
         connection.executemany("INSERT INTO spill_probe VALUES (?)", [(bytes(4096),)] * 8)
         connection.execute("ROLLBACK")
     except sqlite3.Error as exc:
+        connection.close()
         raise StateFileError(
             f"memory mode spills remembered event ids to a temporary file and cannot create one "
             f"({exc}): make SQLITE_TMPDIR, TMPDIR, /var/tmp or /tmp writable"
         ) from exc
-    finally:
-        connection.execute(f"PRAGMA cache_size={int(cache_size)}")
+    connection.execute(f"PRAGMA cache_size={int(cache_size)}")
 
 
 def series(key: str, tags: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -275,8 +275,11 @@ class SQLiteStore(StateStore):
                     cursor.execute("RELEASE batch")
             cursor.execute("COMMIT")
         except BaseException:
-            cursor.execute("ROLLBACK")
-            self._undo(start)
+            try:
+                if self.connection.in_transaction:  # SQLite may have rolled back already
+                    cursor.execute("ROLLBACK")
+            finally:
+                self._undo(start)
             raise
         return outcomes, deltas
 
