@@ -14,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 import tornado.httputil
-import tornado.routing
 import tornado.web
-from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine
+from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import StreamClosedError
 
 from adserver.constants import CONTENT_TYPE_JSON, ROUTE_EVENTS
@@ -50,19 +49,52 @@ class EventsEndpoint:
     lifecycle: Lifecycle
 
 
-class EventsRouter(tornado.routing.Router):
+class EventsRouter(tornado.httputil.HTTPServerConnectionDelegate):
     """``POST /`` goes to :class:`EventsDelegate`; everything else to the web application."""
 
     def __init__(self, app: tornado.web.Application, endpoint: EventsEndpoint) -> None:
         self.app = app
         self.endpoint = endpoint
 
-    def find_handler(
-        self, request: HTTPServerRequest, **kwargs: Any
-    ) -> tornado.httputil.HTTPMessageDelegate | None:
-        if request.method == "POST" and request.path == ROUTE_EVENTS:
-            return EventsDelegate(request, self.endpoint)
-        return self.app.find_handler(request, **kwargs)
+    def start_request(
+        self, server_conn: object, request_conn: HTTPConnection
+    ) -> tornado.httputil.HTTPMessageDelegate:
+        return RequestDispatch(self, server_conn, request_conn)
+
+
+class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
+    """Chooses the delegate from the request line alone: an event needs no ``HTTPServerRequest``
+    (its construction parses the host, query and cookies' headers, a few us per event)."""
+
+    def __init__(self, router: EventsRouter, server_conn: object, request_conn: HTTPConnection):
+        self.router = router
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.delegate: tornado.httputil.HTTPMessageDelegate | None = None
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        assert isinstance(start_line, tornado.httputil.RequestStartLine)
+        if start_line.method == "POST" and start_line.path.partition("?")[0] == ROUTE_EVENTS:
+            self.delegate = EventsDelegate(self.request_conn, self.router.endpoint)
+        else:
+            self.delegate = self.router.app.start_request(self.server_conn, self.request_conn)
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        assert self.delegate is not None
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        assert self.delegate is not None
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        if self.delegate is not None:
+            self.delegate.on_connection_close()
 
 
 def json_error(error: RequestError) -> tuple[int, dict[str, str], bytes]:
@@ -73,8 +105,9 @@ def json_error(error: RequestError) -> tuple[int, dict[str, str], bytes]:
 class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     """One request: buffer the body within the limit, then answer from the service."""
 
-    def __init__(self, request: HTTPServerRequest, endpoint: EventsEndpoint) -> None:
-        self.request = request
+    def __init__(self, connection: HTTPConnection, endpoint: EventsEndpoint) -> None:
+        self.connection = connection
+        self.started = time.monotonic()
         self.endpoint = endpoint
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
@@ -94,7 +127,7 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         # The limit is enforced here (a declared length) and in data_received (a chunked body),
         # so the client gets a JSON 413: the connection's own check would close it, or answer a
         # bare 400, before anything could answer.
-        self.request.connection.set_max_body_size(int(declared) if too_large else sys.maxsize)
+        self.connection.set_max_body_size(int(declared) if too_large else sys.maxsize)
         return self.refuse_large() if too_large else None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -156,13 +189,13 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         response = HTTPHeaders(headers)
         response["Content-Length"] = str(len(body))
         start = ResponseStartLine("", status, tornado.httputil.responses.get(status, "Unknown"))
-        connection = self.request.connection
+        connection = self.connection
         try:
             connection.write_headers(start, response, body or None)
             connection.finish()
         except StreamClosedError:
             pass  # the client is gone; the event is counted all the same
-        log_access(status, "POST", ROUTE_EVENTS, self.request.request_time())
+        log_access(status, "POST", ROUTE_EVENTS, time.monotonic() - self.started)
 
 
 def log_access(status: int, method: str, path: str, seconds: float) -> None:
