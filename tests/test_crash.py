@@ -92,23 +92,36 @@ def test_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
     base = [server.url]
     events = make_events(seed=7)
     done = threading.Event()
+    acknowledged = [0]
+    lock = threading.Lock()
     kills = 0
 
     def chaos() -> None:
+        """Five kills at random points of the stream, never after it (a fast server could
+        acknowledge all events before a kill timed by the clock alone)."""
         nonlocal server, kills
         chance = random.Random(3)
-        while not done.is_set() and kills < 5:
-            time.sleep(chance.uniform(0.15, 0.5))
+        for milestone in sorted(chance.sample(range(EVENTS // 10, EVENTS * 9 // 10), 5)):
+            while acknowledged[0] < milestone and not done.is_set():
+                time.sleep(0.002)
+            if done.is_set():
+                return
             server.process.send_signal(signal.SIGKILL)
             server.process.wait(5)
             kills += 1
             server = restart_on(server.url, args)
 
+    def send(event: Event) -> int:
+        attempts = send_until_acknowledged(base, event)
+        with lock:
+            acknowledged[0] += 1
+        return attempts
+
     killer = threading.Thread(target=chaos)
     killer.start()
     try:
         with ThreadPoolExecutor(max_workers=16) as pool:
-            attempts = list(pool.map(lambda e: send_until_acknowledged(base, e), events))
+            attempts = list(pool.map(send, events))
     finally:
         done.set()
         killer.join()
@@ -118,7 +131,7 @@ def test_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
         server.stop()
     truth = [t for _, ts, _ in events for t in ts]
     predicted = [p for _, _, ps in events for p in ps]
-    assert kills >= 1 and sum(attempts) > EVENTS  # the chaos really forced redeliveries
+    assert kills == 5 and sum(attempts) > EVENTS  # the chaos really forced redeliveries
     assert state["events"] == EVENTS
     assert state["rows"] == len(truth)
     np.testing.assert_array_equal(
