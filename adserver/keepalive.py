@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -70,17 +72,23 @@ class _Response(tornado.httputil.HTTPMessageDelegate):
         """The body is not needed; reading it is what keeps the connection in step."""
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One context (and one load of the CA certificates) for every connection."""
+    return ssl.create_default_context()
+
+
 class PersistentConnection:
     """POST to one URL over a connection that is opened on demand and kept while it works."""
 
-    def __init__(self, url: str, tcp: TCPClient | None = None) -> None:
-        self.target = Target.parse(url)
-        self._tcp = tcp or TCPClient()
-        self._tls = ssl.create_default_context() if self.target.tls else None
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._tcp = TCPClient()
+        self._tls = tls_context() if target.tls else None
         self._params = HTTP1ConnectionParameters(max_body_size=MAX_RESPONSE_BYTES, decompress=False)
         self._stream: IOStream | None = None
 
-    async def post(self, headers: dict[str, str], body: bytes, timeout: float) -> int:
+    async def post(self, headers: Mapping[str, str], body: bytes, timeout: float) -> int:
         """The response status. Raises ``TimeoutError``, ``OSError`` or ``HTTPInputError``; the
         connection is then closed, so the next call starts on a fresh one."""
         async with asyncio.timeout(timeout):
@@ -96,7 +104,7 @@ class PersistentConnection:
             # can tell the second for a duplicate.
             return await self._exchange(headers, body, _Response())
 
-    async def _exchange(self, headers: dict[str, str], body: bytes, response: _Response) -> int:
+    async def _exchange(self, headers: Mapping[str, str], body: bytes, response: _Response) -> int:
         try:
             if self._stream is None or self._stream.closed():
                 self._stream = await self._tcp.connect(

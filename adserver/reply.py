@@ -46,7 +46,7 @@ class ReplySender:
         backoff: float = 0.1,
     ) -> None:
         try:
-            Target.parse(url)
+            self.target = Target.parse(url)
         except ValueError as exc:  # fail start-up, not every reply
             raise StartupError(f"--reply_url: {exc}") from exc
         self.url = url
@@ -82,7 +82,7 @@ class ReplySender:
         await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _work(self) -> None:
-        connection = PersistentConnection(self.url)
+        connection = PersistentConnection(self.target)
         try:
             while True:
                 message = await self._queue.get()
@@ -118,7 +118,7 @@ class ReplySender:
     ) -> tuple[str, bool] | None:
         """None on success, else (what went wrong, whether a retry may help)."""
         try:
-            status = await connection.post(dict(message.headers), message.body, self.timeout)
+            status = await connection.post(message.headers, message.body, self.timeout)
         except (TimeoutError, OSError, HTTPInputError) as exc:
             return f"{type(exc).__name__}: {exc}", True
         if 200 <= status < 300:

@@ -81,10 +81,12 @@ def classification_report(matrix: np.ndarray) -> ClassificationReport:
     denominators = np.array([predicted, support, predicted + support, total - support])
     per_class = count_ratio(numerators, denominators)
     scores = per_class[:3]
-    # Python arithmetic on the scalars: numpy's per-call cost dominates at a few classes.
-    correct = int(tp.sum()) / max(total, 1)
+    # Divided by a Python int (count_ratio's guard, once): numpy's per-call cost dominates at a
+    # few classes.
+    rows = max(total, 1)
+    correct = int(tp.sum()) / rows
     macro = (scores.sum(axis=1) / len(tp)).tolist() if len(tp) else [0.0, 0.0, 0.0]
-    weighted = (scores @ support / max(total, 1)).tolist()
+    weighted = (scores @ support / rows).tolist()
     averages = {
         "micro": dict.fromkeys(AVERAGED, correct),
         "macro": dict(zip(AVERAGED, macro)),

@@ -60,7 +60,7 @@ async def running(sink: RawSink) -> AsyncIterator[str]:
 def posts(sink: RawSink, count: int, timeout: float = 2.0) -> list[int | str]:
     async def main() -> list[int | str]:
         async with running(sink) as url:
-            connection = PersistentConnection(url)
+            connection = PersistentConnection(Target.parse(url))
             statuses: list[int | str] = []
             for number in range(count):
                 try:
@@ -99,7 +99,9 @@ def test_a_dropped_idle_connection_is_replaced_without_losing_the_request() -> N
 def test_credentials_in_the_url_are_sent_as_basic_auth() -> None:
     async def main(sink: RawSink) -> None:
         async with running(sink) as url:
-            connection = PersistentConnection(url.replace("http://", "http://user:secret@"))
+            connection = PersistentConnection(
+                Target.parse(url.replace("http://", "http://user:secret@"))
+            )
             assert await connection.post({}, b"{}", 2.0) == 200
             connection.close()
 
