@@ -68,6 +68,8 @@ LOGGER_TYPES: Final = {
     KSERVE_REQUEST_TYPE: ("request", "id"),
     KSERVE_RESPONSE_TYPE: ("response", "id"),
 }
+# The Seldon executor logs feedback once per graph node with a logger: same requestid, own ce-id.
+SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
 # Where a label names its prediction, in order of preference, and which of its rows it labels.
 HEADER_SELDON_PUID: Final = "seldon-puid"
 EXTENSION_REQUEST_ID: Final = "requestid"

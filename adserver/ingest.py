@@ -27,6 +27,7 @@ from adserver.constants import (
     MAX_ROW_INDEX,
     METRICS_REJECTED,
     ROWS_ACCEPTED,
+    SELDON_FEEDBACK_TYPE,
 )
 from adserver.errors import BadRequest, RequestError
 from adserver.events import IncomingEvent, decode_request, parse_time, reply_message
@@ -108,6 +109,7 @@ class FeedbackService:
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
             return self.label(event, headers, feedback)
+        key = feedback_key(event)
         observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
         extra = self.feedback_delta(
             feedback, [*observation.metrics], len(observation.metric_problems)
@@ -116,7 +118,7 @@ class FeedbackService:
             cells=observation.cells,
             counters=((ROWS_ACCEPTED, "", observation.rows),),
         )
-        return Entry(delta=delta + extra, event_key=event.key)
+        return Entry(delta=delta + extra, event_key=key)
 
     def feedback_delta(
         self, feedback: Feedback, model_metrics: list[CustomMetric], model_problems: int
@@ -151,7 +153,7 @@ class FeedbackService:
             truth_rows=encode_rows(rows),
             extra=self.feedback_delta(feedback, [], 0),
         )
-        return Entry(event_key=event.key, operation=operation)
+        return Entry(event_key=feedback_key(event), operation=operation)
 
     def logged(self, event: IncomingEvent, kind: str, key_attribute: str) -> Entry:
         """A payload logger's request or response event: keep its rows for later labels."""
@@ -204,6 +206,21 @@ class FeedbackService:
 
 def is_logger_event(event: IncomingEvent) -> bool:
     return event.attributes.get("type") in LOGGER_TYPES
+
+
+def feedback_key(event: IncomingEvent) -> tuple[str, str] | None:
+    """What makes two feedback events the same feedback.
+
+    Seldon's executor logs a feedback once per graph node that has a logger, each copy with its
+    own ``ce-id`` (and ``modelid``) but the prediction's ``requestid``: such events are the same
+    feedback when they name the same request and first row, whatever the node or the executor
+    pod that sent them. Any other event is the same when its (source, id) is.
+    """
+    request_id = event.attributes.get(EXTENSION_REQUEST_ID)
+    if event.key is None or event.attributes.get("type") != SELDON_FEEDBACK_TYPE or not request_id:
+        return event.key
+    first_row = event.attributes.get(EXTENSION_ROW_INDEX, 0)
+    return (SELDON_FEEDBACK_TYPE, f"{request_id}|{first_row}")
 
 
 def encode_rows(rows: Any) -> tuple[bytes, ...]:
