@@ -12,7 +12,7 @@ setup(
         "tornado>=6.4",
         "cloudevents>=2.2,<3",
         "numpy>=1.26",
-        "prometheus-client>=0.20",
+        "prometheus-client>=0.23.1",  # the exposition encoder needs its escaping API
         "orjson>=3.9",
         "pysimdjson>=6.0",
         "python-json-logger>=3.1",

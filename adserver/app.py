@@ -73,7 +73,9 @@ def build_server(settings: Settings) -> Server:
         if settings.replies_enabled
         else None
     )
-    service = FeedbackService(model, store, reply=reply, sender=sender)
+    service = FeedbackService(
+        model, store, reply=reply, sender=sender, inference_service=settings.inference_service
+    )
     collector = FeedbackCollector(
         settings.model_name,
         state,

@@ -74,4 +74,7 @@ SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
 HEADER_SELDON_PUID: Final = "seldon-puid"
 EXTENSION_REQUEST_ID: Final = "requestid"
 EXTENSION_ROW_INDEX: Final = "rowindex"
+# Which model a payload-logger event is from (KServe: the InferenceService; Seldon: the
+# SeldonDeployment); --inference_service keeps only one model's predictions.
+EXTENSION_INFERENCE_SERVICE: Final = "inferenceservicename"
 MAX_ROW_INDEX: Final = 2**31 - 1

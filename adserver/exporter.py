@@ -26,7 +26,7 @@ from adserver.constants import (
     ROWS_ACCEPTED,
     SELDON_METRIC_PREFIX,
 )
-from adserver.join import EVICTED, JOINED, LABELS, LATE, LOGGER_EVENTS, PREDICTED_ROWS
+from adserver.join import EVICTED, LABELS, LOGGER_EVENTS, PREDICTED_ROWS
 from adserver.state import Histogram, MetricsState
 from cm_models.formulas import ClassCounts, classification_report
 
@@ -103,14 +103,18 @@ class FeedbackCollector:
 
     def join_families(self) -> Iterator[Metric]:
         """Trust signals of the late-label join: how much is labelled, and how late."""
-        labelled = self.state.count(LABELS, JOINED) + self.state.count(LABELS, LATE)
-        predicted = self.state.count(PREDICTED_ROWS)
+        # A scored row is a labelled prediction, however it came: with its response (Seldon's
+        # classic flow, where no logger reports predictions) or joined to a logged one.
+        scored = self.state.count(ROWS_ACCEPTED)
+        known = max(self.state.count(PREDICTED_ROWS), scored)
         coverage = GaugeMetricFamily(
             METRIC_PREFIX + "label_coverage",
-            "labelled rows / rows predicted by payload loggers (0 before any prediction)",
+            "labelled share of the predictions known: rows scored / max(prediction rows from "
+            "payload loggers, rows scored); 1 when feedback carries its response and no logger "
+            "reports predictions, 0 before any row",
             labels=("model",),
         )
-        coverage.add_metric((self.model_name,), labelled / predicted if predicted else 0.0)
+        coverage.add_metric((self.model_name,), scored / known if known else 0.0)
         yield coverage
         yield histogram_family(
             METRIC_PREFIX + "label_delay_seconds",

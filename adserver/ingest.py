@@ -20,6 +20,7 @@ from adserver.constants import (
     CE_PREFIX,
     EVENTS_ACCEPTED,
     EVENTS_REJECTED,
+    EXTENSION_INFERENCE_SERVICE,
     EXTENSION_REQUEST_ID,
     EXTENSION_ROW_INDEX,
     HEADER_SELDON_PUID,
@@ -42,6 +43,9 @@ from cm_models.base import InvalidFeedback, MetricModel, first_axis_rows, numeri
 from cm_models.custom_metrics import CustomMetric
 
 log = logging.getLogger(__name__)
+
+#: ``feedback_logger_events_total{kind}`` of a logger event from another --inference_service
+IGNORED_OTHER_SERVICE = "ignored_other_service"
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,13 @@ class FeedbackService:
         *,
         reply: ReplyConfig | None = None,
         sender: ReplySender | None = None,
+        inference_service: str = "",
     ) -> None:
         self.model = model
         self.store = store
         self.reply = reply
         self.sender = sender
+        self.inference_service = inference_service
         self._summary: dict[str, Any] = {}
         self._summary_version = -1
 
@@ -105,6 +111,11 @@ class FeedbackService:
 
     def entry(self, event: IncomingEvent, headers: Mapping[str, str]) -> Entry:
         if is_logger_event(event):
+            if (
+                self.inference_service
+                and event.attributes.get(EXTENSION_INFERENCE_SERVICE) != self.inference_service
+            ):  # another model's prediction: nothing to store, nothing to remember
+                return Entry(Delta(counters=((LOGGER_EVENTS, IGNORED_OTHER_SERVICE, 1),)))
             return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
         feedback = parse_feedback(event.payload())
         if feedback.response is None:

@@ -37,6 +37,21 @@ def resolve_class(path: str) -> type:
     return found
 
 
+#: What every :class:`MetricModel` keeps: one confusion matrix of class ids and the same
+#: families, so switching among them keeps the counts meaningful (see :func:`model_kind`).
+BUILTIN_KIND = "cm_models.*"
+
+
+def model_kind(storage_uri: str) -> str:
+    """What a state file records about the model that wrote it, and refuses to change.
+
+    A user's class has its own families (it may even name them ``seldon_metric_*``, which the
+    built-in models export themselves), so it owns its file; spellings of one class are one kind.
+    """
+    cls = resolve_class(storage_uri)
+    return BUILTIN_KIND if issubclass(cls, MetricModel) else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def load_model(settings: Settings) -> Any:
     """An object with ``observe(truth, response, request)`` ready before the first request."""
     cls = resolve_class(settings.storage_uri)

@@ -73,21 +73,37 @@ class Settings:
     join_max_rows: int = setting(
         1_000_000, "JOIN_MAX_ROWS", "most logged prediction rows (and parked label rows) kept"
     )
+    inference_service: str = setting(
+        "",
+        "INFERENCE_SERVICE",
+        "keep only payload-logger events whose inferenceservicename is this (empty: all)",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
+        """Refuse what would fail later, or silently do something else (exit 2 at start-up)."""
         positive = (
             "reply_queue_size",
             "max_body_bytes",
             "dedup_max_ids",
             "join_max_rows",
             "max_classes",
+            "reply_timeout_seconds",
+            "dedup_retention_seconds",
+            "join_ttl_seconds",
         )
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"--{name} must be positive")
+        if self.reply_retries < 0:
+            raise ValueError("--reply_retries must be 0 or more")
         if not 0 <= self.http_port <= 65535:
             raise ValueError("--http_port must be a port number")
+        if len(set(self.classes)) > self.max_classes:
+            raise ValueError(
+                f"--classes lists {len(set(self.classes))} classes, more than --max_classes "
+                f"({self.max_classes})"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("--log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

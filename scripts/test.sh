@@ -10,13 +10,23 @@ for pkg in "${debian_packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})) && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  # Never let a package's service start: tests run their own copies on loopback ports.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-  chmod +x /usr/sbin/policy-rc.d
+  # Never let a package's service start: tests run their own copies on loopback ports, stopped
+  # by PID (tests/prometheus.py). The packages' maintainer scripts start services only through
+  # invoke-rc.d / deb-systemd-invoke, which both obey policy-rc.d, so nothing else needs
+  # stopping (and no other Prometheus on the machine is touched). The machine's own policy, if
+  # any, is put back afterwards.
+  policy=/usr/sbin/policy-rc.d
+  saved=$(mktemp)
+  if [ -e "$policy" ]; then cp -p "$policy" "$saved"; else rm -f "$saved"; fi
+  restore_policy() { if [ -e "$saved" ]; then mv "$saved" "$policy"; else rm -f "$policy"; fi; }
+  trap restore_policy EXIT
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod +x "$policy"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
-  pkill -x prometheus 2>/dev/null || true
+  restore_policy
+  trap - EXIT
 fi
 
 python -m pip install -q -e '.[test]'

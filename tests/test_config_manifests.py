@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from adserver.constants import SELDON_RESPONSE_TYPE
 from adserver.settings import Settings, load_settings
 from tests.dashboard import dashboard_exprs, dashboard_targets, iter_panels, load_dashboard
 
@@ -226,29 +227,53 @@ def test_servicemonitor_scrapes_the_service() -> None:
         assert endpoint["port"] in service_ports
 
 
-def test_trigger_delivers_feedback_to_the_knative_service() -> None:
-    trigger = one("trigger.yaml", "Trigger")
+def triggers() -> dict[str, dict[str, Any]]:
+    """The Triggers of config/trigger.yaml by the event type they deliver."""
+    docs = [doc for doc in load("trigger.yaml") if doc.get("kind") == "Trigger"]
+    by_type = {doc["spec"]["filter"]["attributes"]["type"]: doc for doc in docs}
+    assert len(by_type) == len(docs), "two Triggers deliver one type"
+    return by_type
+
+
+def test_triggers_deliver_feedback_and_predictions_to_the_knative_service() -> None:
     ksvc = one("knative-service.yaml", "Service")
-    assert trigger["apiVersion"] == "eventing.knative.dev/v1"
-    assert trigger["spec"]["broker"] == "default"
-    assert trigger["spec"]["filter"]["attributes"] == {
-        "type": FEEDBACK_TYPE,
-        "inferenceservicename": "multiclass-model",
-    }
-    assert trigger["metadata"]["namespace"] == ksvc["metadata"]["namespace"]
-    assert trigger["spec"]["subscriber"]["ref"] == {
-        "apiVersion": ksvc["apiVersion"],
-        "kind": "Service",
-        "name": ksvc["metadata"]["name"],
-    }
+    assert set(triggers()) == {FEEDBACK_TYPE, SELDON_RESPONSE_TYPE}
+    for trigger in triggers().values():
+        assert trigger["apiVersion"] == "eventing.knative.dev/v1"
+        assert trigger["spec"]["broker"] == "default"
+        assert trigger["metadata"]["namespace"] == ksvc["metadata"]["namespace"]
+        assert trigger["spec"]["subscriber"]["ref"] == {
+            "apiVersion": ksvc["apiVersion"],
+            "kind": "Service",
+            "name": ksvc["metadata"]["name"],
+        }
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
-def test_replies_never_match_the_trigger(name: str) -> None:
-    """A reply re-enters the Broker: its type must differ from the filter, or it loops."""
+def test_triggers_and_server_keep_only_their_model(name: str) -> None:
+    """Filters match exactly; on type alone every model's predictions would fill the join tables.
+    The server's INFERENCE_SERVICE names the same model, and its Seldon deployment label too."""
+    env = {e["name"]: e.get("value") for e in container(name)["env"]}
+    assert env["INFERENCE_SERVICE"] == env["SELDON_DEPLOYMENT_ID"]
+    for event_type, trigger in triggers().items():
+        assert trigger["spec"]["filter"]["attributes"] == {
+            "type": event_type,
+            "inferenceservicename": env["INFERENCE_SERVICE"],
+        }
+
+
+def test_knative_service_runs_exactly_one_replica() -> None:
+    """State is per pod (an emptyDir): a second pod would miss joins and recount redeliveries."""
+    annotations = pod_template("knative-service.yaml")["metadata"]["annotations"]
+    assert annotations["autoscaling.knative.dev/min-scale"] == "1"
+    assert annotations["autoscaling.knative.dev/max-scale"] == "1"
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_replies_never_match_a_trigger(name: str) -> None:
+    """A reply re-enters the Broker: its type must differ from every filter, or it loops."""
     args = container(name)["args"]
-    reply_type = args[args.index("--event_type") + 1]
-    assert reply_type != one("trigger.yaml", "Trigger")["spec"]["filter"]["attributes"]["type"]
+    assert args[args.index("--event_type") + 1] not in triggers()
 
 
 def test_prometheusrule_carries_the_rule_file_groups() -> None:

@@ -6,6 +6,7 @@ import logging
 
 from adserver.errors import StartupError
 from adserver.join import Joiner
+from adserver.loader import model_kind
 from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store.base import Entry, StateStore
@@ -33,6 +34,7 @@ def open_store(
         state,
         settings.state_dir if durable else None,
         settings.model_name,
+        model_kind=model_kind(settings.storage_uri),
         retention=settings.dedup_retention_seconds,
         max_ids=settings.dedup_max_ids,
         joiner=joiner,

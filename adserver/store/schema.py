@@ -69,15 +69,22 @@ def schema_version(connection: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def migrate(connection: sqlite3.Connection, model_name: str) -> None:
-    """Bring the file to :data:`SCHEMA_VERSION` in one transaction, or refuse."""
+def migrate(connection: sqlite3.Connection, model_name: str, model_kind: str | None = None) -> None:
+    """Bring the file to :data:`SCHEMA_VERSION` in one transaction, or refuse.
+
+    The file records the model name and the kind of metric model (``model_kind``, see
+    :func:`adserver.loader.model_kind`) that wrote it, and refuses another one. A file from
+    before ``model_kind`` was recorded takes the current one. None checks nothing (tests).
+    """
     version = schema_version(connection)
     if version > SCHEMA_VERSION:
         raise SchemaError(
             f"the state file has schema version {version}, newer than this server's "
             f"{SCHEMA_VERSION}: upgrade the server or start from a backup"
         )
-    with connection:
+    # isolation_level=None: no implicit BEGIN, so ``with connection`` alone would not roll back
+    connection.execute("BEGIN IMMEDIATE")
+    with connection:  # a refusal below rolls back: a refused file is left as it was
         for script in MIGRATIONS[version:]:
             for statement in script.split(";"):
                 if statement.strip():
@@ -85,10 +92,24 @@ def migrate(connection: sqlite3.Connection, model_name: str) -> None:
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
-        connection.execute("INSERT OR IGNORE INTO meta VALUES ('model_name', ?)", (model_name,))
-    stored = connection.execute("SELECT value FROM meta WHERE key = 'model_name'").fetchone()[0]
-    if stored != model_name:
+        claim(connection, "model_name", model_name, "model", "use another --state_dir")
+        if model_kind is not None:
+            claim(
+                connection,
+                "model_kind",
+                model_kind,
+                "--storage_uri",
+                "use another --state_dir (the stored families would mix or clash with the new "
+                "model's)",
+            )
+
+
+def claim(connection: sqlite3.Connection, key: str, value: str, what: str, instead: str) -> None:
+    """Record ``value`` under ``key`` if the file has none yet; refuse the file if it differs."""
+    connection.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+    stored = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+    if stored != value:
         raise SchemaError(
-            f"the state file belongs to model {stored!r}, not {model_name!r}: use another "
-            "--state_dir or --reset_state"
+            f"the state file belongs to {what} {stored!r}, not {value!r}: {instead}, or "
+            "--reset_state to start from zero"
         )

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from adserver.state import (
 )
 from adserver.store.base import Clock, Entry, StateStore
 from adserver.store.join_tables import SQLJoinTables
+from adserver.store.lock import hold_state_lock
 from adserver.store.schema import SchemaError, migrate
 from cm_models.base import InvalidFeedback
 from cm_models.confusion import Cells
@@ -57,8 +59,12 @@ def state_path(state_dir: str) -> Path:
 
 
 def reset_state(state_dir: str, clock: Clock = time.time) -> Path | None:
-    """Move the state file (and its WAL) aside; returns where it went."""
+    """Move the state file (and its WAL) aside; returns where it went.
+
+    Never under a running server: the lock is taken first (and kept, for the server to open).
+    """
     path = state_path(state_dir)
+    hold_state_lock(path)
     if not path.exists():
         return None
     aside = path.with_name(f"{path.name}.reset-{int(clock())}")
@@ -69,38 +75,72 @@ def reset_state(state_dir: str, clock: Clock = time.time) -> Path | None:
     return aside
 
 
-def open_connection(path: Path | None, model_name: str) -> sqlite3.Connection:
+def open_connection(
+    path: Path | None, model_name: str, model_kind: str | None = None
+) -> sqlite3.Connection:
     """A migrated connection to ``path``, or to a private temporary database for None.
 
     The temporary database (memory mode) keeps at most SQLite's page cache (2 MB) in the
     process and spills the rest to an unlinked file that is gone when the process is: remembered
     event ids (about 75 B each, up to ``--dedup_max_ids``) then do not grow the heap, where
     ``":memory:"`` held every one of them.
+
+    A state file is opened only under the state directory's lock (one server per file). A new
+    one is built beside it and renamed into place, so an existing file is never legitimately
+    empty: a 0-byte file (truncated, or a failed copy) is refused like any corrupt file, where
+    SQLite would take it for a new database and start from zero without a word.
     """
     if path is None:
         connection = sqlite3.connect("", isolation_level=None)
         connection.execute("PRAGMA journal_mode=MEMORY")  # nothing to recover after a crash
         connection.execute("PRAGMA synchronous=OFF")
         create_spill_file(connection)
-        migrate(connection, model_name)
+        migrate(connection, model_name, model_kind)
         return connection
     recovery = (
         f"move it aside with --reset_state (it is kept as {path.name}.reset-<time>) "
         "or restore a backup"
     )
+    hold_state_lock(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
+        if not path.exists():
+            create_state_file(path, model_name, model_kind)
+        elif path.stat().st_size == 0:
+            raise StateFileError(f"state file {path} is empty (0 bytes): {recovery}")
+        connection = connect_durable(path)
         if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise StateFileError(f"state file {path} is corrupt: {recovery}")
-        migrate(connection, model_name)
+        migrate(connection, model_name, model_kind)
     except (sqlite3.DatabaseError, SchemaError) as exc:
         raise StateFileError(f"cannot use state file {path}: {exc}; {recovery}") from exc
     except OSError as exc:
         raise StateFileError(f"cannot open state file {path}: {exc}") from exc
     return connection
+
+
+def connect_durable(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    return connection
+
+
+def create_state_file(path: Path, model_name: str, model_kind: str | None) -> None:
+    """A complete, migrated file appears at ``path`` at once, or nothing does."""
+    draft = path.with_name(path.name + ".new")
+    for suffix in ("", "-wal", "-shm"):  # left by a crash during a previous creation
+        Path(f"{draft}{suffix}").unlink(missing_ok=True)
+    connection = connect_durable(draft)
+    try:
+        migrate(connection, model_name, model_kind)
+    finally:
+        connection.close()  # the last connection checkpoints the WAL into the file
+    os.replace(draft, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
 
 
 def create_spill_file(connection: sqlite3.Connection) -> None:
@@ -157,6 +197,7 @@ class SQLiteStore(StateStore):
         state_dir: str | None,
         model_name: str,
         *,
+        model_kind: str | None = None,
         retention: float,
         max_ids: int,
         joiner: Joiner | None = None,
@@ -173,7 +214,7 @@ class SQLiteStore(StateStore):
         self.join_max_rows = join_max_rows
         self.clock = clock
         self.connection = open_connection(
-            state_path(state_dir) if state_dir is not None else None, model_name
+            state_path(state_dir) if state_dir is not None else None, model_name, model_kind
         )
         load_state(self.connection, state)
         # Owned by whoever writes (the writer thread, or the IOLoop in memory mode), so custom

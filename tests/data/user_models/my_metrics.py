@@ -63,3 +63,10 @@ class FragileMetrics:
 
     def transform(self, truth: np.ndarray, response: np.ndarray, request: Any = None) -> list:
         return [{"key": "user_ratio", "type": "GAUGE", "value": 1 / int(truth.sum())}]
+
+
+class SeldonNamedMetrics:
+    """Names its counter like a family the built-in models export (allowed for a user model)."""
+
+    def transform(self, truth: np.ndarray, response: np.ndarray, request: Any = None) -> list:
+        return [{"key": "seldon_metric_true_positive", "type": "COUNTER", "value": len(truth)}]
