@@ -176,7 +176,7 @@ def structured_data(document: dict[str, Any]) -> Any:
 
 
 def reply_message(
-    incoming: IncomingEvent, event_type: str, event_source: str, data: Any
+    incoming: IncomingEvent, event_type: str, event_source: str, body: bytes
 ) -> HTTPMessage:
     """A binary-mode reply: same id, configured type and source, correlation extensions only.
 
@@ -195,7 +195,7 @@ def reply_message(
             attributes[name] = attribute_text(incoming.attributes[name])
     headers = {CE_PREFIX + name: encode_header(value) for name, value in attributes.items()}
     headers["content-type"] = CONTENT_TYPE_JSON
-    return HTTPMessage(headers=headers, body=orjson.dumps(data))
+    return HTTPMessage(headers=headers, body=body)  # JSON data, encoded by the caller
 
 
 def attribute_text(value: Any) -> str:

@@ -38,7 +38,7 @@ from adserver.protocols.seldon_feedback import Feedback, parse_feedback
 from adserver.reply import ReplySender
 from adserver.state import Delta
 from adserver.store.base import Entry, StateStore
-from adserver.summary import model_summary
+from adserver.summary import SummaryCache
 from cm_models.base import InvalidFeedback, MetricModel, first_axis_rows, numeric_array
 from cm_models.custom_metrics import CustomMetric
 
@@ -77,8 +77,7 @@ class FeedbackService:
         self.reply = reply
         self.sender = sender
         self.inference_service = inference_service
-        self._summary: dict[str, Any] = {}
-        self._summary_version = -1
+        self.summaries = SummaryCache(store.state)
 
     async def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Count every event of the request, or none of them (answering 4xx)."""
@@ -189,14 +188,6 @@ class FeedbackService:
         operation = LoggedRows(str(request_id), kind, rows, event_time(event))
         return Entry(event_key=key, operation=operation)
 
-    def current_summary(self) -> dict[str, Any]:
-        """Events committed in one group share a state, hence one summary."""
-        state = self.store.state
-        if self._summary_version != state.version:
-            self._summary = model_summary(state, with_matrix=False)
-            self._summary_version = state.version
-        return self._summary
-
     async def reject(self, reason: str) -> None:
         """Count a refusal; if even that cannot be recorded, the refusal still stands."""
         try:
@@ -205,13 +196,16 @@ class FeedbackService:
             log.warning("could not count a rejected event", extra={"reason": reason})
 
     def reply_for(self, event: IncomingEvent, *, new: bool) -> HTTPMessage | None:
+        """The answer carries the summary of the state this event made (its bytes are shared by
+        every reply of that state); a queued reply to ``--reply_url`` takes the summary current
+        when a worker sends it, so the queue holds headers only, not a summary each."""
         if self.reply is None:
             return None
         message = reply_message(
-            event, self.reply.event_type, self.reply.event_source, self.current_summary()
+            event, self.reply.event_type, self.reply.event_source, self.summaries.body()
         )
         if new and self.sender is not None:
-            self.sender.submit(message)
+            self.sender.submit(message.headers, self.summaries.body)
         return message
 
 

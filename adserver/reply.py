@@ -4,6 +4,10 @@ Ingestion only enqueues (bounded; a full queue drops and counts). Workers POST w
 over its own kept-alive connection, and retry with exponential backoff. A slow or dead sink
 therefore never slows, fails or re-counts an incoming event (the reference posted synchronously
 and double counted on sink errors).
+
+A queued reply is its headers and where to get its body: the worker takes the body (the model's
+summary, shared by every reply of one state) when it starts sending. A full queue of a stuck
+sink therefore holds headers, not a summary of every class per reply.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from cloudevents.core.bindings.http import HTTPMessage
 from tornado.httputil import HTTPInputError
 
 from adserver.errors import StartupError
@@ -32,6 +36,13 @@ class ReplyStats:
     failed: int = 0
     dropped: int = 0
     retries: int = 0
+    in_flight: int = 0  # taken from the queue by a worker, not yet sent or given up
+
+
+@dataclass(frozen=True)
+class QueuedReply:
+    headers: Mapping[str, str]
+    body: Callable[[], bytes]
 
 
 class ReplySender:
@@ -55,20 +66,22 @@ class ReplySender:
         self.concurrency = concurrency
         self.backoff = backoff
         self.stats = ReplyStats()
-        self._queue: asyncio.Queue[HTTPMessage] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[QueuedReply] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._warned_at = float("-inf")
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
 
-    def submit(self, message: HTTPMessage) -> None:
+    def submit(self, headers: Mapping[str, str], body: Callable[[], bytes]) -> None:
+        """Queue a reply; ``body`` is called when a worker starts sending it."""
         try:
-            self._queue.put_nowait(message)
+            self._queue.put_nowait(QueuedReply(headers, body))
         except asyncio.QueueFull:
             self.stats.dropped += 1
 
     def snapshot(self) -> dict[str, int]:
+        """Counters, ``queued`` (waiting for a worker) and ``in_flight`` (held by workers)."""
         return {**vars(self.stats), "queued": self._queue.qsize()}
 
     async def close(self, drain_seconds: float = 5.0) -> None:
@@ -85,20 +98,24 @@ class ReplySender:
         connection = PersistentConnection(self.target)
         try:
             while True:
-                message = await self._queue.get()
+                reply = await self._queue.get()
+                self.stats.in_flight += 1
                 try:
-                    await self._deliver(connection, message)
+                    await self._deliver(connection, reply.headers, reply.body())
                 finally:
+                    self.stats.in_flight -= 1
                     self._queue.task_done()
         finally:
             connection.close()
 
-    async def _deliver(self, connection: PersistentConnection, message: HTTPMessage) -> None:
+    async def _deliver(
+        self, connection: PersistentConnection, headers: Mapping[str, str], body: bytes
+    ) -> None:
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            error = await self._post(connection, message)
+            error = await self._post(connection, headers, body)
             if error is None:
                 self.stats.sent += 1
                 return
@@ -114,11 +131,11 @@ class ReplySender:
             )
 
     async def _post(
-        self, connection: PersistentConnection, message: HTTPMessage
+        self, connection: PersistentConnection, headers: Mapping[str, str], body: bytes
     ) -> tuple[str, bool] | None:
         """None on success, else (what went wrong, whether a retry may help)."""
         try:
-            status = await connection.post(message.headers, message.body, self.timeout)
+            status = await connection.post(headers, body, self.timeout)
         except (TimeoutError, OSError, HTTPInputError) as exc:
             return f"{type(exc).__name__}: {exc}", True
         if 200 <= status < 300:

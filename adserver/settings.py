@@ -49,6 +49,11 @@ class Settings:
     max_classes: int = setting(
         1000, "MAX_CLASSES", "most classes kept (the confusion matrix grows with their square)"
     )
+    max_custom_series: int = setting(
+        10_000,
+        "MAX_CUSTOM_SERIES",
+        "most custom metric series (key and tags); metrics of more are refused and counted",
+    )
     binary_threshold: float = setting(
         0.5, "BINARY_THRESHOLD", "BinaryMetrics: a score at or above it predicts class 1"
     )
@@ -91,6 +96,7 @@ class Settings:
             "reply_timeout_seconds",
             "dedup_retention_seconds",
             "join_ttl_seconds",
+            "max_custom_series",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,31 +81,50 @@ SAMPLE_SUFFIXES: dict[MetricType, tuple[str, ...]] = {
 }
 
 
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]  # (family, sorted tags)
+
+
 class MetricCatalog:
-    """Which custom families exist, with which type: the gate every custom metric passes.
+    """Which custom families and series exist, with which type: the gate every metric passes.
 
     A family keeps the type it was first seen with, and no two families may expose the same
     sample name (``x_count`` of a timer ``x`` against a counter ``x_count``), or the exposition
     would be invalid and Prometheus would drop the whole scrape. Names starting with
-    ``reserved_prefixes`` belong to the server.
+    ``reserved_prefixes`` belong to the server. At most ``max_series`` series (family and tags)
+    exist: a metric that would start another is refused, so a scrape stays bounded however many
+    tag values senders invent (series loaded at start-up count, even past a lowered cap).
     """
 
-    def __init__(self, reserved_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, reserved_prefixes: tuple[str, ...] = (), max_series: int | None = None
+    ) -> None:
         self.reserved_prefixes = reserved_prefixes
+        self.max_series = max_series
         self.types: dict[str, MetricType] = {}
+        self.series: set[SeriesKey] = set()
         self._owners: dict[str, str] = {}
-        self._journal: list[str] = []  # families in registration order, for rollback
+        # Families (str) and series (tuple) in registration order, for rollback.
+        self._journal: list[str | SeriesKey] = []
+
+    def load(self, types: Mapping[str, MetricType], series: Iterable[SeriesKey]) -> None:
+        """What a committed state already holds (at start-up)."""
+        for family, kind in types.items():
+            self.register(family, kind)
+        self.series.update(series)
 
     def mark(self) -> int:
         """A point to :meth:`rollback` to (a transaction or savepoint begins)."""
         return len(self._journal)
 
     def rollback(self, mark: int) -> None:
-        """Forget families registered since ``mark``: their transaction did not commit."""
+        """Forget families and series registered since ``mark``: their transaction failed."""
         while len(self._journal) > mark:
-            family = self._journal.pop()
-            for suffix in ("", *SAMPLE_SUFFIXES[self.types.pop(family)]):
-                self._owners.pop(family + suffix, None)
+            entry = self._journal.pop()
+            if isinstance(entry, tuple):
+                self.series.discard(entry)
+                continue
+            for suffix in ("", *SAMPLE_SUFFIXES[self.types.pop(entry)]):
+                self._owners.pop(entry + suffix, None)
 
     def admit(self, metrics: Sequence[CustomMetric]) -> tuple[list[CustomMetric], int]:
         """The metrics that may be recorded (registering new families) and how many may not."""
@@ -126,10 +145,18 @@ class MetricCatalog:
         if metric.type == "COUNTER" and family.endswith("_total"):
             return False  # `x_total_total`: exposed as family `x`, sample `x_total`, a clash
         known = self.types.get(family)
-        if known is not None:
-            return known == metric.type
-        names = [family + suffix for suffix in SAMPLE_SUFFIXES[metric.type]]
-        if any(name in self._owners for name in [family, *names]):
+        if known is not None and known != metric.type:
             return False
-        self.register(family, metric.type)
+        if known is None:
+            names = [family + suffix for suffix in SAMPLE_SUFFIXES[metric.type]]
+            if any(name in self._owners for name in [family, *names]):
+                return False
+        series = (family, metric.tags)
+        if series not in self.series:
+            if self.max_series is not None and len(self.series) >= self.max_series:
+                return False
+            self.series.add(series)
+            self._journal.append(series)
+        if known is None:
+            self.register(family, metric.type)
         return True

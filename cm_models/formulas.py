@@ -63,6 +63,8 @@ def accuracy(matrix: np.ndarray) -> float:
 
 
 AVERAGED = ("precision", "recall", "f1")
+#: The per-class arrays of a :class:`ClassificationReport`, in the order summaries list them.
+PER_CLASS = ("precision", "recall", "f1", "specificity", "support")
 
 
 def classification_report(matrix: np.ndarray) -> ClassificationReport:

@@ -97,3 +97,71 @@ def test_a_rolled_back_batch_leaves_no_classes_or_metric_types_behind(servers) -
     assert accepted.status_code == 200, accepted.text
     assert model_doc(server.url)["classes"] == [5, 6]
     assert value(scrape(server.url), "x_total") == 1
+
+
+def tagged(key: str, kind: str, team: str) -> CustomMetric:
+    return CustomMetric(key, kind, 1.0, (("team", team),))  # type: ignore[arg-type]
+
+
+def test_catalog_caps_series_not_updates_of_known_ones() -> None:
+    catalog = MetricCatalog(max_series=2)
+    kept, refused = catalog.admit(
+        [tagged("a", "GAUGE", "x"), tagged("a", "GAUGE", "y"), tagged("a", "GAUGE", "z")]
+    )
+    assert ([m.tags for m in kept], refused) == ([(("team", "x"),), (("team", "y"),)], 1)
+    kept, refused = catalog.admit([tagged("b", "COUNTER", "x"), tagged("a", "GAUGE", "y")])
+    assert ([m.key for m in kept], refused) == (["a"], 1)
+    assert "b" not in catalog.types  # a refused series does not claim its family either
+
+
+def test_catalog_rollback_frees_the_series_of_uncommitted_metrics() -> None:
+    catalog = MetricCatalog(max_series=2)
+    catalog.admit([tagged("a", "GAUGE", "x")])
+    mark = catalog.mark()
+    catalog.admit([tagged("b", "COUNTER", "x")])
+    catalog.rollback(mark)
+    assert catalog.admit([tagged("b", "GAUGE", "y")]) == ([tagged("b", "GAUGE", "y")], 0)
+    assert catalog.admit([tagged("c", "GAUGE", "x")]) == ([], 1)
+
+
+def test_catalog_loads_series_at_start_up_and_keeps_them_past_a_lowered_cap() -> None:
+    catalog = MetricCatalog(max_series=1)
+    catalog.load({"a": "GAUGE"}, [("a", (("team", "x"),)), ("a", (("team", "y"),))])
+    assert catalog.admit([tagged("a", "GAUGE", "y"), tagged("a", "GAUGE", "z")]) == (
+        [tagged("a", "GAUGE", "y")],
+        1,
+    )
+
+
+def custom_body(*teams: str) -> dict:
+    body = feedback([[0, 1]], [[0.2, 0.8]])
+    metrics = [{"key": "jobs", "type": "COUNTER", "value": 1, "tags": {"t": t}} for t in teams]
+    body["truth"]["meta"] = {"metrics": metrics}
+    return structured(body)
+
+
+def test_series_past_max_custom_series_are_refused_and_counted(tmp_path: Path) -> None:
+    """The cap holds across a restart: the series in the state file count."""
+    args = ("--state_dir", str(tmp_path), "--max_custom_series", "3")
+    structured_type = {"Content-Type": "application/cloudevents+json"}
+    server = start_server(*args)
+    try:
+        answer = post_json(server.url, custom_body("a", "b", "c", "d"), structured_type)
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
+    restarted = start_server(*args)
+    try:
+        answer = post_json(restarted.url, custom_body("a", "e"), structured_type)
+        assert answer.status_code == 200, answer.text
+        samples = scrape(restarted.url)
+    finally:
+        restarted.stop()
+    assert {t: value(samples, "jobs_total", t=t) for t in "abcde"} == {
+        "a": 2,
+        "b": 1,
+        "c": 1,
+        "d": 0,
+        "e": 0,
+    }
+    assert value(samples, "feedback_custom_metrics_rejected_total") == 2

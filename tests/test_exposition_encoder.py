@@ -1,18 +1,20 @@
-"""The caching encoder writes what prometheus_client writes, byte for byte, in both formats.
+"""The caching encoder writes what prometheus_client writes, byte for byte, in every format.
 
 The library is the oracle: the server's own families (every model family, custom metrics with
-awkward tags, histograms) and random families with arbitrary names and label values are encoded
-by both, twice (the second time from the cache); what the encoder leaves to the library
-(``_created`` samples, units, info metrics, other escaping schemes) must come out unchanged too.
+awkward tags, histograms, the confusion grid) and random families with arbitrary names and label
+values are encoded by both, in text and OpenMetrics with every escaping scheme, twice (the second
+time from the cache), synchronously and in slices; what the encoder leaves to the library
+(``_created`` samples, units, info metrics) must come out unchanged too.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Info
 from prometheus_client.exposition import choose_encoder
@@ -23,8 +25,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from adserver import exposition as exposition_module
 from adserver.exporter import FeedbackCollector
-from adserver.exposition import CachingEncoder
+from adserver.exposition import CachingEncoder, Exposition, Grid
 from adserver.state import Delta, MetricsState
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
@@ -33,7 +36,13 @@ ACCEPTS = [
     "",
     "text/plain;version=0.0.4",
     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-    "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8",  # left to the library
+    "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8",  # Prometheus 3
+    "application/openmetrics-text; version=1.0.0; escaping=dots",
+    "application/openmetrics-text; version=1.0.0; escaping=values",
+    "application/openmetrics-text; version=2.0.0",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=underscores",
+    "text/plain;version=1.0.0;escaping=dots",
     "text/plain;version=1.0.0;escaping=values",
 ]
 TRICKY = 'a "quoted" \\ välue\nnext'
@@ -58,6 +67,7 @@ def registry_of(*collectors: object) -> CollectorRegistry:
 
 def assert_same_as_library(registry: CollectorRegistry) -> None:
     encoder = CachingEncoder()
+    exposition = Exposition(registry, encoder)
     for accept in ACCEPTS:
         library, library_type = choose_encoder(accept)
         expected = library(registry)
@@ -65,6 +75,8 @@ def assert_same_as_library(registry: CollectorRegistry) -> None:
             ours, content_type = encoder.choose(accept)
             assert content_type == library_type
             assert ours(registry) == expected, accept
+        parts, content_type = asyncio.run(exposition.scrape(accept))
+        assert (b"".join(parts), content_type) == (expected, library_type), accept
 
 
 def server_state() -> MetricsState:
@@ -94,7 +106,14 @@ def test_the_servers_families(seldon_class_label: bool) -> None:
         has_confusion=True,
         seldon_class_label=seldon_class_label,
         seldon_labels={"deployment_name": TRICKY, "method": "feedback"},
-        reply_stats=lambda: {"sent": 1, "failed": 0, "dropped": 0, "retries": 2, "queued": 0},
+        reply_stats=lambda: {
+            "sent": 1,
+            "failed": 0,
+            "dropped": 0,
+            "retries": 2,
+            "queued": 0,
+            "in_flight": 3,
+        },
     )
     assert_same_as_library(registry_of(collector))
 
@@ -143,3 +162,30 @@ def families(draw: st.DrawFn) -> Metric:
 @given(st.lists(families(), max_size=4, unique_by=lambda f: f.name))
 def test_random_families(generated: list[Metric]) -> None:
     assert_same_as_library(registry_of(Fixed(generated)))
+
+
+def grid_family(matrix: np.ndarray, fixed: dict[str, str], labels: list[str]) -> Metric:
+    family = CounterMetricFamily("cells", "the grid", labels=None)
+    family.samples = Grid("cells_total", fixed, "truth", labels, "prediction", labels, matrix)
+    return family
+
+
+def test_a_big_grid_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows, counts past Go's exponent threshold, zeros left out."""
+    monkeypatch.setattr(exposition_module, "GRID_BLOCK_CELLS", 100)
+    rng = np.random.default_rng(3)
+    matrix = rng.integers(0, 3, (40, 40)) * rng.choice([1, 999_999, 1_000_000, 2**60], (40, 40))
+    labels = [str(i - 7) for i in range(40)]
+    assert_same_as_library(registry_of(Fixed([grid_family(matrix, {"model": TRICKY}, labels)])))
+
+
+@given(
+    st.dictionaries(label_names.filter(lambda n: n not in ("truth", "prediction")), st.text()),
+    st.lists(st.text(max_size=4), min_size=2, max_size=2, unique=True),
+)
+@example(fixed={"x": "\x01"}, labels=["1", "2"])  # a placeholder: rendered sample by sample
+@settings(max_examples=100, deadline=None)
+def test_grids_with_any_labels(fixed: dict[str, str], labels: list[str]) -> None:
+    """Any fixed labels (even the template's placeholder characters) and label values."""
+    matrix = np.array([[1, 0], [5, 2_000_000]])
+    assert_same_as_library(registry_of(Fixed([grid_family(matrix, fixed, labels)])))

@@ -13,7 +13,7 @@ from adserver.events import IncomingEvent, reply_message
 @given(st.text(min_size=1, max_size=40).filter(lambda s: s.strip() == s and s))
 def test_any_extension_value_round_trips_through_the_sdk(value: str) -> None:
     incoming = IncomingEvent({"specversion": "1.0", "id": "e1", "requestid": value}, {})
-    message = reply_message(incoming, "reply.type", "reply/source", {"accuracy": 1.0})
+    message = reply_message(incoming, "reply.type", "reply/source", b'{"accuracy": 1.0}')
     assert all("\r" not in v and "\n" not in v for v in message.headers.values())
     event = from_http_event(HTTPMessage(headers=message.headers, body=message.body))
     assert event.get_extension("requestid") == value
@@ -27,5 +27,5 @@ def test_any_extension_value_round_trips_through_the_sdk(value: str) -> None:
 
 def test_boolean_extensions_use_the_cloudevents_spelling() -> None:
     incoming = IncomingEvent({"specversion": "1.0", "id": "e1", "endpoint": True}, {})
-    message = reply_message(incoming, "t", "s", {})
+    message = reply_message(incoming, "t", "s", b"{}")
     assert message.headers["ce-endpoint"] == "true"

@@ -41,4 +41,5 @@ def open_store(
         join_max_rows=settings.join_max_rows,
         max_classes=settings.max_classes,
         reserved_prefixes=reserved_prefixes,
+        max_custom_series=settings.max_custom_series,
     )

@@ -204,6 +204,7 @@ class SQLiteStore(StateStore):
         join_max_rows: int = 1_000_000,
         max_classes: int = 1000,
         reserved_prefixes: tuple[str, ...] = (),
+        max_custom_series: int | None = None,
         clock: Clock = time.time,
     ) -> None:
         super().__init__(state)
@@ -219,12 +220,12 @@ class SQLiteStore(StateStore):
         load_state(self.connection, state)
         # Owned by whoever writes (the writer thread, or the IOLoop in memory mode), so custom
         # metric types are decided in commit order, identically in the file and in memory.
-        self.catalog = MetricCatalog(reserved_prefixes)
+        self.catalog = MetricCatalog(reserved_prefixes, max_custom_series)
+        custom = state.custom
+        self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
         self.classes = set(state.confusion.classes)
         self._class_journal: list[int] = []  # classes in the order they were admitted
         self.max_classes = max_classes
-        for family, kind in state.custom.types.items():
-            self.catalog.register(family, kind)
         self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._pending: list[_Batch] = []
@@ -372,7 +373,7 @@ class SQLiteStore(StateStore):
         self._class_journal += new
 
     def _admit_metrics(self, delta: Delta) -> Delta:
-        """Drop custom metrics whose family clashes; count them as rejected."""
+        """Drop custom metrics whose family clashes or that exceed the series cap; count them."""
         if not delta.metrics:
             return delta
         kept, refused = self.catalog.admit(delta.metrics)
