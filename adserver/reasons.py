@@ -67,13 +67,19 @@ BODY_TOO_LARGE: Final = "body_too_large"
 STORE_ERROR: Final = "store_error"
 SHUTTING_DOWN: Final = "shutting_down"
 
+# routes and faults (adserver/server.py derives Tornado's from its reason phrase)
+NOT_FOUND: Final = "not_found"
+METHOD_NOT_ALLOWED: Final = "method_not_allowed"
+DRAINING: Final = "draining"  # GET /health/ready while draining
+INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
+
 # logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
 # (besides these, any values reason a built-in model gives a logged prediction)
 NOT_JSON: Final = "not_json"
 BYTES_TENSOR: Final = "bytes_tensor"
 BIN_DATA: Final = "bin_data"
 
-#: The README table's rows: area -> its reasons, in the README's order.
+#: The README table's rows: area (its text outside parentheses) -> its reasons, in order.
 AREAS: Final[dict[str, tuple[str, ...]]] = {
     "body and CloudEvent": (
         EMPTY_BODY,
@@ -120,7 +126,8 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),
-    "503 (transient)": (STORE_ERROR, SHUTTING_DOWN),
+    "503": (STORE_ERROR, SHUTTING_DOWN),
+    "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
     "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA),
 }
 
