@@ -1,8 +1,9 @@
 """Payloads of logged inference requests and responses (KServe V1/V2, Seldon).
 
 Only the part a metric model needs is extracted: the prediction (or input) tensor, whose first
-axis is the batch. V2 tensors are reshaped by their ``shape``; ``BYTES`` tensors and bodies that
-are not JSON (the binary tensor extension) cannot be scored and are reported as such.
+axis is the batch. V2 tensors are reshaped by their ``shape``; ``BYTES`` tensors, Seldon
+``binData`` and bodies that are not JSON (the binary tensor extension) have no rows to store
+and are reported as such.
 """
 
 from __future__ import annotations
