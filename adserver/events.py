@@ -23,7 +23,7 @@ from cloudevents.core.bindings.http import HTTPMessage
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
-from adserver import json_body
+from adserver import json_body, reasons
 from adserver.constants import (
     CE_PREFIX,
     CE_SPECVERSION,
@@ -71,11 +71,13 @@ class IncomingEvent:
 
 def parse_json(body: bytes | str, what: str = "body") -> Any:
     if not body:
-        raise BadRequest(f"{what} is empty", "empty_body")
+        raise BadRequest(f"{what} is empty", reasons.EMPTY_BODY)
     try:
         return json_body.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"{what} is not valid JSON: {exc}", "invalid_json") from exc
+        if str(exc).startswith(json_body.DEPTH_LIMIT_ERROR):  # valid JSON, but nested too deep
+            raise BadRequest(f"{what} nests too deep: {exc}", reasons.TOO_DEEP) from exc
+        raise BadRequest(f"{what} is not valid JSON: {exc}", reasons.INVALID_JSON) from exc
 
 
 def media_type(headers: Mapping[str, str]) -> str:
@@ -88,7 +90,9 @@ def decode_request(headers: Mapping[str, str], body: bytes) -> list[IncomingEven
     if kind.startswith(CONTENT_TYPE_CE_BATCH):
         batch = parse_json(body)
         if not isinstance(batch, list) or not batch:
-            raise BadRequest("a CloudEvents batch must be a non-empty JSON array", "invalid_batch")
+            raise BadRequest(
+                "a CloudEvents batch must be a non-empty JSON array", reasons.INVALID_BATCH
+            )
         return [structured_event(item) for item in batch]
     if kind.startswith(CONTENT_TYPE_CE_STRUCTURED):
         return [structured_event(parse_json(body))]
@@ -103,7 +107,7 @@ def supported_version(specversion: Any) -> None:
     if specversion != CE_SPECVERSION:
         raise BadRequest(
             f"CloudEvents specversion {specversion!r} is not supported (expected 1.0)",
-            "unsupported_specversion",
+            reasons.UNSUPPORTED_SPECVERSION,
         )
 
 
@@ -120,13 +124,14 @@ def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
             if not ATTRIBUTE_NAME.match(attribute):
                 raise BadRequest(
                     f"invalid CloudEvent attribute name {attribute!r} (only a-z and 0-9)",
-                    "invalid_cloudevent",
+                    reasons.INVALID_CLOUDEVENT,
                 )
             attributes[attribute] = unquote(value) if "%" in value else value
     missing = [a for a in REQUIRED_ATTRIBUTES if not attributes.get(a)]
     if missing:
         raise BadRequest(
-            f"binary CloudEvent lacks {', '.join('ce-' + a for a in missing)}", "invalid_cloudevent"
+            f"binary CloudEvent lacks {', '.join('ce-' + a for a in missing)}",
+            reasons.INVALID_CLOUDEVENT,
         )
     supported_version(attributes["specversion"].strip())
     if "time" in attributes:
@@ -145,22 +150,26 @@ def parse_time(value: str) -> datetime:
         return datetime.fromisoformat(value)
     except ValueError as exc:
         raise BadRequest(
-            f"ce-time {value!r} is not an RFC 3339 time", "invalid_cloudevent"
+            f"ce-time {value!r} is not an RFC 3339 time", reasons.INVALID_CLOUDEVENT
         ) from exc
 
 
 def structured_event(document: Any) -> IncomingEvent:
     if not isinstance(document, dict):
-        raise BadRequest("a structured CloudEvent must be a JSON object", "invalid_cloudevent")
+        raise BadRequest(
+            "a structured CloudEvent must be a JSON object", reasons.INVALID_CLOUDEVENT
+        )
     attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
     missing = [a for a in (*REQUIRED_ATTRIBUTES, "specversion") if not attributes.get(a)]
     if missing:
-        raise BadRequest(f"CloudEvent lacks {', '.join(missing)}", "invalid_cloudevent")
+        raise BadRequest(f"CloudEvent lacks {', '.join(missing)}", reasons.INVALID_CLOUDEVENT)
     supported_version(attributes["specversion"])
     try:
         CloudEvent(attributes={k: v for k, v in attributes.items() if k != "time"})
     except (BaseCloudEventException, ValueError, TypeError) as exc:
-        raise BadRequest(f"invalid CloudEvent attributes: {exc}", "invalid_cloudevent") from exc
+        raise BadRequest(
+            f"invalid CloudEvent attributes: {exc}", reasons.INVALID_CLOUDEVENT
+        ) from exc
     return IncomingEvent(attributes=attributes, data=structured_data(document))
 
 
@@ -169,7 +178,7 @@ def structured_data(document: dict[str, Any]) -> Any:
         try:
             raw = base64.b64decode(document["data_base64"], validate=True)
         except (binascii.Error, TypeError, ValueError) as exc:
-            raise BadRequest("data_base64 is not valid base64", "invalid_cloudevent") from exc
+            raise BadRequest("data_base64 is not valid base64", reasons.INVALID_CLOUDEVENT) from exc
         return parse_json(raw, "data_base64")
     data = document.get("data")
     return parse_json(data, "data") if isinstance(data, str) else data

@@ -24,6 +24,7 @@ import tornado.web
 from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import StreamClosedError
 
+from adserver import reasons
 from adserver.constants import CONTENT_TYPE_JSON, ROUTE_EVENTS
 from adserver.eager import start_eagerly
 from adserver.errors import InternalError, PayloadTooLarge, RequestError, Unavailable
@@ -157,9 +158,9 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         self.refused = True
         limit = self.endpoint.max_body_bytes
         status, headers, body = json_error(
-            PayloadTooLarge(f"body exceeds {limit} bytes", "body_too_large")
+            PayloadTooLarge(f"body exceeds {limit} bytes", reasons.BODY_TOO_LARGE)
         )
-        await self.endpoint.service.reject("body_too_large")
+        await self.endpoint.service.reject(reasons.BODY_TOO_LARGE)
         self.send(status, {**headers, "Connection": "close"}, body)
 
     async def respond(self) -> None:
@@ -174,13 +175,13 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     async def answer(self) -> tuple[int, dict[str, str], bytes]:
         try:
             if not self.endpoint.lifecycle.ready:  # draining: the sender will retry elsewhere
-                raise Unavailable("the server is shutting down", "shutting_down")
+                raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
             outcome = await self.endpoint.service.handle(self.headers, b"".join(self.chunks))
         except RequestError as error:
             return json_error(error)
         except Exception:
             log.exception("event failed unexpectedly")
-            return json_error(InternalError("Internal Server Error", "internal_server_error"))
+            return json_error(InternalError("Internal Server Error", reasons.INTERNAL_SERVER_ERROR))
         if outcome.reply is None:
             return outcome.status, {}, b""
         return outcome.status, dict(outcome.reply.headers), outcome.reply.body

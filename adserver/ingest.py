@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from cloudevents.core.bindings.http import HTTPMessage
 
+from adserver import reasons
 from adserver.constants import (
     CE_PREFIX,
     EVENTS_ACCEPTED,
@@ -43,10 +44,6 @@ from cm_models.base import InvalidFeedback, MetricModel, first_axis_rows, numeri
 from cm_models.custom_metrics import CustomMetric
 
 log = logging.getLogger(__name__)
-
-#: ``feedback_logger_events_total{kind}`` of a logger event from another --inference_service
-IGNORED_OTHER_SERVICE = "ignored_other_service"
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -114,7 +111,8 @@ class FeedbackService:
                 self.inference_service
                 and event.attributes.get(EXTENSION_INFERENCE_SERVICE) != self.inference_service
             ):  # another model's prediction: nothing to store, nothing to remember
-                return Entry(Delta(counters=((LOGGER_EVENTS, IGNORED_OTHER_SERVICE, 1),)))
+                ignored = f"ignored_{reasons.OTHER_SERVICE}"
+                return Entry(Delta(counters=((LOGGER_EVENTS, ignored, 1),)))
             return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
@@ -153,7 +151,7 @@ class FeedbackService:
             raise BadRequest(
                 "feedback has no response and no request id (ce-requestid, Seldon-Puid, "
                 "truth.meta.puid or ce-id) to find the logged prediction",
-                "missing_response",
+                reasons.MISSING_RESPONSE,
             )
         rows = self.model.rows(feedback.truth, "truth")
         first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0), len(rows))
@@ -169,7 +167,7 @@ class FeedbackService:
         """A payload logger's request or response event: keep its rows for later labels."""
         request_id = event.attributes.get(key_attribute)
         if not request_id:
-            raise BadRequest(f"logger event lacks ce-{key_attribute}", "missing_request_id")
+            raise BadRequest(f"logger event lacks ce-{key_attribute}", reasons.MISSING_REQUEST_ID)
         # KServe reuses one ce-id for the request and the response event: the type tells them apart.
         key = event.key and (event.key[0], f"{event.key[1]}|{event.attributes['type']}")
         try:
@@ -179,10 +177,10 @@ class FeedbackService:
             if kind == "response" and isinstance(self.model, MetricModel):
                 numeric_array(values, kind)  # e.g. string labels: valid, but never scorable
         except (Unscorable, InvalidFeedback, BadRequest) as exc:
-            if isinstance(exc, BadRequest) and exc.reason != "invalid_json":
+            if isinstance(exc, BadRequest) and exc.reason != reasons.INVALID_JSON:
                 raise
             reason = getattr(exc, "reason", None) or str(exc)
-            reason = "not_json" if reason == "invalid_json" else reason
+            reason = reasons.NOT_JSON if reason == reasons.INVALID_JSON else reason
             return Entry(Delta(counters=((LOGGER_EVENTS, f"ignored_{reason}", 1),)), key)
         rows = encode_rows(first_axis_rows(values))
         operation = LoggedRows(str(request_id), kind, rows, event_time(event))
@@ -241,7 +239,8 @@ def row_index(value: Any, rows: int) -> int:
         index = -1
     if not 0 <= index <= MAX_ROW_INDEX - rows:
         raise BadRequest(
-            f"ce-rowindex must be an integer from 0 to {MAX_ROW_INDEX - rows}", "invalid_row_index"
+            f"ce-rowindex must be an integer from 0 to {MAX_ROW_INDEX - rows}",
+            reasons.INVALID_ROW_INDEX,
         )
     return index
 

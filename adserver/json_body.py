@@ -24,6 +24,8 @@ from adserver.constants import TENSOR_KEYS
 
 #: Below this size orjson alone is faster than simdjson plus the conversion.
 SMALL_BODY_BYTES = 1024
+#: How orjson's message for valid JSON nested deeper than it parses (1024 levels) begins.
+DEPTH_LIMIT_ERROR = "depth limit exceeded"
 
 
 class NotFast(ValueError):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adserver import reasons
 from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
 from cm_models.custom_metrics import CustomMetric
 
@@ -15,7 +16,7 @@ from cm_models.custom_metrics import CustomMetric
 class InvalidFeedback(ValueError):
     """The event's data cannot be scored; the server answers 400 with ``reason``."""
 
-    def __init__(self, message: str, reason: str = "invalid_data") -> None:
+    def __init__(self, message: str, reason: str = reasons.INVALID_DATA) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -33,28 +34,58 @@ class Observation:
         return self.cells.rows if self.cells is not None else 0
 
 
+#: numpy's limit on an array's dimensions.
+MAX_DIMENSIONS = 64
+
+
+def nested_array(values: object, what: str) -> np.ndarray:
+    """``np.asarray(values)``, or :class:`InvalidFeedback` saying why numpy refused the nesting."""
+    if isinstance(values, np.ndarray):
+        return values
+    try:
+        return np.asarray(values)
+    except ValueError as exc:  # ragged nested lists, or more than numpy's 64 dimensions
+        if nesting_depth(values) > MAX_DIMENSIONS:
+            raise InvalidFeedback(
+                f"{what}: lists are nested deeper than {MAX_DIMENSIONS} levels", reasons.TOO_DEEP
+            ) from exc
+        raise InvalidFeedback(f"{what}: rows have different lengths", reasons.RAGGED_ROWS) from exc
+
+
+def nesting_depth(values: object) -> int:
+    """How deep the first elements nest: bounded by the body, walked only once numpy refused."""
+    depth = 0
+    while isinstance(values, list) and values:
+        values, depth = values[0], depth + 1
+    return depth
+
+
 def numeric_array(values: object, what: str) -> np.ndarray:
     """A finite numeric array of at least one row, or :class:`InvalidFeedback` saying why."""
-    if isinstance(values, np.ndarray):
-        array = values
-    else:
-        try:
-            array = np.asarray(values)
-        except ValueError as exc:  # numpy refuses ragged nested lists
-            raise InvalidFeedback(f"{what}: rows have different lengths", "ragged_rows") from exc
+    array = nested_array(values, what)
     if array.dtype.kind not in "biuf":
-        raise InvalidFeedback(f"{what}: values must be numbers", "non_numeric")
+        raise InvalidFeedback(f"{what}: values must be numbers", reasons.NON_NUMERIC)
     if array.ndim == 0:
-        raise InvalidFeedback(f"{what}: expected a list of rows, got a scalar", "scalar")
+        raise InvalidFeedback(f"{what}: expected a list of rows, got a scalar", reasons.SCALAR)
     if array.size == 0:
-        raise InvalidFeedback(f"{what}: no rows", "empty")
+        raise InvalidFeedback(f"{what}: no rows", reasons.EMPTY)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidFeedback(f"{what}: NaN or infinite values", "non_finite")
+        raise InvalidFeedback(f"{what}: NaN or infinite values", reasons.NON_FINITE)
     return array
 
 
 def first_axis_rows(values: object) -> list[object]:
-    """The batch as a list of rows, for data of any shape or kind (the first axis is the batch)."""
+    """The batch as a list of rows, for data of any shape or kind (the first axis is the batch).
+
+    Each row is a JSON value, as a stored row must be. ``binData`` (bytes) has no rows: a label
+    carrying it cannot wait for its prediction, so it is refused (send it with its response).
+    """
+    if isinstance(values, bytes):
+        raise InvalidFeedback(
+            "binData cannot be stored by row to join a later prediction; send the response "
+            "with the truth",
+            reasons.UNJOINABLE_BIN_DATA,
+        )
     tolist = getattr(values, "tolist", None)
     listed = tolist() if tolist is not None else values
     return listed if isinstance(listed, list) else [listed]
@@ -66,12 +97,15 @@ def class_id_column(array: np.ndarray, what: str) -> np.ndarray:
         array = array[:, 0]
     if array.ndim != 1:
         raise InvalidFeedback(
-            f"{what}: expected one class id per row, got shape {list(array.shape)}", "bad_shape"
+            f"{what}: expected one class id per row, got shape {list(array.shape)}",
+            reasons.BAD_SHAPE,
         )
     if array.dtype.kind == "f" and not np.array_equal(array, np.floor(array)):
-        raise InvalidFeedback(f"{what}: class ids must be integers", "non_integer_class")
+        raise InvalidFeedback(f"{what}: class ids must be integers", reasons.NON_INTEGER_CLASS)
     if array.min() < CLASS_ID_MIN or array.max() > CLASS_ID_MAX:
-        raise InvalidFeedback(f"{what}: class id out of the 32-bit range", "class_out_of_range")
+        raise InvalidFeedback(
+            f"{what}: class id out of the 32-bit range", reasons.CLASS_OUT_OF_RANGE
+        )
     return array.astype(np.int64)
 
 
@@ -79,7 +113,7 @@ def matching_rows(truth: np.ndarray, prediction: np.ndarray) -> None:
     if truth.shape[0] != prediction.shape[0]:
         raise InvalidFeedback(
             f"truth has {truth.shape[0]} rows but response has {prediction.shape[0]}",
-            "row_count_mismatch",
+            reasons.ROW_COUNT_MISMATCH,
         )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from adserver import reasons
 from cm_models.base import InvalidFeedback, MetricModel, class_id_column, matching_rows
 
 
@@ -34,7 +35,7 @@ class BinaryMetrics(MetricModel):
     def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         truth_ids = class_id_column(truth, "truth")
         if not np.isin(truth_ids, (0, 1)).all():
-            raise InvalidFeedback("truth: binary labels must be 0 or 1", "not_binary")
+            raise InvalidFeedback("truth: binary labels must be 0 or 1", reasons.NOT_BINARY)
         if response.ndim == 2 and response.shape[1] == 2:
             response = response[:, 1]
         if response.ndim == 2 and response.shape[1] == 1:
@@ -42,9 +43,9 @@ class BinaryMetrics(MetricModel):
         if response.ndim != 1:
             raise InvalidFeedback(
                 f"response: expected one score per row, got shape {list(response.shape)}",
-                "bad_shape",
+                reasons.BAD_SHAPE,
             )
         if response.min() < 0 or response.max() > 1:
-            raise InvalidFeedback("response: scores must lie in [0, 1]", "not_binary")
+            raise InvalidFeedback("response: scores must lie in [0, 1]", reasons.NOT_BINARY)
         matching_rows(truth_ids, response)
         return truth_ids, (response >= self.threshold).astype(np.int64)

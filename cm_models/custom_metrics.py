@@ -18,6 +18,27 @@ METRIC_TYPES: tuple[MetricType, ...] = ("COUNTER", "GAUGE", "TIMER")
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
+#: Labels the server puts on every custom series, over the tags (Seldon's default labels of
+#: adserver/labels.py, and ``method``): a tag of one of these names would be overwritten, and
+#: series differing only in it would be exposed twice with one label set.
+SERVER_LABELS = frozenset(
+    {
+        "deployment_name",
+        "seldon_deployment_name",
+        "model_name",
+        "model_image",
+        "image_name",
+        "model_version",
+        "image_version",
+        "predictor_name",
+        "predictor_version",
+        "seldon_deployment_namespace",
+        "method",
+    }
+)
+#: A histogram's own label: its buckets' bounds.
+BUCKET_LABEL = "le"
+
 
 @dataclass(frozen=True)
 class CustomMetric:
@@ -47,11 +68,16 @@ def parse_metric(item: object) -> CustomMetric:
         raise ValueError(f"metric {key}: value must be a finite number")
     if kind == "COUNTER" and value < 0:
         raise ValueError(f"metric {key}: a counter cannot decrease")
+    if kind == "TIMER" and value < 0:  # a histogram's sum must not fall (OpenMetrics)
+        raise ValueError(f"metric {key}: a duration cannot be negative")
     tags = item.get("tags") or {}
     if not isinstance(tags, dict) or not all(
         isinstance(k, str) and _LABEL.match(k) and not k.startswith("__") for k in tags
     ):
         raise ValueError(f"metric {key}: tags must map label names to values")
+    taken = SERVER_LABELS | ({BUCKET_LABEL} if kind == "TIMER" else set())
+    if clashes := sorted(taken.intersection(tags)):
+        raise ValueError(f"metric {key}: tags {clashes} are labels the server sets")
     return CustomMetric(
         key, kind, float(value), tuple(sorted((k, str(v)) for k, v in tags.items()))
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adserver import reasons
 from cm_models.base import InvalidFeedback, MetricModel, matching_rows, numeric_array
 
 
@@ -13,7 +14,8 @@ def score_rows(array: np.ndarray, what: str) -> np.ndarray:
         return array.reshape(1, -1)
     if array.ndim != 2:
         raise InvalidFeedback(
-            f"{what}: expected rows of class scores, got shape {list(array.shape)}", "bad_shape"
+            f"{what}: expected rows of class scores, got shape {list(array.shape)}",
+            reasons.BAD_SHAPE,
         )
     return array
 
@@ -31,11 +33,11 @@ class MulticlassOneHot(MetricModel):
             raise InvalidFeedback(
                 f"truth rows have {truth.shape[1]} columns but response rows have "
                 f"{response.shape[1]}",
-                "width_mismatch",
+                reasons.WIDTH_MISMATCH,
             )
         if (truth < 0).any() or not (truth.max(axis=1) > 0).all():
             raise InvalidFeedback(
                 "truth: every row needs a positive entry marking its class (one-hot)",
-                "invalid_one_hot",
+                reasons.INVALID_ONE_HOT,
             )
         return truth.argmax(axis=1), response.argmax(axis=1)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
-from cm_models.base import InvalidFeedback, Observation, first_axis_rows
+from adserver import reasons
+from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
 from cm_models.custom_metrics import parse_metrics
 
 log = logging.getLogger(__name__)
@@ -22,12 +21,7 @@ def seldon_features(values: object) -> object:
 
     Tensors arrive as arrays already; other payloads (strings, bytes, None) pass unchanged.
     """
-    if not isinstance(values, list):
-        return values
-    try:
-        return np.array(values)
-    except ValueError as exc:  # numpy refuses ragged nested lists
-        raise InvalidFeedback("rows have different lengths", "ragged_rows") from exc
+    return nested_array(values, "feedback") if isinstance(values, list) else values
 
 
 class SeldonMetricsAdapter:
@@ -53,7 +47,7 @@ class SeldonMetricsAdapter:
             # The same data would fail again: a 400 (not a 500 that Knative retries forever).
             log.warning("model transform failed", exc_info=True)
             raise InvalidFeedback(
-                f"model rejected the feedback: {type(exc).__name__}: {exc}", "model_rejected"
+                f"model rejected the feedback: {type(exc).__name__}: {exc}", reasons.MODEL_REJECTED
             ) from exc
         if result is None:
             return Observation()
@@ -61,6 +55,8 @@ class SeldonMetricsAdapter:
         if raw is None:
             return Observation()
         if not isinstance(raw, (list, tuple)):
-            raise InvalidFeedback("model returned metrics that are not a list", "model_output")
+            raise InvalidFeedback(
+                "model returned metrics that are not a list", reasons.MODEL_OUTPUT
+            )
         metrics, problems = parse_metrics(raw)
         return Observation(metrics=tuple(metrics), metric_problems=tuple(problems))

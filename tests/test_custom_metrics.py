@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import requests
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
-from cm_models.custom_metrics import CustomMetric, MetricCatalog
+from adserver.labels import seldon_default_labels
+from cm_models.custom_metrics import SERVER_LABELS, CustomMetric, MetricCatalog, parse_metric
 from tests.helpers import feedback, model_doc, post_json, scrape, start_server, structured, value
 
 
@@ -165,3 +170,68 @@ def test_series_past_max_custom_series_are_refused_and_counted(tmp_path: Path) -
         "e": 0,
     }
     assert value(samples, "feedback_custom_metrics_rejected_total") == 2
+
+
+def parse(item: dict) -> CustomMetric:
+    return parse_metric({"key": "k", "value": 1, **item})
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "COUNTER", "tags": {"model_name": "a"}},  # overwritten by Seldon's label
+        {"type": "GAUGE", "tags": {"method": "a"}},
+        {"type": "TIMER", "tags": {"deployment_name": "a", "team": "b"}},
+        {"type": "TIMER", "tags": {"le": "5"}},  # a histogram's bucket label
+        {"type": "TIMER", "value": -3},  # a negative histogram sum
+        {"type": "COUNTER", "tags": {"__name__": "x"}},
+    ],
+    ids=["model_name", "method", "deployment_name", "timer_le", "negative_timer", "dunder"],
+)
+def test_a_metric_that_would_break_the_exposition_is_refused(item: dict) -> None:
+    with pytest.raises(ValueError, match="metric k"):
+        parse(item)
+
+
+def test_tags_only_a_histogram_reserves_are_fine_elsewhere() -> None:
+    assert parse({"type": "COUNTER", "tags": {"le": "5"}}).tags == (("le", "5"),)
+    assert parse({"type": "TIMER", "value": 0, "tags": {"quantile": "x"}}).value == 0
+
+
+def test_the_server_labels_are_the_ones_it_sets() -> None:
+    """The refused tag names follow adserver/labels.py and the ``method`` label."""
+    assert set(seldon_default_labels({})) | {"method"} == SERVER_LABELS
+
+
+def test_tags_never_make_an_invalid_exposition(servers) -> None:
+    """Tags named like the server's labels, ``le`` on a TIMER and a negative TIMER: refused one
+    by one and counted; what is exposed has no duplicate series and parses as OpenMetrics."""
+    server = servers("--state", "memory")
+    bad = [
+        {"key": "tagged", "type": "COUNTER", "value": 1, "tags": {"model_name": "a"}},
+        {"key": "tagged", "type": "COUNTER", "value": 1, "tags": {"model_name": "b"}},
+        {"key": "tagged", "type": "COUNTER", "value": 1, "tags": {"method": "m"}},
+        {"key": "latency", "type": "TIMER", "value": 5, "tags": {"le": "0.5"}},
+        {"key": "latency", "type": "TIMER", "value": -3},
+    ]
+    good = [
+        {"key": "tagged", "type": "COUNTER", "value": 1, "tags": {"team": "a"}},
+        {"key": "latency", "type": "TIMER", "value": 2, "tags": {"quantile": "q"}},
+    ]
+    body = feedback([[0, 1]], [[0.2, 0.8]])
+    body["truth"]["meta"] = {"metrics": [*bad, *good]}
+    answer = post_json(server.url, body)
+    assert answer.status_code == 200, answer.text
+    samples = scrape(server.url)
+    assert value(samples, "feedback_custom_metrics_rejected_total") == len(bad)
+    assert value(samples, "tagged_total") == 1
+    text = requests.get(server.url + "/v1/metrics", timeout=5).text
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(series) == len(set(series)), "duplicate series"
+    openmetrics = requests.get(
+        server.url + "/v1/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=5,
+    ).text
+    families = {f.name: f for f in openmetrics_families(openmetrics)}  # raises if invalid
+    assert families["latency"].samples

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from adserver import reasons
 from adserver.errors import BadRequest
 from adserver.protocols.seldon_message import decode_message
 from cm_models.custom_metrics import CustomMetric, parse_metrics
@@ -25,15 +26,15 @@ class Feedback:
 
 def parse_feedback(body: Any) -> Feedback:
     if not isinstance(body, dict):
-        raise BadRequest("feedback must be a JSON object", "invalid_body")
+        raise BadRequest("feedback must be a JSON object", reasons.INVALID_BODY)
     if body.get("truth") is None:
-        raise BadRequest("feedback has no truth", "missing_truth")
+        raise BadRequest("feedback has no truth", reasons.MISSING_TRUTH)
     truth_message = body["truth"]
     meta = truth_message.get("meta") if isinstance(truth_message, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     raw_metrics = meta.get("metrics") or []
     if not isinstance(raw_metrics, list):
-        raise BadRequest("truth.meta.metrics must be a list", "invalid_metrics")
+        raise BadRequest("truth.meta.metrics must be a list", reasons.INVALID_METRICS)
     metrics, problems = parse_metrics(raw_metrics)
     return Feedback(
         truth=decode_message(truth_message, "truth"),

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from adserver import reasons
 from adserver.errors import BadRequest
+from adserver.protocols.shapes import bounded_if_empty
 
 DTYPES: dict[str, str] = {
     "DT_FLOAT": "<f4",
@@ -50,12 +52,12 @@ def snake_case(name: str) -> str:
 
 def decode_tftensor(proto: Any) -> np.ndarray:
     if not isinstance(proto, dict):
-        raise BadRequest("tftensor must be an object", "invalid_tftensor")
+        raise BadRequest("tftensor must be an object", reasons.INVALID_TFTENSOR)
     fields = {snake_case(k): v for k, v in proto.items()}
     dtype = DTYPES.get(str(fields.get("dtype", "")))
     if dtype is None:
         raise BadRequest(
-            f"tftensor dtype {fields.get('dtype')!r} is not numeric", "invalid_tftensor"
+            f"tftensor dtype {fields.get('dtype')!r} is not numeric", reasons.INVALID_TFTENSOR
         )
     shape = tensor_shape(fields.get("tensor_shape") or {})
     try:
@@ -66,34 +68,43 @@ def decode_tftensor(proto: Any) -> np.ndarray:
             if dtype == "<f2" and "half_val" in fields:
                 values = np.asarray(listed, dtype=np.uint16).view(np.float16)
             else:
-                values = np.asarray(listed, dtype=dtype)
-    except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest(f"tftensor values do not match dtype: {exc}", "invalid_tftensor") from exc
+                with np.errstate(over="raise"):  # 1e300 as DT_FLOAT is an error, not infinity
+                    values = np.asarray(listed, dtype=dtype)
+    except (binascii.Error, ValueError, TypeError, OverflowError, FloatingPointError) as exc:
+        raise BadRequest(
+            f"tftensor values do not match dtype: {exc}", reasons.INVALID_TFTENSOR
+        ) from exc
     size = math.prod(shape)
     if values.size == 1 and size > 1:  # TensorFlow repeats a single value to fill the shape
         if size > MAX_FILLED_VALUES:  # a few bytes must not make the server allocate gigabytes
             raise BadRequest(
-                f"tftensor shape {shape} is too large to fill from one value", "tensor_too_large"
+                f"tftensor shape {shape} is too large to fill from one value",
+                reasons.TENSOR_TOO_LARGE,
             )
         values = np.full(size, values[0], dtype=values.dtype)
     if values.size != size:
         raise BadRequest(
-            f"tftensor has {values.size} values for shape {shape}", "tensor_shape_mismatch"
+            f"tftensor has {values.size} values for shape {shape}", reasons.TENSOR_SHAPE_MISMATCH
         )
+    bounded_if_empty(shape, "tftensor")
     try:
         return values.reshape(shape)
     except ValueError as exc:  # e.g. an empty tensor with a dimension numpy cannot represent
-        raise BadRequest(f"tftensor shape {shape} is invalid: {exc}", "invalid_tftensor") from exc
+        raise BadRequest(
+            f"tftensor shape {shape} is invalid: {exc}", reasons.INVALID_TFTENSOR
+        ) from exc
 
 
 def tensor_shape(shape: Any) -> list[int]:
     dims = shape.get("dim", []) if isinstance(shape, dict) else None
     if not isinstance(dims, list):
-        raise BadRequest("tftensor tensorShape.dim must be a list", "invalid_tftensor")
+        raise BadRequest("tftensor tensorShape.dim must be a list", reasons.INVALID_TFTENSOR)
     try:
         sizes = [int(d.get("size", 0)) for d in dims]
     except (AttributeError, TypeError, ValueError) as exc:
-        raise BadRequest("tftensor dimension sizes must be integers", "invalid_tftensor") from exc
+        raise BadRequest(
+            "tftensor dimension sizes must be integers", reasons.INVALID_TFTENSOR
+        ) from exc
     if any(s < 0 for s in sizes):
-        raise BadRequest("tftensor dimension sizes must be >= 0", "invalid_tftensor")
+        raise BadRequest("tftensor dimension sizes must be >= 0", reasons.INVALID_TFTENSOR)
     return sizes

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adserver import reasons
 from adserver.constants import EVENTS_DUPLICATE, METRICS_REJECTED
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
 from adserver.join import EVICTED, EXPIRED, LABELS, Joiner
@@ -235,13 +236,13 @@ class SQLiteStore(StateStore):
 
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
         if self._closed:
-            raise Unavailable("the server is shutting down", "shutting_down")
+            raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
         if not self.durable:
             try:
                 written = self._write([entries])
             except sqlite3.Error as exc:
                 log.exception("state commit failed")
-                raise Unavailable("state store unavailable", "store_error") from exc
+                raise Unavailable("state store unavailable", reasons.STORE_ERROR) from exc
             outcome = self._settle(*written)[0]
             if isinstance(outcome, RequestError):
                 raise outcome
@@ -266,7 +267,9 @@ class SQLiteStore(StateStore):
                 except Exception:  # never leave a sender hanging: 503, and it retries
                     log.exception("state commit failed")
                     for _, future in group:
-                        future.set_exception(Unavailable("state store unavailable", "store_error"))
+                        future.set_exception(
+                            Unavailable("state store unavailable", reasons.STORE_ERROR)
+                        )
                     continue
                 for (_, future), outcome in zip(group, outcomes):
                     if isinstance(outcome, RequestError):
@@ -345,7 +348,7 @@ class SQLiteStore(StateStore):
             delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
             if new and entry.operation is not None:
                 if self.joiner is None:
-                    raise BadRequest("this model cannot join labels", "join_unsupported")
+                    raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
                 delta = delta + self.joiner.apply(SQLJoinTables(cursor, now), entry.operation, now)
             if delta.cells is not None:
                 self._check_classes(delta.cells)
@@ -367,7 +370,7 @@ class SQLiteStore(StateStore):
             raise BadRequest(
                 f"the event would make {len(self.classes) + len(new)} classes; at most "
                 f"{self.max_classes} are kept (--max_classes)",
-                "too_many_classes",
+                reasons.TOO_MANY_CLASSES,
             )
         self.classes |= new
         self._class_journal += new

@@ -1,0 +1,136 @@
+"""Every ``reason`` code the server answers or counts: a stable API, listed once.
+
+Raise sites use these constants; the README's reason table lists exactly :data:`AREAS`
+(tests/test_docs.py checks both ways). This module imports nothing, so ``cm_models`` may use it.
+To add a reason: a constant here, in its area's tuple, and in the README row of that area.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# body and CloudEvent
+EMPTY_BODY: Final = "empty_body"
+INVALID_JSON: Final = "invalid_json"
+INVALID_BODY: Final = "invalid_body"
+INVALID_CLOUDEVENT: Final = "invalid_cloudevent"
+UNSUPPORTED_SPECVERSION: Final = "unsupported_specversion"
+INVALID_BATCH: Final = "invalid_batch"
+
+# Feedback, SeldonMessage and KServe V2
+MISSING_TRUTH: Final = "missing_truth"
+MISSING_DATA: Final = "missing_data"
+INVALID_MESSAGE: Final = "invalid_message"
+UNKNOWN_DATA_FORM: Final = "unknown_data_form"
+INVALID_NDARRAY: Final = "invalid_ndarray"
+INVALID_TENSOR: Final = "invalid_tensor"
+TENSOR_SHAPE_MISMATCH: Final = "tensor_shape_mismatch"
+TENSOR_TOO_LARGE: Final = "tensor_too_large"
+INVALID_TFTENSOR: Final = "invalid_tftensor"
+INVALID_V2: Final = "invalid_v2"
+INVALID_METRICS: Final = "invalid_metrics"
+
+# values
+RAGGED_ROWS: Final = "ragged_rows"
+TOO_DEEP: Final = "too_deep"
+EMPTY: Final = "empty"
+SCALAR: Final = "scalar"
+NON_NUMERIC: Final = "non_numeric"
+NON_FINITE: Final = "non_finite"
+BAD_SHAPE: Final = "bad_shape"
+NON_INTEGER_CLASS: Final = "non_integer_class"
+CLASS_OUT_OF_RANGE: Final = "class_out_of_range"
+NOT_BINARY: Final = "not_binary"
+INVALID_ONE_HOT: Final = "invalid_one_hot"
+TOO_MANY_CLASSES: Final = "too_many_classes"
+
+# truth against prediction
+ROW_COUNT_MISMATCH: Final = "row_count_mismatch"
+WIDTH_MISMATCH: Final = "width_mismatch"
+
+# labels and logger events
+MISSING_RESPONSE: Final = "missing_response"
+MISSING_REQUEST_ID: Final = "missing_request_id"
+INVALID_ROW_INDEX: Final = "invalid_row_index"
+JOIN_UNSUPPORTED: Final = "join_unsupported"
+UNJOINABLE_BIN_DATA: Final = "unjoinable_bin_data"
+
+# user models
+MODEL_REJECTED: Final = "model_rejected"
+MODEL_OUTPUT: Final = "model_output"
+INVALID_DATA: Final = "invalid_data"  # a MetricModel of one's own raised InvalidFeedback(message)
+
+# 413
+BODY_TOO_LARGE: Final = "body_too_large"
+
+# 503: transient, the sender retries
+STORE_ERROR: Final = "store_error"
+SHUTTING_DOWN: Final = "shutting_down"
+
+# routes and faults (adserver/server.py derives Tornado's from its reason phrase)
+NOT_FOUND: Final = "not_found"
+METHOD_NOT_ALLOWED: Final = "method_not_allowed"
+DRAINING: Final = "draining"  # GET /health/ready while draining
+INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
+
+# logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
+# (besides these, any values reason a built-in model gives a logged prediction)
+NOT_JSON: Final = "not_json"
+BYTES_TENSOR: Final = "bytes_tensor"
+BIN_DATA: Final = "bin_data"
+OTHER_SERVICE: Final = "other_service"  # another model's, see --inference_service
+
+#: The README table's rows: area (its text outside parentheses) -> its reasons, in order.
+AREAS: Final[dict[str, tuple[str, ...]]] = {
+    "body and CloudEvent": (
+        EMPTY_BODY,
+        INVALID_JSON,
+        INVALID_BODY,
+        INVALID_CLOUDEVENT,
+        UNSUPPORTED_SPECVERSION,
+        INVALID_BATCH,
+    ),
+    "Feedback, SeldonMessage and KServe V2": (
+        MISSING_TRUTH,
+        MISSING_DATA,
+        INVALID_MESSAGE,
+        UNKNOWN_DATA_FORM,
+        INVALID_NDARRAY,
+        INVALID_TENSOR,
+        TENSOR_SHAPE_MISMATCH,
+        TENSOR_TOO_LARGE,
+        INVALID_TFTENSOR,
+        INVALID_V2,
+        INVALID_METRICS,
+    ),
+    "values": (
+        RAGGED_ROWS,
+        TOO_DEEP,
+        EMPTY,
+        SCALAR,
+        NON_NUMERIC,
+        NON_FINITE,
+        BAD_SHAPE,
+        NON_INTEGER_CLASS,
+        CLASS_OUT_OF_RANGE,
+        NOT_BINARY,
+        INVALID_ONE_HOT,
+        TOO_MANY_CLASSES,
+    ),
+    "truth against prediction": (ROW_COUNT_MISMATCH, WIDTH_MISMATCH),
+    "labels and logger events": (
+        MISSING_RESPONSE,
+        MISSING_REQUEST_ID,
+        INVALID_ROW_INDEX,
+        JOIN_UNSUPPORTED,
+        UNJOINABLE_BIN_DATA,
+    ),
+    "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
+    "413": (BODY_TOO_LARGE,),
+    "503": (STORE_ERROR, SHUTTING_DOWN),
+    "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
+    "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA, OTHER_SERVICE),
+}
+
+#: Every reason code.
+ALL: Final[frozenset[str]] = frozenset(reason for group in AREAS.values() for reason in group)
