@@ -95,7 +95,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             [(1, 16)],
             [(1, 16)],
             [(1, 1), (1, 16)],
-            [(1, 8)],
+            [(1, 16)],
             chosen,
             5,
             10,
