@@ -78,6 +78,16 @@ def counts(base_url: str, model: str = "bench", timeout_s: float = 5.0) -> Count
     return Counts(rows=int(rows.get(model, 0)), events=int(events.get(model, 0)))
 
 
+def counter(base_url: str, family: str, model: str = "bench", timeout_s: float = 10.0) -> int:
+    """One counter of the text exposition for `model` (0 while it has no sample)."""
+    code, body = request(base_url + "/v1/metrics", timeout_s=timeout_s)
+    if code != 200:
+        raise RuntimeError(f"GET /v1/metrics answered {code}")
+    pattern = re.compile(_SAMPLE.format(re.escape(family)), re.MULTILINE)
+    found = {m: float(v) for m, v in pattern.findall(body.decode(errors="replace"))}
+    return int(found.get(model, 0))
+
+
 def stable_counts(
     base_url: str, model: str = "bench", settle_s: float = 0.1, timeout_s: float = 10.0
 ) -> Counts:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import fill as fill_state
 from bench import machine, payloads, probe, report, servers, targets, wrk
 from bench.results import BenchResults, CaseResult, ScrapeResult, ServerResult
 
@@ -40,17 +41,34 @@ class Plan:
     grid: Grid  # floor and memory server
     durable_grid: Grid  # sqlite server
     sink_grid: Grid  # reply-sink variants
+    seed_grid: Grid  # the seed's configuration: durable, replies posted to a sink
+    aged_grid: Grid  # full tables; memory and sqlite (empty) run it too, as the baseline
     servers: tuple[str, ...]
     scrape_events: int
     scrapes: int
     sink_delay_s: float
+    fill: fill_state.FillSizes  # the state-age servers' tables, filled to these bounds
 
 
-ALL_SERVERS = ("floor", "memory", "sqlite", "replyce", "sink200", "deadsink", "scrape")
-SMOKE_SERVERS = ("floor", "memory", "sqlite", "replyce", "sink200", "deadsink", "scrape")
+ALL_SERVERS = (
+    "floor",
+    "memory",
+    "sqlite",
+    "seed",
+    "memory-full",
+    "sqlite-full",
+    "replyce",
+    "sink200",
+    "deadsink",
+    "scrape",
+)
+SMOKE_SERVERS = ALL_SERVERS
+CASE_ORDER: Grid = [(1, 1), (1, 8), (1, 16), (100, 1), (100, 16), (1000, 1), (1000, 16)]
 FULL_GRID: Grid = [(1, 1), (1, 16), (100, 1), (100, 16), (1000, 1), (1000, 16)]
 SQLITE_REJECT = ("sqlite", "--state", "state_dir", "unrecognized", "invalid choice")
 SMOKE_GRID: Grid = [(1, 1), (1, 16), (1000, 16)]
+AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the empty baseline
+DURABLE = ("sqlite", "seed")  # killed with -9 and restarted at the end: acked rows must survive
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -61,7 +79,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.servers
         else default
     )
-    if args.smoke:
+    smoke = args.smoke
+    fill = fill_state.FillSizes(
+        ids=args.fill_ids if args.fill_ids is not None else (2000 if smoke else 1_000_000),
+        rows=args.fill_rows if args.fill_rows is not None else (2000 if smoke else 1_000_000),
+        batch=args.fill_batch,
+        rows_per_event=args.fill_rows_per_event or (1000 if smoke else 100_000),
+    )
+    if smoke:
         return Plan(
             "smoke",
             args.duration or 1,
@@ -69,10 +94,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             SMOKE_GRID,
             [(1, 16)],
             [(1, 16)],
+            [(1, 1), (1, 16)],
+            [(1, 16)],
             chosen,
             5,
             10,
             args.sink_delay,
+            fill,
         )
     return Plan(
         "full",
@@ -81,10 +109,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         FULL_GRID,
         FULL_GRID,
         [(1, 1), (1, 16)],
+        [(1, 1), (1, 16)],
+        [(1, 1), (1, 8), (1, 16)],
         chosen,
         5,
         args.scrapes,
         args.sink_delay,
+        fill,
     )
 
 
@@ -128,6 +159,22 @@ def _last_log_message(log: str, limit: int = 160) -> str:
     with contextlib.suppress(ValueError, AttributeError):
         last = str(json.loads(last).get("message", last))
     return last[:limit]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server of the plan: how to start it, its cases, and whether its counts are checked."""
+
+    name: str
+    argv_for: Callable[[int], list[str]]
+    grid: Grid
+    counted: bool = True
+    may_reject: tuple[str, ...] = ()
+    model: str = "bench"
+
+
+def _union(grid: Grid, more: Grid) -> Grid:
+    return [*grid, *(case for case in more if case not in grid)]
 
 
 class Runner:
@@ -181,7 +228,7 @@ class Runner:
         payload = self.payloads[rows]
         url = m.base_url + "/"
         tag = uuid.uuid4().hex[:8]
-        before = probe.stable_counts(m.base_url) if counted else None
+        before = probe.stable_counts(m.base_url, m.model) if counted else None
         warm = (
             wrk.run(
                 url,
@@ -194,7 +241,7 @@ class Runner:
             if self.plan.warmup_s > 0
             else None
         )
-        mid = probe.stable_counts(m.base_url) if counted else None
+        mid = probe.stable_counts(m.base_url, m.model) if counted else None
         meter = machine.CpuMeter(pids=self.ps.pids()).start()
         res = wrk.run(
             url,
@@ -205,7 +252,7 @@ class Runner:
             self.load_cpu,
         )
         other_pct = meter.other_pct()
-        after = probe.stable_counts(m.base_url) if counted else None
+        after = probe.stable_counts(m.base_url, m.model) if counted else None
         c = CaseResult(
             server=name,
             rows=rows,
@@ -260,10 +307,11 @@ class Runner:
         port: int,
         sr: ServerResult,
         may_reject: tuple[str, ...] = (),
+        model: str = "bench",
     ) -> servers.Managed | None:
         """Start a server; a start failure is a failure unless its log names a rejected flag."""
         try:
-            m = self.ps.start(name, argv, port, self.server_cpu)
+            m = self.ps.start(name, argv, port, self.server_cpu, model=model)
         except servers.StartError as exc:
             tail = exc.log_tail.lower()
             if exc.returncode is not None and any(w in tail for w in may_reject):
@@ -290,13 +338,14 @@ class Runner:
         name: str,
         argv_for: Callable[[int], list[str]],
         may_reject: tuple[str, ...] = (),
+        model: str = "bench",
     ) -> servers.Managed | None:
         """Start one server and record its start-up figures; None if it did not start."""
         port = servers.free_port()
         argv = argv_for(port)
         sr = ServerResult(name=name, argv=argv)
         self.r.servers.append(sr)
-        return self.start(name, argv, port, sr, may_reject)
+        return self.start(name, argv, port, sr, may_reject, model)
 
     def check_alive(self, name: str, m: servers.Managed) -> bool:
         """False (and a failure recorded once) if the server has exited."""
@@ -317,129 +366,216 @@ class Runner:
         honest when the machine's background load drifts during a long run.
         """
         p = self.plan
-        sink: servers.Managed | None = None
-        variants: list[tuple[str, Callable[[int], list[str]], Grid, bool, tuple[str, ...]]] = []
-        if "floor" in p.servers:
-            variants.append(("floor", servers.floor_argv, p.grid, False, ()))
-        if "memory" in p.servers:
-            variants.append(
-                ("memory", lambda port: servers.adserver_argv(port, ONE_HOT), p.grid, True, ())
-            )
-        if "sqlite" in p.servers:
-            variants.append(("sqlite", self.sqlite_argv, p.durable_grid, True, SQLITE_REJECT))
-        if "replyce" in p.servers:  # reply CloudEvent in the answer, no sink: isolates its cost
-            variants.append(
-                (
-                    "replyce",
-                    lambda port: servers.adserver_argv(port, ONE_HOT, reply_ce=True),
-                    p.sink_grid,
-                    True,
-                    (),
-                )
-            )
-        if "sink200" in p.servers:
-            sink_port = servers.free_port()
-            try:
-                sink = self.ps.start(
-                    "sink",
-                    servers.sink_argv(sink_port, p.sink_delay_s),
-                    sink_port,
-                    self.load_cpu,
-                    ready_path="/stats",
-                )
-            except servers.StartError as exc:
-                self.fail(str(exc))
-            else:
-                reply = f"http://{servers.HOST}:{sink_port}/"
-                variants.append(
-                    (
-                        "sink200",
-                        lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=reply),
-                        p.sink_grid,
-                        True,
-                        (),
-                    )
-                )
-        if "deadsink" in p.servers:
-            dead = f"http://{servers.HOST}:{servers.free_port()}/"
-            variants.append(
-                (
-                    "deadsink",
-                    lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=dead),
-                    p.sink_grid,
-                    True,
-                    (),
-                )
-            )
-
+        sinks: dict[str, servers.Managed] = {}
+        variants = self.variants(sinks)
         started: dict[str, servers.Managed] = {}
-        for name, argv_for, _grid, _counted, may_reject in variants:
-            m = self.launch(name, argv_for, may_reject)
+        for v in variants:
+            m = self.launch(v.name, v.argv_for, v.may_reject, v.model)
             if m is not None:
-                started[name] = m
+                started[v.name] = m
+        for name in AGED:
+            if name in started and not self.age(name, started[name]):
+                self.ps.stop(started.pop(name))
 
-        cases = sorted({case for v in variants for case in v[2]}, key=FULL_GRID.index)
+        cases = sorted({case for v in variants for case in v.grid}, key=CASE_ORDER.index)
         for rows, conns in cases:
-            for name, _argv_for, grid, counted, _rej in variants:
-                m = started.get(name)
-                if m is None or (rows, conns) not in grid or not self.check_alive(name, m):
+            for v in variants:
+                m = started.get(v.name)
+                if m is None or (rows, conns) not in v.grid or not self.check_alive(v.name, m):
                     continue
                 try:
-                    self.run_case(name, m, rows, conns, counted)
+                    self.run_case(v.name, m, rows, conns, v.counted)
                 except (wrk.WrkError, OSError, RuntimeError) as exc:
-                    self.fail(f"{name} {rows} rows c{conns}: {exc}")
+                    self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
 
         for name, m in started.items():
             sr = self.r.server(name)
             if sr and self.check_alive(name, m):
                 sr.rss_after_mb = servers.rss_mb(m.pid)
-        if sink is not None:
-            self.note_sink(sink)
+        for server, sink in sinks.items():
+            self.note_sink(server, sink)
+        argv_for = {v.name: v.argv_for for v in variants}
         for name, m in started.items():
-            if name == "sqlite" and m.alive():
-                self.check_durable(m)
+            if name in DURABLE and m.alive():
+                self.check_durable(name, m, argv_for[name])
             else:
                 self.ps.stop(m)
-        if sink is not None:
+        for sink in sinks.values():
             self.ps.stop(sink)
         if "scrape" in p.servers:
             self.run_scrape()
 
-    def note_sink(self, sink: servers.Managed) -> None:
-        """How many replies reached the slow sink (information: replies are best effort)."""
-        sr = self.r.server("sink200")
+    def variants(self, sinks: dict[str, servers.Managed]) -> list[Variant]:
+        """The servers of the plan, in the order their cases run; starts the reply sinks."""
+        p = self.plan
+        aged = [c for c in p.aged_grid if any(n in p.servers for n in AGED)]
+        out: list[Variant] = []
+        if "floor" in p.servers:
+            out.append(Variant("floor", servers.floor_argv, p.grid, counted=False))
+        if "memory" in p.servers:
+            out.append(
+                Variant(
+                    "memory",
+                    lambda port: servers.adserver_argv(port, ONE_HOT),
+                    _union(p.grid, aged),
+                )
+            )
+        if "sqlite" in p.servers:
+            out.append(
+                Variant(
+                    "sqlite",
+                    lambda port: self.sqlite_argv(port, "sqlite"),
+                    _union(p.durable_grid, aged),
+                    may_reject=SQLITE_REJECT,
+                )
+            )
+        if "seed" in p.servers:
+            # The seed's reply_url points at a sink that answers 200 at once, as a message
+            # dumper or a broker does: every reply is really sent.
+            sink = self.start_sink("seed", 0.0, sinks)
+            if sink is not None:
+                reply = f"http://{servers.HOST}:{sink.port}/"
+                out.append(
+                    Variant(
+                        "seed",
+                        lambda port: servers.seed_argv(port, self.state_dir("seed"), reply),
+                        p.seed_grid,
+                        model=servers.SEED_MODEL,
+                    )
+                )
+        bounds = {"max_ids": p.fill.ids, "max_rows": p.fill.rows}
+        if "memory-full" in p.servers:
+            out.append(
+                Variant(
+                    "memory-full",
+                    lambda port: servers.adserver_argv(port, ONE_HOT, **bounds),
+                    p.aged_grid,
+                )
+            )
+        if "sqlite-full" in p.servers:
+            out.append(
+                Variant(
+                    "sqlite-full",
+                    lambda port: self.sqlite_argv(port, "sqlite-full", **bounds),
+                    p.aged_grid,
+                    may_reject=SQLITE_REJECT,
+                )
+            )
+        if "replyce" in p.servers:  # reply CloudEvent in the answer, no sink: isolates its cost
+            out.append(
+                Variant(
+                    "replyce",
+                    lambda port: servers.adserver_argv(port, ONE_HOT, reply_ce=True),
+                    p.sink_grid,
+                )
+            )
+        if "sink200" in p.servers:
+            sink = self.start_sink("sink200", p.sink_delay_s, sinks)
+            if sink is not None:
+                slow = f"http://{servers.HOST}:{sink.port}/"
+                out.append(
+                    Variant(
+                        "sink200",
+                        lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=slow),
+                        p.sink_grid,
+                    )
+                )
+        if "deadsink" in p.servers:
+            dead = f"http://{servers.HOST}:{servers.free_port()}/"
+            out.append(
+                Variant(
+                    "deadsink",
+                    lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=dead),
+                    p.sink_grid,
+                )
+            )
+        return out
+
+    def start_sink(
+        self, server: str, delay_s: float, sinks: dict[str, servers.Managed]
+    ) -> servers.Managed | None:
+        """A reply sink for `server`, on the load core: it stands for a remote service."""
+        port = servers.free_port()
+        try:
+            sink = self.ps.start(
+                f"{server}-sink",
+                servers.sink_argv(port, delay_s),
+                port,
+                self.load_cpu,
+                ready_path="/stats",
+            )
+        except servers.StartError as exc:
+            self.fail(str(exc))
+            return None
+        sinks[server] = sink
+        return sink
+
+    def age(self, name: str, m: servers.Managed) -> bool:
+        """Fill a state-age server's tables to their bounds; False (a failure) if that fails."""
+        sizes = self.plan.fill
+        print(f"{name}: filling {sizes.ids} ids and {sizes.rows} logged rows...", flush=True)
+        try:
+            done = fill_state.fill(m.base_url, sizes, f"fill-{uuid.uuid4().hex[:8]}", m.model)
+        except (fill_state.FillError, OSError, RuntimeError) as exc:
+            self.fail(f"{name}: fill failed: {exc}")
+            return False
+        sr = self.r.server(name)
+        rss = servers.rss_mb(m.pid)
+        if sr:
+            sr.notes.append(f"{done.note()}; RSS after the fill {rss or 0:.1f} MB")
+        print(f"  {name}: {done.note()}, RSS {rss or 0:.1f} MB", flush=True)
+        return True
+
+    def note_sink(self, server: str, sink: servers.Managed) -> None:
+        """How many replies reached a sink (information: replies are best effort)."""
+        sr = self.r.server(server)
         try:
             code, body = probe.request(sink.base_url + "/stats")
             if sr and code == 200:
                 sr.notes.append(f"sink received {body.decode().strip()}")
         except OSError as exc:
-            print(f"warning: sink stats: {exc}", file=sys.stderr)
+            print(f"warning: {server} sink stats: {exc}", file=sys.stderr)
 
-    def sqlite_argv(self, port: int) -> list[str]:
-        """Durable mode on a state dir private to this run."""
-        state_dir = self.work / "state"
-        state_dir.mkdir(exist_ok=True)
-        return servers.adserver_argv(port, ONE_HOT, state="sqlite", state_dir=state_dir)
+    def state_dir(self, name: str) -> Path:
+        """A state dir private to this run and server (a restart reuses it)."""
+        path = self.work / f"state-{name}"
+        path.mkdir(exist_ok=True)
+        return path
 
-    def check_durable(self, m: servers.Managed) -> None:
-        """kill -9 the sqlite server and restart it on the same dir: acked rows must survive."""
-        sr = self.r.server("sqlite")
-        acked = sum(c.acked_rows_all for c in self.r.cases if c.server == "sqlite")
+    def sqlite_argv(self, port: int, name: str, max_ids: int = 0, max_rows: int = 0) -> list[str]:
+        """Durable mode on the server's state dir."""
+        return servers.adserver_argv(
+            port,
+            ONE_HOT,
+            state="sqlite",
+            state_dir=self.state_dir(name),
+            max_ids=max_ids,
+            max_rows=max_rows,
+        )
+
+    def check_durable(
+        self, name: str, m: servers.Managed, argv_for: Callable[[int], list[str]]
+    ) -> None:
+        """kill -9 a durable server and restart it on the same dir: acked rows must survive."""
+        sr = self.r.server(name)
+        acked = sum(c.acked_rows_all for c in self.r.cases if c.server == name)
         try:
-            before = probe.stable_counts(m.base_url)
+            before = probe.stable_counts(m.base_url, m.model)
         except (OSError, RuntimeError) as exc:
-            self.fail(f"sqlite: cannot read counts before restart: {exc}")
+            self.fail(f"{name}: cannot read counts before restart: {exc}")
             self.ps.stop(m)
             return
         self.ps.stop(m, kill=True)
         port = servers.free_port()
         try:
-            m2 = self.ps.start("sqlite-restart", self.sqlite_argv(port), port, self.server_cpu)
+            m2 = self.ps.start(
+                f"{name}-restart", argv_for(port), port, self.server_cpu, model=m.model
+            )
         except servers.StartError as exc:
-            self.fail(f"sqlite restart after kill -9: {exc}")
+            self.fail(f"{name} restart after kill -9: {exc}")
             return
         try:
-            after = probe.stable_counts(m2.base_url)
+            after = probe.stable_counts(m2.base_url, m2.model)
         finally:
             self.ps.stop(m2)
         note = (
@@ -448,11 +584,11 @@ class Runner:
         )
         if sr:
             sr.notes.append(note)
-        print(f"  sqlite {note}", flush=True)
+        print(f"  {name} {note}", flush=True)
         if after.rows < acked:
-            self.fail(f"sqlite lost acknowledged rows over kill -9: {note}")
+            self.fail(f"{name} lost acknowledged rows over kill -9: {note}")
         elif after.rows > before.rows:
-            self.fail(f"sqlite has more rows after restart than before: {note}")
+            self.fail(f"{name} has more rows after restart than before: {note}")
 
     def run_scrape(self) -> None:
         """Fill a 100-class confusion matrix (MultiClassNumeric), then time text scrapes."""
@@ -545,6 +681,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rerun a case up to N times if others used >10%% CPU during it",
     )
     parser.add_argument("--sink-delay", type=float, default=0.2, help="reply sink delay, s")
+    parser.add_argument(
+        "--fill-ids",
+        type=int,
+        default=None,
+        help="state-age servers: event ids remembered before measuring, also their "
+        "--dedup_max_ids (default 1000000, smoke 2000)",
+    )
+    parser.add_argument(
+        "--fill-rows",
+        type=int,
+        default=None,
+        help="state-age servers: logged prediction rows, also their --join_max_rows "
+        "(default 1000000, smoke 2000)",
+    )
+    parser.add_argument(
+        "--fill-batch", type=int, default=1000, help="events per batched fill request"
+    )
+    parser.add_argument(
+        "--fill-rows-per-event",
+        type=int,
+        default=None,
+        help="prediction rows per fill logger event (default 100000, smoke 1000)",
+    )
     return parser.parse_args(argv)
 
 

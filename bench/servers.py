@@ -56,11 +56,14 @@ def adserver_argv(
     reply_url: str | None = None,
     reply_ce: bool = False,
     model_name: str = "bench",
+    max_ids: int = 0,
+    max_rows: int = 0,
 ) -> list[str]:
     """The drop-in command line of our server (Seldon MetricsServer flags plus ours).
 
     `reply_ce` (implied by `reply_url`) sets --event_type/--event_source, which makes the server
-    answer each event with a reply CloudEvent.
+    answer each event with a reply CloudEvent. `max_ids` / `max_rows`, when set, are its
+    --dedup_max_ids / --join_max_rows (the state-age cases fill the tables to these bounds).
     """
     argv = [
         sys.executable,
@@ -85,7 +88,43 @@ def adserver_argv(
         argv += ["--reply_url", reply_url]
     if reply_ce or reply_url is not None:
         argv += ["--event_type", "io.seldon.serving.feedback.metrics", "--event_source", "bench"]
+    if max_ids:
+        argv += ["--dedup_max_ids", str(max_ids)]
+    if max_rows:
+        argv += ["--join_max_rows", str(max_rows)]
     return [*argv, "MetricsServer"]
+
+
+SEED_MODEL = "multiclassserver"
+
+
+def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
+    """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
+    `reply_url`), plus what a bench needs: a loopback address and a private state dir."""
+    return [
+        sys.executable,
+        "-m",
+        "adserver",
+        "--model_name",
+        SEED_MODEL,
+        "--http_port",
+        str(port),
+        "--http_host",
+        HOST,
+        "--protocol",
+        "seldonfeedback.http",
+        "--storage_uri",
+        "adserver.cm_models.multiclass_one_hot.MulticlassOneHot",
+        "--state_dir",
+        str(state_dir),
+        "--reply_url",
+        reply_url,
+        "--event_type",
+        "io.seldon.serving.feedback.metrics",
+        "--event_source",
+        "io.seldon.serving.feedback",
+        "MetricsServer",
+    ]
 
 
 def floor_argv(port: int) -> list[str]:
@@ -129,6 +168,7 @@ class Managed:
     started_at: float
     start_to_ready_s: float | None = None
     rss_start_mb: float | None = None
+    model: str = "bench"  # the --model_name its counts are read under
     extra: dict = field(default_factory=dict)
 
     @property
@@ -164,6 +204,7 @@ class ProcessSet:
         cpu: int | None,
         ready_path: str | None = "/v1/metrics",
         timeout_s: float = 30.0,
+        model: str = "bench",
     ) -> Managed:
         """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it."""
         log_path = self.log_dir / f"{name}.log"
@@ -178,7 +219,13 @@ class ProcessSet:
         )
         log.close()
         m = Managed(
-            name=name, argv=argv, proc=proc, log_path=log_path, port=port, started_at=started_at
+            name=name,
+            argv=argv,
+            proc=proc,
+            log_path=log_path,
+            port=port,
+            started_at=started_at,
+            model=model,
         )
         self._procs.append(m)
         if ready_path is not None:

@@ -19,6 +19,10 @@ def _req(c: CaseResult | None) -> float | None:
     return c.req_s if c else None
 
 
+def _p99(c: CaseResult | None) -> float | None:
+    return c.p99_ms if c else None
+
+
 def evaluate(r: BenchResults) -> list[Target]:
     """Compute every target that the run has the figures for (others report measured=None)."""
     floor1c16, mem1c16 = r.case("floor", 1, 16), r.case("memory", 1, 16)
@@ -26,6 +30,7 @@ def evaluate(r: BenchResults) -> list[Target]:
     floor1k, mem1k = r.case("floor", 1000, 16), r.case("memory", 1000, 16)
     sql1c16, sink1c16 = r.case("sqlite", 1, 16), r.case("sink200", 1, 16)
     dead1c16, reply1c16 = r.case("deadsink", 1, 16), r.case("replyce", 1, 16)
+    seed1c16, seed1c1 = r.case("seed", 1, 16), r.case("seed", 1, 1)
     mem = r.server("memory")
     targets = [
         Target("single row c16 req/s vs floor", _ratio(_req(mem1c16), _req(floor1c16)), ">=", 0.8),
@@ -46,6 +51,28 @@ def evaluate(r: BenchResults) -> list[Target]:
             _ratio(_req(sql1c16), _req(mem1c16)),
             ">=",
             0.7,
+        ),
+        Target(
+            "default config (seed: durable + replies to a 200 sink) single row c16 req/s vs floor",
+            _ratio(_req(seed1c16), _req(floor1c16)),
+            ">=",
+            0.75,
+        ),
+        Target(
+            "default config (seed) single row c1 p99 vs memory c1 p99",
+            _ratio(_p99(seed1c1), _p99(mem1c1)),
+            "<=",
+            2.0,
+        ),
+        *(
+            Target(
+                f"{mode} with full tables (ids and logged rows at their bounds) single row c8 "
+                f"req/s vs empty",
+                _ratio(_req(r.case(f"{mode}-full", 1, 8)), _req(r.case(mode, 1, 8))),
+                ">=",
+                0.9,
+            )
+            for mode in ("memory", "sqlite")
         ),
         # "No sink" is the same server with the same reply settings minus --reply_url: only the
         # sink differs, which is what the target is about (the reference blocked on it).
@@ -88,4 +115,36 @@ def evaluate(r: BenchResults) -> list[Target]:
         Target(name, _ratio(_req(case), _req(base)), ">=", 0.9, required=False)
         for name, case, base in information
     ]
+    # The state-age figures besides the required c8 throughput: every one is reported.
+    for mode in ("memory", "sqlite"):
+        for conns in (1, 16):
+            full, empty = r.case(f"{mode}-full", 1, conns), r.case(mode, 1, conns)
+            targets.append(
+                Target(
+                    f"{mode} full tables single row c{conns} req/s vs empty",
+                    _ratio(_req(full), _req(empty)),
+                    ">=",
+                    0.9,
+                    required=False,
+                )
+            )
+        full, empty = r.case(f"{mode}-full", 1, 1), r.case(mode, 1, 1)
+        targets.append(
+            Target(
+                f"{mode} full tables single row c1 p99 vs empty",
+                _ratio(_p99(full), _p99(empty)),
+                "<=",
+                2.0,
+                required=False,
+            )
+        )
+    targets.append(
+        Target(
+            "default config (seed) single row c1 p99 vs durable without replies (sqlite)",
+            _ratio(_p99(seed1c1), _p99(r.case("sqlite", 1, 1))),
+            "<=",
+            2.0,
+            required=False,
+        )
+    )
     return targets

@@ -45,7 +45,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["failures"] == [], log
     servers = {c["server"] for c in doc["cases"]}
-    assert {"floor", "memory"} <= servers, log
+    assert {"floor", "memory", "seed", "memory-full", "sqlite-full"} <= servers, log
+    notes = {s["name"]: " ".join(s["notes"]) for s in doc["servers"]}
+    for aged in ("memory-full", "sqlite-full"):  # filled through HTTP and checked before its cases
+        assert "2000 ids, 2000 logged rows" in notes[aged], notes
+    assert "kill -9 + restart" in notes["seed"] and "sink received" in notes["seed"], notes
+    targets = {t["name"]: t for t in doc["targets"]}
+    seed_p99 = "default config (seed) single row c1 p99 vs memory c1 p99"
+    assert targets[seed_p99]["measured"] is not None, targets
     checked = [c for c in doc["cases"] if c["check_ok"] is not None]
     assert checked, log
     for case in checked:
