@@ -16,6 +16,7 @@ from adserver.http_events import Lifecycle
 from adserver.ingest import FeedbackService, ReplyConfig
 from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
+from adserver.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
 from adserver.loader import load_model
 from adserver.reply import ReplySender
 from adserver.server import make_app
@@ -32,13 +33,14 @@ class Server:
     settings: Settings
     service: FeedbackService
     http: tornado.httpserver.HTTPServer
+    listener: Listener
     sender: ReplySender | None
     lifecycle: Lifecycle
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight events finish and commit, then release everything."""
         self.lifecycle.ready = False
-        self.http.stop()
+        self.listener.stop()
         deadline = asyncio.get_running_loop().time() + seconds
         while self.lifecycle.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
@@ -74,6 +76,7 @@ def build_server(settings: Settings) -> Server:
         else None
     )
     service = FeedbackService(model, store, reply=reply, sender=sender)
+    connections = ConnectionStats()
     collector = FeedbackCollector(
         settings.model_name,
         state,
@@ -81,6 +84,7 @@ def build_server(settings: Settings) -> Server:
         seldon_class_label=getattr(model, "seldon_class_label", False),
         seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
         reply_stats=sender.snapshot if sender is not None else None,
+        connection_stats=connections.snapshot,
     )
     lifecycle = Lifecycle()
     app = make_app(
@@ -91,9 +95,18 @@ def build_server(settings: Settings) -> Server:
         lifecycle=lifecycle,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
-    # getaddrinfo call per request.
-    http = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body_bytes + 1)
-    return Server(settings, service, http, sender, lifecycle)
+    # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an
+    # idle keep-alive connection and a slow request head alike.
+    http = tornado.httpserver.HTTPServer(
+        app,
+        max_body_size=settings.max_body_bytes + 1,
+        max_header_size=MAX_HEADER_BYTES,
+        idle_connection_timeout=settings.idle_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+    )
+    cap = connection_cap(settings.max_connections)
+    listener = Listener(http, service.reject, cap, connections)
+    return Server(settings, service, http, listener, sender, lifecycle)
 
 
 async def serve(settings: Settings) -> None:
@@ -101,7 +114,7 @@ async def serve(settings: Settings) -> None:
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # full scans, which would otherwise add their pauses to the latency tail of events.
     gc.freeze()
-    server.http.listen(settings.http_port, address=settings.http_host)
+    server.listener.listen(settings.http_port, settings.http_host)
     if server.sender is not None:
         server.sender.start()
     if settings.elasticsearch_uri:
@@ -118,6 +131,7 @@ async def serve(settings: Settings) -> None:
             "model": settings.model_name,
             "storage_uri": settings.storage_uri,
             "state": settings.state,
+            "max_connections": server.listener.max_connections,
         },
     )
     stop = asyncio.Event()

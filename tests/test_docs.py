@@ -45,7 +45,8 @@ def test_every_error_reason_is_documented() -> None:
     """Reason codes are part of the API: each one raised in the code is listed in the README."""
     root = Path(__file__).resolve().parents[1]
     pattern = re.compile(
-        r"(?:BadRequest|InvalidFeedback|PayloadTooLarge|Unavailable)\("
+        r"(?:BadRequest|InvalidFeedback|PayloadTooLarge|Unavailable|HeadersTooLarge"
+        r"|UnsupportedEncoding)\("
         r'(?:[^()]|\([^()]*\))*?,\s*"([a-z_]+)"\s*,?\s*\)',
         re.S,
     )
