@@ -12,7 +12,7 @@ import tornado.httpserver
 
 from adserver.constants import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exporter import FeedbackCollector, build_registry
-from adserver.http_events import Lifecycle
+from adserver.http_events import BodyDeadlines, Lifecycle
 from adserver.ingest import FeedbackService, ReplyConfig
 from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
@@ -34,6 +34,7 @@ class Server:
     service: FeedbackService
     http: tornado.httpserver.HTTPServer
     listener: Listener
+    bodies: BodyDeadlines
     sender: ReplySender | None
     lifecycle: Lifecycle
 
@@ -41,6 +42,7 @@ class Server:
         """Stop accepting, let in-flight events finish and commit, then release everything."""
         self.lifecycle.ready = False
         self.listener.stop()
+        self.bodies.sweeper.stop()
         deadline = asyncio.get_running_loop().time() + seconds
         while self.lifecycle.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
@@ -92,21 +94,22 @@ def build_server(settings: Settings) -> Server:
         build_registry(collector),
         protocol=settings.protocol,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
         lifecycle=lifecycle,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
     # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an
-    # idle keep-alive connection and a slow request head alike.
+    # idle keep-alive connection and a slow request head alike. The body timeout is the
+    # router's (see BodyDeadlines).
     http = tornado.httpserver.HTTPServer(
         app,
         max_body_size=settings.max_body_bytes + 1,
         max_header_size=MAX_HEADER_BYTES,
         idle_connection_timeout=settings.idle_timeout_seconds,
-        body_timeout=settings.body_timeout_seconds,
     )
     cap = connection_cap(settings.max_connections)
     listener = Listener(http, service.reject, cap, connections)
-    return Server(settings, service, http, listener, sender, lifecycle)
+    return Server(settings, service, http, listener, app.bodies, sender, lifecycle)
 
 
 async def serve(settings: Settings) -> None:
@@ -115,6 +118,7 @@ async def serve(settings: Settings) -> None:
     # full scans, which would otherwise add their pauses to the latency tail of events.
     gc.freeze()
     server.listener.listen(settings.http_port, settings.http_host)
+    server.bodies.sweeper.start()
     if server.sender is not None:
         server.sender.start()
     if settings.elasticsearch_uri:

@@ -219,13 +219,9 @@ class GuardedStream(IOStream):
     def __init__(self, connection: socket.socket, listener: Listener, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self.listener = listener
-        # Tornado reads a request head with read_until_regex and a chunk size with read_until.
+        # Tornado reads a chunk size with read_until; what follows a response is the next head.
         self.reading_head = True
         self.final: bytes | None = None
-
-    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
-        self.reading_head = True
-        return super().read_until_regex(regex, max_bytes)
 
     def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         self.reading_head = False
@@ -242,6 +238,7 @@ class GuardedStream(IOStream):
             written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             written.set_result(None)
             return written
+        self.reading_head = True
         return super().write(data)
 
     def close(self, exc_info: Any = False) -> None:

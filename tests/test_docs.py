@@ -46,7 +46,7 @@ def test_every_error_reason_is_documented() -> None:
     root = Path(__file__).resolve().parents[1]
     pattern = re.compile(
         r"(?:BadRequest|InvalidFeedback|PayloadTooLarge|Unavailable|HeadersTooLarge"
-        r"|UnsupportedEncoding)\("
+        r"|UnsupportedEncoding|RequestTimeout)\("
         r'(?:[^()]|\([^()]*\))*?,\s*"([a-z_]+)"\s*,?\s*\)',
         re.S,
     )

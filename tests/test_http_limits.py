@@ -324,3 +324,19 @@ def test_out_of_file_descriptors_backs_off_quietly(servers: ServerFactory) -> No
     assert len(log) < 5000, log[:2000]
     assert log.count("cannot accept connections") == 1
     assert value(scrape(server.url), "feedback_http_accept_errors_total") >= 1
+
+
+def test_slow_body_gets_408_after_the_body_timeout(servers: ServerFactory) -> None:
+    server = servers("--state", "memory", "--body_timeout_seconds", "0.5")
+    before = rejections(server.url)
+    with socket.create_connection(address(server.url), timeout=5) as connection:
+        connection.sendall(request(EVENT + "Content-Length: 100\n", b'{"truth": '))
+        started = time.monotonic()
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        waited = time.monotonic() - started
+    answer = parse(received)
+    assert (answer.status, answer.body["reason"]) == (408, "body_timeout")
+    assert 0.4 < waited < 3
+    wait_until(lambda: moved(before, rejections(server.url)) == {"body_timeout": 1}, 5, "counted")
