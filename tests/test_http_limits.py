@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import requests
+import tornado
 
 from tests.helpers import (
     ServerFactory,
@@ -155,7 +156,16 @@ def url(module_servers: ServerFactory) -> str:
     return module_servers("--state", "memory", "--max_body_bytes", str(1 << 20)).url
 
 
-@pytest.mark.parametrize("name", list(MALFORMED))
+# Tornado validates header values against the RFC's grammar from 6.5 on.
+OLD_TORNADO = pytest.mark.skipif(
+    tornado.version_info < (6, 5), reason="Tornado < 6.5 accepts control characters in headers"
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=OLD_TORNADO) if "control" in n else n for n in MALFORMED],
+)
 def test_malformed_http_is_a_json_4xx_and_counted(url: str, name: str) -> None:
     data, status, reason = MALFORMED[name]
     doc, before = model_doc(url), rejections(url)
