@@ -199,7 +199,13 @@ class BodyDeadlines:
             stream.close()
             return
         error = RequestTimeout(f"the body did not arrive within {self.seconds:g} s", "body_timeout")
-        stream.write(closing_answer(error)).add_done_callback(lambda _: stream.close())
+
+        def written(future: asyncio.Future[None]) -> None:
+            if not future.cancelled():
+                future.exception()  # a client gone before the answer is no error
+            stream.close()
+
+        stream.write(closing_answer(error)).add_done_callback(written)
 
 
 class EventsRouter(tornado.httputil.HTTPServerConnectionDelegate):
