@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["adserver", "adserver.*", "cm_models", "cm_models.*"]),
     install_requires=[
-        "tornado>=6.4",
+        "tornado>=6.5",  # 6.5 refuses control characters in header values
         "cloudevents>=2.2,<3",
         "numpy>=1.26",
         "prometheus-client>=0.23.1",  # the exposition encoder needs its escaping API

@@ -12,10 +12,11 @@ import tornado.httpserver
 
 from adserver.constants import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exporter import FeedbackCollector, build_registry
-from adserver.http_events import Lifecycle
+from adserver.http_events import BodyDeadlines, Lifecycle
 from adserver.ingest import FeedbackService, ReplyConfig
 from adserver.join import Joiner
 from adserver.labels import seldon_default_labels
+from adserver.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
 from adserver.loader import load_model
 from adserver.reply import ReplySender
 from adserver.server import make_app
@@ -32,13 +33,16 @@ class Server:
     settings: Settings
     service: FeedbackService
     http: tornado.httpserver.HTTPServer
+    listener: Listener
+    bodies: BodyDeadlines
     sender: ReplySender | None
     lifecycle: Lifecycle
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight events finish and commit, then release everything."""
         self.lifecycle.ready = False
-        self.http.stop()
+        self.listener.stop()
+        self.bodies.sweeper.stop()
         deadline = asyncio.get_running_loop().time() + seconds
         while self.lifecycle.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
@@ -76,6 +80,7 @@ def build_server(settings: Settings) -> Server:
     service = FeedbackService(
         model, store, reply=reply, sender=sender, inference_service=settings.inference_service
     )
+    connections = ConnectionStats()
     collector = FeedbackCollector(
         settings.model_name,
         state,
@@ -83,6 +88,7 @@ def build_server(settings: Settings) -> Server:
         seldon_class_label=getattr(model, "seldon_class_label", False),
         seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
         reply_stats=sender.snapshot if sender is not None else None,
+        connection_stats=connections.snapshot,
     )
     lifecycle = Lifecycle()
     app = make_app(
@@ -90,12 +96,22 @@ def build_server(settings: Settings) -> Server:
         build_registry(collector),
         protocol=settings.protocol,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
         lifecycle=lifecycle,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
-    # getaddrinfo call per request.
-    http = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body_bytes + 1)
-    return Server(settings, service, http, sender, lifecycle)
+    # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an
+    # idle keep-alive connection and a slow request head alike. The body timeout is the
+    # router's (see BodyDeadlines).
+    http = tornado.httpserver.HTTPServer(
+        app,
+        max_body_size=settings.max_body_bytes + 1,
+        max_header_size=MAX_HEADER_BYTES,
+        idle_connection_timeout=settings.idle_timeout_seconds,
+    )
+    cap = connection_cap(settings.max_connections)
+    listener = Listener(http, service.reject, cap, connections)
+    return Server(settings, service, http, listener, app.bodies, sender, lifecycle)
 
 
 async def serve(settings: Settings) -> None:
@@ -103,7 +119,8 @@ async def serve(settings: Settings) -> None:
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # full scans, which would otherwise add their pauses to the latency tail of events.
     gc.freeze()
-    server.http.listen(settings.http_port, address=settings.http_host)
+    server.listener.listen(settings.http_port, settings.http_host)
+    server.bodies.sweeper.start()
     if server.sender is not None:
         server.sender.start()
     if settings.elasticsearch_uri:
@@ -120,6 +137,7 @@ async def serve(settings: Settings) -> None:
             "model": settings.model_name,
             "storage_uri": settings.storage_uri,
             "state": settings.state,
+            "max_connections": server.listener.max_connections,
         },
     )
     stop = asyncio.Event()

@@ -25,6 +25,22 @@ class PayloadTooLarge(RequestError):
     status = 413
 
 
+class RequestTimeout(RequestError):
+    """The body did not arrive in time; the connection is closed."""
+
+    status = 408
+
+
+class UnsupportedEncoding(RequestError):
+    """A ``Content-Encoding`` the server cannot read."""
+
+    status = 415
+
+
+class HeadersTooLarge(RequestError):
+    status = 431
+
+
 class Unavailable(RequestError):
     """A transient fault (e.g. the state store is busy): 503 asks the sender to retry."""
 

@@ -153,6 +153,7 @@ class FeedbackCollector:
         seldon_class_label: bool,
         seldon_labels: Mapping[str, str],
         reply_stats: Callable[[], Mapping[str, int]] | None = None,
+        connection_stats: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.model_name = model_name
         self.state = state
@@ -160,6 +161,7 @@ class FeedbackCollector:
         self.seldon_class_label = seldon_class_label
         self.seldon_labels = dict(seldon_labels)
         self.reply_stats = reply_stats
+        self.connection_stats = connection_stats
 
     def collect(self) -> Iterator[Metric]:
         view = StateView.of(self.state)
@@ -171,6 +173,8 @@ class FeedbackCollector:
         yield from self.custom_families(view)
         if replies is not None:
             yield from self.reply_families(replies)
+        if self.connection_stats is not None:
+            yield from connection_families(self.model_name, self.connection_stats())
 
     def server_counters(self, view: StateView) -> Iterator[Metric]:
         for name, (help_text, label_names) in SERVER_COUNTERS.items():
@@ -366,3 +370,23 @@ def build_registry(collector: FeedbackCollector) -> CollectorRegistry:
     registry.register(collector)
     ProcessCollector(registry=registry)
     return registry
+
+
+def connection_families(model_name: str, stats: Mapping[str, int]) -> Iterator[Metric]:
+    """The HTTP listener's connections (this process's, since it started)."""
+    open_now = GaugeMetricFamily(
+        METRIC_PREFIX + "http_connections", "HTTP connections open", labels=("model",)
+    )
+    open_now.add_metric((model_name,), stats["open"])
+    yield open_now
+    for name, key, help_text in (
+        ("http_connections_refused", "refused", "connections over --max_connections, given 503"),
+        (
+            "http_accept_errors",
+            "accept_errors",
+            "failed accepts (e.g. out of file descriptors), each pausing accepting up to 1 s",
+        ),
+    ):
+        family = CounterMetricFamily(METRIC_PREFIX + name, help_text, labels=("model",))
+        family.add_metric((model_name,), stats[key])
+        yield family

@@ -63,9 +63,23 @@ INVALID_DATA: Final = "invalid_data"  # a MetricModel of one's own raised Invali
 # 413
 BODY_TOO_LARGE: Final = "body_too_large"
 
+# HTTP framing (any route; the connection is closed after the answer)
+MALFORMED_HEADERS: Final = "malformed_headers"
+HEADERS_TOO_LARGE: Final = "headers_too_large"  # 431
+INVALID_CONTENT_LENGTH: Final = "invalid_content_length"
+CONTENT_LENGTH_WITH_TRANSFER_ENCODING: Final = "content_length_with_transfer_encoding"
+UNSUPPORTED_TRANSFER_ENCODING: Final = "unsupported_transfer_encoding"
+MALFORMED_CHUNKED_BODY: Final = "malformed_chunked_body"
+BODY_TIMEOUT: Final = "body_timeout"  # 408
+
+# compressed bodies
+UNSUPPORTED_CONTENT_ENCODING: Final = "unsupported_content_encoding"  # 415
+INVALID_COMPRESSED_BODY: Final = "invalid_compressed_body"
+
 # 503: transient, the sender retries
 STORE_ERROR: Final = "store_error"
 SHUTTING_DOWN: Final = "shutting_down"
+TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # over --max_connections
 
 # routes and faults (adserver/server.py derives Tornado's from its reason phrase)
 NOT_FOUND: Final = "not_found"
@@ -127,8 +141,18 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),
-    "503": (STORE_ERROR, SHUTTING_DOWN),
+    "503": (STORE_ERROR, SHUTTING_DOWN, TOO_MANY_CONNECTIONS),
     "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
+    "HTTP framing": (
+        MALFORMED_HEADERS,
+        HEADERS_TOO_LARGE,
+        INVALID_CONTENT_LENGTH,
+        CONTENT_LENGTH_WITH_TRANSFER_ENCODING,
+        UNSUPPORTED_TRANSFER_ENCODING,
+        MALFORMED_CHUNKED_BODY,
+        BODY_TIMEOUT,
+    ),
+    "compressed bodies": (UNSUPPORTED_CONTENT_ENCODING, INVALID_COMPRESSED_BODY),
     "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA, OTHER_SERVICE),
 }
 

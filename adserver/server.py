@@ -19,6 +19,7 @@ from adserver.constants import (
 from adserver.errors import RequestError
 from adserver.exposition import Exposition
 from adserver.http_events import (
+    BodyDeadlines,
     EventsEndpoint,
     EventsRouter,
     Lifecycle,
@@ -119,6 +120,7 @@ def make_app(
     *,
     protocol: str,
     max_body_bytes: int,
+    body_timeout_seconds: float,
     lifecycle: Lifecycle,
 ) -> EventsRouter:
     """The web application, with ``POST /`` served below it (see :mod:`adserver.http_events`)."""
@@ -137,4 +139,8 @@ def make_app(
         default_handler_class=NotFoundHandler,
         log_function=quiet_log,
     )
-    return EventsRouter(app, EventsEndpoint(service, max_body_bytes, lifecycle))
+    return EventsRouter(
+        app,
+        EventsEndpoint(service, max_body_bytes, lifecycle),
+        BodyDeadlines(body_timeout_seconds, service),
+    )

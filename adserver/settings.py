@@ -57,7 +57,23 @@ class Settings:
     binary_threshold: float = setting(
         0.5, "BINARY_THRESHOLD", "BinaryMetrics: a score at or above it predicts class 1"
     )
-    max_body_bytes: int = setting(10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies get 413")
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies (compressed or inflated) get 413"
+    )
+    idle_timeout_seconds: float = setting(
+        100.0,
+        "IDLE_TIMEOUT_SECONDS",
+        "a connection that sends no complete request head for this long is closed (above the "
+        "90 s idle timeout of Go clients such as Knative's, so they close first)",
+    )
+    body_timeout_seconds: float = setting(
+        60.0, "BODY_TIMEOUT_SECONDS", "a request whose body takes longer to arrive is dropped"
+    )
+    max_connections: int = setting(
+        0,
+        "MAX_CONNECTIONS",
+        "connections open at once, more get 503 (0: the soft RLIMIT_NOFILE less 100 for the rest)",
+    )
     reply_timeout_seconds: float = setting(5.0, "REPLY_TIMEOUT_SECONDS", "per reply attempt")
     reply_retries: int = setting(3, "REPLY_RETRIES", "retries of a failed reply, backing off")
     reply_queue_size: int = setting(1000, "REPLY_QUEUE_SIZE", "replies waiting; more are dropped")
@@ -97,12 +113,16 @@ class Settings:
             "dedup_retention_seconds",
             "join_ttl_seconds",
             "max_custom_series",
+            "idle_timeout_seconds",
+            "body_timeout_seconds",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"--{name} must be positive")
         if self.reply_retries < 0:
             raise ValueError("--reply_retries must be 0 or more")
+        if self.max_connections < 0:
+            raise ValueError("--max_connections must be 0 (derived from the fd limit) or positive")
         if not 0 <= self.http_port <= 65535:
             raise ValueError("--http_port must be a port number")
         if len(set(self.classes)) > self.max_classes:

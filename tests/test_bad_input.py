@@ -188,11 +188,12 @@ def url(module_servers: ServerFactory) -> str:
 
 
 def unchanged_part(samples: Samples) -> Samples:
-    """Everything but the rejection counter and the process' own metrics."""
+    """Everything but the rejection counter and the process' own metrics (and connections)."""
     return {
         key: v
         for key, v in samples.items()
-        if key[0] != REJECTED and not key[0].startswith("process_")
+        if key[0] not in (REJECTED, "feedback_http_connections")
+        and not key[0].startswith("process_")
     }
 
 
