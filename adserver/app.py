@@ -73,7 +73,9 @@ def build_server(settings: Settings) -> Server:
         if settings.replies_enabled
         else None
     )
-    service = FeedbackService(model, store, reply=reply, sender=sender)
+    service = FeedbackService(
+        model, store, reply=reply, sender=sender, max_event_rows=settings.max_event_rows
+    )
     collector = FeedbackCollector(
         settings.model_name,
         state,

@@ -73,6 +73,11 @@ class Settings:
     join_max_rows: int = setting(
         1_000_000, "JOIN_MAX_ROWS", "most logged prediction rows (and parked label rows) kept"
     )
+    max_event_rows: int = setting(
+        1_000_000,
+        "MAX_EVENT_ROWS",
+        "most rows in one logger event or label (they are stored); more get 413",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -81,6 +86,7 @@ class Settings:
             "max_body_bytes",
             "dedup_max_ids",
             "join_max_rows",
+            "max_event_rows",
             "max_classes",
         )
         for name in positive:

@@ -226,10 +226,10 @@ def test_ttl_expiry_with_clock() -> None:
     def commit(operation) -> None:
         asyncio.run(store.commit([Entry(operation=operation)]))
 
-    commit(LoggedRows("r1", "response", (b"1", b"2"), clock.now))
-    commit(Label("parked", 0, (b"1",)))
+    commit(LoggedRows("r1", "response", np.array([1, 2]), clock.now))
+    commit(Label(("parked",), 0, np.array([1])))
     clock.now += 101  # both past the TTL; the next commit sweeps them
-    commit(Label("r1", 0, (b"1",)))
+    commit(Label(("r1",), 0, np.array([1])))
     assert store.state.count("rows_accepted") == 0
     assert store.state.count("join_rows_evicted", "prediction_expired") == 2
     assert store.state.count("labels", "expired") == 1
@@ -241,11 +241,12 @@ def test_capacity_bound_evicts_oldest() -> None:
     store = joining_store(clock, ttl=1e6, join_max_rows=3)
     for i in range(5):
         clock.now += 61  # each commit runs the sweep
-        asyncio.run(store.commit([Entry(operation=LoggedRows(f"r{i}", "response", (b"1",), 0))]))
+        logged = LoggedRows(f"r{i}", "response", np.array([1]), 0)
+        asyncio.run(store.commit([Entry(operation=logged)]))
     clock.now += 61
     asyncio.run(store.commit([Entry()]))  # a sweep with nothing new: exactly the bound is left
     assert store.state.count("join_rows_evicted", "prediction_evicted") == 2
-    remaining = store.connection.execute("SELECT request_id FROM logged_rows").fetchall()
+    remaining = store.connection.execute("SELECT request_id FROM predictions").fetchall()
     assert sorted(r[0] for r in remaining) == ["r2", "r3", "r4"]
 
 
