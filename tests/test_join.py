@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from sklearn.metrics import confusion_matrix
 
 from adserver.constants import (
@@ -22,6 +24,8 @@ from adserver.constants import (
     SELDON_RESPONSE_TYPE,
 )
 from adserver.join import Joiner, Label, LoggedRows
+from adserver.protocols.tftensor import MAX_FILLED_VALUES
+from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store.base import Entry
 from adserver.store.sqlite import SQLiteStore
@@ -255,3 +259,115 @@ def test_ignored_logger_event_gets_no_reply_even_with_replies_on(servers) -> Non
     answer = post_json(server.url, b"\x00raw", ce_headers(event_type=KSERVE_RESPONSE_TYPE))
     assert answer.status_code == 200 and answer.content == b""
     assert "ce-type" not in answer.headers
+
+
+def kserve_response(url: str, rows: bytes, request_id: str) -> int:
+    """POST a KServe V1 response logger event whose predictions are ``rows`` (JSON, no [])."""
+    body = b'{"predictions":[' + rows + b"]}"
+    headers = ce_headers(request_id, event_type=KSERVE_RESPONSE_TYPE)
+    return post_json(url, body, headers, timeout=60).status_code
+
+
+def test_largest_bodies_fit_the_manifests_memory_limit(servers) -> None:
+    """Under 512 MiB of address space (the manifests' memory limit, and stricter: it counts
+    virtual memory), the largest logger events and labels the defaults let in are answered and
+    the server lives on. One document per stored row made 150,000 predictions take ~700 MB."""
+    server = servers("--storage_uri", MULTICLASS_NUMERIC)
+    limit = 512 * 1024 * 1024
+    resource.prlimit(server.process.pid, resource.RLIMIT_AS, (limit, limit))
+    defaults = Settings()
+    rows, body_bytes = defaults.max_event_rows, defaults.max_body_bytes
+    # as many predictions as the body holds: more rows than an event may store
+    assert kserve_response(server.url, b",".join([b"0"] * (body_bytes // 2 - 16)), new_id()) == 413
+    # the most rows an event may store, as wide as the body allows, and one class id a row
+    wide = b",".join([b"[1e0,1e0]"] * rows)
+    assert len(wide) < body_bytes and kserve_response(server.url, wide, new_id()) == 200
+    labelled = new_id()
+    assert kserve_response(server.url, b",".join([b"[1e0]"] * rows), labelled) == 200
+    truth = b'{"truth":{"data":{"ndarray":[' + b",".join([b"2"] * rows) + b"]}}}"
+    answer = post_json(server.url, truth, {"ce-requestid": labelled}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    # a few bytes of tftensor that fill the most values one value may expand to, parked
+    filled = {
+        "dtype": "DT_INT64",
+        "tensorShape": {"dim": [{"size": str(rows)}, {"size": str(MAX_FILLED_VALUES // rows)}]},
+        "int64Val": ["1"],
+    }
+    answer = post_json(
+        server.url, {"truth": {"data": {"tftensor": filled}}}, {"ce-requestid": new_id()}
+    )
+    assert answer.status_code == 200, answer.text
+    samples = scrape(server.url)
+    assert value(samples, "feedback_labels_total", outcome="joined") == rows
+    assert value(samples, "feedback_labels_total", outcome="parked") == rows
+    assert value(samples, "feedback_events_rejected_total", reason="too_many_rows") == 1
+    assert model_doc(server.url)["confusion_matrix"] == [[0, 0], [rows, 0]]
+    assert server.process.poll() is None
+
+
+def test_events_and_labels_beyond_max_event_rows_are_413(servers) -> None:
+    server = servers(
+        "--storage_uri", MULTICLASS_NUMERIC, "--state", "memory", "--max_event_rows", "2"
+    )
+    assert kserve_response(server.url, b"1,2,3", new_id()) == 413
+    answer = post_json(
+        server.url, {"truth": {"data": {"ndarray": [1, 2, 3]}}}, {"ce-requestid": "r"}
+    )
+    assert answer.status_code == 413 and answer.json()["reason"] == "too_many_rows"
+    rid = new_id()
+    assert kserve_response(server.url, b"1,2", rid) == 200
+    label(server.url, [1, 2], **{"ce-requestid": rid})
+    samples = scrape(server.url)
+    assert value(samples, "feedback_events_rejected_total", reason="too_many_rows") == 2
+    assert value(samples, "feedback_labels_total", outcome="joined") == 2
+
+
+def test_label_joins_by_the_id_that_names_a_prediction(servers) -> None:
+    """Seldon's executor gives feedback sent without a Seldon-Puid header a fresh
+    ce-requestid; the truth's meta.puid still names the logged prediction, and wins."""
+    server = servers("--storage_uri", ONE_HOT, "--state", "memory")
+    puid = new_id()
+    logged(server.url, "seldon-response.json", SELDON_RESPONSE_TYPE, new_id(), requestid=puid)
+    body = {"truth": {"data": {"ndarray": [[0, 1, 0], [1, 0, 0]]}, "meta": {"puid": puid}}}
+    answer = post_json(server.url, body, ce_headers(requestid=new_id()))
+    assert answer.status_code == 200, answer.text
+    assert outcome(server.url, "joined") == 2
+    assert outcome(server.url, "parked") == 0
+    # nothing names a prediction: the label waits under the preferred id, the ce-requestid
+    waiting = new_id()
+    body["truth"]["meta"]["puid"] = new_id()
+    answer = post_json(server.url, body, ce_headers(requestid=waiting))
+    assert answer.status_code == 200, answer.text
+    logged(server.url, "seldon-response.json", SELDON_RESPONSE_TYPE, new_id(), requestid=waiting)
+    assert outcome(server.url, "late") == 2
+
+
+def test_eviction_drops_labelled_predictions_first(servers) -> None:
+    """At --join_max_rows, the predictions that already have their label go, not those still
+    waiting for one: log 100, label 50, log 50 more, label the other 100: none is lost."""
+    bounds = ("--join_max_rows", "100", "--dedup_max_ids", "10")  # both bounds hit at once
+    server = servers("--storage_uri", MULTICLASS_NUMERIC, "--state", "memory", *bounds)
+    first, second = [new_id() for _ in range(100)], [new_id() for _ in range(50)]
+    with requests.Session() as session:
+
+        def post(body: bytes, headers: dict[str, str]) -> None:
+            answer = session.post(server.url + "/", data=body, headers=headers, timeout=10)
+            assert answer.status_code == 200, answer.text
+
+        def log(request_id: str) -> None:
+            post(b'{"predictions": [1]}', ce_headers(request_id, event_type=KSERVE_RESPONSE_TYPE))
+
+        def label_one(request_id: str) -> None:
+            post(b'{"truth": {"data": {"ndarray": [1]}}}', ce_headers(requestid=request_id))
+
+        for request_id in first:
+            log(request_id)
+        for request_id in first[:50]:
+            label_one(request_id)
+        for request_id in second:
+            log(request_id)
+        for request_id in first[50:] + second:
+            label_one(request_id)
+    samples = scrape(server.url)
+    assert value(samples, "feedback_labels_total", outcome="joined") == 150
+    assert value(samples, "feedback_join_rows_evicted_total", reason="prediction_evicted") == 0
