@@ -23,13 +23,14 @@ from adserver.constants import (
     SELDON_REQUEST_TYPE,
     SELDON_RESPONSE_TYPE,
 )
-from adserver.join import Joiner, Label, LoggedRows
+from adserver.join import Joiner, Label, LoggedRows, as_rows
 from adserver.protocols.tftensor import MAX_FILLED_VALUES
 from adserver.settings import Settings
 from adserver.state import MetricsState
 from adserver.store.base import Entry
 from adserver.store.sqlite import SQLiteStore
 from cm_models import MultiClassNumeric
+from cm_models.base import Observation
 from tests.helpers import (
     DATA,
     MULTICLASS_NUMERIC,
@@ -214,6 +215,10 @@ def test_restart_between_prediction_and_label(tmp_path: Path) -> None:
     )
 
 
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
 def joining_store(clock: FakeClock, ttl: float, **options: int) -> SQLiteStore:
     """An in-memory store that joins labels for a MultiClassNumeric model."""
     joiner = Joiner(MultiClassNumeric().observe, ttl=ttl)
@@ -371,3 +376,67 @@ def test_eviction_drops_labelled_predictions_first(servers) -> None:
     samples = scrape(server.url)
     assert value(samples, "feedback_labels_total", outcome="joined") == 150
     assert value(samples, "feedback_join_rows_evicted_total", reason="prediction_evicted") == 0
+
+
+def recording_store(scored: list[tuple[Any, Any, Any]]) -> SQLiteStore:
+    """An in-memory store whose scorer records what it is handed."""
+
+    def score(truth: Any, response: Any, request: Any) -> Observation:
+        scored.append((truth, response, request))
+        return Observation()
+
+    return SQLiteStore(
+        MetricsState(), None, "m", retention=10, max_ids=100, joiner=Joiner(score, ttl=100)
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(20_000, dtype=np.int64) * 3,  # numbers: 8192 rows a block
+        [f"row {i}" if i % 2 else {"row": i} for i in range(600)],  # other data: 256 a block
+    ],
+    ids=["numbers", "json"],
+)
+def test_labels_read_the_rows_they_name_across_blocks(values: Any) -> None:
+    scored: list[tuple[Any, Any, Any]] = []
+    store = recording_store(scored)
+
+    def commit(operation: Label | LoggedRows) -> None:
+        assert run(store.commit([Entry(operation=operation)])) == [True]
+
+    rows = as_rows(values)
+    commit(LoggedRows("r", "request", rows, 0))
+    commit(LoggedRows("r", "response", rows, 0))
+    boundary = 8192 if isinstance(rows, np.ndarray) else 256
+    first = boundary - 3
+    commit(Label(("r",), first, as_rows(values[first : first + 6])))
+    commit(Label(("r",), first + 4, as_rows(values[first + 4 : first + 8])))  # 2 of 4 again
+    assert len(scored) == 2
+    for (truth, response, request), rows in zip(
+        scored, (range(first, first + 6), range(first + 6, first + 8))
+    ):
+        expected = [values[i] for i in rows]
+        assert list(response) == list(request) == list(truth) == expected
+    assert store.state.labelled("labels") == {"joined": 8, "duplicate": 2}
+
+
+def test_a_label_past_the_prediction_waits_with_its_rows_beyond_it() -> None:
+    """Rows with a prediction are scored, the rest park; a response shorter than a parked label
+    scores the rows it has and leaves the others parked."""
+    store = joining_store(FakeClock(), ttl=100.0)
+
+    def commit(operation: Label | LoggedRows) -> None:
+        assert run(store.commit([Entry(operation=operation)])) == [True]
+
+    commit(LoggedRows("a", "response", np.array([1, 2, 3]), 0))
+    commit(Label(("a",), 1, np.array([2, 3, 4, 5])))  # rows 1, 2 join; 3, 4 park
+    commit(Label(("a",), 0, np.array([1, 2, 3, 4, 5])))  # row 0 joins; the rest are known
+    commit(Label(("b",), 0, np.array([1, 1, 1, 1, 1])))  # parked, all five
+    commit(LoggedRows("b", "response", np.array([1, 2]), 0))  # two of them score, late
+    assert store.state.labelled("labels") == {"joined": 3, "parked": 7, "duplicate": 4, "late": 2}
+    assert store.row_counts.parked == 5  # a's rows 3, 4 and b's rows 2 .. 4
+    commit(Label(("b",), 1, np.array([1, 1, 1])))  # b's row 1 is labelled, 2 and 3 are parked
+    assert store.state.labelled("labels")["duplicate"] == 7
+    scored = confusion_matrix([2, 3, 1, 1, 1], [2, 3, 1, 1, 2])  # a's rows 1, 2, 0; b's 0, 1
+    np.testing.assert_array_equal(store.state.confusion.matrix(), scored)
