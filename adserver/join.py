@@ -88,20 +88,19 @@ class Parked:
 class JoinTables(Protocol):
     """Row storage inside the store's current transaction."""
 
-    def find(self, request_ids: Sequence[str]) -> str | None:
-        """The first id with a logged request or response."""
-
-    def logged(self, request_id: str) -> Logged | None: ...
+    def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
+        """The first id with a logged request or response, and what is logged for it."""
 
     def read(self, request_id: str, kind: Kind, rows: range) -> Rows:
         """Stored rows ``rows`` of one kind (all of them exist)."""
 
     def store(
-        self, request_id: str, kind: Kind, rows: Rows, at: float, expires_at: float
-    ) -> None: ...
+        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+    ) -> Logged:
+        """Add the rows of one kind to what is ``stored``; returns what is stored now."""
 
-    def labelled(self, request_id: str, rows: range) -> np.ndarray:
-        """Which of these predicted rows already have a label (a bool per row)."""
+    def predictions(self, request_id: str, rows: range) -> tuple[Rows, np.ndarray]:
+        """Stored predictions ``rows`` (all exist), and which already have a label."""
 
     def mark_labelled(self, request_id: str, rows: np.ndarray) -> None:
         """Record labels for these predicted rows (sorted, none labelled before)."""
@@ -161,29 +160,39 @@ class Joiner:
         The first event of a kind stands: a redelivered or repeated one changes nothing.
         """
         counters = [(LOGGER_EVENTS, logged.kind, 1)]
-        stored = tables.logged(logged.request_id) or Logged()
+        found = tables.find((logged.request_id,))
+        stored = found[1] if found else Logged()
         had = stored.predicted_rows if logged.kind == "response" else stored.request_rows
         if had or not len(logged.rows):
             return Delta(counters=tuple(counters))
-        tables.store(logged.request_id, logged.kind, logged.rows, logged.time, now + self.ttl)
+        stored = tables.store(
+            logged.request_id, stored, logged.kind, logged.rows, logged.time, now + self.ttl
+        )
         delta = Delta()
         if logged.kind == "response":
             counters.append((PREDICTED_ROWS, "", len(logged.rows)))
-            delta = self.score_parked(tables, logged.request_id, len(logged.rows))
+            delta = self.score_parked(tables, logged.request_id, stored)
         return delta + Delta(counters=tuple(counters))
 
-    def score_parked(self, tables: JoinTables, request_id: str, predicted: int) -> Delta:
+    def score_parked(self, tables: JoinTables, request_id: str, stored: Logged) -> Delta:
         """Parked labels meet their prediction, each label as one batch. A label that does not
         fit is dropped, counted; its rows past the prediction stay parked."""
         delta = Delta()
-        stored = tables.logged(request_id)
-        assert stored is not None
+        predicted = stored.predicted_rows
         for parked in tables.unpark(request_id, range(predicted)):
             count = min(len(parked.truth), predicted - parked.first_row)
-            rows = np.arange(parked.first_row, parked.first_row + count)
+            span = range(parked.first_row, parked.first_row + count)
+            prediction, _ = tables.predictions(request_id, span)
+            rows = np.arange(span.start, span.stop)
             try:
                 scored = self.observe(
-                    tables, request_id, stored, rows, parked.truth[:count], parked.arrived_at
+                    tables,
+                    request_id,
+                    stored,
+                    rows,
+                    parked.truth[:count],
+                    prediction,
+                    parked.arrived_at,
                 )
             except InvalidFeedback:
                 delta = delta + Delta(counters=label_counts({FAILED: count}))
@@ -202,14 +211,15 @@ class Joiner:
 
     def label(self, tables: JoinTables, label: Label, now: float) -> Delta:
         """Score the label's rows that have a prediction; park the others."""
-        request_id = tables.find(label.request_ids) or label.request_ids[0]
+        request_id, stored = tables.find(label.request_ids) or (label.request_ids[0], Logged())
         first, size = label.first_row, len(label.truth)
-        stored = tables.logged(request_id) or Logged()
         # rows first .. split have a prediction, split .. first + size do not (yet)
         split = min(max(stored.predicted_rows, first), first + size) - first
         duplicate = tables.parked(request_id, range(first, first + size))
+        prediction = None
         if split:
-            duplicate[:split] |= tables.labelled(request_id, range(first, first + split))
+            prediction, labelled = tables.predictions(request_id, range(first, first + split))
+            duplicate[:split] |= labelled
         ready = np.flatnonzero(~duplicate[:split])
         waiting = ~duplicate
         waiting[:split] = False
@@ -218,19 +228,26 @@ class Joiner:
             rows = ready + first
             try:
                 delta = delta + self.observe(
-                    tables, request_id, stored, rows, take(label.truth, ready), now
+                    tables,
+                    request_id,
+                    stored,
+                    rows,
+                    take(label.truth, ready),
+                    take(prediction, ready),
+                    now,
                 )
             except InvalidFeedback as exc:
                 raise InvalidFeedback(
                     f"label does not fit the logged prediction: {exc}", exc.reason
                 ) from exc
             tables.mark_labelled(request_id, rows)
-        for start, stop in runs(waiting):
+        parked = np.count_nonzero(waiting)
+        for start, stop in runs(waiting) if parked else ():
             tables.park(request_id, first + start, label.truth[start:stop], now, now + self.ttl)
         outcomes = {
             JOINED: int(ready.size),
-            PARKED: int(waiting.sum()),
-            DUPLICATE: int(duplicate.sum()),
+            PARKED: parked,
+            DUPLICATE: size - ready.size - parked,
         }
         return delta + Delta(counters=label_counts(outcomes))
 
@@ -241,18 +258,17 @@ class Joiner:
         stored: Logged,
         rows: np.ndarray,
         truth: Rows,
+        prediction: Rows,
         arrived_at: float,
     ) -> Delta:
-        """Score ``truth`` against the stored predictions (and inputs) of ``rows`` (sorted).
+        """Score ``truth`` against the predictions (and stored inputs) of ``rows`` (sorted).
 
         The rows share one prediction time, so their label delay is one value, ``len(rows)`` times.
         """
         span = range(int(rows[0]), int(rows[-1]) + 1)
-        positions = rows - span.start
-        prediction = take(tables.read(request_id, "response", span), positions)
         request = None
         if stored.request_rows >= span.stop:
-            request = take(tables.read(request_id, "request", span), positions)
+            request = take(tables.read(request_id, "request", span), rows - span.start)
         observation = self.score(truth, prediction, request)
         counters = [(ROWS_ACCEPTED, "", observation.rows)]
         if observation.metric_problems:

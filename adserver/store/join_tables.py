@@ -52,6 +52,9 @@ class RowCounts:
     logged: int = 0  # row slots of logged requests (input and prediction of a row share one)
     parked: int = 0
 
+    def copy(self) -> RowCounts:
+        return RowCounts(self.logged, self.parked)
+
     @classmethod
     def load(cls, cursor: sqlite3.Cursor) -> RowCounts:
         """Once at start-up; afterwards every change updates the counts."""
@@ -78,8 +81,7 @@ def decode(rows: int, codec: str, shape: bytes | None, data: bytes) -> Rows:
 def blocks(rows: Rows) -> Iterator[tuple[int, Rows]]:
     """(first row, rows) of consecutive blocks covering ``rows``."""
     if isinstance(rows, np.ndarray):
-        row_bytes = rows.itemsize * int(np.prod(rows.shape[1:]))
-        size = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        size = max(1, BLOCK_BYTES // max(rows.nbytes // max(len(rows), 1), 1))
     else:
         size = JSON_BLOCK_ROWS
     for start in range(0, len(rows), size):
@@ -89,7 +91,7 @@ def blocks(rows: Rows) -> Iterator[tuple[int, Rows]]:
 def logged_block(request_id: str, kind: Kind, first: int, rows: Rows) -> tuple[object, ...]:
     """A row of ``logged_blocks``; a response's rows start without labels."""
     codec, shape, data = encode(rows)
-    labelled = bits(np.zeros(len(rows), bool)) if kind == "response" else None
+    labelled = bytes(-(-len(rows) // 8)) if kind == "response" else None  # all bits 0
     return (request_id, kind, first, len(rows), codec, shape, labelled, data)
 
 
@@ -111,34 +113,52 @@ class SQLJoinTables:
     def __init__(self, cursor: sqlite3.Cursor, counts: RowCounts) -> None:
         self.cursor = cursor
         self.counts = counts
+        self._read: tuple[str, range, list[tuple[int, int, bytes]]] = ("", range(0), [])
 
-    def find(self, request_ids: Sequence[str]) -> str | None:
+    def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
         for request_id in request_ids:
-            if self.logged(request_id) is not None:
-                return request_id
+            found = self.cursor.execute(
+                "SELECT request_rows, predicted_rows, predicted_at FROM predictions "
+                "WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+            if found is not None:
+                return request_id, Logged(*found)
         return None
 
-    def logged(self, request_id: str) -> Logged | None:
-        found = self.cursor.execute(
-            "SELECT request_rows, predicted_rows, predicted_at FROM predictions "
-            "WHERE request_id = ?",
-            (request_id,),
-        ).fetchone()
-        return None if found is None else Logged(*found)
-
     def read(self, request_id: str, kind: Kind, rows: range) -> Rows:
-        key = {"request_id": request_id, "kind": kind, "start": rows.start, "stop": rows.stop}
-        found = self.cursor.execute(f"SELECT {BLOCK}, data FROM logged_blocks {IN_LOGGED}", key)
-        parts = [(first, decode(count, *rest)) for first, count, *rest in found]
-        start = rows.start - parts[0][0]
-        return concat([part for _, part in parts])[start : start + len(rows)]
+        return self._read_blocks(request_id, kind, rows)[0]
 
-    def store(self, request_id: str, kind: Kind, rows: Rows, at: float, expires_at: float) -> None:
+    def predictions(self, request_id: str, rows: range) -> tuple[Rows, np.ndarray]:
+        values, found = self._read_blocks(request_id, "response", rows)
+        self._read = (request_id, rows, found)  # the blocks mark_labelled then rewrites
+        mask = np.concatenate([unbits(bits, count) for _, count, bits in found])
+        start = rows.start - found[0][0]
+        return values, mask[start : start + len(rows)]
+
+    def _read_blocks(
+        self, request_id: str, kind: Kind, rows: range
+    ) -> tuple[Rows, list[tuple[int, int, bytes]]]:
+        """Rows ``rows`` of one kind, and (first row, rows, labelled bits) of their blocks."""
+        key = {"request_id": request_id, "kind": kind, "start": rows.start, "stop": rows.stop}
+        found = self.cursor.execute(
+            f"SELECT {BLOCK}, labelled, data FROM logged_blocks {IN_LOGGED}", key
+        ).fetchall()
+        values = concat(
+            [decode(count, codec, shape, data) for _, count, codec, shape, _, data in found]
+        )
+        start = rows.start - found[0][0]
+        blocks = [(first, count, bits) for first, count, _, _, bits, _ in found]
+        return values[start : start + len(rows)], blocks
+
+    def store(
+        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+    ) -> Logged:
         self.cursor.executemany(
             "INSERT INTO logged_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [logged_block(request_id, kind, first, block) for first, block in blocks(rows)],
         )
-        before = self.logged(request_id) or Logged()
+        before = stored
         after = (
             Logged(before.request_rows, len(rows), at)
             if kind == "response"
@@ -160,23 +180,15 @@ class SQLJoinTables:
         self.counts.logged += max(after.request_rows, after.predicted_rows) - max(
             before.request_rows, before.predicted_rows
         )
-
-    def _labelled_blocks(self, request_id: str, rows: range) -> list[tuple[int, int, bytes]]:
-        key = {"request_id": request_id, "kind": "response", "start": rows.start, "stop": rows.stop}
-        return self.cursor.execute(
-            f"SELECT first_row, rows, labelled FROM logged_blocks {IN_LOGGED}", key
-        ).fetchall()
-
-    def labelled(self, request_id: str, rows: range) -> np.ndarray:
-        found = self._labelled_blocks(request_id, rows)
-        mask = np.concatenate([unbits(data, count) for _, count, data in found])
-        start = rows.start - found[0][0]
-        return mask[start : start + len(rows)]
+        return after
 
     def mark_labelled(self, request_id: str, rows: np.ndarray) -> None:
         span = range(int(rows[0]), int(rows[-1]) + 1)
+        read_id, read_rows, found = self._read
+        if read_id != request_id or span.start < read_rows.start or span.stop > read_rows.stop:
+            found = self._read_blocks(request_id, "response", span)[1]
         updates = []
-        for first, count, data in self._labelled_blocks(request_id, span):
+        for first, count, data in found:
             mask = unbits(data, count)
             lo, hi = np.searchsorted(rows, (first, first + count))
             mask[rows[lo:hi] - first] = True
@@ -215,6 +227,8 @@ class SQLJoinTables:
         found = self.cursor.execute(
             f"SELECT {BLOCK}, data, arrived_at, expires_at FROM parked_blocks {IN_PARKED}", key
         ).fetchall()
+        if not found:
+            return []
         self.cursor.executemany(
             "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?",
             [(request_id, first) for first, *_ in found],

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import orjson
 
-from adserver.join import as_rows
+from adserver.join import Logged, as_rows
 from adserver.store.join_tables import RowCounts, SQLJoinTables
 
 SCHEMA_VERSION = 3
@@ -110,17 +110,18 @@ def blocks_from_rows(connection: sqlite3.Connection) -> None:
     for request_id, group in itertools.groupby(logged, key=lambda row: row[0]):
         rows = list(group)
         expires_at = max(row[6] for row in rows)
+        stored = Logged()
         requests = [row[3] for row in rows if row[3] is not None]
         if requests and len(requests) == rows[-1][1] + 1 == len(rows):  # complete, from row 0
             values = as_rows([orjson.loads(r) for r in requests])
-            tables.store(request_id, "request", values, 0.0, expires_at)
+            stored = tables.store(request_id, stored, "request", values, 0.0, expires_at)
         predicted = {row[1]: row for row in rows if row[2] is not None}
         if not predicted:
             continue
         kept = next(iter(predicted.values()))
         full = [predicted.get(i, kept) for i in range(max(predicted) + 1)]
         values = as_rows([orjson.loads(row[2]) for row in full])
-        tables.store(request_id, "response", values, kept[4], expires_at)
+        tables.store(request_id, stored, "response", values, kept[4], expires_at)
         done = [i for i, row in enumerate(full) if row[5] or i not in predicted]
         if done:
             tables.mark_labelled(request_id, np.array(done))

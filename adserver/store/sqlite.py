@@ -291,7 +291,7 @@ class SQLiteStore(StateStore):
 
     def _mark(self) -> tuple[int, int, int, float, RowCounts]:
         """What the writer keeps beside the database, to put back if a rollback happens."""
-        counts = dataclasses.replace(self.row_counts)
+        counts = self.row_counts.copy()
         return (
             len(self._class_journal),
             self.catalog.mark(),
@@ -302,7 +302,7 @@ class SQLiteStore(StateStore):
 
     def _undo(self, mark: tuple[int, int, int, float, RowCounts]) -> None:
         classes, catalog, self.seen_count, self._last_purge, counts = mark
-        self.row_counts = dataclasses.replace(counts)
+        self.row_counts = counts.copy()
         while len(self._class_journal) > classes:
             self.classes.discard(self._class_journal.pop())
         self.catalog.rollback(catalog)
