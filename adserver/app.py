@@ -78,7 +78,12 @@ def build_server(settings: Settings) -> Server:
         else None
     )
     service = FeedbackService(
-        model, store, reply=reply, sender=sender, inference_service=settings.inference_service
+        model,
+        store,
+        reply=reply,
+        sender=sender,
+        inference_service=settings.inference_service,
+        max_event_rows=settings.max_event_rows,
     )
     connections = ConnectionStats()
     collector = FeedbackCollector(

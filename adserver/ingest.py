@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
+import numpy as np
 from cloudevents.core.bindings.http import HTTPMessage
 
 from adserver import reasons
@@ -31,16 +31,16 @@ from adserver.constants import (
     ROWS_ACCEPTED,
     SELDON_FEEDBACK_TYPE,
 )
-from adserver.errors import BadRequest, RequestError
+from adserver.errors import BadRequest, PayloadTooLarge, RequestError
 from adserver.events import IncomingEvent, decode_request, parse_time, reply_message
-from adserver.join import LOGGER_EVENTS, Label, LoggedRows
+from adserver.join import LOGGER_EVENTS, Label, LoggedRows, as_rows
 from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
 from adserver.protocols.seldon_feedback import Feedback, parse_feedback
 from adserver.reply import ReplySender
 from adserver.state import Delta
 from adserver.store.base import Entry, StateStore
 from adserver.summary import SummaryCache
-from cm_models.base import InvalidFeedback, MetricModel, first_axis_rows, numeric_array
+from cm_models.base import InvalidFeedback, MetricModel, numeric_array
 from cm_models.custom_metrics import CustomMetric
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,11 @@ class FeedbackService:
         reply: ReplyConfig | None = None,
         sender: ReplySender | None = None,
         inference_service: str = "",
+        max_event_rows: int = 1_000_000,
     ) -> None:
         self.model = model
         self.store = store
+        self.max_event_rows = max_event_rows
         self.reply = reply
         self.sender = sender
         self.inference_service = inference_service
@@ -140,25 +142,32 @@ class FeedbackService:
         return Delta(metrics=tuple(metrics), counters=tuple(counters))
 
     def label(self, event: IncomingEvent, headers: Mapping[str, str], feedback: Feedback) -> Entry:
-        """Feedback without a response: join its truth to the logged prediction by request id."""
-        request_id = (
-            event.attributes.get(EXTENSION_REQUEST_ID)
-            or headers.get(HEADER_SELDON_PUID)
-            or feedback.puid
-            or event.attributes.get("id")
+        """Feedback without a response: join its truth to the logged prediction by request id.
+
+        Every id the label carries is a candidate, in order of preference; the store takes the
+        first that names a logged prediction (a proxy may add a fresh ``ce-requestid`` of its
+        own to feedback whose ``truth.meta.puid`` names the prediction).
+        """
+        candidates = (
+            event.attributes.get(EXTENSION_REQUEST_ID),
+            headers.get(HEADER_SELDON_PUID),
+            feedback.puid,
+            event.attributes.get("id"),
         )
-        if not request_id:
+        request_ids = tuple(dict.fromkeys(str(c) for c in candidates if c))
+        if not request_ids:
             raise BadRequest(
                 "feedback has no response and no request id (ce-requestid, Seldon-Puid, "
                 "truth.meta.puid or ce-id) to find the logged prediction",
                 reasons.MISSING_RESPONSE,
             )
-        rows = self.model.rows(feedback.truth, "truth")
+        self.check_rows(feedback.truth, "label")
+        rows = as_rows(self.model.rows(feedback.truth, "truth"))
         first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0), len(rows))
         operation = Label(
-            request_id=str(request_id),
+            request_ids=request_ids,
             first_row=first_row,
-            truth_rows=encode_rows(rows),
+            truth=rows,
             extra=self.feedback_delta(feedback, [], 0),
         )
         return Entry(event_key=feedback_key(event), operation=operation)
@@ -174,17 +183,31 @@ class FeedbackService:
             body = event.payload()
             extract = prediction_payload if kind == "response" else request_payload
             values = extract(body)
+            self.check_rows(values, f"logged {kind}")
             if kind == "response" and isinstance(self.model, MetricModel):
-                numeric_array(values, kind)  # e.g. string labels: valid, but never scorable
+                values = numeric_array(values, kind)  # e.g. strings: valid, but never scorable
         except (Unscorable, InvalidFeedback, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != reasons.INVALID_JSON:
                 raise
             reason = getattr(exc, "reason", None) or str(exc)
             reason = reasons.NOT_JSON if reason == reasons.INVALID_JSON else reason
             return Entry(Delta(counters=((LOGGER_EVENTS, f"ignored_{reason}", 1),)), key)
-        rows = encode_rows(first_axis_rows(values))
-        operation = LoggedRows(str(request_id), kind, rows, event_time(event))
+        operation = LoggedRows(str(request_id), kind, as_rows(values), event_time(event))
         return Entry(event_key=key, operation=operation)
+
+    def check_rows(self, values: Any, what: str) -> None:
+        """Rows of a logger event or label are stored: their number is bounded (checked before
+        anything is built from them)."""
+        if isinstance(values, np.ndarray):
+            rows = values.shape[0] if values.ndim else 1
+        else:
+            rows = len(values) if isinstance(values, list) else 1
+        if rows > self.max_event_rows:
+            raise PayloadTooLarge(
+                f"the {what} has {rows} rows; at most {self.max_event_rows} are stored per event "
+                "(--max_event_rows)",
+                reasons.TOO_MANY_ROWS,
+            )
 
     async def reject(self, reason: str) -> None:
         """Count a refusal; if even that cannot be recorded, the refusal still stands."""
@@ -224,11 +247,6 @@ def feedback_key(event: IncomingEvent) -> tuple[str, str] | None:
         return event.key
     first_row = event.attributes.get(EXTENSION_ROW_INDEX, 0)
     return (SELDON_FEEDBACK_TYPE, f"{request_id}|{first_row}")
-
-
-def encode_rows(rows: Any) -> tuple[bytes, ...]:
-    listed = rows.tolist() if hasattr(rows, "tolist") else rows
-    return tuple(orjson.dumps(row) for row in listed)
 
 
 def row_index(value: Any, rows: int) -> int:

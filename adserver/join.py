@@ -1,23 +1,27 @@
 """Late ground truth: join labels to logged predictions by (request id, row).
 
-Payload loggers send every prediction as a CloudEvent; we keep each row's prediction (and
-input) for a while. A label that names the request id is scored against the stored rows; a label
-that arrives first is parked and scored when its prediction comes. The logic here is pure: it
-reads and writes through :class:`JoinTables`, which a store implements inside its transaction,
-so a join and the counts it produces commit together, exactly once.
+Payload loggers send every prediction as a CloudEvent; we keep each event's rows (and inputs)
+for a while. A label that names the request id is scored against the stored rows; a label that
+arrives first is parked and scored when its prediction comes. The logic here is pure: it reads
+and writes through :class:`JoinTables`, which a store implements inside its transaction, so a
+join and the counts it produces commit together, exactly once.
+
+Rows travel as one batch, never as an object per row: a numpy array for numbers (the first axis
+is rows), or one list of rows for a user model's other data.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import orjson
+import numpy as np
 
 from adserver.constants import METRICS_REJECTED, ROWS_ACCEPTED
 from adserver.state import Delta
-from cm_models.base import InvalidFeedback, Observation
+from cm_models.base import InvalidFeedback, Observation, first_axis_rows
 
 # Counter names (exported as feedback_<name>_total) and the outcomes of a label row.
 LABELS = "labels"
@@ -33,55 +37,111 @@ JOINED, LATE, PARKED, DUPLICATE, EXPIRED, FAILED = (
     "failed",
 )
 
-Scorer = Callable[[list[Any], list[Any], list[Any] | None], Observation]
+Scorer = Callable[[Any, Any, Any], Observation]
+Rows = Any  # np.ndarray (numbers, first axis = rows) or list (one entry a row)
+Kind = Literal["request", "response"]
 
 
 @dataclass(frozen=True)
 class LoggedRows:
-    """A logger event: one JSON document per row of the model's input or prediction."""
+    """A logger event: the rows of the model's input or prediction, as one batch."""
 
     request_id: str
-    kind: Literal["request", "response"]
-    rows: tuple[bytes, ...]
+    kind: Kind
+    rows: Rows
     time: float
 
 
 @dataclass(frozen=True)
 class Label:
-    """Truth for rows ``first_row ..`` of the request ``request_id``, one JSON document a row."""
+    """Truth for rows ``first_row ..`` of one request.
 
-    request_id: str
+    ``request_ids`` are the ids the label may name its prediction by, most preferred first: the
+    first one that names a stored prediction is used (the preferred one if none does).
+    """
+
+    request_ids: tuple[str, ...]
     first_row: int
-    truth_rows: tuple[bytes, ...]
+    truth: Rows
     extra: Delta = field(default_factory=Delta)
 
 
-@dataclass
-class StoredRow:
-    prediction: bytes | None = None
-    request: bytes | None = None
+@dataclass(frozen=True)
+class Logged:
+    """What is stored for one request id: how many input rows and prediction rows."""
+
+    request_rows: int = 0
+    predicted_rows: int = 0
     predicted_at: float | None = None
-    labelled: bool = False
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A label's rows waiting for their prediction."""
+
+    first_row: int
+    truth: Rows
+    arrived_at: float
+    expires_at: float
 
 
 class JoinTables(Protocol):
     """Row storage inside the store's current transaction."""
 
-    def rows(self, request_id: str, indexes: range) -> dict[int, StoredRow]: ...
+    def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
+        """The first id with a logged request or response, and what is logged for it."""
 
-    def save_rows(self, request_id: str, rows: dict[int, StoredRow], expires_at: float) -> None: ...
+    def read(self, request_id: str, kind: Kind, rows: range) -> Rows:
+        """Stored rows ``rows`` of one kind (all of them exist)."""
 
-    def parked(self, request_id: str, indexes: range) -> dict[int, tuple[bytes, float]]: ...
+    def store(
+        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+    ) -> Logged:
+        """Add the rows of one kind to what is ``stored``; returns what is stored now."""
+
+    def predictions(self, request_id: str, rows: range) -> tuple[Rows, np.ndarray]:
+        """Stored predictions ``rows`` (all exist), and which already have a label."""
+
+    def mark_labelled(self, request_id: str, rows: np.ndarray) -> None:
+        """Record labels for these predicted rows (sorted, none labelled before)."""
+
+    def parked(self, request_id: str, rows: range) -> np.ndarray:
+        """Which of these rows have a parked label (a bool per row)."""
 
     def park(
-        self, request_id: str, rows: dict[int, tuple[bytes, float]], expires_at: float
+        self, request_id: str, first_row: int, truth: Rows, arrived_at: float, expires_at: float
     ) -> None: ...
 
-    def unpark(self, request_id: str, indexes: Sequence[int]) -> None: ...
+    def unpark(self, request_id: str, rows: range) -> list[Parked]:
+        """Remove and return the parked labels that overlap ``rows`` (whole)."""
 
 
 def label_counts(outcomes: dict[str, int]) -> tuple[tuple[str, str, int], ...]:
     return tuple((LABELS, outcome, n) for outcome, n in outcomes.items() if n)
+
+
+def as_rows(values: Any) -> Rows:
+    """A batch as one array when it is numbers, else as one list of rows (the first axis)."""
+    array = values
+    if not isinstance(values, np.ndarray):
+        with contextlib.suppress(ValueError, TypeError, OverflowError):  # e.g. ragged rows
+            array = np.asarray(values)
+    if isinstance(array, np.ndarray) and array.dtype.kind in "biuf":
+        return array.reshape(1) if array.ndim == 0 else array
+    return first_axis_rows(values)
+
+
+def take(rows: Rows, indexes: np.ndarray) -> Rows:
+    """The rows at ``indexes`` (positions in ``rows``)."""
+    if isinstance(rows, np.ndarray):
+        return rows[indexes]
+    return [rows[i] for i in indexes.tolist()]
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    return [(int(start), int(stop)) for start, stop in edges.reshape(-1, 2)]
 
 
 class Joiner:
@@ -95,93 +155,127 @@ class Joiner:
         return self.record(tables, operation, now)
 
     def record(self, tables: JoinTables, logged: LoggedRows, now: float) -> Delta:
-        """Store a request's inputs or predictions; score labels that were waiting for them."""
-        indexes = range(len(logged.rows))
-        stored = tables.rows(logged.request_id, indexes)
-        changed: dict[int, StoredRow] = {}
-        for index, payload in zip(indexes, logged.rows):
-            row = stored.get(index, StoredRow())
-            if logged.kind == "request" and row.request is None:
-                row.request = payload
-                changed[index] = row
-            elif logged.kind == "response" and row.prediction is None:
-                row.prediction, row.predicted_at = payload, logged.time
-                changed[index] = row
+        """Store a request's inputs or predictions; score labels that were waiting for them.
+
+        The first event of a kind stands: a redelivered or repeated one changes nothing.
+        """
         counters = [(LOGGER_EVENTS, logged.kind, 1)]
+        found = tables.find((logged.request_id,))
+        stored = found[1] if found else Logged()
+        had = stored.predicted_rows if logged.kind == "response" else stored.request_rows
+        if had or not len(logged.rows):
+            return Delta(counters=tuple(counters))
+        stored = tables.store(
+            logged.request_id, stored, logged.kind, logged.rows, logged.time, now + self.ttl
+        )
         delta = Delta()
         if logged.kind == "response":
-            counters.append((PREDICTED_ROWS, "", len(changed)))
-            waiting = {
-                i: parked
-                for i, parked in tables.parked(logged.request_id, indexes).items()
-                if i in changed
-            }
-            if waiting:
-                delta = self.score_parked(changed, waiting, now)
-                tables.unpark(logged.request_id, list(waiting))
-        tables.save_rows(logged.request_id, changed, now + self.ttl)
+            counters.append((PREDICTED_ROWS, "", len(logged.rows)))
+            delta = self.score_parked(tables, logged.request_id, stored)
         return delta + Delta(counters=tuple(counters))
 
-    def score_parked(
-        self, rows: dict[int, StoredRow], waiting: dict[int, tuple[bytes, float]], now: float
-    ) -> Delta:
-        """Parked labels meet their prediction. A label that no longer fits is dropped, counted."""
-        order = sorted(waiting)
-        try:
-            delta = self.observe(
-                [waiting[i][0] for i in order],
-                [rows[i] for i in order],
-                [waiting[i][1] for i in order],
-            )
-        except InvalidFeedback:
-            return Delta(counters=label_counts({FAILED: len(order)}))
-        for i in order:
-            rows[i].labelled = True
-        return delta + Delta(counters=label_counts({LATE: len(order)}))
+    def score_parked(self, tables: JoinTables, request_id: str, stored: Logged) -> Delta:
+        """Parked labels meet their prediction, each label as one batch. A label that does not
+        fit is dropped, counted; its rows past the prediction stay parked."""
+        delta = Delta()
+        predicted = stored.predicted_rows
+        for parked in tables.unpark(request_id, range(predicted)):
+            count = min(len(parked.truth), predicted - parked.first_row)
+            span = range(parked.first_row, parked.first_row + count)
+            prediction, _ = tables.predictions(request_id, span)
+            rows = np.arange(span.start, span.stop)
+            try:
+                scored = self.observe(
+                    tables,
+                    request_id,
+                    stored,
+                    rows,
+                    parked.truth[:count],
+                    prediction,
+                    parked.arrived_at,
+                )
+            except InvalidFeedback:
+                delta = delta + Delta(counters=label_counts({FAILED: count}))
+            else:
+                tables.mark_labelled(request_id, rows)
+                delta = delta + scored + Delta(counters=label_counts({LATE: count}))
+            if count < len(parked.truth):
+                tables.park(
+                    request_id,
+                    parked.first_row + count,
+                    parked.truth[count:],
+                    parked.arrived_at,
+                    parked.expires_at,
+                )
+        return delta
 
     def label(self, tables: JoinTables, label: Label, now: float) -> Delta:
         """Score the label's rows that have a prediction; park the others."""
-        indexes = range(label.first_row, label.first_row + len(label.truth_rows))
-        truth = dict(zip(indexes, label.truth_rows))
-        stored = tables.rows(label.request_id, indexes)
-        already_parked = tables.parked(label.request_id, indexes)
-        duplicate = already_parked.keys() | {i for i, row in stored.items() if row.labelled}
-        predicted = {i for i, row in stored.items() if row.prediction is not None}
-        ready = sorted(predicted - duplicate)
-        waiting = [i for i in indexes if i not in duplicate and i not in predicted]
+        request_id, stored = tables.find(label.request_ids) or (label.request_ids[0], Logged())
+        first, size = label.first_row, len(label.truth)
+        # rows first .. split have a prediction, split .. first + size do not (yet)
+        split = min(max(stored.predicted_rows, first), first + size) - first
+        duplicate = tables.parked(request_id, range(first, first + size))
+        prediction = None
+        if split:
+            prediction, labelled = tables.predictions(request_id, range(first, first + split))
+            duplicate[:split] |= labelled
+        ready = np.flatnonzero(~duplicate[:split])
+        waiting = ~duplicate
+        waiting[:split] = False
         delta = label.extra
-        if ready:
+        if ready.size:
+            rows = ready + first
             try:
                 delta = delta + self.observe(
-                    [truth[i] for i in ready], [stored[i] for i in ready], [now] * len(ready)
+                    tables,
+                    request_id,
+                    stored,
+                    rows,
+                    take(label.truth, ready),
+                    take(prediction, ready),
+                    now,
                 )
             except InvalidFeedback as exc:
                 raise InvalidFeedback(
                     f"label does not fit the logged prediction: {exc}", exc.reason
                 ) from exc
-            for i in ready:
-                stored[i].labelled = True
-            tables.save_rows(label.request_id, {i: stored[i] for i in ready}, now + self.ttl)
-        if waiting:
-            tables.park(label.request_id, {i: (truth[i], now) for i in waiting}, now + self.ttl)
-        outcomes = {JOINED: len(ready), PARKED: len(waiting), DUPLICATE: len(duplicate)}
+            tables.mark_labelled(request_id, rows)
+        parked = np.count_nonzero(waiting)
+        for start, stop in runs(waiting) if parked else ():
+            tables.park(request_id, first + start, label.truth[start:stop], now, now + self.ttl)
+        outcomes = {
+            JOINED: int(ready.size),
+            PARKED: parked,
+            DUPLICATE: size - ready.size - parked,
+        }
         return delta + Delta(counters=label_counts(outcomes))
 
-    def observe(self, truth: list[bytes], rows: list[StoredRow], arrivals: list[float]) -> Delta:
-        requests = [r.request for r in rows]
-        observation = self.score(
-            [orjson.loads(t) for t in truth],
-            [orjson.loads(r.prediction) for r in rows],
-            None if None in requests else [orjson.loads(r) for r in requests],
-        )
-        delays = tuple(
-            max(0.0, arrival - row.predicted_at)
-            for arrival, row in zip(arrivals, rows)
-            if row.predicted_at is not None
-        )
+    def observe(
+        self,
+        tables: JoinTables,
+        request_id: str,
+        stored: Logged,
+        rows: np.ndarray,
+        truth: Rows,
+        prediction: Rows,
+        arrived_at: float,
+    ) -> Delta:
+        """Score ``truth`` against the predictions (and stored inputs) of ``rows`` (sorted).
+
+        The rows share one prediction time, so their label delay is one value, ``len(rows)`` times.
+        """
+        span = range(int(rows[0]), int(rows[-1]) + 1)
+        request = None
+        if stored.request_rows >= span.stop:
+            request = take(tables.read(request_id, "request", span), rows - span.start)
+        observation = self.score(truth, prediction, request)
         counters = [(ROWS_ACCEPTED, "", observation.rows)]
         if observation.metric_problems:
             counters.append((METRICS_REJECTED, "", len(observation.metric_problems)))
+        delays = ()
+        if stored.predicted_at is not None:
+            delays = ((max(0.0, arrived_at - stored.predicted_at), len(rows)),)
         return Delta(
             cells=observation.cells,
             metrics=tuple(observation.metrics),

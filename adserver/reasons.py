@@ -54,6 +54,7 @@ MISSING_REQUEST_ID: Final = "missing_request_id"
 INVALID_ROW_INDEX: Final = "invalid_row_index"
 JOIN_UNSUPPORTED: Final = "join_unsupported"
 UNJOINABLE_BIN_DATA: Final = "unjoinable_bin_data"
+TOO_MANY_ROWS: Final = "too_many_rows"  # 413: more rows than --max_event_rows
 
 # user models
 MODEL_REJECTED: Final = "model_rejected"
@@ -138,6 +139,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         INVALID_ROW_INDEX,
         JOIN_UNSUPPORTED,
         UNJOINABLE_BIN_DATA,
+        TOO_MANY_ROWS,
     ),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),

@@ -99,6 +99,11 @@ class Settings:
         "INFERENCE_SERVICE",
         "keep only payload-logger events whose inferenceservicename is this (empty: all)",
     )
+    max_event_rows: int = setting(
+        1_000_000,
+        "MAX_EVENT_ROWS",
+        "most rows in one logger event or label (they are stored); more get 413",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -108,6 +113,7 @@ class Settings:
             "max_body_bytes",
             "dedup_max_ids",
             "join_max_rows",
+            "max_event_rows",
             "max_classes",
             "reply_timeout_seconds",
             "dedup_retention_seconds",

@@ -42,13 +42,14 @@ CounterKey = tuple[str, str]
 class Delta:
     """What one event (or one rejection) adds.
 
-    ``counters`` are (name, label, increment); ``delays`` are label delays in seconds.
+    ``counters`` are (name, label, increment); ``delays`` are (label delay in seconds, rows):
+    the rows of one label share their prediction's time, so a batch is one pair, not a row each.
     """
 
     cells: Cells | None = None
     metrics: tuple[CustomMetric, ...] = ()
     counters: tuple[tuple[str, str, int], ...] = ()
-    delays: tuple[float, ...] = ()
+    delays: tuple[tuple[float, int], ...] = ()
 
     def __add__(self, other: Delta) -> Delta:
         if self.cells is None or other.cells is None:
@@ -128,8 +129,8 @@ class MetricsState:
             self.custom.apply(metric)
         for name, label, increment in delta.counters:
             self.counters[(name, label)] += increment
-        for seconds in delta.delays:
-            self.label_delay.observe(seconds)
+        for seconds, rows in delta.delays:
+            self.label_delay.add(bucket_index(DELAY_BUCKETS, seconds), rows, seconds * rows)
 
     def count(self, name: str, label: str = "") -> int:
         return self.counters.get((name, label), 0)

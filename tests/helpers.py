@@ -436,6 +436,15 @@ def scrape(url: str, accept: str | None = None) -> Samples:
     }
 
 
+# Samples that move without any event: the process' own metrics and the open connections.
+RESTLESS = ("process_", "feedback_http_connections")
+
+
+def moved_samples(before: Samples, after: Samples) -> list[tuple[str, frozenset[tuple[str, str]]]]:
+    """The samples an event changed (what moves by itself is left out)."""
+    return [k for k, n in after.items() if n != before.get(k) and not k[0].startswith(RESTLESS)]
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     """The one sample of ``name`` whose labels include ``labels`` (0 if absent)."""
     wanted = set(labels.items())

@@ -92,7 +92,7 @@ def server_state() -> MetricsState:
             cells=Cells.from_labels(truth, predicted),
             metrics=metrics,
             counters=(("rows_accepted", "", 5), ("events_rejected", "invalid_json", 2)),
-            delays=(0.5, 40.0),
+            delays=((0.5, 1), (40.0, 1)),
         )
     )
     return state

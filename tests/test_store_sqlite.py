@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adserver.join import Joiner, Label, LoggedRows
 from adserver.state import Delta, MetricsState
 from adserver.store.base import Entry
-from adserver.store.schema import SCHEMA_VERSION
+from adserver.store.schema import MIGRATIONS, SCHEMA_VERSION
 from adserver.store.sqlite import (
+    PURGE_BATCH,
     SQLiteStore,
     StateFileError,
     create_spill_file,
@@ -23,6 +25,7 @@ from adserver.store.sqlite import (
     state_path,
 )
 from adserver.summary import model_summary
+from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
 from tests.helpers import FakeClock
@@ -233,3 +236,138 @@ def test_store_error_is_transient_503(tmp_path: Path) -> None:
 
     store = run(scenario())
     assert store.state.count("rows_accepted") == 0
+
+
+def full_store(bound: int, clock: FakeClock) -> SQLiteStore:
+    """A memory store whose seen ids and logged rows are both at their bound."""
+    joiner = Joiner(MultiClassNumeric().observe, ttl=1e9)
+    store = SQLiteStore(
+        MetricsState(),
+        None,
+        "m",
+        retention=1e9,
+        max_ids=bound,
+        joiner=joiner,
+        join_max_rows=bound,
+        clock=clock,
+    )
+    fill = [
+        Entry(
+            event_key=("src", f"fill-{i}"),
+            operation=LoggedRows(f"r{i}", "response", np.array([1]), 0),
+        )
+        for i in range(bound)
+    ]
+    run(store.commit(fill))
+    return store
+
+
+def work_of_commits(store: SQLiteStore, clock: FakeClock, commits: int) -> tuple[list[str], int]:
+    """SQL statements, and SQLite virtual-machine steps (in hundreds), of ``commits`` commits
+    that each add an event id and a logged row; one of them falls due for the minute's sweep."""
+    statements: list[str] = []
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0
+
+    store.connection.set_trace_callback(statements.append)
+    store.connection.set_progress_handler(step, 100)
+    for i in range(commits):
+        clock.now += 61 if i == commits // 2 else 1
+        logged = LoggedRows(f"new-{i}", "response", np.array([1]), clock.now)
+        assert run(store.commit([Entry(event_key=("src", f"new-{i}"), operation=logged)])) == [True]
+    store.connection.set_trace_callback(None)
+    store.connection.set_progress_handler(None, 100)
+    return statements, steps[0]
+
+
+def test_housekeeping_work_does_not_grow_with_full_tables() -> None:
+    """Once the seen ids and the join tables are full, every commit trims what it added: the
+    same statements whatever the bound, none counting a table, the same work give or take."""
+    small_clock, large_clock = FakeClock(), FakeClock()
+    small = full_store(100, small_clock)
+    large = full_store(20_000, large_clock)
+    small_statements, small_steps = work_of_commits(small, small_clock, 20)
+    large_statements, large_steps = work_of_commits(large, large_clock, 20)
+    assert not [s for s in large_statements if "COUNT(" in s.upper()]
+    assert len(large_statements) == len(small_statements)
+    assert large_steps < 2 * small_steps + 20
+    # what the last commit added waits for the next one to be trimmed
+    assert large.seen_count == large.row_counts.logged == 20_001
+    assert large.connection.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 20_001
+    assert large.state.count("join_rows_evicted", "prediction_evicted") == 19
+
+
+def test_expired_backlog_is_deleted_in_bounded_batches() -> None:
+    """Ids that expire together are forgotten PURGE_BATCH per commit, over the next commits."""
+    clock = FakeClock()
+    store = SQLiteStore(MetricsState(), None, "m", retention=100.0, max_ids=10**6, clock=clock)
+    run(store.commit([Entry(event_key=("src", str(i))) for i in range(2 * PURGE_BATCH + 10)]))
+    clock.now += 101
+    left = []
+    for _ in range(4):
+        run(store.commit([Entry()]))
+        left.append(store.seen_count)
+    assert left == [PURGE_BATCH + 10, 10, 0, 0]
+
+
+def version_2_file(tmp_path: Path, now: float) -> None:
+    """A state file as version 2 left it: a JSON document per logged row and parked label."""
+    connection = sqlite3.connect(state_path(str(tmp_path)))
+    for script in MIGRATIONS[:2]:
+        connection.executescript(script)
+    connection.executemany(
+        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "2"), ("model_name", "m")]
+    )
+    expires = now + 1000
+    connection.executemany(
+        "INSERT INTO logged_rows VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            # r1: three rows with inputs, the middle one labelled already
+            ("r1", 0, b"1", b"[5.1]", now - 10, 0, expires),
+            ("r1", 1, b"2", b"[4.9]", now - 10, 1, expires),
+            ("r1", 2, b"0", b"[6.2]", now - 10, 0, expires),
+            # r2: row 1 was evicted on its own
+            ("r2", 0, b"1", None, now - 5, 0, expires),
+            ("r2", 2, b"1", None, now - 5, 0, expires),
+        ],
+    )
+    connection.executemany(
+        "INSERT INTO parked_labels VALUES (?, ?, ?, ?, ?)",
+        [
+            ("p1", 0, b"2", now - 3, expires),  # one label of two rows
+            ("p1", 1, b"0", now - 3, expires),
+            ("p1", 5, b"1", now - 2, expires),  # and another, past the prediction to come
+        ],
+    )
+    connection.commit()
+    connection.close()
+
+
+def test_version_2_file_keeps_joining_after_the_upgrade(tmp_path: Path) -> None:
+    clock = FakeClock()
+    version_2_file(tmp_path, clock.now)
+    joiner = Joiner(MultiClassNumeric().observe, ttl=1000)
+    store = open_sqlite(tmp_path, clock, joiner=joiner)
+    assert (store.row_counts.logged, store.row_counts.parked) == (6, 3)
+
+    def commit(operation: Label | LoggedRows) -> None:
+        assert run(store.commit([Entry(operation=operation)])) == [True]
+
+    commit(Label(("r1",), 0, np.array([1, 1, 0])))
+    commit(Label(("r2",), 0, np.array([2, 2, 2])))
+    commit(LoggedRows("p1", "response", np.array([2, 1, 1]), clock.now))
+    state = store.state
+    assert state.labelled("labels") == {"joined": 4, "duplicate": 2, "late": 2}
+    # truth 1 -> 1, 0 -> 0 (r1); 2 -> 1 twice (r2); 2 -> 2, 0 -> 1 (p1, late)
+    matrix = state.confusion.matrix().tolist()
+    assert state.confusion.classes == [0, 1, 2]
+    assert matrix == [[1, 1, 0], [0, 1, 0], [0, 2, 1]]
+    assert (store.row_counts.logged, store.row_counts.parked) == (9, 1)  # p1 row 5 waits on
+    tables = {row[0] for row in store.connection.execute("SELECT name FROM sqlite_master")}
+    assert not {"logged_rows", "parked_labels"} & tables
+    assert store.connection.execute(
+        "SELECT value FROM meta WHERE key = 'schema_version'"
+    ).fetchone() == (str(SCHEMA_VERSION),)

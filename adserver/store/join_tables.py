@@ -1,84 +1,308 @@
-"""SQL implementation of :class:`adserver.join.JoinTables`, used inside a store transaction."""
+"""SQL implementation of :class:`adserver.join.JoinTables`, used inside a store transaction.
+
+A logged event's rows are kept as a few blocks of consecutive rows (about ``BLOCK_BYTES`` each):
+numbers as the raw bytes of a numpy array with its dtype and row shape, anything else as one JSON
+array. A label reads and rewrites only the blocks its rows fall in, and each response block
+carries one bit per row saying whether that row has its label. Parked labels are blocks too, one
+per label (or per run of its rows that waits). Blocks of one request never overlap, so the
+blocks a range of rows touches are found by one index range.
+
+Row counts are kept in :class:`RowCounts`, updated with every change (never counted in SQL),
+so bounds are checked for free and trimming deletes by an indexed order in bounded batches.
+"""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from adserver.join import StoredRow
+import numpy as np
+import orjson
+
+from adserver.join import Kind, Logged, Parked, Rows
+
+BLOCK_BYTES = 1 << 16  # rows per block of numbers: as many as fit (at least one)
+JSON_BLOCK_ROWS = 256  # rows per block of other data
+JSON = "json"  # the codec of blocks that are not numbers
+
+# The columns every block has, and how to find the blocks of one request that overlap rows
+# start .. stop (the last block starting at or before start, and those starting before stop).
+BLOCK = "first_row, rows, codec, shape"
+
+
+def overlapping(table: str, key: str) -> str:
+    return (
+        f"WHERE {key} AND first_row < :stop AND first_row + rows > :start AND first_row >= "
+        f"IFNULL((SELECT first_row FROM {table} WHERE {key} AND first_row <= :start "
+        "ORDER BY first_row DESC LIMIT 1), :start) ORDER BY first_row"
+    )
+
+
+LOGGED_KEY = "request_id = :request_id AND kind = :kind"
+IN_LOGGED = overlapping("logged_blocks", LOGGED_KEY)
+IN_PARKED = overlapping("parked_blocks", "request_id = :request_id")
+
+
+@dataclass
+class RowCounts:
+    """Rows held, kept by the writer beside the database (restored with it on rollback)."""
+
+    logged: int = 0  # row slots of logged requests (input and prediction of a row share one)
+    parked: int = 0
+
+    def copy(self) -> RowCounts:
+        return RowCounts(self.logged, self.parked)
+
+    @classmethod
+    def load(cls, cursor: sqlite3.Cursor) -> RowCounts:
+        """Once at start-up; afterwards every change updates the counts."""
+        logged = cursor.execute(
+            "SELECT TOTAL(MAX(request_rows, predicted_rows)) FROM predictions"
+        ).fetchone()[0]
+        parked = cursor.execute("SELECT TOTAL(rows) FROM parked_blocks").fetchone()[0]
+        return cls(int(logged), int(parked))
+
+
+def encode(rows: Rows) -> tuple[str, bytes | None, object]:
+    """(codec, row shape, data) of a block: an array's own buffer, or one JSON document."""
+    if isinstance(rows, np.ndarray):
+        return rows.dtype.str, orjson.dumps(rows.shape[1:]), np.ascontiguousarray(rows)
+    return JSON, None, orjson.dumps(rows)
+
+
+def decode(rows: int, codec: str, shape: bytes | None, data: bytes) -> Rows:
+    if codec == JSON:
+        return orjson.loads(data)
+    return np.frombuffer(data, dtype=codec).reshape(rows, *orjson.loads(shape or b"[]"))
+
+
+def blocks(rows: Rows) -> Iterator[tuple[int, Rows]]:
+    """(first row, rows) of consecutive blocks covering ``rows``."""
+    if isinstance(rows, np.ndarray):
+        size = max(1, BLOCK_BYTES // max(rows.nbytes // max(len(rows), 1), 1))
+    else:
+        size = JSON_BLOCK_ROWS
+    for start in range(0, len(rows), size):
+        yield start, rows[start : start + size]
+
+
+def logged_block(request_id: str, kind: Kind, first: int, rows: Rows) -> tuple[object, ...]:
+    """A row of ``logged_blocks``; a response's rows start without labels."""
+    codec, shape, data = encode(rows)
+    labelled = bytes(-(-len(rows) // 8)) if kind == "response" else None  # all bits 0
+    return (request_id, kind, first, len(rows), codec, shape, labelled, data)
+
+
+def concat(parts: list[Rows]) -> Rows:
+    if parts and isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [row for part in parts for row in part]
+
+
+def bits(mask: np.ndarray) -> bytes:
+    return np.packbits(mask, bitorder="little").tobytes()
+
+
+def unbits(data: bytes, rows: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, np.uint8), count=rows, bitorder="little").astype(bool)
 
 
 class SQLJoinTables:
-    """Rows past their expiry are invisible even before a sweep deletes them."""
-
-    def __init__(self, cursor: sqlite3.Cursor, now: float) -> None:
+    def __init__(self, cursor: sqlite3.Cursor, counts: RowCounts) -> None:
         self.cursor = cursor
-        self.now = now
+        self.counts = counts
+        self._read: tuple[str, range, list[tuple[int, int, bytes]]] = ("", range(0), [])
 
-    def rows(self, request_id: str, indexes: range) -> dict[int, StoredRow]:
+    def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
+        for request_id in request_ids:
+            found = self.cursor.execute(
+                "SELECT request_rows, predicted_rows, predicted_at FROM predictions "
+                "WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+            if found is not None:
+                return request_id, Logged(*found)
+        return None
+
+    def read(self, request_id: str, kind: Kind, rows: range) -> Rows:
+        return self._read_blocks(request_id, kind, rows)[0]
+
+    def predictions(self, request_id: str, rows: range) -> tuple[Rows, np.ndarray]:
+        values, found = self._read_blocks(request_id, "response", rows)
+        self._read = (request_id, rows, found)  # the blocks mark_labelled then rewrites
+        mask = np.concatenate([unbits(bits, count) for _, count, bits in found])
+        start = rows.start - found[0][0]
+        return values, mask[start : start + len(rows)]
+
+    def _read_blocks(
+        self, request_id: str, kind: Kind, rows: range
+    ) -> tuple[Rows, list[tuple[int, int, bytes]]]:
+        """Rows ``rows`` of one kind, and (first row, rows, labelled bits) of their blocks."""
+        key = {"request_id": request_id, "kind": kind, "start": rows.start, "stop": rows.stop}
         found = self.cursor.execute(
-            "SELECT row, prediction, request, predicted_at, labelled FROM logged_rows "
-            "WHERE request_id = ? AND expires_at > ? AND row >= ? AND row < ?",
-            (request_id, self.now, indexes.start, indexes.stop),
+            f"SELECT {BLOCK}, labelled, data FROM logged_blocks {IN_LOGGED}", key
+        ).fetchall()
+        values = concat(
+            [decode(count, codec, shape, data) for _, count, codec, shape, _, data in found]
         )
-        return {row: StoredRow(p, r, at, bool(done)) for row, p, r, at, done in found}
+        start = rows.start - found[0][0]
+        blocks = [(first, count, bits) for first, count, _, _, bits, _ in found]
+        return values[start : start + len(rows)], blocks
 
-    def save_rows(self, request_id: str, rows: dict[int, StoredRow], expires_at: float) -> None:
+    def store(
+        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+    ) -> Logged:
         self.cursor.executemany(
-            "INSERT OR REPLACE INTO logged_rows VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    request_id,
-                    i,
-                    r.prediction,
-                    r.request,
-                    r.predicted_at,
-                    int(r.labelled),
-                    expires_at,
-                )
-                for i, r in rows.items()
-            ],
+            "INSERT INTO logged_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [logged_block(request_id, kind, first, block) for first, block in blocks(rows)],
+        )
+        before = stored
+        after = (
+            Logged(before.request_rows, len(rows), at)
+            if kind == "response"
+            else Logged(len(rows), before.predicted_rows, before.predicted_at)
+        )
+        self.cursor.execute(
+            "INSERT INTO predictions VALUES (:id, :request_rows, :predicted_rows, :at, "
+            ":predicted_rows, 1, :expires_at) ON CONFLICT (request_id) DO UPDATE SET "
+            "request_rows = :request_rows, predicted_rows = :predicted_rows, predicted_at = :at, "
+            "waiting = waiting + :predicted_rows - predicted_rows, expires_at = :expires_at",
+            {
+                "id": request_id,
+                "request_rows": after.request_rows,
+                "predicted_rows": after.predicted_rows,
+                "at": after.predicted_at,
+                "expires_at": expires_at,
+            },
+        )
+        self.counts.logged += max(after.request_rows, after.predicted_rows) - max(
+            before.request_rows, before.predicted_rows
+        )
+        return after
+
+    def mark_labelled(self, request_id: str, rows: np.ndarray) -> None:
+        span = range(int(rows[0]), int(rows[-1]) + 1)
+        read_id, read_rows, found = self._read
+        if read_id != request_id or span.start < read_rows.start or span.stop > read_rows.stop:
+            found = self._read_blocks(request_id, "response", span)[1]
+        updates = []
+        for first, count, data in found:
+            mask = unbits(data, count)
+            lo, hi = np.searchsorted(rows, (first, first + count))
+            mask[rows[lo:hi] - first] = True
+            updates.append((bits(mask), request_id, first))
+        self.cursor.executemany(
+            "UPDATE logged_blocks SET labelled = ? "
+            "WHERE request_id = ? AND kind = 'response' AND first_row = ?",
+            updates,
+        )
+        self.cursor.execute(
+            "UPDATE predictions SET waiting = waiting - :n, open = waiting - :n > 0 "
+            "WHERE request_id = :id",
+            {"n": len(rows), "id": request_id},
         )
 
-    def parked(self, request_id: str, indexes: range) -> dict[int, tuple[bytes, float]]:
-        found = self.cursor.execute(
-            "SELECT row, truth, arrived_at FROM parked_labels "
-            "WHERE request_id = ? AND expires_at > ? AND row >= ? AND row < ?",
-            (request_id, self.now, indexes.start, indexes.stop),
-        )
-        return {row: (truth, arrived_at) for row, truth, arrived_at in found}
+    def parked(self, request_id: str, rows: range) -> np.ndarray:
+        mask = np.zeros(len(rows), bool)
+        key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
+        for first, count in self.cursor.execute(
+            f"SELECT first_row, rows FROM parked_blocks {IN_PARKED}", key
+        ):
+            mask[max(first - rows.start, 0) : first + count - rows.start] = True
+        return mask
 
     def park(
-        self, request_id: str, rows: dict[int, tuple[bytes, float]], expires_at: float
+        self, request_id: str, first_row: int, truth: Rows, arrived_at: float, expires_at: float
+    ) -> None:
+        self.cursor.execute(
+            "INSERT INTO parked_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (request_id, first_row, len(truth), *encode(truth), arrived_at, expires_at),
+        )
+        self.counts.parked += len(truth)
+
+    def unpark(self, request_id: str, rows: range) -> list[Parked]:
+        key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
+        found = self.cursor.execute(
+            f"SELECT {BLOCK}, data, arrived_at, expires_at FROM parked_blocks {IN_PARKED}", key
+        ).fetchall()
+        if not found:
+            return []
+        self.cursor.executemany(
+            "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?",
+            [(request_id, first) for first, *_ in found],
+        )
+        self.counts.parked -= sum(count for _, count, *_ in found)
+        return [
+            Parked(first, decode(count, codec, shape, data), arrived, expires)
+            for first, count, codec, shape, data, arrived, expires in found
+        ]
+
+    def expire(self, now: float, batch: int, dropped: Counter[str]) -> bool:
+        """Drop up to ``batch`` logged requests and parked labels past their time to live.
+
+        Returns whether a batch was full (more may be left). What goes is added to ``dropped``:
+        a prediction row still waiting for its label, or a parked label, is a label that will
+        never count.
+        """
+        logged = self.cursor.execute(
+            "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
+            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (now, batch),
+        ).fetchall()
+        self._drop_logged(logged, "prediction_expired", dropped)
+        parked = self.cursor.execute(
+            "SELECT request_id, first_row, rows FROM parked_blocks WHERE expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?",
+            (now, batch),
+        ).fetchall()
+        self._drop_parked(parked, "label_expired", dropped)
+        return len(logged) == batch or len(parked) == batch
+
+    def evict(self, max_rows: int, batch: int, dropped: Counter[str]) -> None:
+        """Above ``max_rows``, drop whole logged requests, those whose rows all have their label
+        first, then the oldest; and the oldest parked labels. At most ``batch`` of each."""
+        if self.counts.logged > max_rows:
+            chosen, excess = [], self.counts.logged - max_rows
+            for request_id, waiting, rows in self.cursor.execute(
+                "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
+                "ORDER BY open, expires_at LIMIT ?",
+                (batch,),
+            ):
+                chosen.append((request_id, waiting, rows))
+                excess -= rows
+                if excess <= 0:
+                    break
+            self._drop_logged(chosen, "prediction_evicted", dropped)
+        if self.counts.parked > max_rows:
+            chosen, excess = [], self.counts.parked - max_rows
+            for request_id, first, rows in self.cursor.execute(
+                "SELECT request_id, first_row, rows FROM parked_blocks ORDER BY expires_at LIMIT ?",
+                (batch,),
+            ):
+                chosen.append((request_id, first, rows))
+                excess -= rows
+                if excess <= 0:
+                    break
+            self._drop_parked(chosen, "label_evicted", dropped)
+
+    def _drop_logged(
+        self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
+    ) -> None:
+        ids = [(request_id,) for request_id, _, _ in found]
+        self.cursor.executemany("DELETE FROM logged_blocks WHERE request_id = ?", ids)
+        self.cursor.executemany("DELETE FROM predictions WHERE request_id = ?", ids)
+        self.counts.logged -= sum(rows for _, _, rows in found)
+        dropped[reason] += sum(waiting for _, waiting, _ in found)
+
+    def _drop_parked(
+        self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
     ) -> None:
         self.cursor.executemany(
-            "INSERT OR REPLACE INTO parked_labels VALUES (?, ?, ?, ?, ?)",
-            [(request_id, i, truth, at, expires_at) for i, (truth, at) in rows.items()],
+            "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?",
+            [(request_id, first) for request_id, first, _ in found],
         )
-
-    def unpark(self, request_id: str, indexes: Sequence[int]) -> None:
-        self.cursor.executemany(
-            "DELETE FROM parked_labels WHERE request_id = ? AND row = ?",
-            [(request_id, i) for i in indexes],
-        )
-
-    def expire(self, max_rows: int) -> dict[str, int]:
-        """Drop rows past their time-to-live, then the oldest beyond ``max_rows`` per table.
-
-        Returns how many were dropped, by what: an unlabelled prediction or a parked label that
-        goes is a label that will never count, so each is reported.
-        """
-        dropped = {}
-        for table, what in (("logged_rows", "prediction"), ("parked_labels", "label")):
-            dropped[f"{what}_expired"] = self.cursor.execute(
-                f"DELETE FROM {table} WHERE expires_at <= ?", (self.now,)
-            ).rowcount
-            excess = self.cursor.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - max_rows
-            dropped[f"{what}_evicted"] = max(excess, 0)
-            if excess > 0:
-                self.cursor.execute(
-                    f"DELETE FROM {table} WHERE (request_id, row) IN "
-                    f"(SELECT request_id, row FROM {table} ORDER BY expires_at LIMIT ?)",
-                    (excess,),
-                )
-        return dropped
+        rows = sum(rows for _, _, rows in found)
+        self.counts.parked -= rows
+        dropped[reason] += rows

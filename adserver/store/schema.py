@@ -1,14 +1,24 @@
-"""SQLite schema, versioned. Every table holds additive counts keyed by what they count."""
+"""SQLite schema, versioned. Every table holds additive counts keyed by what they count, or
+what a join waits for."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+from collections.abc import Callable
 
-SCHEMA_VERSION = 2
+import numpy as np
+import orjson
 
-# Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
-MIGRATIONS: list[str] = [
-    """
+from adserver.join import Logged, as_rows
+from adserver.store.join_tables import RowCounts, SQLJoinTables
+
+SCHEMA_VERSION = 3
+
+Migration = str | Callable[[sqlite3.Connection], None]  # a SQL script, or a function
+
+# Version 1: counts and seen event ids.
+COUNT_TABLES = """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE cells (
         truth INTEGER NOT NULL, prediction INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -32,8 +42,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (source, id)
     ) WITHOUT ROWID;
     CREATE INDEX seen_by_time ON seen (seen_at);
-    """,
-    """
+"""
+
+# Version 2: logged rows and parked labels, a JSON document per row (converted by version 3),
+# and the label-delay histogram.
+ROW_TABLES = """
     CREATE TABLE logged_rows (
         request_id TEXT NOT NULL, row INTEGER NOT NULL, prediction BLOB, request BLOB,
         predicted_at REAL, labelled INTEGER NOT NULL, expires_at REAL NOT NULL,
@@ -49,12 +62,93 @@ MIGRATIONS: list[str] = [
     CREATE TABLE label_delay (
         bucket INTEGER PRIMARY KEY, count INTEGER NOT NULL, total REAL NOT NULL
     );
-    """,
-]
+"""
+
+# Version 3: logged events and parked labels as blocks of rows (see join_tables.py), and per
+# request what an eviction needs: rows still waiting for a label, and whether any still are.
+BLOCK_TABLES = """
+    CREATE TABLE predictions (
+        request_id TEXT PRIMARY KEY, request_rows INTEGER NOT NULL,
+        predicted_rows INTEGER NOT NULL, predicted_at REAL, waiting INTEGER NOT NULL,
+        open INTEGER NOT NULL, expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX predictions_by_eviction ON predictions (open, expires_at);
+    CREATE INDEX predictions_by_expiry ON predictions (expires_at);
+    CREATE TABLE logged_blocks (
+        request_id TEXT NOT NULL, kind TEXT NOT NULL, first_row INTEGER NOT NULL,
+        rows INTEGER NOT NULL, codec TEXT NOT NULL, shape BLOB, labelled BLOB,
+        data BLOB NOT NULL, PRIMARY KEY (request_id, kind, first_row)
+    );
+    CREATE TABLE parked_blocks (
+        request_id TEXT NOT NULL, first_row INTEGER NOT NULL, rows INTEGER NOT NULL,
+        codec TEXT NOT NULL, shape BLOB, data BLOB NOT NULL, arrived_at REAL NOT NULL,
+        expires_at REAL NOT NULL, PRIMARY KEY (request_id, first_row)
+    );
+    CREATE INDEX parked_blocks_by_expiry ON parked_blocks (expires_at);
+"""
+
+
+def run_script(connection: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            connection.execute(statement)
+
+
+def blocks_from_rows(connection: sqlite3.Connection) -> None:
+    """Version 2 kept a JSON document per row: store each request's rows as blocks instead.
+
+    Runs once, at start-up, over what the file holds (at most ``--join_max_rows`` rows). A row
+    lost from a request's middle (evicted one by one before) becomes a copy of a kept row that
+    counts as labelled, so it can never be scored.
+    """
+    run_script(connection, BLOCK_TABLES)
+    tables = SQLJoinTables(connection.cursor(), RowCounts())
+    logged = connection.execute(
+        "SELECT request_id, row, prediction, request, predicted_at, labelled, expires_at "
+        "FROM logged_rows ORDER BY request_id, row"
+    )
+    for request_id, group in itertools.groupby(logged, key=lambda row: row[0]):
+        rows = list(group)
+        expires_at = max(row[6] for row in rows)
+        stored = Logged()
+        requests = [row[3] for row in rows if row[3] is not None]
+        if requests and len(requests) == rows[-1][1] + 1 == len(rows):  # complete, from row 0
+            values = as_rows([orjson.loads(r) for r in requests])
+            stored = tables.store(request_id, stored, "request", values, 0.0, expires_at)
+        predicted = {row[1]: row for row in rows if row[2] is not None}
+        if not predicted:
+            continue
+        kept = next(iter(predicted.values()))
+        full = [predicted.get(i, kept) for i in range(max(predicted) + 1)]
+        values = as_rows([orjson.loads(row[2]) for row in full])
+        tables.store(request_id, stored, "response", values, kept[4], expires_at)
+        done = [i for i, row in enumerate(full) if row[5] or i not in predicted]
+        if done:
+            tables.mark_labelled(request_id, np.array(done))
+    parked = connection.execute(
+        "SELECT request_id, row, truth, arrived_at, expires_at FROM parked_labels "
+        "ORDER BY request_id, arrived_at, expires_at, row"
+    )
+
+    def one_label(item: tuple[int, tuple[str, int, bytes, float, float]]) -> tuple[object, ...]:
+        """Rows parked by one label share id and times, and their row numbers run on."""
+        position, (request_id, row, _, arrived_at, expires_at) = item
+        return request_id, arrived_at, expires_at, row - position
+
+    for _, group in itertools.groupby(enumerate(parked), key=one_label):
+        rows = [row for _, row in group]
+        values = as_rows([orjson.loads(row[2]) for row in rows])
+        tables.park(rows[0][0], rows[0][1], values, rows[0][3], rows[0][4])
+    connection.execute("DROP TABLE logged_rows")
+    connection.execute("DROP TABLE parked_labels")
 
 
 class SchemaError(Exception):
     """The file cannot be used as state; the message says how to recover."""
+
+
+# Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
+MIGRATIONS: list[Migration] = [COUNT_TABLES, ROW_TABLES, blocks_from_rows]
 
 
 def schema_version(connection: sqlite3.Connection) -> int:
@@ -82,13 +176,13 @@ def migrate(connection: sqlite3.Connection, model_name: str, model_kind: str | N
             f"the state file has schema version {version}, newer than this server's "
             f"{SCHEMA_VERSION}: upgrade the server or start from a backup"
         )
-    # isolation_level=None: no implicit BEGIN, so ``with connection`` alone would not roll back
-    connection.execute("BEGIN IMMEDIATE")
-    with connection:  # a refusal below rolls back: a refused file is left as it was
-        for script in MIGRATIONS[version:]:
-            for statement in script.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
+    with connection:  # commits, or rolls back every step
+        connection.execute("BEGIN IMMEDIATE")
+        for migration in MIGRATIONS[version:]:
+            if isinstance(migration, str):
+                run_script(connection, migration)
+            else:
+                migration(connection)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )

@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +37,7 @@ from adserver.state import (
     bucket_index,
 )
 from adserver.store.base import Clock, Entry, StateStore
-from adserver.store.join_tables import SQLJoinTables
+from adserver.store.join_tables import RowCounts, SQLJoinTables
 from adserver.store.lock import hold_state_lock
 from adserver.store.schema import SchemaError, migrate
 from cm_models.base import InvalidFeedback
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "feedback-state.sqlite3"
 PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
+# Most seen ids, logged requests and parked labels one commit deletes per table: a sweep that
+# finds more goes on at the next commit, so no transaction does work that grew with history.
+PURGE_BATCH = 1000
 BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
 _Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
 
@@ -227,7 +231,9 @@ class SQLiteStore(StateStore):
         self.classes = set(state.confusion.classes)
         self._class_journal: list[int] = []  # classes in the order they were admitted
         self.max_classes = max_classes
+        # Counted once here; from now on every change keeps the counts (never COUNT(*) again).
         self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+        self.row_counts = RowCounts.load(self.connection.cursor())
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._pending: list[_Batch] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -328,12 +334,20 @@ class SQLiteStore(StateStore):
             raise
         return outcomes, deltas
 
-    def _mark(self) -> tuple[int, int, int, float]:
+    def _mark(self) -> tuple[int, int, int, float, RowCounts]:
         """What the writer keeps beside the database, to put back if a rollback happens."""
-        return len(self._class_journal), self.catalog.mark(), self.seen_count, self._last_purge
+        counts = self.row_counts.copy()
+        return (
+            len(self._class_journal),
+            self.catalog.mark(),
+            self.seen_count,
+            self._last_purge,
+            counts,
+        )
 
-    def _undo(self, mark: tuple[int, int, int, float]) -> None:
-        classes, catalog, self.seen_count, self._last_purge = mark
+    def _undo(self, mark: tuple[int, int, int, float, RowCounts]) -> None:
+        classes, catalog, self.seen_count, self._last_purge, counts = mark
+        self.row_counts = counts.copy()
         while len(self._class_journal) > classes:
             self.classes.discard(self._class_journal.pop())
         self.catalog.rollback(catalog)
@@ -349,7 +363,8 @@ class SQLiteStore(StateStore):
             if new and entry.operation is not None:
                 if self.joiner is None:
                     raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
-                delta = delta + self.joiner.apply(SQLJoinTables(cursor, now), entry.operation, now)
+                tables = SQLJoinTables(cursor, self.row_counts)
+                delta = delta + self.joiner.apply(tables, entry.operation, now)
             if delta.cells is not None:
                 self._check_classes(delta.cells)
             delta = self._admit_metrics(delta)
@@ -398,26 +413,36 @@ class SQLiteStore(StateStore):
         return True
 
     def _housekeeping(self, cursor: sqlite3.Cursor, now: float) -> Delta | None:
-        """Every minute (or when over the bound): forget old ids, expire logged rows."""
-        if self.seen_count <= self.max_ids and now - self._last_purge < PURGE_INTERVAL:
-            return None
-        self._last_purge = now
-        cursor.execute("DELETE FROM seen WHERE seen_at <= ?", (now - self.retention,))
-        self.seen_count = cursor.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-        excess = self.seen_count - self.max_ids
-        if excess > 0:
-            cursor.execute(
-                "DELETE FROM seen WHERE (source, id) IN "
-                "(SELECT source, id FROM seen ORDER BY seen_at LIMIT ?)",
-                (excess,),
+        """Before each commit, work bounded by what came since: trim what is over a bound (the
+        oldest first); every ``PURGE_INTERVAL``, forget ids and rows past their time to live."""
+        dropped: Counter[str] = Counter()
+        tables = SQLJoinTables(cursor, self.row_counts)
+        if self.seen_count > self.max_ids:
+            self._forget_ids(cursor, "", (), min(self.seen_count - self.max_ids, PURGE_BATCH))
+        if now - self._last_purge >= PURGE_INTERVAL:
+            forgotten = self._forget_ids(
+                cursor, "WHERE seen_at <= ?", (now - self.retention,), PURGE_BATCH
             )
-            self.seen_count -= excess
-        dropped = SQLJoinTables(cursor, now).expire(self.join_max_rows)
+            if not tables.expire(now, PURGE_BATCH, dropped) and forgotten < PURGE_BATCH:
+                self._last_purge = now  # else more is due: the next commit goes on
+        tables.evict(self.join_max_rows, PURGE_BATCH, dropped)
         counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
         labels_lost = dropped["label_expired"] + dropped["label_evicted"]
         if labels_lost:
             counters.append((LABELS, EXPIRED, labels_lost))
         return Delta(counters=tuple(counters)) if counters else None
+
+    def _forget_ids(
+        self, cursor: sqlite3.Cursor, where: str, parameters: tuple[float, ...], limit: int
+    ) -> int:
+        """Delete up to ``limit`` of the oldest seen ids (matching ``where``), by the time index."""
+        forgotten = cursor.execute(
+            "DELETE FROM seen WHERE (source, id) IN "
+            f"(SELECT source, id FROM seen {where} ORDER BY seen_at LIMIT ?)",
+            (*parameters, limit),
+        ).rowcount
+        self.seen_count -= forgotten
+        return forgotten
 
     async def close(self) -> None:
         self._closed = True
@@ -448,9 +473,12 @@ def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
     )
     if delta.delays:
         cursor.executemany(
-            "INSERT INTO label_delay VALUES (?, 1, ?) ON CONFLICT (bucket) "
-            "DO UPDATE SET count = count + 1, total = total + excluded.total",
-            [(bucket_index(DELAY_BUCKETS, seconds), seconds) for seconds in delta.delays],
+            "INSERT INTO label_delay VALUES (?, ?, ?) ON CONFLICT (bucket) "
+            "DO UPDATE SET count = count + excluded.count, total = total + excluded.total",
+            [
+                (bucket_index(DELAY_BUCKETS, seconds), rows, seconds * rows)
+                for seconds, rows in delta.delays
+            ],
         )
     for metric in delta.metrics:
         family, tags = family_name(metric), json.dumps(metric.tags)
