@@ -51,7 +51,7 @@ class Server:
         await self.http.close_all_connections()
         if self.sender is not None:
             await self.sender.close()
-        await self.service.store.close()
+        await self.service.close()
 
 
 def build_server(settings: Settings) -> Server:
