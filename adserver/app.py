@@ -95,7 +95,7 @@ def build_server(settings: Settings) -> Server:
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,
     )
-    lifecycle = Lifecycle()
+    lifecycle = Lifecycle(body_budget=settings.max_body_bytes_in_flight)
     app = make_app(
         service,
         build_registry(collector),

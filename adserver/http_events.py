@@ -55,6 +55,17 @@ class Lifecycle:
 
     ready: bool = True
     in_flight: int = 0
+    # Request bodies buffered at once, and how many bytes they may hold together
+    # (--max_body_bytes_in_flight): what the server holds is bounded, however many clients send.
+    body_bytes: int = 0
+    body_budget: int = sys.maxsize
+
+    def hold(self, size: int) -> bool:
+        """Take ``size`` more bytes of the budget, if they fit."""
+        if self.body_bytes + size > self.body_budget:
+            return False
+        self.body_bytes += size
+        return True
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,11 @@ def framing_error(length: str | None, transfer_encoding: str | None) -> RequestE
     return BadRequest(
         f"Content-Length {length!r} is not one non-negative integer", reasons.INVALID_CONTENT_LENGTH
     )
+
+
+def declared_length(length: str) -> int:
+    """The body's length from Content-Length fields that :func:`framing_error` accepted."""
+    return int(LENGTH_SEPARATOR.split(length)[0])
 
 
 def closing_answer(error: RequestError) -> bytes:
@@ -273,6 +289,8 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
         self.received = 0
+        self.held = 0  # bytes of the body budget this request holds
+        self.prepaid = False  # held for the declared Content-Length at once
         self.refused = False
         # Set for a compressed body: what is buffered (and limited) is what it inflates to.
         self.inflater: zlib._Decompress | None = None
@@ -301,12 +319,21 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
                     )
                 )
             self.inflater = zlib.decompressobj(wbits)
-        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        too_large = declared is not None and declared_length(declared) > self.limit
         # The limit is enforced here (a declared length) and in data_received (a chunked body),
         # so the client gets a JSON 413: the connection's own check would close it, or answer a
         # bare 400, before anything could answer.
-        self.connection.set_max_body_size(int(declared) if too_large else sys.maxsize)
-        return self.refuse_large() if too_large else None
+        self.connection.set_max_body_size(
+            declared_length(declared) if declared is not None and too_large else sys.maxsize
+        )
+        if too_large:
+            return self.refuse_large()
+        if declared is not None and self.inflater is None:
+            self.prepaid = True
+            if not self.hold(declared_length(declared)):  # refused before any body is read
+                self.refused = True
+                return refuse_unframed(self.connection, self.busy(), self.endpoint.service)
+        return None
 
     @property
     def limit(self) -> int:
@@ -320,8 +347,21 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
             return self.refuse_large()
         if self.inflater is not None:
             return self.inflate(chunk)
+        if not self.prepaid and not self.hold(len(chunk)):
+            return self.refuse_busy()
         self.chunks.append(chunk)
         return None
+
+    def hold(self, size: int) -> bool:
+        if not self.endpoint.lifecycle.hold(size):
+            return False
+        self.held += size
+        return True
+
+    def release(self) -> None:
+        """The body is gone (answered, refused, or its client left): give its bytes back."""
+        self.endpoint.lifecycle.body_bytes -= self.held
+        self.held = 0
 
     def inflate(self, chunk: bytes) -> Awaitable[None] | None:
         """Never more than the limit is inflated: a small bomb is refused, not expanded."""
@@ -334,6 +374,8 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         self.inflated += len(data)
         if len(data) > room:
             return self.refuse_large()
+        if not self.hold(len(data)):
+            return self.refuse_busy()
         self.chunks.append(data)
         return None
 
@@ -354,11 +396,22 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         """The client left before sending the whole body: there is nothing to count."""
         self.chunks.clear()
+        if self.task is None:  # else the answer releases the body when it is done with it
+            self.release()
 
     def refuse_large(self) -> Awaitable[None]:
         return self.refuse(
             PayloadTooLarge(f"body exceeds {self.limit} bytes", reasons.BODY_TOO_LARGE)
         )
+
+    def busy(self) -> RequestError:
+        budget = self.endpoint.lifecycle.body_budget
+        return Unavailable(
+            f"request bodies in flight would exceed {budget} bytes; retry", reasons.BODIES_IN_FLIGHT
+        )
+
+    def refuse_busy(self) -> Awaitable[None]:
+        return self.refuse(self.busy())
 
     async def refuse(self, error: RequestError, *, close: bool = True) -> None:
         """Count the refusal and answer now; before the body is read, close, so the rest of the
@@ -369,6 +422,7 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         """
         self.refused = True
         self.chunks.clear()
+        self.release()
         status, headers, body = json_error(error)
         await self.endpoint.service.reject(error.reason)
         self.send(status, {**headers, "Connection": "close"} if close else headers, body)
@@ -381,14 +435,20 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
             self.send(*await self.answer())
         finally:
             lifecycle.in_flight -= 1
+            self.release()
 
     async def answer(self) -> tuple[int, dict[str, str], bytes]:
         try:
             if not self.endpoint.lifecycle.ready:  # draining: the sender will retry elsewhere
                 raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
-            outcome = await self.endpoint.service.handle(self.headers, b"".join(self.chunks))
+            body = b"".join(self.chunks)
+            self.chunks.clear()  # one copy of the body while it is counted
+            outcome = await self.endpoint.service.handle(self.headers, body)
         except RequestError as error:
             return json_error(error)
+        except MemoryError:  # e.g. under an address-space limit: nothing was counted, retry
+            log.warning("out of memory for an event", extra={"bytes": self.received})
+            return json_error(Unavailable("out of memory for this event", reasons.OUT_OF_MEMORY))
         except Exception:
             log.exception("event failed unexpectedly")
             return json_error(InternalError("Internal Server Error", reasons.INTERNAL_SERVER_ERROR))

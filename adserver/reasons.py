@@ -81,6 +81,8 @@ INVALID_COMPRESSED_BODY: Final = "invalid_compressed_body"
 STORE_ERROR: Final = "store_error"
 SHUTTING_DOWN: Final = "shutting_down"
 TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # over --max_connections
+BODIES_IN_FLIGHT: Final = "bodies_in_flight"  # over --max_body_bytes_in_flight
+OUT_OF_MEMORY: Final = "out_of_memory"  # a MemoryError while counting an event
 
 # routes and faults (adserver/server.py derives Tornado's from its reason phrase)
 NOT_FOUND: Final = "not_found"
@@ -143,7 +145,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),
-    "503": (STORE_ERROR, SHUTTING_DOWN, TOO_MANY_CONNECTIONS),
+    "503": (STORE_ERROR, SHUTTING_DOWN, TOO_MANY_CONNECTIONS, BODIES_IN_FLIGHT, OUT_OF_MEMORY),
     "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
     "HTTP framing": (
         MALFORMED_HEADERS,

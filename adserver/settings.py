@@ -60,6 +60,11 @@ class Settings:
     max_body_bytes: int = setting(
         10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies (compressed or inflated) get 413"
     )
+    max_body_bytes_in_flight: int = setting(
+        32 * 1024 * 1024,  # three of the largest bodies: their decoding fits a 512 MiB pod
+        "MAX_BODY_BYTES_IN_FLIGHT",
+        "request bodies held at once (buffered or being counted); more get 503",
+    )
     idle_timeout_seconds: float = setting(
         100.0,
         "IDLE_TIMEOUT_SECONDS",
@@ -125,6 +130,8 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"--{name} must be positive")
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("--max_body_bytes_in_flight must be at least --max_body_bytes")
         if self.reply_retries < 0:
             raise ValueError("--reply_retries must be 0 or more")
         if self.max_connections < 0:

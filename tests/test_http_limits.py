@@ -340,3 +340,38 @@ def test_slow_body_gets_408_after_the_body_timeout(servers: ServerFactory) -> No
     assert (answer.status, answer.body["reason"]) == (408, "body_timeout")
     assert 0.4 < waited < 3
     wait_until(lambda: moved(before, rejections(server.url)) == {"body_timeout": 1}, 5, "counted")
+
+
+def test_bodies_over_the_in_flight_budget_get_503(servers: ServerFactory) -> None:
+    """Two half-sent bodies hold the budget: a third gets 503 at once, whatever its framing;
+    once the first two are answered (or their client left), bodies are taken again."""
+    limit = 100_000
+    server = servers(
+        "--state", "memory", "--max_body_bytes", str(limit),
+        "--max_body_bytes_in_flight", str(2 * limit),
+    )  # fmt: skip
+    before = rejections(server.url)
+    padded = GOOD + b" " * (limit - len(GOOD))
+    head = EVENT + f"Content-Length: {limit}\n"
+    held = [socket.create_connection(address(server.url), timeout=5) for _ in range(2)]
+    try:
+        for connection in held:
+            connection.sendall(request(head, padded[: limit // 2]))
+        wait_until(lambda: value(scrape(server.url), "feedback_http_connections") >= 3, 5, "held")
+        declared = parse(exchange(server.url, request(head, padded)))
+        chunked = EVENT + "Transfer-Encoding: chunked\n"
+        with socket.create_connection(address(server.url), timeout=5) as streaming:
+            # a chunk over the budget's room, the rest still to come: answered at once
+            streaming.sendall(
+                request(chunked, b"%x\r\n%s\r\n" % (limit // 2, padded[: limit // 2]))
+            )
+            streamed = parse(streaming.recv(65536))
+        for answer in (declared, streamed):
+            assert (answer.status, answer.body["reason"]) == (503, "bodies_in_flight")
+        held[0].sendall(padded[limit // 2 :])
+        assert parse(held[0].recv(65536)).status == 200
+    finally:
+        for connection in held:
+            connection.close()  # the second one leaves half-way: its bytes come back too
+    wait_until(lambda: post_json(server.url, padded).status_code == 200, 5, "bodies taken again")
+    assert moved(before, rejections(server.url)) == {"bodies_in_flight": 2}

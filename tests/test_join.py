@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,26 @@ def test_largest_bodies_fit_the_manifests_memory_limit(servers) -> None:
     assert value(samples, "feedback_events_rejected_total", reason="too_many_rows") == 1
     assert model_doc(server.url)["confusion_matrix"] == [[0, 0], [rows, 0]]
     assert server.process.poll() is None
+
+
+def test_many_largest_bodies_at_once_fit_the_manifests_memory_limit(servers) -> None:
+    """Sixteen clients each send the largest logger event the defaults store, all at once: the
+    bodies held together stay within --max_body_bytes_in_flight (the others get a 503 to retry),
+    so the server's peak RSS, what a pod's memory limit counts, stays well under 512 MiB."""
+    server = servers("--storage_uri", MULTICLASS_NUMERIC)
+    wide = b",".join([b"[1e0,1e0]"] * Settings().max_event_rows)
+    with ThreadPoolExecutor(8) as clients:
+        statuses = list(
+            clients.map(lambda _: kserve_response(server.url, wide, new_id()), range(8))
+        )
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    assert server.process.poll() is None
+    assert value(scrape(server.url), "feedback_logger_events_total", kind="response") == (
+        statuses.count(200)
+    )
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    peak_kib = int(status.split("VmHWM:")[1].split()[0])
+    assert peak_kib < 400 * 1024, f"peak RSS {peak_kib // 1024} MiB"
 
 
 def test_events_and_labels_beyond_max_event_rows_are_413(servers) -> None:

@@ -292,10 +292,12 @@ def test_housekeeping_work_does_not_grow_with_full_tables() -> None:
     small_statements, small_steps = work_of_commits(small, small_clock, 20)
     large_statements, large_steps = work_of_commits(large, large_clock, 20)
     assert not [s for s in large_statements if "COUNT(" in s.upper()]
-    assert len(large_statements) == len(small_statements)
+    assert len(large_statements) <= len(small_statements)
     assert large_steps < 2 * small_steps + 20
-    # what the last commit added waits for the next one to be trimmed
-    assert large.seen_count == large.row_counts.logged == 20_001
+    # what the last commit added waits for the next one to be trimmed; seen ids are trimmed a
+    # little under their bound (20 here), for the next commits
+    assert 20_000 - 20 <= large.seen_count <= 20_001
+    assert large.row_counts.logged == 20_001
     assert large.connection.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 20_001
     assert large.state.count("join_rows_evicted", "prediction_evicted") == 19
 

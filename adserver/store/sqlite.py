@@ -51,6 +51,9 @@ PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
 # Most seen ids, logged requests and parked labels one commit deletes per table: a sweep that
 # finds more goes on at the next commit, so no transaction does work that grew with history.
 PURGE_BATCH = 1000
+# Seen ids are trimmed to this fraction of --dedup_max_ids under the bound (1/1000: 1000 ids at
+# the default), so a full table pays one batched delete per thousand events, not one per event.
+TRIM_SLACK_DIVISOR = 1000
 BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
 _Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
 
@@ -418,7 +421,9 @@ class SQLiteStore(StateStore):
         dropped: Counter[str] = Counter()
         tables = SQLJoinTables(cursor, self.row_counts)
         if self.seen_count > self.max_ids:
-            self._forget_ids(cursor, "", (), min(self.seen_count - self.max_ids, PURGE_BATCH))
+            # Down to a little under the bound: one statement trims for the next many commits.
+            excess = self.seen_count - self.max_ids + self.max_ids // TRIM_SLACK_DIVISOR
+            self._forget_ids(cursor, "", (), min(excess, PURGE_BATCH))
         if now - self._last_purge >= PURGE_INTERVAL:
             forgotten = self._forget_ids(
                 cursor, "WHERE seen_at <= ?", (now - self.retention,), PURGE_BATCH
