@@ -304,28 +304,7 @@ class FeedbackCollector:
         return {**dict(tags), **self.seldon_labels}
 
     def reply_families(self, stats: Mapping[str, int]) -> Iterator[Metric]:
-        for name, help_text in (
-            ("sent", "reply events delivered to the reply URL"),
-            ("failed", "reply events given up after all retries"),
-            ("dropped", "reply events dropped because the reply queue was full"),
-            ("retries", "reply delivery attempts that were retried"),
-        ):
-            family = CounterMetricFamily(
-                f"{METRIC_PREFIX}reply_{name}", help_text, labels=("model",)
-            )
-            family.add_metric((self.model_name,), stats[name])
-            yield family
-        for name, key, help_text in (
-            ("reply_queue_depth", "queued", "reply events waiting in the queue for a worker"),
-            (
-                "reply_in_flight",
-                "in_flight",
-                "reply events taken by a worker: being sent, or waiting to be retried",
-            ),
-        ):
-            gauge = GaugeMetricFamily(METRIC_PREFIX + name, help_text, labels=("model",))
-            gauge.add_metric((self.model_name,), stats[key])
-            yield gauge
+        return model_families(self.model_name, stats, REPLY_FAMILIES)
 
 
 def value_samples(
@@ -374,19 +353,55 @@ def build_registry(collector: FeedbackCollector) -> CollectorRegistry:
 
 def connection_families(model_name: str, stats: Mapping[str, int]) -> Iterator[Metric]:
     """The HTTP listener's connections (this process's, since it started)."""
-    open_now = GaugeMetricFamily(
-        METRIC_PREFIX + "http_connections", "HTTP connections open", labels=("model",)
-    )
-    open_now.add_metric((model_name,), stats["open"])
-    yield open_now
-    for name, key, help_text in (
-        ("http_connections_refused", "refused", "connections over --max_connections, given 503"),
-        (
-            "http_accept_errors",
-            "accept_errors",
-            "failed accepts (e.g. out of file descriptors), each pausing accepting up to 1 s",
-        ),
-    ):
-        family = CounterMetricFamily(METRIC_PREFIX + name, help_text, labels=("model",))
+    return model_families(model_name, stats, CONNECTION_FAMILIES)
+
+
+# One value per model: (family type, name after the prefix, key in the stats, help)
+FamilySpec = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str]
+REPLY_FAMILIES: tuple[FamilySpec, ...] = (
+    (CounterMetricFamily, "reply_sent", "sent", "reply events delivered to the reply URL"),
+    (CounterMetricFamily, "reply_failed", "failed", "reply events given up after all retries"),
+    (
+        CounterMetricFamily,
+        "reply_dropped",
+        "dropped",
+        "reply events dropped because the reply queue was full",
+    ),
+    (CounterMetricFamily, "reply_retries", "retries", "reply delivery attempts that were retried"),
+    (
+        GaugeMetricFamily,
+        "reply_queue_depth",
+        "queued",
+        "reply events waiting in the queue for a worker",
+    ),
+    (
+        GaugeMetricFamily,
+        "reply_in_flight",
+        "in_flight",
+        "reply events taken by a worker: being sent, or waiting to be retried",
+    ),
+)
+CONNECTION_FAMILIES: tuple[FamilySpec, ...] = (
+    (GaugeMetricFamily, "http_connections", "open", "HTTP connections open"),
+    (
+        CounterMetricFamily,
+        "http_connections_refused",
+        "refused",
+        "connections over --max_connections, given 503",
+    ),
+    (
+        CounterMetricFamily,
+        "http_accept_errors",
+        "accept_errors",
+        "failed accepts (e.g. out of file descriptors), each pausing accepting up to 1 s",
+    ),
+)
+
+
+def model_families(
+    model_name: str, stats: Mapping[str, int], specs: tuple[FamilySpec, ...]
+) -> Iterator[Metric]:
+    for kind, name, key, help_text in specs:
+        family = kind(METRIC_PREFIX + name, help_text, labels=("model",))
         family.add_metric((model_name,), stats[key])
         yield family
