@@ -1,0 +1,44 @@
+"""Where the pieces meet: stored rows holding parsed tensors, incremental id counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adserver.constants import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
+from tests.helpers import (
+    MULTICLASS_NUMERIC,
+    ServerFactory,
+    ce_headers,
+    new_id,
+    post_json,
+    scrape,
+    value,
+)
+
+
+@pytest.mark.parametrize("state", ["memory", "sqlite"])
+def test_logged_rows_of_objects_with_tensor_keys_are_stored(
+    servers: ServerFactory, state: str
+) -> None:
+    """A large body's tensors under "data", "values"... are parsed into numpy arrays, also
+    inside objects; rows holding such objects are stored as JSON all the same (not 500/503)."""
+    server = servers("--storage_uri", MULTICLASS_NUMERIC, "--state", state)
+    request_id = new_id()
+    instances = [{"data": [i, i + 1, i + 2], "name": f"row {i}"} for i in range(100)]
+    body = json.dumps({"instances": instances}).encode()
+    assert len(body) > 1024
+    headers = ce_headers(request_id, event_type=KSERVE_REQUEST_TYPE)
+    answer = post_json(server.url, body, headers)
+    assert answer.status_code == 200, answer.text
+    # And the label still joins to the prediction logged afterwards.
+    response = {"predictions": list(range(100))}
+    answer = post_json(
+        server.url, response, ce_headers(request_id, event_type=KSERVE_RESPONSE_TYPE)
+    )
+    assert answer.status_code == 200, answer.text
+    truth = {"truth": {"data": {"ndarray": list(range(100))}}}
+    answer = post_json(server.url, truth, {"ce-requestid": request_id})
+    assert answer.status_code == 200, answer.text
+    assert value(scrape(server.url), "feedback_labels_total", outcome="joined") == 100
