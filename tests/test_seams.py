@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from adserver.constants import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
+from adserver.state import Delta, MetricsState
+from adserver.store.base import Entry
+from adserver.store.sqlite import SQLiteStore
 from tests.helpers import (
     MULTICLASS_NUMERIC,
+    FakeClock,
     ServerFactory,
     ce_headers,
     new_id,
@@ -42,3 +49,26 @@ def test_logged_rows_of_objects_with_tensor_keys_are_stored(
     answer = post_json(server.url, truth, {"ce-requestid": request_id})
     assert answer.status_code == 200, answer.text
     assert value(scrape(server.url), "feedback_labels_total", outcome="joined") == 100
+
+
+def test_seen_count_matches_the_table_after_an_expired_id_returns(tmp_path: Path) -> None:
+    """An id seen again after its retention (not yet purged) is counted new, but the table
+    holds one row for it: the kept count must not grow, or trimming starts early."""
+    clock = FakeClock()
+    store = SQLiteStore(
+        MetricsState(), str(tmp_path), "m", retention=10.0, max_ids=1000, clock=clock
+    )
+
+    async def scenario() -> None:
+        entry = Entry(Delta(counters=(("events_accepted", "", 1),)), ("src", "a"))
+        assert await store.commit([entry]) == [True]
+        clock.now += 20  # past the retention, before the next purge (every 60 s)
+        assert await store.commit([entry]) == [True]
+        clock.now += 1
+        assert await store.commit([entry]) == [False]
+        await store.close()
+
+    asyncio.run(scenario())
+    rows = store.seen_count
+    with sqlite3.connect(tmp_path / "feedback-state.sqlite3") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == rows == 1
