@@ -23,6 +23,7 @@ from tests.helpers import (
     scrape,
     value,
 )
+from tests.test_http_limits import exchange, moved, parse, rejections, request
 
 
 @pytest.mark.parametrize("state", ["memory", "sqlite"])
@@ -72,3 +73,15 @@ def test_seen_count_matches_the_table_after_an_expired_id_returns(tmp_path: Path
     rows = store.seen_count
     with sqlite3.connect(tmp_path / "feedback-state.sqlite3") as connection:
         assert connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == rows == 1
+
+
+def test_unsupported_encoding_of_a_too_large_body_is_refused_once(servers: ServerFactory) -> None:
+    """A 415 answered from the head: Tornado must not go on to refuse the declared length as
+    well (a bare 400 that the listener would count as a second, malformed, request)."""
+    server = servers("--state", "memory", "--max_body_bytes", "1000")
+    before = rejections(server.url)
+    head = "POST / HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Encoding: br\n"
+    answer = parse(exchange(server.url, request(head + "Content-Length: 5000\n")))
+    assert answer.status == 415
+    assert answer.body["reason"] == "unsupported_content_encoding"
+    assert moved(before, rejections(server.url)) == {"unsupported_content_encoding": 1}
