@@ -15,12 +15,14 @@ from adserver.store.base import Entry
 from adserver.store.sqlite import SQLiteStore
 from tests.helpers import (
     MULTICLASS_NUMERIC,
+    STRUCTURED_TYPE,
     FakeClock,
     ServerFactory,
     ce_headers,
     new_id,
     post_json,
     scrape,
+    structured,
     value,
 )
 from tests.test_http_limits import exchange, moved, parse, rejections, request
@@ -85,3 +87,23 @@ def test_unsupported_encoding_of_a_too_large_body_is_refused_once(servers: Serve
     assert answer.status == 415
     assert answer.body["reason"] == "unsupported_content_encoding"
     assert moved(before, rejections(server.url)) == {"unsupported_content_encoding": 1}
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_logged_prediction_at_the_start_of_time_is_kept(servers: ServerFactory, mode: str) -> None:
+    """A ``time`` that parses but has no epoch seconds here (year 1, no offset) is no 500."""
+    server = servers("--storage_uri", MULTICLASS_NUMERIC, "--state", "memory")
+    request_id, when = new_id(), "0001-01-01T00:00:00"
+    response = {"predictions": [1, 2]}
+    if mode == "binary":
+        headers = ce_headers(request_id, event_type=KSERVE_RESPONSE_TYPE, time=when)
+        answer = post_json(server.url, response, headers)
+    else:
+        event = structured(response, request_id, type=KSERVE_RESPONSE_TYPE, time=when)
+        answer = post_json(server.url, event, {"Content-Type": STRUCTURED_TYPE})
+    assert answer.status_code == 200, answer.text
+    answer = post_json(
+        server.url, {"truth": {"data": {"ndarray": [1, 2]}}}, {"ce-requestid": request_id}
+    )
+    assert answer.status_code == 200, answer.text
+    assert value(scrape(server.url), "feedback_labels_total", outcome="joined") == 2
