@@ -107,3 +107,38 @@ def test_logged_prediction_at_the_start_of_time_is_kept(servers: ServerFactory, 
     )
     assert answer.status_code == 200, answer.text
     assert value(scrape(server.url), "feedback_labels_total", outcome="joined") == 2
+
+
+def test_label_outcome_counts_survive_a_restart(servers: ServerFactory, tmp_path: Path) -> None:
+    """Parked and duplicate label rows are counted as integers in the file (numpy's would be
+    stored as blobs, read back as bytes or summed to 0)."""
+    env = {"STATE_DIR": str(tmp_path)}
+    flags = ("--storage_uri", MULTICLASS_NUMERIC)
+
+    def outcomes(url: str) -> dict[str, float]:
+        samples = scrape(url)
+        return {o: value(samples, "feedback_labels_total", outcome=o) for o in OUTCOMES}
+
+    first = servers(*flags, env=env)
+    request_id = new_id()
+    for _ in range(2):  # parked, then the same rows again: duplicate
+        label = {"truth": {"data": {"ndarray": [1, 2, 3]}}}
+        answer = post_json(first.url, label, {"ce-requestid": request_id})
+        assert answer.status_code == 200, answer.text
+    before = outcomes(first.url)
+    assert before == {"parked": 3, "duplicate": 3, "late": 0}
+    assert first.stop() == 0
+    second = servers(*flags, env=env)
+    assert outcomes(second.url) == before
+    response = {"predictions": [1, 2, 3]}
+    answer = post_json(
+        second.url, response, ce_headers(request_id, event_type=KSERVE_RESPONSE_TYPE)
+    )
+    assert answer.status_code == 200, answer.text
+    label = {"truth": {"data": {"ndarray": [1]}}}
+    answer = post_json(second.url, label, {"ce-requestid": new_id()})  # parked again
+    assert answer.status_code == 200, answer.text
+    assert outcomes(second.url) == {"parked": 4, "duplicate": 3, "late": 3}
+
+
+OUTCOMES = ("parked", "duplicate", "late")
