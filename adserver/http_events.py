@@ -308,6 +308,14 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         error = framing_error(declared, lowered.get("transfer-encoding"))
         if error is not None:
             return refuse_unframed(self.connection, error, self.endpoint.service)
+        too_large = declared is not None and declared_length(declared) > self.limit
+        # The limit is enforced here (a declared length) and in data_received (a chunked body),
+        # so the client gets a JSON 413: the connection's own check would close it, or answer a
+        # bare 400, before anything could answer (set before a 415 too, or Tornado would go on to
+        # refuse a long declared body with a bare 400 of its own, counted as a second refusal).
+        self.connection.set_max_body_size(
+            declared_length(declared) if declared is not None and too_large else sys.maxsize
+        )
         encoding = lowered.get("content-encoding")
         if encoding is not None and encoding.strip().lower() != "identity":
             wbits = INFLATE_WBITS.get(encoding.strip().lower())
@@ -319,13 +327,6 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
                     )
                 )
             self.inflater = zlib.decompressobj(wbits)
-        too_large = declared is not None and declared_length(declared) > self.limit
-        # The limit is enforced here (a declared length) and in data_received (a chunked body),
-        # so the client gets a JSON 413: the connection's own check would close it, or answer a
-        # bare 400, before anything could answer.
-        self.connection.set_max_body_size(
-            declared_length(declared) if declared is not None and too_large else sys.maxsize
-        )
         if too_large:
             return self.refuse_large()
         if declared is not None and self.inflater is None:

@@ -294,11 +294,11 @@ def row_index(value: Any, rows: int) -> int:
 def event_time(event: IncomingEvent) -> float:
     """The prediction's ``time`` attribute as epoch seconds (arrival time if absent)."""
     value = event.attributes.get("time")
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, str):  # structured mode keeps attributes as sent
-        try:
+    try:
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):  # structured mode keeps attributes as sent
             return parse_time(value).timestamp()
-        except BadRequest:
-            pass
+    except (BadRequest, ValueError, OverflowError):  # e.g. year 1 without an offset
+        pass
     return time.time()

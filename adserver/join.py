@@ -241,7 +241,7 @@ class Joiner:
                     f"label does not fit the logged prediction: {exc}", exc.reason
                 ) from exc
             tables.mark_labelled(request_id, rows)
-        parked = np.count_nonzero(waiting)
+        parked = int(np.count_nonzero(waiting))  # an int: numpy's would be stored as a blob
         for start, stop in runs(waiting) if parked else ():
             tables.park(request_id, first + start, label.truth[start:stop], now, now + self.ttl)
         outcomes = {

@@ -66,10 +66,11 @@ class RowCounts:
 
 
 def encode(rows: Rows) -> tuple[str, bytes | None, object]:
-    """(codec, row shape, data) of a block: an array's own buffer, or one JSON document."""
+    """(codec, row shape, data) of a block: an array's own buffer, or one JSON document (whose
+    rows may hold arrays: a large body's tensors are parsed into numpy, inside objects too)."""
     if isinstance(rows, np.ndarray):
         return rows.dtype.str, orjson.dumps(rows.shape[1:]), np.ascontiguousarray(rows)
-    return JSON, None, orjson.dumps(rows)
+    return JSON, None, orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def decode(rows: int, codec: str, shape: bytes | None, data: bytes) -> Rows:

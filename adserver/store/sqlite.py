@@ -404,16 +404,20 @@ class SQLiteStore(StateStore):
         return dataclasses.replace(delta, metrics=tuple(kept), counters=counters)
 
     def _first_sighting(self, cursor: sqlite3.Cursor, key: tuple[str, str], now: float) -> bool:
-        """Record the event key; False if it was seen within the retention window."""
+        """Record the event key; False if it was seen within the retention window.
+
+        Only a new row counts in ``seen_count``: an id back after its retention (not purged
+        yet) is new to the counts but keeps its one row.
+        """
+        cursor.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (*key, now))
+        if cursor.rowcount:
+            self.seen_count += 1
+            return True
         cursor.execute(
-            "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (source, id) "
-            "DO UPDATE SET seen_at = excluded.seen_at WHERE seen.seen_at <= ?",
-            (*key, now, now - self.retention),
+            "UPDATE seen SET seen_at = ? WHERE source = ? AND id = ? AND seen_at <= ?",
+            (now, *key, now - self.retention),
         )
-        if cursor.rowcount == 0:
-            return False
-        self.seen_count += 1
-        return True
+        return cursor.rowcount > 0
 
     def _housekeeping(self, cursor: sqlite3.Cursor, now: float) -> Delta | None:
         """Before each commit, work bounded by what came since: trim what is over a bound (the
