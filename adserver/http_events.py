@@ -265,7 +265,8 @@ class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         assert self.delegate is not None
-        del self.router.bodies.reading[self.request_conn]
+        # pop: the body-timeout sweep may have taken it out just before the body completed
+        self.router.bodies.reading.pop(self.request_conn, None)
         self.delegate.finish()
 
     def on_connection_close(self) -> None:

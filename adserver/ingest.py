@@ -7,6 +7,7 @@ Everything here is independent of HTTP: handlers pass headers and body in and tu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -274,6 +275,9 @@ def feedback_key(event: IncomingEvent) -> tuple[str, str] | None:
     if event.key is None or event.attributes.get("type") != SELDON_FEEDBACK_TYPE or not request_id:
         return event.key
     first_row = event.attributes.get(EXTENSION_ROW_INDEX, 0)
+    # "0", "00" and 0 name one row; a label refuses what is no number (invalid_row_index)
+    with contextlib.suppress(TypeError, ValueError):
+        first_row = int(first_row)
     return (SELDON_FEEDBACK_TYPE, f"{request_id}|{first_row}")
 
 

@@ -78,3 +78,13 @@ def test_feedback_without_request_id_is_keyed_by_its_own_id(server) -> None:
     for _ in range(2):  # a redelivery of one of them
         assert post_json(server.url, body, ce_headers(event_id, source=EXECUTOR)).ok
     assert model_doc(server.url)["events"] == 3
+
+
+def test_the_row_index_is_read_as_a_number(server) -> None:
+    """``ce-rowindex: 0``, ``00`` and no row index all name the first row."""
+    body = feedback([[0, 0, 1]], [[0.1, 0.2, 0.7]])
+    request_id = new_id()
+    for extra in ({}, {"rowindex": "0"}, {"rowindex": "00"}):
+        headers = ce_headers(new_id(), source=EXECUTOR, requestid=request_id, **extra)
+        assert post_json(server.url, body, headers).status_code == 200
+    assert model_doc(server.url)["events"] == 1
