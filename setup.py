@@ -26,6 +26,7 @@ setup(
             "pyyaml>=6",
             "kubernetes-validate>=1.28",
             "ruff>=0.6",
+            "mypy==1.18.2",
         ],
     },
     entry_points={"console_scripts": ["feedback-metrics-server=adserver.__main__:main"]},

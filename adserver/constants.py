@@ -1,6 +1,6 @@
 """Every wire name the server reads or writes, defined once."""
 
-from typing import Final
+from typing import Final, Literal
 
 PROTOCOL_SELDON_FEEDBACK: Final = "seldonfeedback.http"
 SUBCOMMAND: Final = "MetricsServer"
@@ -60,7 +60,7 @@ SELDON_REQUEST_TYPE: Final = "io.seldon.serving.inference.request"
 SELDON_RESPONSE_TYPE: Final = "io.seldon.serving.inference.response"
 KSERVE_REQUEST_TYPE: Final = "org.kubeflow.serving.inference.request"
 KSERVE_RESPONSE_TYPE: Final = "org.kubeflow.serving.inference.response"
-LOGGER_TYPES: Final = {
+LOGGER_TYPES: Final[dict[str, tuple[Literal["request", "response"], str]]] = {
     # Seldon gives each logged message its own ce-id; the prediction's puid is in `requestid`.
     SELDON_REQUEST_TYPE: ("request", "requestid"),
     SELDON_RESPONSE_TYPE: ("response", "requestid"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -219,14 +219,17 @@ class FeedbackCollector:
             "rows by (truth, prediction) class: the raw confusion-matrix cells",
             labels=("model", "truth", "prediction"),
         )
-        cells.samples = Grid(  # the encoder renders it in bulk
-            cells.name + "_total",
-            {"model": self.model_name},
-            "truth",
-            classes,
-            "prediction",
-            classes,
-            matrix,
+        set_samples(
+            cells,
+            Grid(  # the encoder renders it in bulk
+                cells.name + "_total",
+                {"model": self.model_name},
+                "truth",
+                classes,
+                "prediction",
+                classes,
+                matrix,
+            ),
         )
         yield cells
         yield from self.seldon_families(ClassCounts.from_matrix(matrix), classes)
@@ -238,11 +241,12 @@ class FeedbackCollector:
         yield accuracy
         for name, help_text in PER_CLASS_GAUGES.items():
             family = GaugeMetricFamily(METRIC_PREFIX + name, help_text, labels=("model", "class"))
-            family.samples = value_samples(
+            samples = value_samples(
                 family.name,
                 lambda label: {"model": self.model_name, "class": label},
                 list(zip(classes, getattr(report, name).tolist())),
             )
+            set_samples(family, samples)
             yield family
         for name in ("precision", "recall", "f1"):
             family = GaugeMetricFamily(
@@ -264,11 +268,12 @@ class FeedbackCollector:
                 family = CounterMetricFamily(
                     SELDON_METRIC_PREFIX + name, help_text, labels=["class", *label_names]
                 )
-                family.samples = value_samples(
+                samples = value_samples(
                     family.name + "_total",
                     lambda label: {"class": f"CLASS_{label}", **self.seldon_labels},
                     list(zip(classes, values)),
                 )
+                set_samples(family, samples)
             else:
                 family = CounterMetricFamily(
                     SELDON_METRIC_PREFIX + name,
@@ -293,7 +298,7 @@ class FeedbackCollector:
             else:
                 family = GaugeMetricFamily(key, help_text, labels=None)
             name = family.name + ("_total" if kind == "COUNTER" else "")
-            family.samples = value_samples(name, self.custom_labels, series)
+            set_samples(family, value_samples(name, self.custom_labels, series))
             yield family
 
     def custom_labels(self, tags: Tags) -> dict[str, str]:
@@ -307,8 +312,14 @@ class FeedbackCollector:
         return model_families(self.model_name, stats, REPLY_FAMILIES)
 
 
+def set_samples(family: Metric, samples: Iterable[Sample]) -> None:
+    """prometheus_client's encoders (and ours) only iterate a family's samples, so a lazy or bulk
+    sequence may stand for its list."""
+    family.samples = cast(list[Sample], samples)
+
+
 def value_samples(
-    name: str, labels_of: Callable[[Item], Mapping[str, str]], series: list[tuple[Item, Any]]
+    name: str, labels_of: Callable[[Item], dict[str, str]], series: list[tuple[Item, Any]]
 ) -> LazySamples[tuple[Item, Any]]:
     """One sample per (key, value), its labels made from the key when the encoder reaches it."""
 
@@ -322,7 +333,7 @@ def histogram_family(
     name: str,
     help_text: str,
     series: list[tuple[Item, Histogram]],
-    labels_of: Callable[[Item], Mapping[str, str]],
+    labels_of: Callable[[Item], dict[str, str]],
 ) -> Metric:
     """A histogram family whose series (labels from ``labels_of``) are expanded lazily."""
 
@@ -340,7 +351,7 @@ def histogram_family(
         return samples
 
     family = HistogramMetricFamily(name, help_text, labels=None)
-    family.samples = LazySamples(series, expand)
+    set_samples(family, LazySamples(series, expand))
     return family
 
 

@@ -137,7 +137,7 @@ class PrefixCache:
     def header(self, name: str, kind: str, documentation: str) -> str:
         """The ``# HELP`` and ``# TYPE`` lines of a family."""
         if self.form.openmetrics:
-            help_text = om_format._escape(documentation, om_format.ALLOWUTF8, None)
+            help_text = label_value(documentation)
         else:
             help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
             if kind == "counter":
@@ -177,7 +177,7 @@ def grid_chunks(grid: Grid, template: tuple[str, str, str, bool]) -> Iterator[st
 
 def label_value(value: str) -> str:
     """Label values may be any UTF-8 in every format; only backslash, newline and quote escape."""
-    return om_format._escape(value, om_format.ALLOWUTF8, None)
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 def count_text(count: int) -> str:

@@ -240,7 +240,7 @@ class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
     def __init__(self, router: EventsRouter, server_conn: object, request_conn: HTTPConnection):
         self.router = router
         self.server_conn = server_conn
-        self.request_conn = request_conn
+        self.request_conn = cast(HTTP1Connection, request_conn)  # what HTTPServer hands out
         self.delegate: tornado.httputil.HTTPMessageDelegate | None = None
 
     def headers_received(
@@ -283,7 +283,7 @@ def json_error(error: RequestError) -> tuple[int, dict[str, str], bytes]:
 class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     """One request: buffer the body within the limit, then answer from the service."""
 
-    def __init__(self, connection: HTTPConnection, endpoint: EventsEndpoint) -> None:
+    def __init__(self, connection: HTTP1Connection, endpoint: EventsEndpoint) -> None:
         self.connection = connection
         self.started = time.monotonic()
         self.endpoint = endpoint

@@ -36,7 +36,7 @@ from adserver.constants import (
 )
 from adserver.errors import BadRequest, PayloadTooLarge, RequestError
 from adserver.events import IncomingEvent, decode_request, parse_time, reply_message
-from adserver.join import LOGGER_EVENTS, Label, LoggedRows, as_rows
+from adserver.join import LOGGER_EVENTS, Kind, Label, LoggedRows, as_rows
 from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
 from adserver.protocols.seldon_feedback import Feedback, parse_feedback
 from adserver.reply import ReplySender
@@ -196,7 +196,7 @@ class FeedbackService:
         )
         return Entry(event_key=feedback_key(event), operation=operation)
 
-    def logged(self, event: IncomingEvent, kind: str, key_attribute: str) -> Entry:
+    def logged(self, event: IncomingEvent, kind: Kind, key_attribute: str) -> Entry:
         """A payload logger's request or response event: keep its rows for later labels."""
         request_id = event.attributes.get(key_attribute)
         if not request_id:

@@ -159,7 +159,7 @@ class Joiner:
 
         The first event of a kind stands: a redelivered or repeated one changes nothing.
         """
-        counters = [(LOGGER_EVENTS, logged.kind, 1)]
+        counters: list[tuple[str, str, int]] = [(LOGGER_EVENTS, logged.kind, 1)]
         found = tables.find((logged.request_id,))
         stored = found[1] if found else Logged()
         had = stored.predicted_rows if logged.kind == "response" else stored.request_rows
@@ -273,7 +273,7 @@ class Joiner:
         counters = [(ROWS_ACCEPTED, "", observation.rows)]
         if observation.metric_problems:
             counters.append((METRICS_REJECTED, "", len(observation.metric_problems)))
-        delays = ()
+        delays: tuple[tuple[float, int], ...] = ()
         if stored.predicted_at is not None:
             delays = ((max(0.0, arrived_at - stored.predicted_at), len(rows)),)
         return Delta(

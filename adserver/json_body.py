@@ -14,7 +14,8 @@ there) and anything simdjson refuses, so it stays the one judge of invalid JSON.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable, Sized
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -119,7 +120,7 @@ def numeric_block(array: simdjson.Array) -> np.ndarray | None:
         return None
     if len(shape) == 2:
         try:
-            if set(map(len, array)) != {shape[1]}:  # ragged rows
+            if set(map(len, cast(Iterable[Sized], array))) != {shape[1]}:  # ragged rows
                 return None
         except TypeError:  # a number among the rows
             return None

@@ -111,14 +111,16 @@ class ReplySender:
     async def _deliver(
         self, connection: PersistentConnection, headers: Mapping[str, str], body: bytes
     ) -> None:
+        error = ("not sent", False)
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            error = await self._post(connection, headers, body)
-            if error is None:
+            failure = await self._post(connection, headers, body)
+            if failure is None:
                 self.stats.sent += 1
                 return
+            error = failure
             if not error[1]:
                 break
         self.stats.failed += 1

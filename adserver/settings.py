@@ -160,9 +160,14 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
-def _parser_type(kind: str) -> Any:
+def _parser_type(kind: object) -> Any:
     """Field annotations are strings here (postponed evaluation)."""
-    converters = {"int": int, "float": float, "bool": _flag, "tuple[int, ...]": _class_list}
+    converters: dict[object, Any] = {
+        "int": int,
+        "float": float,
+        "bool": _flag,
+        "tuple[int, ...]": _class_list,
+    }
     return converters.get(kind, str)
 
 

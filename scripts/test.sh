@@ -35,6 +35,7 @@ if [ -f tests/node/package.json ] && command -v npm >/dev/null; then
 fi
 
 ruff check .
+mypy adserver cm_models
 status=0
 python -m pytest "$@" || status=$?
 if [ "$status" = 5 ]; then

@@ -64,7 +64,7 @@ def decode_tftensor(proto: Any) -> np.ndarray:
         if "tensor_content" in fields:
             values = np.frombuffer(base64.b64decode(fields["tensor_content"]), dtype=dtype)
         else:
-            listed = next((fields[f] for f in VALUE_FIELDS if f in fields), [])
+            listed: Any = next((fields[f] for f in VALUE_FIELDS if f in fields), [])
             if dtype == "<f2" and "half_val" in fields:
                 values = np.asarray(listed, dtype=np.uint16).view(np.float16)
             else:
