@@ -309,13 +309,14 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         error = framing_error(declared, lowered.get("transfer-encoding"))
         if error is not None:
             return refuse_unframed(self.connection, error, self.endpoint.service)
-        too_large = declared is not None and declared_length(declared) > self.limit
+        length = None if declared is None else declared_length(declared)
+        too_large = length is not None and length > self.limit
         # The limit is enforced here (a declared length) and in data_received (a chunked body),
         # so the client gets a JSON 413: the connection's own check would close it, or answer a
         # bare 400, before anything could answer (set before a 415 too, or Tornado would go on to
         # refuse a long declared body with a bare 400 of its own, counted as a second refusal).
         self.connection.set_max_body_size(
-            declared_length(declared) if declared is not None and too_large else sys.maxsize
+            length if length is not None and too_large else sys.maxsize
         )
         encoding = lowered.get("content-encoding")
         if encoding is not None and encoding.strip().lower() != "identity":
@@ -330,9 +331,9 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
             self.inflater = zlib.decompressobj(wbits)
         if too_large:
             return self.refuse_large()
-        if declared is not None and self.inflater is None:
+        if length is not None and self.inflater is None:
             self.prepaid = True
-            if not self.hold(declared_length(declared)):  # refused before any body is read
+            if not self.hold(length):  # refused before any body is read
                 self.refused = True
                 return refuse_unframed(self.connection, self.busy(), self.endpoint.service)
         return None

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #: Bodies from this size on are decoded off the IOLoop (below it, the hand-off costs more).
 OFFLOAD_BODY_BYTES = 256 * 1024
 
+
 @dataclass(frozen=True)
 class Outcome:
     """What the handler sends back: a status and, when replies are configured, a CloudEvent."""

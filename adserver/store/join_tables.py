@@ -265,28 +265,31 @@ class SQLJoinTables:
         """Above ``max_rows``, drop whole logged requests, those whose rows all have their label
         first, then the oldest; and the oldest parked labels. At most ``batch`` of each."""
         if self.counts.logged > max_rows:
-            chosen, excess = [], self.counts.logged - max_rows
-            for request_id, waiting, rows in self.cursor.execute(
+            chosen = self._covering(
                 "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
                 "ORDER BY open, expires_at LIMIT ?",
-                (batch,),
-            ):
-                chosen.append((request_id, waiting, rows))
-                excess -= rows
-                if excess <= 0:
-                    break
+                batch,
+                self.counts.logged - max_rows,
+            )
             self._drop_logged(chosen, "prediction_evicted", dropped)
         if self.counts.parked > max_rows:
-            chosen, excess = [], self.counts.parked - max_rows
-            for request_id, first, rows in self.cursor.execute(
+            chosen = self._covering(
                 "SELECT request_id, first_row, rows FROM parked_blocks ORDER BY expires_at LIMIT ?",
-                (batch,),
-            ):
-                chosen.append((request_id, first, rows))
-                excess -= rows
-                if excess <= 0:
-                    break
+                batch,
+                self.counts.parked - max_rows,
+            )
             self._drop_parked(chosen, "label_evicted", dropped)
+
+    def _covering(self, query: str, batch: int, excess: int) -> list[tuple[str, int, int]]:
+        """The first of ``query``'s (at most ``batch``) rows whose row counts (the last column)
+        add up to ``excess``: what to drop to get back to the bound."""
+        chosen = []
+        for found in self.cursor.execute(query, (batch,)):
+            chosen.append(found)
+            excess -= found[2]
+            if excess <= 0:
+                break
+        return chosen
 
     def _drop_logged(
         self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
