@@ -65,21 +65,7 @@ def adserver_argv(
     answer each event with a reply CloudEvent. `max_ids` / `max_rows`, when set, are its
     --dedup_max_ids / --join_max_rows (the state-age cases fill the tables to these bounds).
     """
-    argv = [
-        sys.executable,
-        "-m",
-        "adserver",
-        "--model_name",
-        model_name,
-        "--http_port",
-        str(port),
-        "--http_host",
-        HOST,
-        "--protocol",
-        "seldonfeedback.http",
-        "--storage_uri",
-        storage_uri,
-    ]
+    argv = listening_argv(model_name, port, storage_uri)
     if state is not None:
         argv += ["--state", state]
     if state_dir is not None:
@@ -98,15 +84,14 @@ def adserver_argv(
 SEED_MODEL = "multiclassserver"
 
 
-def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
-    """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
-    `reply_url`), plus what a bench needs: a loopback address and a private state dir."""
+def listening_argv(model_name: str, port: int, storage_uri: str) -> list[str]:
+    """The start of every command line of our server: the seed's first flags, on loopback."""
     return [
         sys.executable,
         "-m",
         "adserver",
         "--model_name",
-        SEED_MODEL,
+        model_name,
         "--http_port",
         str(port),
         "--http_host",
@@ -114,7 +99,15 @@ def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
         "--protocol",
         "seldonfeedback.http",
         "--storage_uri",
-        "adserver.cm_models.multiclass_one_hot.MulticlassOneHot",
+        storage_uri,
+    ]
+
+
+def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
+    """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
+    `reply_url`), plus what a bench needs: a loopback address and a private state dir."""
+    return [
+        *listening_argv(SEED_MODEL, port, "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"),
         "--state_dir",
         str(state_dir),
         "--reply_url",
