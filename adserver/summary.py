@@ -11,12 +11,9 @@ from adserver.state import MetricsState
 from cm_models.formulas import PER_CLASS, classification_report
 
 
-def model_summary(state: MetricsState, *, with_matrix: bool = True) -> dict[str, Any]:
-    """Metrics of the model; the matrix (classes squared) is left out of reply events."""
-    summary = derived_summary(state)
-    if not with_matrix:
-        return summary
-    return with_confusion_matrix(summary, state.confusion.matrix().tolist())
+def model_summary(state: MetricsState) -> dict[str, Any]:
+    """Metrics of the model with its matrix, as ``/v1/metrics?format=json`` shows them."""
+    return with_confusion_matrix(derived_summary(state), state.confusion.matrix().tolist())
 
 
 def with_confusion_matrix(summary: dict[str, Any], matrix: Any) -> dict[str, Any]:
