@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import resource
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,7 @@ from tornado.iostream import IOStream, UnsatisfiableReadError
 from adserver import reasons
 from adserver.errors import BadRequest, HeadersTooLarge, RequestError, Unavailable
 from adserver.http_events import answer_and_close, closing_answer
+from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 ACCEPT_BATCH = 128
 PAUSE_FIRST_SECONDS = 0.1
 PAUSE_MAX_SECONDS = 1.0
-WARN_INTERVAL_SECONDS = 60.0
 # File descriptors kept for the state store, reply connections, logs and the interpreter when
 # --max_connections is derived from the fd limit.
 RESERVED_FDS = 100
@@ -80,24 +78,6 @@ class ConnectionStats:
         return {"open": self.open, "refused": self.refused, "accept_errors": self.accept_errors}
 
 
-@dataclass
-class ThrottledWarning:
-    """One warning per interval at most, saying how often it happened since the last one."""
-
-    message: str
-    interval: float = WARN_INTERVAL_SECONDS
-    count: int = 0
-    last: float = -math.inf
-
-    def note(self, detail: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            log.warning(self.message, extra={"count": self.count, "detail": detail})
-            self.count = 0
-            self.last = now
-
-
 class Listener:
     """Accepts on the listening sockets and hands each connection to the HTTP server."""
 
@@ -119,10 +99,13 @@ class Listener:
         self.tasks: set[asyncio.Future[None]] = set()
         self.lingering = 0
         self.accept_failed = ThrottledWarning(
+            log,
             "cannot accept connections (out of file descriptors or memory): they wait in the "
-            "backlog while accepting backs off"
+            "backlog while accepting backs off",
         )
-        self.over_cap = ThrottledWarning("refusing connections over --max_connections with 503")
+        self.over_cap = ThrottledWarning(
+            log, "refusing connections over --max_connections with 503"
+        )
         self.too_many = closing_answer(
             Unavailable(
                 f"the server has {max_connections} connections open; retry later",
@@ -168,7 +151,7 @@ class Listener:
     def pause(self, sock: socket.socket, error: OSError) -> None:
         """Stop reading the socket for a while: it stays readable, so retrying now would spin."""
         self.stats.accept_errors += 1
-        self.accept_failed.note(str(error))
+        self.accept_failed.note(detail=str(error))
         self.io_loop.remove_handler(sock)
         self.paused[sock] = self.io_loop.call_later(self.pause_seconds, self.resume, sock)
         self.pause_seconds = min(2 * self.pause_seconds, PAUSE_MAX_SECONDS)
@@ -180,7 +163,7 @@ class Listener:
     def refuse(self, connection: socket.socket) -> None:
         """503 without reading the request: the cap keeps fds for the connections open."""
         self.stats.refused += 1
-        self.over_cap.note(f"{self.stats.open} open")
+        self.over_cap.note(detail=f"{self.stats.open} open")
         self.close_with(connection, self.too_many)
 
     def close_with(self, connection: socket.socket, answer: bytes) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -22,10 +21,10 @@ from tornado.httputil import HTTPInputError
 
 from adserver.errors import StartupError
 from adserver.keepalive import PersistentConnection, Target
+from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)
 
-WARN_EVERY_SECONDS = 60.0
 # Statuses worth another attempt; any other non-2xx is final (retrying cannot help).
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
 
@@ -68,7 +67,7 @@ class ReplySender:
         self.stats = ReplyStats()
         self._queue: asyncio.Queue[QueuedReply] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
-        self._warned_at = float("-inf")
+        self.failing = ThrottledWarning(log, "reply delivery failing")  # a dead sink: once a minute
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
@@ -124,13 +123,7 @@ class ReplySender:
             if not error[1]:
                 break
         self.stats.failed += 1
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_SECONDS:  # a dead sink must not flood the log
-            self._warned_at = now
-            log.warning(
-                "reply delivery failing",
-                extra={"url": self.url, "error": error[0], "failed_total": self.stats.failed},
-            )
+        self.failing.note(url=self.url, error=error[0], failed_total=self.stats.failed)
 
     async def _post(
         self, connection: PersistentConnection, headers: Mapping[str, str], body: bytes
