@@ -10,19 +10,19 @@ from dataclasses import dataclass
 
 import tornado.httpserver
 
-from adserver.constants import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
-from adserver.exporter import FeedbackCollector, build_registry
-from adserver.http_events import BodyDeadlines, Lifecycle
-from adserver.ingest import FeedbackService, ReplyConfig
-from adserver.join import Joiner
-from adserver.labels import seldon_default_labels
-from adserver.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
+from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
+from adserver.exposition.collector import FeedbackCollector, build_registry
+from adserver.exposition.seldon_labels import seldon_default_labels
+from adserver.http.events import BodyDeadlines, Lifecycle
+from adserver.http.handlers import make_app
+from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
+from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model
-from adserver.reply import ReplySender
-from adserver.server import make_app
+from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
-from adserver.state import MetricsState
-from adserver.store import open_store
+from adserver.state.backends import open_store
+from adserver.state.join import Joiner
+from adserver.state.view import MetricsState
 from cm_models.base import MetricModel
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adserver.constants import PROTOCOL_SELDON_FEEDBACK, SUBCOMMAND
+from adserver.catalogue.wire import PROTOCOL_SELDON_FEEDBACK, SUBCOMMAND
 
 DEFAULT_MODEL = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
 from cm_models.custom_metrics import CustomMetric
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, MetricModel, class_id_column, matching_rows
 
 

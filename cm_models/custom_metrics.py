@@ -19,8 +19,8 @@ _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 #: Labels the server puts on every custom series, over the tags (Seldon's default labels of
-#: adserver/labels.py, and ``method``): a tag of one of these names would be overwritten, and
-#: series differing only in it would be exposed twice with one label set.
+#: adserver/exposition/seldon_labels.py, and ``method``): a tag of one of these names would be
+#: overwritten, and series differing only in it would be exposed twice with one label set.
 SERVER_LABELS = frozenset(
     {
         "deployment_name",

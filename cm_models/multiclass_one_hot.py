@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, MetricModel, matching_rows, numeric_array
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
 from cm_models.custom_metrics import parse_metrics
 

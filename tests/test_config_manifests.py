@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from adserver.constants import SELDON_RESPONSE_TYPE
+from adserver.catalogue.wire import SELDON_RESPONSE_TYPE
 from adserver.settings import Settings, load_settings
 from tests.dashboard import dashboard_exprs, dashboard_targets, iter_panels, load_dashboard
 

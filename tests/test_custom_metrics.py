@@ -10,7 +10,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 
-from adserver.labels import seldon_default_labels
+from adserver.exposition.seldon_labels import seldon_default_labels
 from cm_models.custom_metrics import SERVER_LABELS, CustomMetric, MetricCatalog, parse_metric
 from tests.helpers import feedback, model_doc, post_json, scrape, start_server, structured, value
 
@@ -199,7 +199,7 @@ def test_tags_only_a_histogram_reserves_are_fine_elsewhere() -> None:
 
 
 def test_the_server_labels_are_the_ones_it_sets() -> None:
-    """The refused tag names follow adserver/labels.py and the ``method`` label."""
+    """The refused tag names are Seldon's default labels and the ``method`` label."""
     assert set(seldon_default_labels({})) | {"method"} == SERVER_LABELS
 
 

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adserver.errors import RequestError
-from adserver.events import parse_json
-from adserver.json_body import SMALL_BODY_BYTES
-from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
-from adserver.protocols.seldon_feedback import parse_feedback
-from adserver.protocols.seldon_message import decode_message
-from adserver.protocols.tftensor import DTYPES, MAX_FILLED_VALUES, VALUE_FIELDS, decode_tftensor
+from adserver.wire.cloudevents import parse_json
+from adserver.wire.inference import Unscorable, prediction_payload, request_payload
+from adserver.wire.json_body import SMALL_BODY_BYTES
+from adserver.wire.seldon_feedback import parse_feedback
+from adserver.wire.seldon_message import decode_message
+from adserver.wire.tftensor import DTYPES, MAX_FILLED_VALUES, VALUE_FIELDS, decode_tftensor
 from cm_models.base import InvalidFeedback, first_axis_rows
 from cm_models.binary_metrics import BinaryMetrics
 from cm_models.multiclass_numeric import MultiClassNumeric

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from adserver.constants import SELDON_REQUEST_TYPE, SELDON_RESPONSE_TYPE
-from adserver.json_body import SMALL_BODY_BYTES
+from adserver.catalogue.wire import SELDON_REQUEST_TYPE, SELDON_RESPONSE_TYPE
+from adserver.wire.json_body import SMALL_BODY_BYTES
 from tests.helpers import (
     DATA,
     ServerFactory,

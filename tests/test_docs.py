@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.settings import Settings
 from tests.helpers import MULTICLASS_NUMERIC, feedback, scrape, send_event
 
@@ -60,7 +60,7 @@ def outside(text: str) -> str:
 
 
 def test_the_readme_reason_table_is_the_catalogue() -> None:
-    """Reason codes are part of the API: the README lists exactly adserver/reasons.py, by area."""
+    """Reason codes are part of the API: the README lists exactly the catalogue, by area."""
     catalogue = {area: set(codes) for area, codes in reasons.AREAS.items()}
     assert readme_reasons() == catalogue
     assert sum(map(len, reasons.AREAS.values())) == len(reasons.ALL)  # each in one area
@@ -80,7 +80,7 @@ def calls(tree: ast.AST) -> Iterator[tuple[str, ast.Call]]:
 
 
 def test_every_reason_comes_from_the_catalogue() -> None:
-    """No raise site spells a reason: each names a constant of adserver/reasons.py."""
+    """No raise site spells a reason: each names a constant of adserver/catalogue/reasons.py."""
     root = Path(__file__).resolve().parents[1]
     sources = [*root.joinpath("adserver").rglob("*.py"), *root.joinpath("cm_models").rglob("*.py")]
     literal, used = [], set()
@@ -101,7 +101,9 @@ def test_every_reason_comes_from_the_catalogue() -> None:
             and node.value.id == "reasons"
         }
     assert len(used) > 40  # the scan still finds them
-    assert not literal, f"reasons spelled out instead of taken from adserver.reasons: {literal}"
+    assert not literal, (
+        f"reasons spelled out instead of taken from adserver.catalogue.reasons: {literal}"
+    )
     assert {getattr(reasons, name) for name in used} <= reasons.ALL
 
 

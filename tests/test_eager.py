@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from adserver.eager import start_eagerly
+from adserver.http.eager import start_eagerly
 
 
 def test_a_coroutine_that_never_waits_finishes_inside_the_call() -> None:

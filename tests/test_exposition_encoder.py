@@ -25,10 +25,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from adserver import exposition as exposition_module
-from adserver.exporter import FeedbackCollector
-from adserver.exposition import CachingEncoder, Exposition, Grid
-from adserver.state import Delta, MetricsState
+from adserver.exposition import encoder as exposition_module
+from adserver.exposition.collector import FeedbackCollector
+from adserver.exposition.encoder import CachingEncoder, Exposition, Grid
+from adserver.state.view import Delta, MetricsState
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
 

@@ -18,18 +18,18 @@ import pytest
 import requests
 from sklearn.metrics import confusion_matrix
 
-from adserver.constants import (
+from adserver.catalogue.wire import (
     KSERVE_REQUEST_TYPE,
     KSERVE_RESPONSE_TYPE,
     SELDON_REQUEST_TYPE,
     SELDON_RESPONSE_TYPE,
 )
-from adserver.join import Joiner, Label, LoggedRows, as_rows
-from adserver.protocols.tftensor import MAX_FILLED_VALUES
 from adserver.settings import Settings
-from adserver.state import MetricsState
-from adserver.store.base import Entry
-from adserver.store.sqlite import SQLiteStore
+from adserver.state.join import Joiner, Label, LoggedRows, as_rows
+from adserver.state.sqlite.store import SQLiteStore
+from adserver.state.store import Entry
+from adserver.state.view import MetricsState
+from adserver.wire.tftensor import MAX_FILLED_VALUES
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
 from tests.helpers import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from adserver.constants import KSERVE_RESPONSE_TYPE
+from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
 from tests.helpers import (
     DATA,
     MULTICLASS_NUMERIC,

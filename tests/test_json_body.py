@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adserver import json_body
-from adserver.constants import TENSOR_KEYS
+from adserver.catalogue.wire import TENSOR_KEYS
+from adserver.wire import json_body
 
 PAD = "x" * json_body.SMALL_BODY_BYTES  # pushes a body onto the simdjson path
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from adserver.keepalive import PersistentConnection, Target
+from adserver.replies.connection import PersistentConnection, Target
 
 
 @dataclass

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from adserver.app import build_server
-from adserver.constants import KSERVE_RESPONSE_TYPE
+from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
 from adserver.settings import Settings
 
 LIMIT = Settings().max_body_bytes

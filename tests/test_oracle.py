@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from adserver.state import Delta, MetricsState
-from adserver.summary import model_summary
+from adserver.exposition.summary import model_summary
+from adserver.state.view import Delta, MetricsState
 from cm_models import BinaryMetrics, MultiClassNumeric, MulticlassOneHot
 
 ZERO = {"zero_division": 0}

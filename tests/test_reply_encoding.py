@@ -6,7 +6,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adserver.events import IncomingEvent, reply_message
+from adserver.wire.cloudevents import IncomingEvent, reply_message
 
 
 @settings(max_examples=200, deadline=None)

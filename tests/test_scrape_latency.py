@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import requests
 
-from adserver.exporter import FeedbackCollector, build_registry
-from adserver.exposition import CachingEncoder
-from adserver.state import Delta, MetricsState
+from adserver.exposition.collector import FeedbackCollector, build_registry
+from adserver.exposition.encoder import CachingEncoder
+from adserver.state.view import Delta, MetricsState
 from cm_models.custom_metrics import CustomMetric
 from tests.helpers import (
     MULTICLASS_NUMERIC,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from adserver.constants import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
-from adserver.state import Delta, MetricsState
-from adserver.store.base import Entry
-from adserver.store.sqlite import SQLiteStore
+from adserver.catalogue.wire import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
+from adserver.state.sqlite.store import SQLiteStore
+from adserver.state.store import Entry
+from adserver.state.view import Delta, MetricsState
 from tests.helpers import (
     MULTICLASS_NUMERIC,
     STRUCTURED_TYPE,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from adserver.constants import SELDON_RESPONSE_TYPE
+from adserver.catalogue.wire import SELDON_RESPONSE_TYPE
 from tests.helpers import (
     DATA,
     ONE_HOT,

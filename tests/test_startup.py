@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adserver.store.schema import migrate
+from adserver.state.sqlite.schema import migrate
 from tests.helpers import (
     DATA,
     MULTICLASS_NUMERIC,

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adserver.join import Joiner, Label, LoggedRows
-from adserver.state import Delta, MetricsState
-from adserver.store.base import Entry
-from adserver.store.schema import MIGRATIONS, SCHEMA_VERSION
-from adserver.store.sqlite import (
+from adserver.exposition.summary import model_summary
+from adserver.state.join import Joiner, Label, LoggedRows
+from adserver.state.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from adserver.state.sqlite.store import (
     PURGE_BATCH,
     SQLiteStore,
     StateFileError,
@@ -24,7 +23,8 @@ from adserver.store.sqlite import (
     reset_state,
     state_path,
 )
-from adserver.summary import model_summary
+from adserver.state.store import Entry
+from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from tornado.httputil import HTTPInputError
 
 from adserver.errors import StartupError
-from adserver.keepalive import PersistentConnection, Target
 from adserver.logs import ThrottledWarning
+from adserver.replies.connection import PersistentConnection, Target
 
 log = logging.getLogger(__name__)
 

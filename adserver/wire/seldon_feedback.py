@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest
-from adserver.protocols.seldon_message import decode_message
+from adserver.wire.seldon_message import decode_message
 from cm_models.custom_metrics import CustomMetric, parse_metrics
 
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import orjson
 
-from adserver.join import Logged, as_rows
-from adserver.store.join_tables import RowCounts, SQLJoinTables
+from adserver.state.join import Logged, as_rows
+from adserver.state.sqlite.join_tables import RowCounts, SQLJoinTables
 
 SCHEMA_VERSION = 3
 

@@ -32,9 +32,8 @@ from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
 
-from adserver import reasons
-from adserver.constants import CONTENT_TYPE_JSON, ROUTE_EVENTS
-from adserver.eager import start_eagerly
+from adserver.catalogue import reasons
+from adserver.catalogue.wire import CONTENT_TYPE_JSON, ROUTE_EVENTS
 from adserver.errors import (
     BadRequest,
     InternalError,
@@ -44,7 +43,8 @@ from adserver.errors import (
     Unavailable,
     UnsupportedEncoding,
 )
-from adserver.ingest import FeedbackService
+from adserver.http.eager import start_eagerly
+from adserver.ingest.service import FeedbackService
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adserver import reasons
-from adserver.constants import EVENTS_DUPLICATE, METRICS_REJECTED
+from adserver.catalogue import reasons
+from adserver.catalogue.wire import EVENTS_DUPLICATE, METRICS_REJECTED
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
-from adserver.join import EVICTED, EXPIRED, LABELS, Joiner
-from adserver.state import (
+from adserver.state.join import EVICTED, EXPIRED, LABELS, Joiner
+from adserver.state.view import (
     DELAY_BUCKETS,
     TIMER_BUCKETS,
     Delta,
@@ -36,10 +36,10 @@ from adserver.state import (
     MetricsState,
     bucket_index,
 )
-from adserver.store.base import Clock, Entry, StateStore
-from adserver.store.join_tables import RowCounts, SQLJoinTables
-from adserver.store.lock import hold_state_lock
-from adserver.store.schema import SchemaError, migrate
+from adserver.state.store import Clock, Entry, StateStore
+from adserver.state.sqlite.join_tables import RowCounts, SQLJoinTables
+from adserver.state.sqlite.lock import hold_state_lock
+from adserver.state.sqlite.schema import SchemaError, migrate
 from cm_models.base import InvalidFeedback
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import MetricCatalog, family_name

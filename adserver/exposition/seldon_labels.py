@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from adserver.constants import (
+from adserver.catalogue.wire import (
     ENV_DEPLOYMENT,
     ENV_IMAGE,
     ENV_NAMESPACE,

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest
-from adserver.protocols.shapes import shaped
-from adserver.protocols.tftensor import decode_tftensor
+from adserver.wire.shapes import shaped
+from adserver.wire.tftensor import decode_tftensor
 from cm_models.base import InvalidFeedback, nested_array
 
 PASSTHROUGH = ("jsonData", "strData")

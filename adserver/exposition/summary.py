@@ -6,8 +6,8 @@ from typing import Any
 
 import orjson
 
-from adserver.constants import EVENTS_ACCEPTED, ROWS_ACCEPTED
-from adserver.state import MetricsState
+from adserver.catalogue.wire import EVENTS_ACCEPTED, ROWS_ACCEPTED
+from adserver.state.view import MetricsState
 from cm_models.formulas import PER_CLASS, classification_report
 
 

@@ -3,7 +3,7 @@
 Raw counts (confusion cells, one-vs-rest counters) are exported as counters, so ``sum by``
 across replicas is exact; derived ratios are gauges for one replica's convenience.
 
-A scrape is rendered in slices between events (:mod:`adserver.exposition`), so the collector
+A scrape is rendered in slices between events (:mod:`adserver.exposition.encoder`), so the collector
 first takes a :class:`StateView`: copies of what events change, cheap and bounded by the caps
 (the dense matrix copies in well under a millisecond at 1,000 classes). Every family is derived
 from that view, and families with many samples produce them lazily, a series at a time.
@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.samples import Sample
 
-from adserver.constants import (
+from adserver.catalogue.wire import (
     EVENTS_ACCEPTED,
     EVENTS_DUPLICATE,
     EVENTS_REJECTED,
@@ -34,9 +34,9 @@ from adserver.constants import (
     ROWS_ACCEPTED,
     SELDON_METRIC_PREFIX,
 )
-from adserver.exposition import Grid
-from adserver.join import EVICTED, LABELS, LOGGER_EVENTS, PREDICTED_ROWS
-from adserver.state import CounterKey, Histogram, MetricsState, SeriesKey
+from adserver.exposition.encoder import Grid
+from adserver.state.join import EVICTED, LABELS, LOGGER_EVENTS, PREDICTED_ROWS
+from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
 from cm_models.custom_metrics import MetricType
 from cm_models.formulas import ClassCounts, classification_report
 

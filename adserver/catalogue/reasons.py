@@ -84,7 +84,7 @@ TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # over --max_connections
 BODIES_IN_FLIGHT: Final = "bodies_in_flight"  # over --max_body_bytes_in_flight
 OUT_OF_MEMORY: Final = "out_of_memory"  # a MemoryError while counting an event
 
-# routes and faults (adserver/server.py derives Tornado's from its reason phrase)
+# routes and faults (adserver/http/handlers.py derives Tornado's from its reason phrase)
 NOT_FOUND: Final = "not_found"
 METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 DRAINING: Final = "draining"  # GET /health/ready while draining

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import simdjson
 
-from adserver.constants import TENSOR_KEYS
+from adserver.catalogue.wire import TENSOR_KEYS
 
 #: Below this size orjson alone is faster than simdjson plus the conversion.
 SMALL_BODY_BYTES = 1024

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest
-from adserver.protocols.shapes import bounded_if_empty
+from adserver.wire.shapes import bounded_if_empty
 
 DTYPES: dict[str, str] = {
     "DT_FLOAT": "<f4",

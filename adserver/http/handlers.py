@@ -7,7 +7,7 @@ from typing import Any
 import tornado.web
 from prometheus_client import CollectorRegistry
 
-from adserver.constants import (
+from adserver.catalogue.wire import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
     ROUTE_EVENTS,
@@ -17,8 +17,8 @@ from adserver.constants import (
     ROUTE_READY,
 )
 from adserver.errors import RequestError
-from adserver.exposition import Exposition
-from adserver.http_events import (
+from adserver.exposition.encoder import Exposition
+from adserver.http.events import (
     BodyDeadlines,
     EventsEndpoint,
     EventsRouter,
@@ -26,7 +26,7 @@ from adserver.http_events import (
     json_error,
     log_access,
 )
-from adserver.ingest import FeedbackService
+from adserver.ingest.service import FeedbackService
 
 
 class JsonErrorHandler(tornado.web.RequestHandler):
@@ -123,7 +123,7 @@ def make_app(
     body_timeout_seconds: float,
     lifecycle: Lifecycle,
 ) -> EventsRouter:
-    """The web application, with ``POST /`` served below it (see :mod:`adserver.http_events`)."""
+    """The web application, with ``POST /`` served below it (see :mod:`adserver.http.events`)."""
     app = tornado.web.Application(
         [
             (ROUTE_EVENTS, EventsHandler),

@@ -29,9 +29,9 @@ import tornado.ioloop
 import tornado.netutil
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest, HeadersTooLarge, RequestError, Unavailable
-from adserver.http_events import answer_and_close, closing_answer
+from adserver.http.events import answer_and_close, closing_answer
 from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from cloudevents.core.bindings.http import HTTPMessage
 
-from adserver import reasons
-from adserver.constants import (
+from adserver.catalogue import reasons
+from adserver.catalogue.wire import (
     CE_PREFIX,
     EVENTS_ACCEPTED,
     EVENTS_REJECTED,
@@ -35,14 +35,14 @@ from adserver.constants import (
     SELDON_FEEDBACK_TYPE,
 )
 from adserver.errors import BadRequest, PayloadTooLarge, RequestError
-from adserver.events import IncomingEvent, decode_request, parse_time, reply_message
-from adserver.join import LOGGER_EVENTS, Kind, Label, LoggedRows, as_rows
-from adserver.protocols.inference import Unscorable, prediction_payload, request_payload
-from adserver.protocols.seldon_feedback import Feedback, parse_feedback
-from adserver.reply import ReplySender
-from adserver.state import Delta
-from adserver.store.base import Entry, StateStore
-from adserver.summary import SummaryCache
+from adserver.exposition.summary import SummaryCache
+from adserver.replies.sender import ReplySender
+from adserver.state.join import LOGGER_EVENTS, Kind, Label, LoggedRows, as_rows
+from adserver.state.store import Entry, StateStore
+from adserver.state.view import Delta
+from adserver.wire.cloudevents import IncomingEvent, decode_request, parse_time, reply_message
+from adserver.wire.inference import Unscorable, prediction_payload, request_payload
+from adserver.wire.seldon_feedback import Feedback, parse_feedback
 from cm_models.base import InvalidFeedback, MetricModel, numeric_array
 from cm_models.custom_metrics import CustomMetric
 

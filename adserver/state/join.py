@@ -19,8 +19,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from adserver.constants import METRICS_REJECTED, ROWS_ACCEPTED
-from adserver.state import Delta
+from adserver.catalogue.wire import METRICS_REJECTED, ROWS_ACCEPTED
+from adserver.state.view import Delta
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows
 
 # Counter names (exported as feedback_<name>_total) and the outcomes of a label row.

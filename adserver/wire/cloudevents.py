@@ -23,8 +23,8 @@ from cloudevents.core.bindings.http import HTTPMessage
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
-from adserver import json_body, reasons
-from adserver.constants import (
+from adserver.catalogue import reasons
+from adserver.catalogue.wire import (
     CE_PREFIX,
     CE_SPECVERSION,
     CONTENT_TYPE_CE_BATCH,
@@ -33,6 +33,7 @@ from adserver.constants import (
     CORRELATION_EXTENSIONS,
 )
 from adserver.errors import BadRequest
+from adserver.wire import json_body
 
 REQUIRED_ATTRIBUTES = ("id", "source", "type")
 ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]+$")

@@ -1,4 +1,4 @@
-"""SQL implementation of :class:`adserver.join.JoinTables`, used inside a store transaction.
+"""SQL implementation of :class:`adserver.state.join.JoinTables`, used inside a store transaction.
 
 A logged event's rows are kept as a few blocks of consecutive rows (about ``BLOCK_BYTES`` each):
 numbers as the raw bytes of a numpy array with its dtype and row shape, anything else as one JSON
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from adserver.join import Kind, Logged, Parked, Rows
+from adserver.state.join import Kind, Logged, Parked, Rows
 
 BLOCK_BYTES = 1 << 16  # rows per block of numbers: as many as fit (at least one)
 JSON_BLOCK_ROWS = 256  # rows per block of other data

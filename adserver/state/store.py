@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from adserver.join import Label, LoggedRows
-from adserver.state import Delta, MetricsState
+from adserver.state.join import Label, LoggedRows
+from adserver.state.view import Delta, MetricsState
 
 Clock = Callable[[], float]
 

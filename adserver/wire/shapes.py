@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest
 
 #: Most positions an empty tensor may declare before its first zero dimension: ``[n, 0]`` is n

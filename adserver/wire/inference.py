@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adserver import reasons
+from adserver.catalogue import reasons
 from adserver.errors import BadRequest
-from adserver.protocols.seldon_message import decode_message
-from adserver.protocols.shapes import shaped
+from adserver.wire.seldon_message import decode_message
+from adserver.wire.shapes import shaped
 
 
 class Unscorable(Exception):

@@ -1,0 +1,1 @@
+"""What readers see: the Prometheus collector and encoder, JSON summaries."""

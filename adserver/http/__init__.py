@@ -1,0 +1,1 @@
+"""HTTP transport (Tornado only): routes, the events endpoint, the accept loop."""

@@ -1,0 +1,1 @@
+"""Transport-free core: decode -> entries -> commit -> outcome."""
