@@ -36,11 +36,11 @@ SUFFIXES: Final[dict[Kind, tuple[str, ...]]] = {
     "gauge": ("",),
     "histogram": (BUCKET, COUNT, SUM),
 }
-#: The sample names a family takes, with those the library may add (we export no ``_created``).
+#: The sample names a family takes: with the ``_created`` the library may add to counters and
+#: histograms (we export none).
 TAKEN_SUFFIXES: Final[dict[Kind, tuple[str, ...]]] = {
-    "counter": (TOTAL, CREATED),
-    "gauge": ("",),
-    "histogram": (BUCKET, COUNT, SUM, CREATED),
+    kind: (*suffixes, CREATED) if kind != "gauge" else suffixes
+    for kind, suffixes in SUFFIXES.items()
 }
 
 # Label names
