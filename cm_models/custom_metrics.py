@@ -10,10 +10,17 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-MetricType = Literal["COUNTER", "GAUGE", "TIMER"]
-METRIC_TYPES: tuple[MetricType, ...] = ("COUNTER", "GAUGE", "TIMER")
+from adserver.catalogue.families import (
+    CUSTOM_KINDS,
+    LE,
+    SELDON_LABELS,
+    TAKEN_SUFFIXES,
+    TOTAL,
+    MetricType,
+)
+
+METRIC_TYPES: tuple[MetricType, ...] = tuple(CUSTOM_KINDS)
 
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -21,23 +28,9 @@ _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: Labels the server puts on every custom series, over the tags (Seldon's default labels of
 #: adserver/exposition/seldon_labels.py, and ``method``): a tag of one of these names would be
 #: overwritten, and series differing only in it would be exposed twice with one label set.
-SERVER_LABELS = frozenset(
-    {
-        "deployment_name",
-        "seldon_deployment_name",
-        "model_name",
-        "model_image",
-        "image_name",
-        "model_version",
-        "image_version",
-        "predictor_name",
-        "predictor_version",
-        "seldon_deployment_namespace",
-        "method",
-    }
-)
+SERVER_LABELS = frozenset(SELDON_LABELS)
 #: A histogram's own label: its buckets' bounds.
-BUCKET_LABEL = "le"
+BUCKET_LABEL = LE
 
 
 @dataclass(frozen=True)
@@ -97,13 +90,12 @@ def parse_metrics(items: Iterable[object]) -> tuple[list[CustomMetric], list[str
 
 def family_name(metric: CustomMetric) -> str:
     """Prometheus appends ``_total`` to counters: counter ``x`` and ``x_total`` are one family."""
-    return metric.key.removesuffix("_total") if metric.type == "COUNTER" else metric.key
+    return metric.key.removesuffix(TOTAL) if metric.type == "COUNTER" else metric.key
 
 
+#: The sample names each type's family takes, after its name.
 SAMPLE_SUFFIXES: dict[MetricType, tuple[str, ...]] = {
-    "COUNTER": ("_total", "_created"),
-    "GAUGE": ("",),
-    "TIMER": ("_bucket", "_count", "_sum", "_created"),
+    kind: TAKEN_SUFFIXES[CUSTOM_KINDS[kind]] for kind in METRIC_TYPES
 }
 
 
@@ -168,7 +160,7 @@ class MetricCatalog:
         family = family_name(metric)
         if family.startswith(self.reserved_prefixes):
             return False
-        if metric.type == "COUNTER" and family.endswith("_total"):
+        if metric.type == "COUNTER" and family.endswith(TOTAL):
             return False  # `x_total_total`: exposed as family `x`, sample `x_total`, a clash
         known = self.types.get(family)
         if known is not None and known != metric.type:

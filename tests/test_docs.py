@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from adserver.catalogue import reasons
+from adserver.catalogue import families, reasons
+from adserver.catalogue.wire import METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.settings import Settings
 from tests.helpers import MULTICLASS_NUMERIC, feedback, scrape, send_event
 
@@ -45,13 +46,55 @@ def test_every_exported_family_is_documented(servers, sink) -> None:
     assert not missing, f"exported but not in the README: {sorted(missing)}"
 
 
+def readme_table(header: str) -> list[list[str]]:
+    """The cells of the README table whose header row is ``header``."""
+    table = README[README.index(header) :].split("\n\n", 1)[0]
+    return [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+
+
+def readme_families() -> dict[str, tuple[str, tuple[str, ...], set[str]]]:
+    """The README's metric table: family -> (type, label names, label values in backquotes).
+
+    A row may name several families (``a`` / ``b``); labels ``same`` are the row above's, and
+    "Seldon default labels" stands for them; parentheses hold a label's values.
+    """
+    documented: dict[str, tuple[str, tuple[str, ...], set[str]]] = {}
+    labels: tuple[str, ...] = ()
+    values: set[str] = set()
+    for names, kind, cell, _ in readme_table("| family | type | labels | meaning |"):
+        if cell.strip() != "same":
+            parts = [part.strip() for part in outside(cell).split(",")]
+            labels = tuple(
+                label
+                for part in parts
+                for label in (
+                    families.SELDON_DEFAULT_LABELS
+                    if part == "Seldon default labels"
+                    else re.findall(r"`([a-z_]+)`", part)
+                )
+            )
+            values = set(re.findall(r"`([a-z_*]+)`", "".join(re.findall(r"\([^()]*\)", cell))))
+        for name in re.findall(r"`((?:feedback|seldon_metric)_[a-z_0-9]+)`", names):
+            documented[name] = (kind.strip(), labels, values)
+    return documented
+
+
+def test_the_readme_metric_table_is_the_catalogue() -> None:
+    """Each family of adserver/catalogue/families.py is a README row with its type and labels,
+    and its closed sets of label values; the README lists no other family of ours."""
+    documented = readme_families()
+    declared = {f.exposed: (f.kind, f.labels) for f in families.DOCUMENTED}
+    assert {name: row[:2] for name, row in documented.items()} == declared
+    for family in families.DOCUMENTED:
+        for values in family.values.values():
+            assert set(values) <= documented[family.exposed][2], family.exposed
+
+
 def readme_reasons() -> dict[str, set[str]]:
     """The README's reason table: area -> the codes in backquotes; parentheses are comments."""
-    table = README[README.index("| area | reasons |") :].split("\n\n", 1)[0]
-    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
     return {
         outside(area).strip(): set(re.findall(r"`([a-z][a-z0-9_]*)`", outside(codes)))
-        for area, codes in rows
+        for area, codes in readme_table("| area | reasons |")
     }
 
 
@@ -105,6 +148,52 @@ def test_every_reason_comes_from_the_catalogue() -> None:
         f"reasons spelled out instead of taken from adserver.catalogue.reasons: {literal}"
     )
     assert {getattr(reasons, name) for name in used} <= reasons.ALL
+
+
+#: What only the catalogue may spell: reasons, counter names, label values and family names.
+CATALOGUED = (
+    reasons.ALL
+    | set(families.COUNTED)
+    | set(families.LABEL_OUTCOMES)
+    | set(families.EVICTION_REASONS)
+    | {name for f in families.DOCUMENTED for name in (f.name, f.exposed)}
+)
+CATALOGUED_PREFIXES = (families.IGNORED_PREFIX, METRIC_PREFIX, SELDON_METRIC_PREFIX)
+LOGGING = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+
+
+def exempt(tree: ast.AST) -> set[int]:
+    """Strings that are no count: log messages and SQL parameter names (ids of their nodes)."""
+    found = set()
+    for name, call in calls(tree):
+        if name in LOGGING:
+            found |= {id(a) for a in call.args}
+        elif name in ("execute", "executemany"):
+            found |= {id(k) for a in call.args if isinstance(a, ast.Dict) for k in a.keys}
+    return found
+
+
+def test_no_reason_name_or_label_value_is_spelled_out() -> None:
+    """Outside adserver/catalogue/, no string is a catalogued reason, counter name, label
+    value (an outcome, an eviction reason, an ``ignored_`` kind) or family name."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.joinpath("adserver").rglob("*.py"), *root.joinpath("cm_models").rglob("*.py")]
+    spelled = []
+    for path in sources:
+        if path.parent.name == "catalogue":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = exempt(tree)
+        spelled += [
+            f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in skip
+            and (node.value in CATALOGUED or node.value.startswith(CATALOGUED_PREFIXES))
+        ]
+    assert len(sources) > 40  # the scan still reads the packages
+    assert not spelled, f"spelled out instead of taken from adserver/catalogue/: {spelled}"
 
 
 def test_tornado_reasons_are_in_the_catalogue(servers) -> None:

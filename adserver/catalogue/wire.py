@@ -48,13 +48,6 @@ METRIC_PREFIX: Final = "feedback_"
 SELDON_METRIC_PREFIX: Final = "seldon_metric_"
 PROCESS_METRIC_PREFIX: Final = "process_"  # prometheus_client's process collector
 
-# Server counters (exported as feedback_<name>_total)
-EVENTS_ACCEPTED: Final = "events_accepted"
-ROWS_ACCEPTED: Final = "rows_accepted"
-EVENTS_REJECTED: Final = "events_rejected"
-EVENTS_DUPLICATE: Final = "events_duplicate"
-METRICS_REJECTED: Final = "custom_metrics_rejected"
-
 # Payload-logger event types (protocols.md 1.5 and 2.1) and the attribute holding the join key
 SELDON_REQUEST_TYPE: Final = "io.seldon.serving.inference.request"
 SELDON_RESPONSE_TYPE: Final = "io.seldon.serving.inference.response"

@@ -25,53 +25,43 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.samples import Sample
 
-from adserver.catalogue.wire import (
-    EVENTS_ACCEPTED,
-    EVENTS_DUPLICATE,
-    EVENTS_REJECTED,
-    METRIC_PREFIX,
-    METRICS_REJECTED,
+from adserver.catalogue import families
+from adserver.catalogue.families import (
+    BUCKET,
+    CLASS,
+    COUNT,
+    LE,
+    MODEL,
+    POSITIVE_CLASS,
+    PREDICTED_ROWS,
+    PREDICTION,
     ROWS_ACCEPTED,
-    SELDON_METRIC_PREFIX,
+    SUM,
+    TRUTH,
+    Family,
+    Kind,
+    MetricType,
+    seldon_class,
 )
 from adserver.exposition.encoder import Grid
-from adserver.state.join import EVICTED, LABELS, LOGGER_EVENTS, PREDICTED_ROWS
 from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
-from cm_models.custom_metrics import MetricType
 from cm_models.formulas import ClassCounts, classification_report
 
 Item = TypeVar("Item")
 Tags = tuple[tuple[str, str], ...]
 Series = tuple[Tags, Any]  # a custom series' tags and its value (or histogram)
 
-SELDON_COUNTS = {
-    "true_positive": ("tp", "rows predicted as the class whose truth is the class"),
-    "false_positive": ("fp", "rows predicted as the class whose truth is another class"),
-    "false_negative": ("fn", "rows whose truth is the class predicted as another class"),
-    "true_negative": ("tn", "rows neither true nor predicted as the class (one-vs-rest)"),
+ValueFamily = CounterMetricFamily | GaugeMetricFamily
+VALUE_FAMILIES: dict[Kind, type[ValueFamily]] = {
+    "counter": CounterMetricFamily,
+    "gauge": GaugeMetricFamily,
 }
-PER_CLASS_GAUGES = {
-    "precision": "precision per class (0 when nothing was predicted as the class)",
-    "recall": "recall per class (0 when the class never was the truth)",
-    "f1": "F1 score per class",
-    "specificity": "specificity (true negative rate) per class",
-    "support": "rows whose truth is the class",
-}
-SERVER_COUNTERS = {
-    EVENTS_ACCEPTED: ("events counted", ()),
-    ROWS_ACCEPTED: ("rows counted (every row of a batch)", ()),
-    EVENTS_REJECTED: ("events refused with a 4xx, by reason", ("reason",)),
-    EVENTS_DUPLICATE: ("redelivered events ignored (same CloudEvent source and id)", ()),
-    METRICS_REJECTED: ("custom metric dicts refused individually", ()),
-    LABELS: (
-        "label rows joined to logged predictions, by outcome: joined, late (joined when the "
-        "prediction came), parked, duplicate, expired, failed",
-        ("outcome",),
-    ),
-    PREDICTED_ROWS: ("prediction rows received from payload loggers", ()),
-    LOGGER_EVENTS: ("payload-logger events by kind (request, response, ignored_*)", ("kind",)),
-    EVICTED: ("logged predictions and parked labels dropped, by reason", ("reason",)),
-}
+
+
+def new(family: Family) -> ValueFamily:
+    """An empty counter or gauge as declared in :mod:`adserver.catalogue.families` (histograms:
+    :func:`histogram_family`)."""
+    return VALUE_FAMILIES[family.kind](family.name, family.help, labels=family.labels)
 
 
 @dataclass(frozen=True)
@@ -177,11 +167,9 @@ class FeedbackCollector:
             yield from connection_families(self.model_name, self.connection_stats())
 
     def server_counters(self, view: StateView) -> Iterator[Metric]:
-        for name, (help_text, label_names) in SERVER_COUNTERS.items():
-            family = CounterMetricFamily(
-                METRIC_PREFIX + name, help_text, labels=("model", *label_names)
-            )
-            if label_names:
+        for name, declared in families.COUNTED.items():
+            family = new(declared)
+            if len(declared.labels) > 1:  # the model's, and the state's label
                 for label, value in sorted(view.labelled(name).items()):
                     family.add_metric((self.model_name, label), value)
             else:
@@ -194,39 +182,25 @@ class FeedbackCollector:
         # classic flow, where no logger reports predictions) or joined to a logged one.
         scored = view.count(ROWS_ACCEPTED)
         known = max(view.count(PREDICTED_ROWS), scored)
-        coverage = GaugeMetricFamily(
-            METRIC_PREFIX + "label_coverage",
-            "labelled share of the predictions known: rows scored / max(prediction rows from "
-            "payload loggers, rows scored); 1 when feedback carries its response and no logger "
-            "reports predictions, 0 before any row",
-            labels=("model",),
-        )
+        coverage = new(families.LABEL_COVERAGE)
         coverage.add_metric((self.model_name,), scored / known if known else 0.0)
         yield coverage
-        model = {"model": self.model_name}
-        yield histogram_family(
-            METRIC_PREFIX + "label_delay_seconds",
-            "seconds from a prediction (its ce-time) to the arrival of its label",
-            [((), view.label_delay)],
-            lambda _: model,
-        )
+        model = {MODEL: self.model_name}
+        yield histogram_family(families.LABEL_DELAY, [((), view.label_delay)], lambda _: model)
 
     def confusion_families(self, view: StateView) -> Iterator[Metric]:
         classes, matrix = view.classes, view.matrix
         model = (self.model_name,)
-        cells = CounterMetricFamily(
-            METRIC_PREFIX + "confusion_matrix",
-            "rows by (truth, prediction) class: the raw confusion-matrix cells",
-            labels=("model", "truth", "prediction"),
-        )
+        declared = families.CONFUSION_MATRIX
+        cells = new(declared)
         set_samples(
             cells,
             Grid(  # the encoder renders it in bulk
-                cells.name + "_total",
-                {"model": self.model_name},
-                "truth",
+                declared.sample,
+                {MODEL: self.model_name},
+                TRUTH,
                 classes,
-                "prediction",
+                PREDICTION,
                 classes,
                 matrix,
             ),
@@ -234,71 +208,57 @@ class FeedbackCollector:
         yield cells
         yield from self.seldon_families(ClassCounts.from_matrix(matrix), classes)
         report = classification_report(matrix)
-        accuracy = GaugeMetricFamily(
-            METRIC_PREFIX + "accuracy", "share of rows predicted correctly", labels=("model",)
-        )
+        accuracy = new(families.ACCURACY)
         accuracy.add_metric(model, report.accuracy)
         yield accuracy
-        for name, help_text in PER_CLASS_GAUGES.items():
-            family = GaugeMetricFamily(METRIC_PREFIX + name, help_text, labels=("model", "class"))
+        for name, declared in families.PER_CLASS.items():
+            family = new(declared)
             samples = value_samples(
-                family.name,
-                lambda label: {"model": self.model_name, "class": label},
+                declared.sample,
+                lambda label: {MODEL: self.model_name, CLASS: label},
                 list(zip(classes, getattr(report, name).tolist())),
             )
             set_samples(family, samples)
             yield family
-        for name in ("precision", "recall", "f1"):
-            family = GaugeMetricFamily(
-                f"{METRIC_PREFIX}{name}_average",
-                f"{name} averaged over classes (macro, micro or support-weighted)",
-                labels=("model", "average"),
-            )
+        for name, declared in families.AVERAGES.items():
+            family = new(declared)
             for kind, values in report.averages.items():
                 family.add_metric((*model, kind), values[name])
             yield family
 
     def seldon_families(self, counts: ClassCounts, classes: list[str]) -> Iterator[Metric]:
-        """Seldon's counter names and labels, with real one-vs-rest true negatives."""
-        label_names = list(self.seldon_labels)
-        base = list(self.seldon_labels.values())
-        for name, (attribute, help_text) in SELDON_COUNTS.items():
+        """Seldon's counter names and labels, with real one-vs-rest true negatives.
+
+        The default labels are those given (the declared ones, as the app reads them).
+        """
+        for attribute, declared in families.SELDON_COUNTS.items():
             values = getattr(counts, attribute).tolist()
             if self.seldon_class_label:
-                family = CounterMetricFamily(
-                    SELDON_METRIC_PREFIX + name, help_text, labels=["class", *label_names]
-                )
-                samples = value_samples(
-                    family.name + "_total",
-                    lambda label: {"class": f"CLASS_{label}", **self.seldon_labels},
+                family = new(declared)
+                samples: Iterable[Sample] = value_samples(
+                    declared.sample,
+                    lambda label: {CLASS: seldon_class(label), **self.seldon_labels},
                     list(zip(classes, values)),
                 )
-                set_samples(family, samples)
             else:
-                family = CounterMetricFamily(
-                    SELDON_METRIC_PREFIX + name,
-                    f"{help_text}; class 1 is positive",
-                    labels=label_names,
-                )
-                positive = dict(zip(classes, values)).get("1", 0)
-                family.add_metric(base, positive)
+                declared = families.positive_class(declared)
+                family = new(declared)
+                positive = dict(zip(classes, values)).get(POSITIVE_CLASS, 0)
+                samples = [Sample(declared.sample, self.seldon_labels, positive)]
+            set_samples(family, samples)
             yield family
 
     def custom_families(self, view: StateView) -> Iterator[Metric]:
         """One family per key, its series found by one grouping pass (linear in series)."""
         grouped = view.custom_series()
         for key, kind in sorted(view.custom_types.items()):
-            help_text = f"custom {kind.lower()} {key} sent in feedback metrics"
+            declared = families.custom(key, kind)
             series = grouped.get(key, [])
-            if kind == "TIMER":
-                yield histogram_family(key, help_text + " (seconds)", series, self.custom_labels)
+            if declared.kind == "histogram":
+                yield histogram_family(declared, series, self.custom_labels)
                 continue
-            if kind == "COUNTER":
-                family: Metric = CounterMetricFamily(key, help_text, labels=None)
-            else:
-                family = GaugeMetricFamily(key, help_text, labels=None)
-            name = family.name + ("_total" if kind == "COUNTER" else "")
-            set_samples(family, value_samples(name, self.custom_labels, series))
+            family = new(declared)
+            set_samples(family, value_samples(declared.sample, self.custom_labels, series))
             yield family
 
     def custom_labels(self, tags: Tags) -> dict[str, str]:
@@ -309,7 +269,7 @@ class FeedbackCollector:
         return {**dict(tags), **self.seldon_labels}
 
     def reply_families(self, stats: Mapping[str, int]) -> Iterator[Metric]:
-        return model_families(self.model_name, stats, REPLY_FAMILIES)
+        return model_families(self.model_name, stats, families.REPLIES)
 
 
 def set_samples(family: Metric, samples: Iterable[Sample]) -> None:
@@ -330,12 +290,12 @@ def value_samples(
 
 
 def histogram_family(
-    name: str,
-    help_text: str,
+    declared: Family,
     series: list[tuple[Item, Histogram]],
     labels_of: Callable[[Item], dict[str, str]],
 ) -> Metric:
     """A histogram family whose series (labels from ``labels_of``) are expanded lazily."""
+    name = declared.name
 
     def expand(item: tuple[Item, Histogram]) -> list[Sample]:
         key, histogram = item
@@ -343,14 +303,14 @@ def histogram_family(
         bounds = [repr(b) for b in histogram.bounds] + ["+Inf"]
         counts = [*histogram.buckets.tolist(), histogram.count]
         samples = [
-            Sample(name + "_bucket", {**labels, "le": bound}, count)
+            Sample(name + BUCKET, {**labels, LE: bound}, count)
             for bound, count in zip(bounds, counts)
         ]
-        samples.append(Sample(name + "_count", labels, histogram.count))
-        samples.append(Sample(name + "_sum", labels, histogram.total))
+        samples.append(Sample(name + COUNT, labels, histogram.count))
+        samples.append(Sample(name + SUM, labels, histogram.total))
         return samples
 
-    family = HistogramMetricFamily(name, help_text, labels=None)
+    family = HistogramMetricFamily(declared.name, declared.help, labels=declared.labels)
     set_samples(family, LazySamples(series, expand))
     return family
 
@@ -364,55 +324,14 @@ def build_registry(collector: FeedbackCollector) -> CollectorRegistry:
 
 def connection_families(model_name: str, stats: Mapping[str, int]) -> Iterator[Metric]:
     """The HTTP listener's connections (this process's, since it started)."""
-    return model_families(model_name, stats, CONNECTION_FAMILIES)
-
-
-# One value per model: (family type, name after the prefix, key in the stats, help)
-FamilySpec = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str]
-REPLY_FAMILIES: tuple[FamilySpec, ...] = (
-    (CounterMetricFamily, "reply_sent", "sent", "reply events delivered to the reply URL"),
-    (CounterMetricFamily, "reply_failed", "failed", "reply events given up after all retries"),
-    (
-        CounterMetricFamily,
-        "reply_dropped",
-        "dropped",
-        "reply events dropped because the reply queue was full",
-    ),
-    (CounterMetricFamily, "reply_retries", "retries", "reply delivery attempts that were retried"),
-    (
-        GaugeMetricFamily,
-        "reply_queue_depth",
-        "queued",
-        "reply events waiting in the queue for a worker",
-    ),
-    (
-        GaugeMetricFamily,
-        "reply_in_flight",
-        "in_flight",
-        "reply events taken by a worker: being sent, or waiting to be retried",
-    ),
-)
-CONNECTION_FAMILIES: tuple[FamilySpec, ...] = (
-    (GaugeMetricFamily, "http_connections", "open", "HTTP connections open"),
-    (
-        CounterMetricFamily,
-        "http_connections_refused",
-        "refused",
-        "connections over --max_connections, given 503",
-    ),
-    (
-        CounterMetricFamily,
-        "http_accept_errors",
-        "accept_errors",
-        "failed accepts (e.g. out of file descriptors), each pausing accepting up to 1 s",
-    ),
-)
+    return model_families(model_name, stats, families.CONNECTIONS)
 
 
 def model_families(
-    model_name: str, stats: Mapping[str, int], specs: tuple[FamilySpec, ...]
+    model_name: str, stats: Mapping[str, int], declared: Mapping[str, Family]
 ) -> Iterator[Metric]:
-    for kind, name, key, help_text in specs:
-        family = kind(METRIC_PREFIX + name, help_text, labels=("model",))
-        family.add_metric((model_name,), stats[key])
-        yield family
+    """One value per model, each family's from its key in ``stats``."""
+    for key, family in declared.items():
+        metric = new(family)
+        metric.add_metric((model_name,), stats[key])
+        yield metric

@@ -33,6 +33,8 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from prometheus_client.validation import _is_valid_legacy_metric_name
 
+from adserver.catalogue.families import CREATED, TOTAL
+
 Encoder = Callable[[CollectorRegistry], bytes]
 
 SIMPLE_TYPES = frozenset({"counter", "gauge", "histogram"})
@@ -141,7 +143,7 @@ class PrefixCache:
         else:
             help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
             if kind == "counter":
-                name += "_total"
+                name += TOTAL
         family = om_format.escape_metric_name(name, self.form.escaping)
         return f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n"
 
@@ -218,7 +220,7 @@ def render_chunks(cache: PrefixCache, registry: CollectorRegistry) -> Iterator[s
 
 def sample_chunks(cache: PrefixCache, family: str, samples: Iterable[Sample]) -> Iterator[str]:
     # Samples the text format moves to a separate gauge, or OpenMetrics prints differently.
-    special = {family + "_created", family + "_gsum", family + "_gcount"}
+    special = {family + CREATED, family + "_gsum", family + "_gcount"}
     lines: list[str] = []
     for sample in samples:
         unusual = sample.timestamp is not None or sample.exemplar or sample.name in special

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from adserver.catalogue.wire import EVENTS_ACCEPTED, ROWS_ACCEPTED
+from adserver.catalogue.families import EVENTS_ACCEPTED, ROWS_ACCEPTED
 from adserver.state.view import MetricsState
 from cm_models.formulas import PER_CLASS, classification_report
 

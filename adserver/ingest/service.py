@@ -20,24 +20,28 @@ import numpy as np
 from cloudevents.core.bindings.http import HTTPMessage
 
 from adserver.catalogue import reasons
-from adserver.catalogue.wire import (
-    CE_PREFIX,
+from adserver.catalogue.families import (
     EVENTS_ACCEPTED,
     EVENTS_REJECTED,
+    LOGGER_EVENTS,
+    METRICS_REJECTED,
+    ROWS_ACCEPTED,
+    ignored,
+)
+from adserver.catalogue.wire import (
+    CE_PREFIX,
     EXTENSION_INFERENCE_SERVICE,
     EXTENSION_REQUEST_ID,
     EXTENSION_ROW_INDEX,
     HEADER_SELDON_PUID,
     LOGGER_TYPES,
     MAX_ROW_INDEX,
-    METRICS_REJECTED,
-    ROWS_ACCEPTED,
     SELDON_FEEDBACK_TYPE,
 )
 from adserver.errors import BadRequest, PayloadTooLarge, RequestError
 from adserver.exposition.summary import SummaryCache
 from adserver.replies.sender import ReplySender
-from adserver.state.join import LOGGER_EVENTS, Kind, Label, LoggedRows, as_rows
+from adserver.state.join import Kind, Label, LoggedRows, as_rows
 from adserver.state.store import Entry, StateStore
 from adserver.state.view import Delta
 from adserver.wire.cloudevents import IncomingEvent, decode_request, parse_time, reply_message
@@ -138,8 +142,8 @@ class FeedbackService:
                 self.inference_service
                 and event.attributes.get(EXTENSION_INFERENCE_SERVICE) != self.inference_service
             ):  # another model's prediction: nothing to store, nothing to remember
-                ignored = f"ignored_{reasons.OTHER_SERVICE}"
-                return Entry(Delta(counters=((LOGGER_EVENTS, ignored, 1),)))
+                kind = ignored(reasons.OTHER_SERVICE)
+                return Entry(Delta(counters=((LOGGER_EVENTS, kind, 1),)))
             return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
@@ -216,7 +220,7 @@ class FeedbackService:
                 raise
             reason = getattr(exc, "reason", None) or str(exc)
             reason = reasons.NOT_JSON if reason == reasons.INVALID_JSON else reason
-            return Entry(Delta(counters=((LOGGER_EVENTS, f"ignored_{reason}", 1),)), key)
+            return Entry(Delta(counters=((LOGGER_EVENTS, ignored(reason), 1),)), key)
         operation = LoggedRows(str(request_id), kind, as_rows(values), event_time(event))
         return Entry(event_key=key, operation=operation)
 

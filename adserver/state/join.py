@@ -19,23 +19,20 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from adserver.catalogue.wire import METRICS_REJECTED, ROWS_ACCEPTED
+from adserver.catalogue.families import (
+    DUPLICATE,
+    FAILED,
+    JOINED,
+    LABELS,
+    LATE,
+    LOGGER_EVENTS,
+    METRICS_REJECTED,
+    PARKED,
+    PREDICTED_ROWS,
+    ROWS_ACCEPTED,
+)
 from adserver.state.view import Delta
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows
-
-# Counter names (exported as feedback_<name>_total) and the outcomes of a label row.
-LABELS = "labels"
-PREDICTED_ROWS = "predicted_rows"
-LOGGER_EVENTS = "logger_events"
-EVICTED = "join_rows_evicted"
-JOINED, LATE, PARKED, DUPLICATE, EXPIRED, FAILED = (
-    "joined",
-    "late",
-    "parked",
-    "duplicate",
-    "expired",
-    "failed",
-)
 
 Scorer = Callable[[Any, Any, Any], Observation]
 Rows = Any  # np.ndarray (numbers, first axis = rows) or list (one entry a row)

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from adserver.catalogue.families import (
+    LABEL_EVICTED,
+    LABEL_EXPIRED,
+    PREDICTION_EVICTED,
+    PREDICTION_EXPIRED,
+)
 from adserver.state.join import Kind, Logged, Parked, Rows
 
 BLOCK_BYTES = 1 << 16  # rows per block of numbers: as many as fit (at least one)
@@ -252,13 +258,13 @@ class SQLJoinTables:
             "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
             (now, batch),
         ).fetchall()
-        self._drop_logged(logged, "prediction_expired", dropped)
+        self._drop_logged(logged, PREDICTION_EXPIRED, dropped)
         parked = self.cursor.execute(
             "SELECT request_id, first_row, rows FROM parked_blocks WHERE expires_at <= ? "
             "ORDER BY expires_at LIMIT ?",
             (now, batch),
         ).fetchall()
-        self._drop_parked(parked, "label_expired", dropped)
+        self._drop_parked(parked, LABEL_EXPIRED, dropped)
         return len(logged) == batch or len(parked) == batch
 
     def evict(self, max_rows: int, batch: int, dropped: Counter[str]) -> None:
@@ -271,14 +277,14 @@ class SQLJoinTables:
                 batch,
                 self.counts.logged - max_rows,
             )
-            self._drop_logged(chosen, "prediction_evicted", dropped)
+            self._drop_logged(chosen, PREDICTION_EVICTED, dropped)
         if self.counts.parked > max_rows:
             chosen = self._covering(
                 "SELECT request_id, first_row, rows FROM parked_blocks ORDER BY expires_at LIMIT ?",
                 batch,
                 self.counts.parked - max_rows,
             )
-            self._drop_parked(chosen, "label_evicted", dropped)
+            self._drop_parked(chosen, LABEL_EVICTED, dropped)
 
     def _covering(self, query: str, batch: int, excess: int) -> list[tuple[str, int, int]]:
         """The first of ``query``'s (at most ``batch``) rows whose row counts (the last column)

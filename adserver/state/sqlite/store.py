@@ -25,9 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from adserver.catalogue import reasons
-from adserver.catalogue.wire import EVENTS_DUPLICATE, METRICS_REJECTED
+from adserver.catalogue.families import (
+    EVENTS_DUPLICATE,
+    EVICTED,
+    EXPIRED,
+    LABEL_EVICTED,
+    LABEL_EXPIRED,
+    LABELS,
+    METRICS_REJECTED,
+)
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
-from adserver.state.join import EVICTED, EXPIRED, LABELS, Joiner
+from adserver.state.join import Joiner
 from adserver.state.view import (
     DELAY_BUCKETS,
     TIMER_BUCKETS,
@@ -436,7 +444,7 @@ class SQLiteStore(StateStore):
                 self._last_purge = now  # else more is due: the next commit goes on
         tables.evict(self.join_max_rows, PURGE_BATCH, dropped)
         counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
-        labels_lost = dropped["label_expired"] + dropped["label_evicted"]
+        labels_lost = dropped[LABEL_EXPIRED] + dropped[LABEL_EVICTED]
         if labels_lost:
             counters.append((LABELS, EXPIRED, labels_lost))
         return Delta(counters=tuple(counters)) if counters else None
