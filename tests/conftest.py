@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-# ``from tests.helpers import ...`` must work however pytest is launched.
+# ``from tests.support.<module> import ...`` must work however pytest is launched.
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.helpers import ServerFactory, Sink  # noqa: E402
+from tests.support.processes import ServerFactory  # noqa: E402
+from tests.support.sink import Sink  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    STRUCTURED_TYPE,
-    Samples,
-    ServerFactory,
-    ce_headers,
-    feedback,
-    model_doc,
-    ndarray,
-    post_json,
-    scrape,
-    structured,
-    tensor,
-)
+from tests.support.events import STRUCTURED_TYPE, ce_headers, feedback, ndarray, structured, tensor
+from tests.support.http import Samples, model_doc, post_json, scrape
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
 
 GOOD = feedback([[0, 0, 1]], [[0.1, 0.2, 0.7]])
 RESPONSE = GOOD["response"]
