@@ -109,6 +109,10 @@ CASES: dict[str, Bad] = {
         truth_only(tftensor(dtype="DT_INT64", tensorShape=dims(1, 3), int64Val=["a", "b", "c"])),
         "invalid_tftensor",
     ),
+    "tftensor_fractional_int": Bad(
+        truth_only(tftensor(dtype="DT_INT32", tensorShape=dims(1, 3), intVal=[0, 0.5, 1])),
+        "invalid_tftensor",
+    ),
     "tftensor_bad_content": Bad(
         truth_only(tftensor(dtype="DT_FLOAT", tensorShape=dims(1, 3), tensorContent=b64(b"abc"))),
         "invalid_tftensor",
