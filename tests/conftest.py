@@ -1,4 +1,4 @@
-"""Fixtures for the HTTP-level tests: real server subprocesses and a real reply sink."""
+"""Fixtures for the HTTP-level tests (real server subprocesses, a real reply sink), markers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ from pathlib import Path
 
 import pytest
 
-# ``from tests.helpers import ...`` must work however pytest is launched.
+# ``from tests.support.<module> import ...`` must work however pytest is launched.
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.helpers import ServerFactory, Sink  # noqa: E402
+from tests.support.processes import ServerFactory  # noqa: E402
+from tests.support.sink import Sink  # noqa: E402
+
+WIRE = Path(__file__).resolve().parent / "wire"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The pure decoders' tests (tests/wire/) are the fast suite: ``pytest -m unit``."""
+    for item in items:
+        if item.path.is_relative_to(WIRE):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import ROOT, free_port
+from tests.support.processes import ROOT, free_port
 
 RULES = ROOT / "config" / "prometheus-rules.yaml"
 JOB = "feedback-metrics"

@@ -16,20 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    STRUCTURED_TYPE,
-    Samples,
-    ServerFactory,
-    ce_headers,
-    feedback,
-    model_doc,
-    ndarray,
-    post_json,
-    scrape,
-    structured,
-    tensor,
-)
+from tests.support.events import STRUCTURED_TYPE, ce_headers, feedback, ndarray, structured, tensor
+from tests.support.http import Samples, model_doc, post_json, scrape
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
 
 GOOD = feedback([[0, 0, 1]], [[0.1, 0.2, 0.7]])
 RESPONSE = GOOD["response"]
@@ -118,6 +107,10 @@ CASES: dict[str, Bad] = {
     ),
     "tftensor_bad_values": Bad(
         truth_only(tftensor(dtype="DT_INT64", tensorShape=dims(1, 3), int64Val=["a", "b", "c"])),
+        "invalid_tftensor",
+    ),
+    "tftensor_fractional_int": Bad(
+        truth_only(tftensor(dtype="DT_INT32", tensorShape=dims(1, 3), intVal=[0, 0.5, 1])),
         "invalid_tftensor",
     ),
     "tftensor_bad_content": Bad(

@@ -14,28 +14,20 @@ import pytest
 import requests
 
 from adserver.settings import Settings
-from tests.helpers import (
+from tests.support.events import REPLY_SOURCE, REPLY_TYPE, ce_headers, feedback
+from tests.support.http import cells, model_doc, post_json, scrape, send_event, value
+from tests.support.processes import (
     DATA,
     REPLY_FLAGS,
-    REPLY_SOURCE,
-    REPLY_TYPE,
     ROOT,
     ServerFactory,
     ServerProcess,
-    Sink,
-    ce_headers,
-    cells,
     child_env,
-    feedback,
     free_port,
     launch,
-    model_doc,
-    post_json,
-    scrape,
-    send_event,
-    value,
     wait_ready,
 )
+from tests.support.sink import Sink
 
 REFERENCE_FLAGS = (
     "--model_name",

@@ -29,23 +29,11 @@ from cloudevents.core.bindings.http import (
 )
 from cloudevents.core.v1.event import CloudEvent
 
-from tests.helpers import (
-    FEEDBACK_TYPE,
-    MULTICLASS_NUMERIC,
-    REPLY_FLAGS,
-    REPLY_SOURCE,
-    REPLY_TYPE,
-    Progress,
-    ServerFactory,
-    Sink,
-    feedback,
-    model_doc,
-    new_id,
-    progress,
-    reply_data,
-    send_event,
-)
 from tests.prometheus import require, require_program
+from tests.support.events import FEEDBACK_TYPE, REPLY_SOURCE, REPLY_TYPE, feedback, new_id
+from tests.support.http import Progress, model_doc, progress, reply_data, send_event
+from tests.support.processes import MULTICLASS_NUMERIC, REPLY_FLAGS, ServerFactory
+from tests.support.sink import Sink
 
 pytestmark = pytest.mark.e2e
 

@@ -17,13 +17,12 @@ import numpy as np
 import requests
 from sklearn.metrics import confusion_matrix
 
-from tests.helpers import (
+from tests.support.events import ce_headers, feedback
+from tests.support.http import post_json
+from tests.support.processes import (
     MULTICLASS_NUMERIC,
     ServerProcess,
-    ce_headers,
-    feedback,
     launch,
-    post_json,
     start_server,
     wait_ready,
 )

@@ -12,7 +12,9 @@ from prometheus_client.openmetrics.parser import (
 
 from adserver.exposition.seldon_labels import seldon_default_labels
 from cm_models.custom_metrics import SERVER_LABELS, CustomMetric, MetricCatalog, parse_metric
-from tests.helpers import feedback, model_doc, post_json, scrape, start_server, structured, value
+from tests.support.events import feedback, structured
+from tests.support.http import model_doc, post_json, scrape, value
+from tests.support.processes import start_server
 
 
 def metric(key: str, kind: str, value: float = 1.0) -> CustomMetric:

@@ -14,18 +14,9 @@ import pytest
 
 from adserver.catalogue.wire import SELDON_REQUEST_TYPE, SELDON_RESPONSE_TYPE
 from adserver.wire.json_body import SMALL_BODY_BYTES
-from tests.helpers import (
-    DATA,
-    ServerFactory,
-    ce_headers,
-    model_doc,
-    moved_samples,
-    new_id,
-    post_json,
-    scrape,
-    tensor,
-    value,
-)
+from tests.support.events import ce_headers, new_id, tensor
+from tests.support.http import model_doc, moved_samples, post_json, scrape, value
+from tests.support.processes import DATA, ServerFactory
 from tests.test_bad_input import GOOD, assert_json_error, assert_only_rejection_moved
 
 RESPONSE = GOOD["response"]

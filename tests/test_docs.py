@@ -14,7 +14,9 @@ import requests
 from adserver.catalogue import families, reasons
 from adserver.catalogue.wire import METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.settings import Settings
-from tests.helpers import MULTICLASS_NUMERIC, feedback, scrape, send_event
+from tests.support.events import feedback
+from tests.support.http import scrape, send_event
+from tests.support.processes import MULTICLASS_NUMERIC
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

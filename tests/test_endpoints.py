@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.helpers import ServerFactory
+from tests.support.processes import ServerFactory
 
 
 @pytest.fixture(scope="module")

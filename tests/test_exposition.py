@@ -13,18 +13,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    REPLY_FLAGS,
-    REPLY_TYPE,
-    ServerFactory,
-    feedback,
-    model_doc,
-    ndarray,
-    scrape,
-    send_event,
-    value,
-)
+from tests.support.events import REPLY_TYPE, feedback, ndarray
+from tests.support.http import model_doc, scrape, send_event, value
+from tests.support.processes import MULTICLASS_NUMERIC, REPLY_FLAGS, ServerFactory
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

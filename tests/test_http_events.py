@@ -13,23 +13,9 @@ import numpy as np
 import pytest
 import requests
 
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    ServerFactory,
-    ce_headers,
-    cells,
-    feedback,
-    model_doc,
-    new_id,
-    post_json,
-    progress,
-    scrape,
-    send_event,
-    structured,
-    tensor,
-    tftensor_content,
-    value,
-)
+from tests.support.events import ce_headers, feedback, new_id, structured, tensor, tftensor_content
+from tests.support.http import cells, model_doc, post_json, progress, scrape, send_event, value
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
 
 # One one-hot row: truth class 2, predicted class 2 (probabilities, argmax).
 ROW = feedback([[0, 0, 1]], [[0.0007, 0.0037, 0.9956]])

@@ -23,17 +23,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import (
-    ServerFactory,
-    ServerProcess,
-    ce_headers,
-    feedback,
-    model_doc,
-    post_json,
-    scrape,
-    value,
-    wait_until,
-)
+from tests.support.events import ce_headers, feedback
+from tests.support.http import model_doc, post_json, scrape, value
+from tests.support.processes import ServerFactory, ServerProcess
+from tests.support.timing import wait_until
 
 GOOD = json.dumps(feedback([[0, 0, 1]], [[0.1, 0.2, 0.7]])).encode()
 REJECTED = "feedback_events_rejected_total"

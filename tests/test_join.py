@@ -32,19 +32,10 @@ from adserver.state.view import MetricsState
 from adserver.wire.tftensor import MAX_FILLED_VALUES
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
-from tests.helpers import (
-    DATA,
-    MULTICLASS_NUMERIC,
-    ONE_HOT,
-    FakeClock,
-    ce_headers,
-    model_doc,
-    new_id,
-    post_json,
-    scrape,
-    start_server,
-    value,
-)
+from tests.support.events import ce_headers, new_id
+from tests.support.http import model_doc, post_json, scrape, value
+from tests.support.processes import DATA, MULTICLASS_NUMERIC, ONE_HOT, start_server
+from tests.support.timing import FakeClock
 
 LOGGER = DATA / "logger"
 

@@ -11,19 +11,9 @@ from __future__ import annotations
 import pytest
 
 from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
-from tests.helpers import (
-    DATA,
-    MULTICLASS_NUMERIC,
-    ServerFactory,
-    ce_headers,
-    feedback,
-    model_doc,
-    new_id,
-    post_json,
-    scrape,
-    send_event,
-    value,
-)
+from tests.support.events import ce_headers, feedback, new_id
+from tests.support.http import model_doc, post_json, scrape, send_event, value
+from tests.support.processes import DATA, MULTICLASS_NUMERIC, ServerFactory
 
 IRIS_RESPONSE = (DATA / "logger" / "kserve-iris-response.json").read_bytes()  # 2 rows
 

@@ -20,7 +20,6 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score
 
 from tests.dashboard import dashboard_targets
-from tests.helpers import MULTICLASS_NUMERIC, ROOT, ServerFactory, feedback, send_event
 from tests.prometheus import (
     Prometheus,
     Result,
@@ -31,6 +30,9 @@ from tests.prometheus import (
     samples,
     single,
 )
+from tests.support.events import feedback
+from tests.support.http import send_event
+from tests.support.processes import MULTICLASS_NUMERIC, ROOT, ServerFactory
 
 pytestmark = pytest.mark.e2e
 

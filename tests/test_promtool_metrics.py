@@ -16,18 +16,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import (
-    DATA,
-    MULTICLASS_NUMERIC,
-    ONE_HOT,
-    REPLY_FLAGS,
-    ServerFactory,
-    Sink,
-    feedback,
-    model_doc,
-    send_event,
-)
 from tests.prometheus import require_program
+from tests.support.events import feedback
+from tests.support.http import model_doc, send_event
+from tests.support.processes import DATA, MULTICLASS_NUMERIC, ONE_HOT, REPLY_FLAGS, ServerFactory
+from tests.support.sink import Sink
 
 pytestmark = pytest.mark.e2e
 

@@ -13,26 +13,20 @@ import pytest
 import requests
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
-from tests.helpers import (
+from tests.support.events import (
     BATCH_TYPE,
-    REPLY_FLAGS,
     REPLY_SOURCE,
     REPLY_TYPE,
     STRUCTURED_TYPE,
-    ServerFactory,
-    Sink,
     ce_headers,
     feedback,
-    free_port,
-    model_doc,
     new_id,
-    post_json,
-    reply_data,
-    scrape,
     structured,
-    value,
-    wait_until,
 )
+from tests.support.http import model_doc, post_json, reply_data, scrape, value
+from tests.support.processes import REPLY_FLAGS, ServerFactory, free_port
+from tests.support.sink import Sink
+from tests.support.timing import wait_until
 
 ROW = feedback([[0, 1, 0]], [[0.2, 0.7, 0.1]])
 CORRELATION = {

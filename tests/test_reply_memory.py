@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    REPLY_FLAGS,
-    ServerFactory,
-    ce_headers,
-    feedback,
-    post_json,
-    scrape,
-    value,
-    wait_until,
-)
+from tests.support.events import ce_headers, feedback
+from tests.support.http import post_json, scrape, value
+from tests.support.processes import MULTICLASS_NUMERIC, REPLY_FLAGS, ServerFactory
+from tests.support.timing import wait_until
 
 CLASSES = 1000
 WORKERS = 16  # ReplySender's concurrency

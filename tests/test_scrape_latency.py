@@ -22,14 +22,9 @@ from adserver.exposition.collector import FeedbackCollector, build_registry
 from adserver.exposition.encoder import CachingEncoder
 from adserver.state.view import Delta, MetricsState
 from cm_models.custom_metrics import CustomMetric
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    ServerFactory,
-    ce_headers,
-    child_env,
-    feedback,
-    post_json,
-)
+from tests.support.events import ce_headers, feedback
+from tests.support.http import post_json
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory, child_env
 
 CLASSES = 1000
 # 300k random (truth, prediction) pairs cover ~259k of the million cells, as in the issue.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.helpers import ROOT
+from tests.support.processes import ROOT
 
 
 def test_scripts_stop_no_process_by_name() -> None:

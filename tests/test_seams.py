@@ -13,18 +13,10 @@ from adserver.catalogue.wire import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
 from adserver.state.sqlite.store import SQLiteStore
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
-from tests.helpers import (
-    MULTICLASS_NUMERIC,
-    STRUCTURED_TYPE,
-    FakeClock,
-    ServerFactory,
-    ce_headers,
-    new_id,
-    post_json,
-    scrape,
-    structured,
-    value,
-)
+from tests.support.events import STRUCTURED_TYPE, ce_headers, new_id, structured
+from tests.support.http import post_json, scrape, value
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
+from tests.support.timing import FakeClock
 from tests.test_http_limits import exchange, moved, parse, rejections, request
 
 

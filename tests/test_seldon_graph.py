@@ -9,17 +9,9 @@ from __future__ import annotations
 import pytest
 
 from adserver.catalogue.wire import SELDON_RESPONSE_TYPE
-from tests.helpers import (
-    DATA,
-    ONE_HOT,
-    ce_headers,
-    feedback,
-    model_doc,
-    new_id,
-    post_json,
-    scrape,
-    value,
-)
+from tests.support.events import ce_headers, feedback, new_id
+from tests.support.http import model_doc, post_json, scrape, value
+from tests.support.processes import DATA, ONE_HOT
 
 EXECUTOR = "http://multiclass-model-default-0-classifier-7d9f-xk2p:8000/"
 NODES = ("transformer", "classifier", "combiner")

@@ -13,17 +13,15 @@ from pathlib import Path
 import pytest
 
 from adserver.state.sqlite.schema import migrate
-from tests.helpers import (
+from tests.support.events import feedback
+from tests.support.http import model_doc, scrape, send_event
+from tests.support.processes import (
     DATA,
     MULTICLASS_NUMERIC,
     ROOT,
     ServerFactory,
     child_env,
-    feedback,
     free_port,
-    model_doc,
-    scrape,
-    send_event,
 )
 
 USER_MODELS = str(DATA / "user_models")

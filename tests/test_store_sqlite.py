@@ -28,7 +28,7 @@ from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
-from tests.helpers import FakeClock
+from tests.support.timing import FakeClock
 
 
 def event(event_id: str, truth: list[int], predicted: list[int], **extra) -> Entry:

@@ -70,6 +70,7 @@ def decode_tftensor(proto: Any) -> np.ndarray:
             else:
                 with np.errstate(over="raise"):  # 1e300 as DT_FLOAT is an error, not infinity
                     values = np.asarray(listed, dtype=dtype)
+                exactly(listed, values)
     except (binascii.Error, ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise BadRequest(
             f"tftensor values do not match dtype: {exc}", reasons.INVALID_TFTENSOR
@@ -95,12 +96,24 @@ def decode_tftensor(proto: Any) -> np.ndarray:
         ) from exc
 
 
+def exactly(listed: Any, values: np.ndarray) -> None:
+    """An integer or boolean dtype holds the numbers sent, or ValueError: 1.7 is no DT_INT32.
+
+    protobuf's parser refuses such values; numpy's cast would truncate them (a label of 1.7
+    counted as class 1). Strings (int64 as text) are parsed strictly by the cast already.
+    """
+    if values.dtype.kind in "biu":
+        sent = np.asarray(listed)
+        if sent.dtype.kind in "biuf" and not np.array_equal(sent, values):
+            raise ValueError(f"values are not all exactly {values.dtype.name}")
+
+
 def tensor_shape(shape: Any) -> list[int]:
     dims = shape.get("dim", []) if isinstance(shape, dict) else None
     if not isinstance(dims, list):
         raise BadRequest("tftensor tensorShape.dim must be a list", reasons.INVALID_TFTENSOR)
     try:
-        sizes = [int(d.get("size", 0)) for d in dims]
+        sizes = [dimension_size(d.get("size", 0)) for d in dims]
     except (AttributeError, TypeError, ValueError) as exc:
         raise BadRequest(
             "tftensor dimension sizes must be integers", reasons.INVALID_TFTENSOR
@@ -108,3 +121,10 @@ def tensor_shape(shape: Any) -> list[int]:
     if any(s < 0 for s in sizes):
         raise BadRequest("tftensor dimension sizes must be >= 0", reasons.INVALID_TFTENSOR)
     return sizes
+
+
+def dimension_size(size: Any) -> int:
+    """An int64 as protobuf's JSON parser reads one: a number or a string, never 1.5 or true."""
+    if isinstance(size, bool) or (isinstance(size, float) and not size.is_integer()):
+        raise ValueError(f"{size!r} is not an integer")
+    return int(size)
