@@ -57,7 +57,7 @@ def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
     state = MetricsState(tuple(model.classes))
-    joiner = Joiner(model.observe, settings.join_ttl_seconds)
+    joiner = Joiner(model.observe, settings.join_ttl_seconds, in_transaction=model.thread_safe)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
         (SELDON_METRIC_PREFIX,) if model.has_confusion else ()
