@@ -23,7 +23,6 @@ from adserver.settings import Settings
 from adserver.state.backends import open_store
 from adserver.state.join import Joiner
 from adserver.state.view import MetricsState
-from cm_models.base import MetricModel
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,11 @@ class Server:
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
-    state = MetricsState(getattr(model, "classes", ()))
-    joiner = Joiner(model.observe, settings.join_ttl_seconds)
+    state = MetricsState(tuple(model.classes))
+    joiner = Joiner(model.observe, settings.join_ttl_seconds, in_transaction=model.thread_safe)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
-        (SELDON_METRIC_PREFIX,) if isinstance(model, MetricModel) else ()
+        (SELDON_METRIC_PREFIX,) if model.has_confusion else ()
     )
     store = open_store(settings, state, joiner, reserved)
     sender = None
@@ -89,8 +88,8 @@ def build_server(settings: Settings) -> Server:
     collector = FeedbackCollector(
         settings.model_name,
         state,
-        has_confusion=isinstance(model, MetricModel),
-        seldon_class_label=getattr(model, "seldon_class_label", False),
+        has_confusion=model.has_confusion,
+        seldon_class_label=model.seldon_class_label,
         seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
 
 import cm_models
 from adserver.errors import StartupError
 from adserver.settings import Settings
 from cm_models.base import MetricModel
-from cm_models.seldon_adapter import SeldonMetricsAdapter
+from cm_models.protocol import FeedbackModel
+from cm_models.seldon_adapter import SeldonMetricsAdapter, SeldonStyle
 
 
 class ModelLoadError(StartupError):
@@ -52,8 +52,9 @@ def model_kind(storage_uri: str) -> str:
     return BUILTIN_KIND if issubclass(cls, MetricModel) else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def load_model(settings: Settings) -> Any:
-    """An object with ``observe(truth, response, request)`` ready before the first request."""
+def load_model(settings: Settings) -> FeedbackModel:
+    """The model, ready before the first request: the one place that looks at what the class
+    is (a built-in model, or a user's Seldon-style class wrapped in the adapter)."""
     cls = resolve_class(settings.storage_uri)
     if issubclass(cls, MetricModel):
         try:
@@ -71,7 +72,7 @@ def load_model(settings: Settings) -> Any:
     return SeldonMetricsAdapter(instantiate_seldon_style(cls, settings), settings.model_name)
 
 
-def instantiate_seldon_style(cls: type, settings: Settings) -> Any:
+def instantiate_seldon_style(cls: type, settings: Settings) -> SeldonStyle:
     """Seldon constructs models as ``cls(name, storage_uri, elasticsearch_uri)`` then ``load()``."""
     offered = {
         "name": settings.model_name,

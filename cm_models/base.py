@@ -121,11 +121,15 @@ class MetricModel(ABC):
     """A model keeps no state of its own: it maps arrays to cells that the server counts.
 
     Subclasses implement :meth:`labels`. ``classes`` fixes classes known up front (they appear in
-    metrics with zero counts before any feedback names them).
+    metrics with zero counts before any feedback names them). A subclass must stay pure (no
+    state, no I/O): it is called from the decoding and writer threads too.
     """
 
-    #: Seldon's counters carry ``class="CLASS_<n>"`` except for binary models.
-    seldon_class_label = True
+    # What :class:`cm_models.protocol.FeedbackModel` declares: pure numpy, so any thread.
+    seldon_class_label = True  # except for binary models
+    has_confusion = True
+    numeric_rows = True
+    thread_safe = True
 
     def __init__(
         self, name: str = "model", classes: Iterable[int] = (), **_options: object

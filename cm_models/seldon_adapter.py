@@ -7,7 +7,7 @@ Such a class has ``transform(truth, response, request=None)`` and returns either
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Protocol
 
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
@@ -24,17 +24,28 @@ def seldon_features(values: object) -> object:
     return nested_array(values, "feedback") if isinstance(values, list) else values
 
 
+class SeldonStyle(Protocol):
+    """A user's class as Seldon's server calls it."""
+
+    def transform(self, truth: object, response: object, request: object = None) -> object: ...
+
+
 class SeldonMetricsAdapter:
-    """Presents a Seldon-style object as a metric model with no confusion matrix."""
+    """Presents a Seldon-style object as a :class:`cm_models.protocol.FeedbackModel` with no
+    confusion matrix. User code is not known to be thread-safe: the server calls it on the
+    IOLoop only (never inside a store transaction)."""
 
     seldon_class_label = False
+    has_confusion = False
+    numeric_rows = False  # a user's model may take any data
+    thread_safe = False
 
-    def __init__(self, user_model: Any, name: str) -> None:
+    def __init__(self, user_model: SeldonStyle, name: str) -> None:
         self.user_model = user_model
         self.name = name
         self.classes: list[int] = []
 
-    def rows(self, values: object, what: str) -> list[Any]:
+    def rows(self, values: object, what: str) -> list[object]:
         """A user's model may take any data: the first axis is its rows."""
         return first_axis_rows(values)
 

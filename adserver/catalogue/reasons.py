@@ -79,6 +79,7 @@ INVALID_COMPRESSED_BODY: Final = "invalid_compressed_body"
 
 # 503: transient, the sender retries
 STORE_ERROR: Final = "store_error"
+STORE_CONFLICT: Final = "store_conflict"  # a user model's join kept meeting changed rows
 SHUTTING_DOWN: Final = "shutting_down"
 TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # over --max_connections
 BODIES_IN_FLIGHT: Final = "bodies_in_flight"  # over --max_body_bytes_in_flight
@@ -145,7 +146,14 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),
-    "503": (STORE_ERROR, SHUTTING_DOWN, TOO_MANY_CONNECTIONS, BODIES_IN_FLIGHT, OUT_OF_MEMORY),
+    "503": (
+        STORE_ERROR,
+        STORE_CONFLICT,
+        SHUTTING_DOWN,
+        TOO_MANY_CONNECTIONS,
+        BODIES_IN_FLIGHT,
+        OUT_OF_MEMORY,
+    ),
     "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
     "HTTP framing": (
         MALFORMED_HEADERS,

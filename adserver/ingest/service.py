@@ -47,8 +47,9 @@ from adserver.state.view import Delta
 from adserver.wire.cloudevents import IncomingEvent, decode_request, parse_time, reply_message
 from adserver.wire.inference import Unscorable, prediction_payload, request_payload
 from adserver.wire.seldon_feedback import Feedback, parse_feedback
-from cm_models.base import InvalidFeedback, MetricModel, numeric_array
+from cm_models.base import InvalidFeedback, numeric_array
 from cm_models.custom_metrics import CustomMetric
+from cm_models.protocol import FeedbackModel
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class ReplyConfig:
 class FeedbackService:
     def __init__(
         self,
-        model: Any,
+        model: FeedbackModel,
         store: StateStore,
         *,
         reply: ReplyConfig | None = None,
@@ -112,7 +113,7 @@ class FeedbackService:
         """The events and what each adds. A large body is decoded and scored on the decoding
         thread, so the IOLoop keeps serving other requests meanwhile (a 10 MB body takes a
         quarter of a second); a user's model always runs on the IOLoop, one thread."""
-        if len(body) < OFFLOAD_BODY_BYTES or not isinstance(self.model, MetricModel):
+        if len(body) < OFFLOAD_BODY_BYTES or not self.model.thread_safe:
             return self.decode(headers, body)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decoder, self.decode, headers, body)
@@ -213,7 +214,7 @@ class FeedbackService:
             extract = prediction_payload if kind == "response" else request_payload
             values = extract(body)
             self.check_rows(values, f"logged {kind}")
-            if kind == "response" and isinstance(self.model, MetricModel):
+            if kind == "response" and self.model.numeric_rows:
                 values = numeric_array(values, kind)  # e.g. strings: valid, but never scorable
         except (Unscorable, InvalidFeedback, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != reasons.INVALID_JSON:

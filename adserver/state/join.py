@@ -6,6 +6,11 @@ arrives first is parked and scored when its prediction comes. The logic here is 
 and writes through :class:`JoinTables`, which a store implements inside its transaction, so a
 join and the counts it produces commit together, exactly once.
 
+Scoring goes through :class:`Scores`. Our own models score inside the transaction. A user's
+model never does (it runs on the IOLoop only): the same join runs in the transaction, asks for
+the scores it needs, and is rolled back; the IOLoop scores them; the join runs again and uses
+each score whose inputs it reads again unchanged (else it asks anew, a bounded number of times).
+
 Rows travel as one batch, never as an object per row: a numpy array for numbers (the first axis
 is rows), or one list of rows for a user model's other data.
 """
@@ -13,12 +18,13 @@ is rows), or one list of rows for a user model's other data.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from adserver.catalogue import reasons
 from adserver.catalogue.families import (
     DUPLICATE,
     FAILED,
@@ -31,10 +37,15 @@ from adserver.catalogue.families import (
     PREDICTED_ROWS,
     ROWS_ACCEPTED,
 )
+from adserver.errors import RequestError, Unavailable
 from adserver.state.view import Delta
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows
 
-Scorer = Callable[[Any, Any, Any], Observation]
+Scorer = Callable[[object, object, object], Observation]  # truth, prediction, request
+#: Attempts of one commit that a user model's joins may take, beyond one per entry (each
+#: attempt scores what the previous one read; rows changed by other events cost one more).
+SCORING_RETRIES = 3
+Score = Observation | InvalidFeedback  # a model's verdict on one task
 Rows = Any  # np.ndarray (numbers, first axis = rows) or list (one entry a row)
 Kind = Literal["request", "response"]
 
@@ -80,6 +91,110 @@ class Parked:
     truth: Rows
     arrived_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """The inputs of one score: rows of truth, their predictions and stored inputs (if any)."""
+
+    truth: Rows
+    prediction: Rows
+    request: Rows | None
+
+    def same(self, other: Task) -> bool:
+        return (
+            same_rows(self.truth, other.truth)
+            and same_rows(self.prediction, other.prediction)
+            and same_rows(self.request, other.request)
+        )
+
+
+def same_rows(a: Rows | None, b: Rows | None) -> bool:
+    """Whether two batches hold the same rows (numbers bit for bit, so NaN equals itself)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and (a.dtype, a.shape) == (b.dtype, b.shape)
+            and a.tobytes() == b.tobytes()
+        )
+    try:
+        return bool(a == b)  # lists of JSON values: read again, or the label's own objects
+    except ValueError:  # arrays inside rows that are not the same objects: numpy refuses
+        return False  # changed, for all we know: scored again
+
+
+class Unscored(Unavailable):
+    """The join needs scores that the model gives only outside the transaction: the batch is
+    rolled back, scored and written again; a 503 once the attempts are spent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the logged rows a label joins kept changing while it was scored",
+            reasons.STORE_CONFLICT,
+        )
+
+
+class Scores:
+    """The scores the joins of one commit ask for, in the order they ask.
+
+    ``in_transaction`` (our own models): each is computed when asked. Otherwise an attempt gets
+    the score computed after the previous attempt if that one asked for the same inputs at the
+    same position; else an empty observation, and the attempt must be rolled back.
+    """
+
+    def __init__(self, score: Scorer, *, in_transaction: bool, entries: int) -> None:
+        self._score = score
+        self._in_transaction = in_transaction
+        self._attempts = entries + SCORING_RETRIES
+        self._known: list[tuple[Task, Score]] = []
+        self._asked: list[tuple[Task, Score | None]] = []  # None: not known yet
+        self._missing = False
+
+    def __call__(self, task: Task) -> Observation:
+        if self._in_transaction:
+            return self._score(task.truth, task.prediction, task.request)
+        position, result = len(self._asked), None
+        if position < len(self._known) and self._known[position][0].same(task):
+            result = self._known[position][1]
+        self._asked.append((task, result))
+        if result is None:
+            self._missing = True
+            return Observation()
+        if isinstance(result, InvalidFeedback):
+            raise result
+        return result
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        """Around one batch's writes: raises :class:`Unscored` if it asked for a missing score
+        (its refusal, too, may come from a state that missing score would have changed)."""
+        self._asked, self._missing = [], False
+        try:
+            yield
+        except (RequestError, InvalidFeedback) as exc:
+            if self._missing:
+                raise Unscored() from exc
+            raise
+        if self._missing:
+            raise Unscored()
+
+    def score(self) -> bool:
+        """After an :class:`Unscored` attempt, outside any transaction: score what it asked for
+        (the user's model runs here). False once the attempts are spent."""
+        self._attempts -= 1
+        if self._attempts <= 0:
+            return False
+        self._known = [
+            (task, self._try(task) if result is None else result) for task, result in self._asked
+        ]
+        return True
+
+    def _try(self, task: Task) -> Score:
+        try:
+            return self._score(task.truth, task.prediction, task.request)
+        except InvalidFeedback as exc:
+            return exc
 
 
 class JoinTables(Protocol):
@@ -142,16 +257,26 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 class Joiner:
-    def __init__(self, score: Scorer, ttl: float) -> None:
+    """Joins labels to logged rows; ``in_transaction``: the scorer may run inside the store's
+    transaction, on its thread (our own models; never a user's)."""
+
+    def __init__(self, score: Scorer, ttl: float, *, in_transaction: bool = True) -> None:
         self.score = score
         self.ttl = ttl
+        self.in_transaction = in_transaction
 
-    def apply(self, tables: JoinTables, operation: LoggedRows | Label, now: float) -> Delta:
+    def scores(self, entries: int) -> Scores:
+        """What one commit of ``entries`` scores through."""
+        return Scores(self.score, in_transaction=self.in_transaction, entries=entries)
+
+    def apply(
+        self, tables: JoinTables, operation: LoggedRows | Label, now: float, scores: Scores
+    ) -> Delta:
         if isinstance(operation, Label):
-            return self.label(tables, operation, now)
-        return self.record(tables, operation, now)
+            return self.label(tables, operation, now, scores)
+        return self.record(tables, operation, now, scores)
 
-    def record(self, tables: JoinTables, logged: LoggedRows, now: float) -> Delta:
+    def record(self, tables: JoinTables, logged: LoggedRows, now: float, scores: Scores) -> Delta:
         """Store a request's inputs or predictions; score labels that were waiting for them.
 
         The first event of a kind stands: a redelivered or repeated one changes nothing.
@@ -168,10 +293,12 @@ class Joiner:
         delta = Delta()
         if logged.kind == "response":
             counters.append((PREDICTED_ROWS, "", len(logged.rows)))
-            delta = self.score_parked(tables, logged.request_id, stored)
+            delta = self.score_parked(tables, logged.request_id, stored, scores)
         return delta + Delta(counters=tuple(counters))
 
-    def score_parked(self, tables: JoinTables, request_id: str, stored: Logged) -> Delta:
+    def score_parked(
+        self, tables: JoinTables, request_id: str, stored: Logged, scores: Scores
+    ) -> Delta:
         """Parked labels meet their prediction, each label as one batch. A label that does not
         fit is dropped, counted; its rows past the prediction stay parked."""
         delta = Delta()
@@ -190,6 +317,7 @@ class Joiner:
                     parked.truth[:count],
                     prediction,
                     parked.arrived_at,
+                    scores,
                 )
             except InvalidFeedback:
                 delta = delta + Delta(counters=label_counts({FAILED: count}))
@@ -206,7 +334,7 @@ class Joiner:
                 )
         return delta
 
-    def label(self, tables: JoinTables, label: Label, now: float) -> Delta:
+    def label(self, tables: JoinTables, label: Label, now: float, scores: Scores) -> Delta:
         """Score the label's rows that have a prediction; park the others."""
         request_id, stored = tables.find(label.request_ids) or (label.request_ids[0], Logged())
         first, size = label.first_row, len(label.truth)
@@ -232,6 +360,7 @@ class Joiner:
                     take(label.truth, ready),
                     take(prediction, ready),
                     now,
+                    scores,
                 )
             except InvalidFeedback as exc:
                 raise InvalidFeedback(
@@ -257,6 +386,7 @@ class Joiner:
         truth: Rows,
         prediction: Rows,
         arrived_at: float,
+        scores: Scores,
     ) -> Delta:
         """Score ``truth`` against the predictions (and stored inputs) of ``rows`` (sorted).
 
@@ -266,7 +396,7 @@ class Joiner:
         request = None
         if stored.request_rows >= span.stop:
             request = take(tables.read(request_id, "request", span), rows - span.start)
-        observation = self.score(truth, prediction, request)
+        observation = scores(Task(truth, prediction, request))
         counters = [(ROWS_ACCEPTED, "", observation.rows)]
         if observation.metric_problems:
             counters.append((METRICS_REJECTED, "", len(observation.metric_problems)))

@@ -11,6 +11,7 @@ and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,7 +36,7 @@ from adserver.catalogue.families import (
     METRICS_REJECTED,
 )
 from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
-from adserver.state.join import Joiner
+from adserver.state.join import Joiner, Scores, Unscored
 from adserver.state.view import (
     DELAY_BUCKETS,
     TIMER_BUCKETS,
@@ -63,7 +64,7 @@ PURGE_BATCH = 1000
 # the default), so a full table pays one batched delete per thousand events, not one per event.
 TRIM_SLACK_DIVISOR = 1000
 BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
-_Batch = tuple[Sequence[Entry], "asyncio.Future[list[bool]]"]
+_Batch = tuple[Sequence[Entry], Scores | None, "asyncio.Future[list[bool]]"]
 
 
 class StateFileError(StartupError):
@@ -252,11 +253,22 @@ class SQLiteStore(StateStore):
         self._last_purge = float("-inf")
 
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
+        """A join whose model may not run in the transaction (a user's) is written once to
+        learn what it scores, rolled back, scored here on the IOLoop, and written again."""
+        scores = self.joiner.scores(len(entries)) if self.joiner is not None else None
+        while True:
+            try:
+                return await self._commit(entries, scores)
+            except Unscored:
+                if scores is None or not scores.score():
+                    raise
+
+    async def _commit(self, entries: Sequence[Entry], scores: Scores | None) -> list[bool]:
         if self._closed:
             raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
         if not self.durable:
             try:
-                written = self._write([entries])
+                written = self._write([(entries, scores)])
             except sqlite3.Error as exc:
                 log.exception("state commit failed")
                 raise Unavailable("state store unavailable", reasons.STORE_ERROR) from exc
@@ -265,7 +277,7 @@ class SQLiteStore(StateStore):
                 raise outcome
             return outcome
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._pending.append((entries, future))
+        self._pending.append((entries, scores, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         return await future
@@ -278,17 +290,19 @@ class SQLiteStore(StateStore):
                 group, self._pending = self._pending, []
                 try:
                     written = await loop.run_in_executor(
-                        self._writer, self._write, [entries for entries, _ in group]
+                        self._writer,
+                        self._write,
+                        [(entries, scores) for entries, scores, _ in group],
                     )
                     outcomes = self._settle(*written)
                 except Exception:  # never leave a sender hanging: 503, and it retries
                     log.exception("state commit failed")
-                    for _, future in group:
+                    for *_, future in group:
                         future.set_exception(
                             Unavailable("state store unavailable", reasons.STORE_ERROR)
                         )
                     continue
-                for (_, future), outcome in zip(group, outcomes):
+                for (*_, future), outcome in zip(group, outcomes):
                     if isinstance(outcome, RequestError):
                         future.set_exception(outcome)
                     else:
@@ -302,7 +316,9 @@ class SQLiteStore(StateStore):
             self.state.apply(delta)
         return outcomes
 
-    def _write(self, batches: list[Sequence[Entry]]) -> tuple[list[BatchResult], list[Delta]]:
+    def _write(
+        self, batches: list[tuple[Sequence[Entry], Scores | None]]
+    ) -> tuple[list[BatchResult], list[Delta]]:
         """One transaction for all batches; a batch that fails is rolled back alone."""
         now = self.clock()
         cursor = self.connection.cursor()
@@ -316,12 +332,14 @@ class SQLiteStore(StateStore):
                 self._persist(cursor, housekeeping)
                 deltas.append(housekeeping)
             isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
-            for entries in batches:
+            for entries, scores in batches:
                 if isolate:
                     cursor.execute("SAVEPOINT batch")
                 mark = self._mark()
                 try:
-                    applied, batch_deltas = self._write_batch(cursor, entries, now)
+                    # Unscored (scores to compute outside): rolled back like a refused batch
+                    with scores.attempt() if scores else contextlib.nullcontext():
+                        applied, batch_deltas = self._write_batch(cursor, entries, now, scores)
                 except (RequestError, InvalidFeedback) as exc:
                     if not isolate:
                         cursor.execute("ROLLBACK")
@@ -364,7 +382,7 @@ class SQLiteStore(StateStore):
         self.catalog.rollback(catalog)
 
     def _write_batch(
-        self, cursor: sqlite3.Cursor, entries: Sequence[Entry], now: float
+        self, cursor: sqlite3.Cursor, entries: Sequence[Entry], now: float, scores: Scores | None
     ) -> tuple[list[bool], list[Delta]]:
         applied, deltas = [], []
         for entry in entries:
@@ -372,10 +390,10 @@ class SQLiteStore(StateStore):
             applied.append(new)
             delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
             if new and entry.operation is not None:
-                if self.joiner is None:
+                if self.joiner is None or scores is None:
                     raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
                 tables = SQLJoinTables(cursor, self.row_counts)
-                delta = delta + self.joiner.apply(tables, entry.operation, now)
+                delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
             if delta.cells is not None:
                 self._check_classes(delta.cells)
             delta = self._admit_metrics(delta)
