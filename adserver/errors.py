@@ -1,6 +1,6 @@
 """Refusals, by kind: the core says what is wrong, each transport maps the kind to its answer.
 
-A refusal carries a :class:`Kind`, a stable machine-readable ``reason`` and a message; it names
+A refusal carries a :class:`ErrorKind`, a stable machine-readable ``reason`` and a message; it names
 no HTTP status. HTTP maps kinds to statuses once, in :mod:`adserver.http.answers` (a Kafka
 consumer would map them to "skip and count" or "retry").
 """
@@ -11,7 +11,7 @@ import enum
 from typing import ClassVar
 
 
-class Kind(enum.Enum):
+class ErrorKind(enum.Enum):
     """What kind of refusal an error is; its transport decides how to answer each kind."""
 
     INVALID = "invalid"  # the input is wrong: sending it again cannot help
@@ -25,13 +25,13 @@ class Kind(enum.Enum):
     @property
     def fault(self) -> bool:
         """The server's fault, not the input's: nothing was wrong with what was sent."""
-        return self in (Kind.UNAVAILABLE, Kind.INTERNAL)
+        return self in (ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL)
 
 
 class RequestError(Exception):
     """A request the server refuses; ``reason`` is a stable machine-readable code."""
 
-    kind: ClassVar[Kind] = Kind.INVALID
+    kind: ClassVar[ErrorKind] = ErrorKind.INVALID
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -47,35 +47,35 @@ class BadRequest(RequestError):
 
 
 class PayloadTooLarge(RequestError):
-    kind = Kind.TOO_LARGE
+    kind = ErrorKind.TOO_LARGE
 
 
 class RequestTimeout(RequestError):
     """The body did not arrive in time; the connection is closed."""
 
-    kind = Kind.TOO_SLOW
+    kind = ErrorKind.TOO_SLOW
 
 
 class UnsupportedEncoding(RequestError):
     """A ``Content-Encoding`` the server cannot read."""
 
-    kind = Kind.UNSUPPORTED_ENCODING
+    kind = ErrorKind.UNSUPPORTED_ENCODING
 
 
 class HeadersTooLarge(RequestError):
-    kind = Kind.HEAD_TOO_LARGE
+    kind = ErrorKind.HEAD_TOO_LARGE
 
 
 class Unavailable(RequestError):
     """A transient fault (e.g. the state store is busy): the sender should retry."""
 
-    kind = Kind.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class InternalError(RequestError):
     """A bug or an unexpected fault: answered like every other error, and logged."""
 
-    kind = Kind.INTERNAL
+    kind = ErrorKind.INTERNAL
 
 
 class StartupError(Exception):

@@ -7,9 +7,9 @@ import pytest
 
 from adserver.errors import (
     BadRequest,
+    ErrorKind,
     HeadersTooLarge,
     InternalError,
-    Kind,
     PayloadTooLarge,
     RequestError,
     RequestTimeout,
@@ -50,9 +50,9 @@ def test_the_seldon_puid_header_travels_with_every_event_of_the_request(
 
 
 def test_every_kind_of_refusal_has_one_status() -> None:
-    assert set(STATUS) == set(Kind)
-    assert all(STATUS[kind] >= 500 for kind in Kind if kind.fault)
-    assert all(400 <= STATUS[kind] < 500 for kind in Kind if not kind.fault)
+    assert set(STATUS) == set(ErrorKind)
+    assert all(STATUS[kind] >= 500 for kind in ErrorKind if kind.fault)
+    assert all(400 <= STATUS[kind] < 500 for kind in ErrorKind if not kind.fault)
 
 
 @pytest.mark.parametrize(

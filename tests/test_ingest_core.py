@@ -23,7 +23,7 @@ from adserver.catalogue.wire import (
     KSERVE_RESPONSE_TYPE,
     ROWS_ACCEPTED,
 )
-from adserver.errors import Kind, RequestError, Unavailable
+from adserver.errors import ErrorKind, RequestError, Unavailable
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import Accepted, FeedbackService, Outcome
 from adserver.settings import Settings
@@ -107,19 +107,19 @@ def not_json() -> IncomingEvent:
 @pytest.mark.parametrize(
     ("bad", "settings", "kind", "reason"),
     [
-        (event({"response": ROW["response"]}), {}, Kind.INVALID, "missing_truth"),
-        (not_json(), {}, Kind.INVALID, "invalid_json"),
+        (event({"response": ROW["response"]}), {}, ErrorKind.INVALID, "missing_truth"),
+        (not_json(), {}, ErrorKind.INVALID, "invalid_json"),
         (
             event({"truth": {"data": {"ndarray": [[0, 1], [1, 0]]}}}),
             {"max_event_rows": 1},
-            Kind.TOO_LARGE,
+            ErrorKind.TOO_LARGE,
             "too_many_rows",
         ),
     ],
     ids=["missing_truth", "invalid_json", "too_many_rows"],
 )
 def test_a_refusal_names_its_kind_and_reason_and_the_batch_counts_nothing(
-    tmp_path: Path, bad: IncomingEvent, settings: dict[str, Any], kind: Kind, reason: str
+    tmp_path: Path, bad: IncomingEvent, settings: dict[str, Any], kind: ErrorKind, reason: str
 ) -> None:
     outcomes: list[Outcome] = []
 
@@ -164,6 +164,20 @@ def test_a_lone_feedback_event_gets_its_reply_a_logger_event_and_a_batch_none(
     assert replies["logger"] is None and replies["batch"] is None
 
 
+def test_a_memory_mode_event_gets_its_outcome_without_waiting(tmp_path: Path) -> None:
+    """Nothing on the way suspends, so HTTP's eager start answers it without a task."""
+    outcomes: list[Outcome] = []
+
+    async def steps(service: FeedbackService) -> None:
+        coroutine = service.ingest([event(ROW)])
+        with pytest.raises(StopIteration) as finished:
+            coroutine.send(None)
+        outcomes.append(finished.value.value)
+
+    run(tmp_path, steps)
+    assert list(accepted(outcomes[0]).new) == [True]
+
+
 def test_a_label_joins_by_the_puid_its_transport_carried(tmp_path: Path) -> None:
     async def steps(service: FeedbackService) -> None:
         prediction = event({"predictions": [[0.1, 0.9]]}, "request-1", type=KSERVE_RESPONSE_TYPE)
@@ -187,7 +201,10 @@ def test_a_draining_core_refuses_new_events_as_a_fault_and_counts_nothing(
 
     service = run(tmp_path, steps)
     error = refused(outcomes[0])
-    assert (error.kind, error.reason) == (Kind.UNAVAILABLE, "shutting_down") and error.kind.fault
+    assert (error.kind, error.reason) == (
+        ErrorKind.UNAVAILABLE,
+        "shutting_down",
+    ) and error.kind.fault
     assert service.store.state.count(EVENTS_ACCEPTED) == 0 and rejections(service) == {}
 
 

@@ -1,6 +1,6 @@
 """What HTTP answers: the one place error kinds become statuses, and outcomes become responses.
 
-The ingest core knows no status codes; a refusal names its :class:`~adserver.errors.Kind`. A
+The ingest core knows no status codes; a refusal names its :class:`~adserver.errors.ErrorKind`. A
 refusal is a JSON body ``{"error": ..., "reason": ...}``; accepted events are an empty 200, or
 the reply CloudEvent in binary mode.
 """
@@ -13,20 +13,20 @@ from typing import Final, NamedTuple
 import orjson
 
 from adserver.catalogue.wire import CONTENT_TYPE_JSON
-from adserver.errors import Kind, RequestError
+from adserver.errors import ErrorKind, RequestError
 from adserver.ingest.service import Outcome
 from adserver.wire.cloudevents import binary_headers
 
 #: Every kind of refusal, as HTTP says it. 5xx only for the server's faults, so Knative retries
 #: those and never bad input.
-STATUS: Final[Mapping[Kind, int]] = {
-    Kind.INVALID: 400,
-    Kind.TOO_SLOW: 408,
-    Kind.TOO_LARGE: 413,
-    Kind.UNSUPPORTED_ENCODING: 415,
-    Kind.HEAD_TOO_LARGE: 431,
-    Kind.INTERNAL: 500,
-    Kind.UNAVAILABLE: 503,
+STATUS: Final[Mapping[ErrorKind, int]] = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.TOO_SLOW: 408,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_ENCODING: 415,
+    ErrorKind.HEAD_TOO_LARGE: 431,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.UNAVAILABLE: 503,
 }
 
 
