@@ -13,9 +13,10 @@ import tornado.httpserver
 from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exposition.collector import FeedbackCollector, build_registry
 from adserver.exposition.seldon_labels import seldon_default_labels
-from adserver.http.events import BodyDeadlines, Lifecycle
 from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
+from adserver.http.transport import HTTPTransport
+from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model
 from adserver.replies.sender import ReplySender
@@ -31,23 +32,13 @@ log = logging.getLogger(__name__)
 class Server:
     settings: Settings
     service: FeedbackService
-    http: tornado.httpserver.HTTPServer
-    listener: Listener
-    bodies: BodyDeadlines
+    http: HTTPTransport
     sender: ReplySender | None
     lifecycle: Lifecycle
 
     async def drain(self, seconds: float = 10.0) -> None:
-        """Stop accepting, let in-flight events finish and commit, then release everything."""
-        self.lifecycle.ready = False
-        self.listener.stop()
-        self.bodies.sweeper.stop()
-        deadline = asyncio.get_running_loop().time() + seconds
-        while self.lifecycle.in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        if self.lifecycle.in_flight:
-            log.warning("events still in flight after drain timeout")
-        await self.http.close_all_connections()
+        """Stop every transport, let in-flight events finish and commit, then release everything."""
+        await self.lifecycle.drain(seconds)
         if self.sender is not None:
             await self.sender.close()
         await self.service.close()
@@ -76,6 +67,7 @@ def build_server(settings: Settings) -> Server:
         if settings.replies_enabled
         else None
     )
+    lifecycle = Lifecycle()
     service = FeedbackService(
         model,
         store,
@@ -83,6 +75,7 @@ def build_server(settings: Settings) -> Server:
         sender=sender,
         inference_service=settings.inference_service,
         max_event_rows=settings.max_event_rows,
+        lifecycle=lifecycle,
     )
     connections = ConnectionStats()
     collector = FeedbackCollector(
@@ -94,14 +87,13 @@ def build_server(settings: Settings) -> Server:
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,
     )
-    lifecycle = Lifecycle(body_budget=settings.max_body_bytes_in_flight)
     app = make_app(
         service,
         build_registry(collector),
         protocol=settings.protocol,
         max_body_bytes=settings.max_body_bytes,
+        max_body_bytes_in_flight=settings.max_body_bytes_in_flight,
         body_timeout_seconds=settings.body_timeout_seconds,
-        lifecycle=lifecycle,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
     # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an
@@ -114,8 +106,9 @@ def build_server(settings: Settings) -> Server:
         idle_connection_timeout=settings.idle_timeout_seconds,
     )
     cap = connection_cap(settings.max_connections)
-    listener = Listener(http, service.reject, cap, connections)
-    return Server(settings, service, http, listener, app.bodies, sender, lifecycle)
+    transport = HTTPTransport(http, Listener(http, service.reject, cap, connections), app.bodies)
+    lifecycle.register(transport)
+    return Server(settings, service, transport, sender, lifecycle)
 
 
 async def serve(settings: Settings) -> None:
@@ -123,8 +116,7 @@ async def serve(settings: Settings) -> None:
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # full scans, which would otherwise add their pauses to the latency tail of events.
     gc.freeze()
-    server.listener.listen(settings.http_port, settings.http_host)
-    server.bodies.sweeper.start()
+    server.http.start(settings.http_port, settings.http_host)
     if server.sender is not None:
         server.sender.start()
     if settings.elasticsearch_uri:
@@ -141,7 +133,7 @@ async def serve(settings: Settings) -> None:
             "model": settings.model_name,
             "storage_uri": settings.storage_uri,
             "state": settings.state,
-            "max_connections": server.listener.max_connections,
+            "max_connections": server.http.listener.max_connections,
         },
     )
     stop = asyncio.Event()

@@ -1,12 +1,37 @@
-"""Errors that map to an HTTP status and a JSON body ``{"error": ..., "reason": ...}``."""
+"""Refusals, by kind: the core says what is wrong, each transport maps the kind to its answer.
+
+A refusal carries a :class:`ErrorKind`, a stable machine-readable ``reason`` and a message; it names
+no HTTP status. HTTP maps kinds to statuses once, in :mod:`adserver.http.answers` (a Kafka
+consumer would map them to "skip and count" or "retry").
+"""
 
 from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class ErrorKind(enum.Enum):
+    """What kind of refusal an error is; its transport decides how to answer each kind."""
+
+    INVALID = "invalid"  # the input is wrong: sending it again cannot help
+    TOO_LARGE = "too_large"  # the input is over a documented cap
+    TOO_SLOW = "too_slow"  # the input did not arrive in time
+    UNSUPPORTED_ENCODING = "unsupported_encoding"  # the input is in an encoding not read
+    HEAD_TOO_LARGE = "head_too_large"  # the transport's own envelope is over its cap
+    UNAVAILABLE = "unavailable"  # a transient fault: a retry may succeed
+    INTERNAL = "internal"  # a bug or an unexpected fault
+
+    @property
+    def fault(self) -> bool:
+        """The server's fault, not the input's: nothing was wrong with what was sent."""
+        return self in (ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL)
 
 
 class RequestError(Exception):
     """A request the server refuses; ``reason`` is a stable machine-readable code."""
 
-    status = 400
+    kind: ClassVar[ErrorKind] = ErrorKind.INVALID
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -22,35 +47,35 @@ class BadRequest(RequestError):
 
 
 class PayloadTooLarge(RequestError):
-    status = 413
+    kind = ErrorKind.TOO_LARGE
 
 
 class RequestTimeout(RequestError):
     """The body did not arrive in time; the connection is closed."""
 
-    status = 408
+    kind = ErrorKind.TOO_SLOW
 
 
 class UnsupportedEncoding(RequestError):
     """A ``Content-Encoding`` the server cannot read."""
 
-    status = 415
+    kind = ErrorKind.UNSUPPORTED_ENCODING
 
 
 class HeadersTooLarge(RequestError):
-    status = 431
+    kind = ErrorKind.HEAD_TOO_LARGE
 
 
 class Unavailable(RequestError):
-    """A transient fault (e.g. the state store is busy): 503 asks the sender to retry."""
+    """A transient fault (e.g. the state store is busy): the sender should retry."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
 
 
 class InternalError(RequestError):
-    """A bug or an unexpected fault: answered as JSON like every other error, and logged."""
+    """A bug or an unexpected fault: answered like every other error, and logged."""
 
-    status = 500
+    kind = ErrorKind.INTERNAL
 
 
 class StartupError(Exception):

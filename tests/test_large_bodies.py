@@ -16,6 +16,7 @@ import pytest
 
 from adserver.app import build_server
 from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
+from adserver.http.answers import outcome_answer
 from adserver.settings import Settings
 
 LIMIT = Settings().max_body_bytes
@@ -80,7 +81,7 @@ def test_the_ioloop_keeps_turning_while_a_large_body_is_decoded(make, headers, t
         ticker = asyncio.create_task(tick())
         await asyncio.sleep(0.02)
         started = time.perf_counter()
-        outcome = await service.handle(headers, body)
+        outcome = outcome_answer(await service.receive(headers, body))
         took = time.perf_counter() - started
         running = False
         await ticker

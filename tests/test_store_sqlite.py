@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from adserver.exposition.summary import model_summary
+from adserver.http.answers import json_error
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from adserver.state.sqlite.store import (
@@ -230,7 +231,7 @@ def test_store_error_is_transient_503(tmp_path: Path) -> None:
         store.connection.execute("DROP TABLE cells")
         with pytest.raises(Exception) as caught:
             await store.commit([event("a", [1], [1])])
-        assert getattr(caught.value, "status", None) == 503
+        assert json_error(caught.value).status == 503  # as HTTP answers it
         await store.close()
         return store
 

@@ -4,9 +4,10 @@ Every event pays for its HTTP handling, and ``tornado.web.RequestHandler`` costs
 request on this path (handler construction, default headers, the ``_execute`` coroutine, flush
 and finish bookkeeping): on a single-row event that is as much as decoding, scoring and
 committing it. The delegate keeps the same contract as a handler (JSON 413 before a too-large
-body is buffered, JSON 4xx/5xx, 503 while draining, in-flight tracking) and stays thin: it turns
-bytes into a ``FeedbackService.handle`` call and the outcome back into a response. Every other
-route and method stays on the ``tornado.web`` application.
+body is buffered, JSON 4xx/5xx, 503 while draining) and stays thin: it turns bytes into a
+``FeedbackService.receive`` call and the outcome back into a response
+(:mod:`adserver.http.answers`). Every other route and method stays on the ``tornado.web``
+application.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import cast
 
-import orjson
 import tornado.gen
 import tornado.httputil
 import tornado.ioloop
@@ -33,7 +33,7 @@ from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
 
 from adserver.catalogue import reasons
-from adserver.catalogue.wire import CONTENT_TYPE_JSON, ROUTE_EVENTS
+from adserver.catalogue.wire import ROUTE_EVENTS
 from adserver.errors import (
     BadRequest,
     InternalError,
@@ -43,6 +43,7 @@ from adserver.errors import (
     Unavailable,
     UnsupportedEncoding,
 )
+from adserver.http.answers import Answer, json_error, outcome_answer
 from adserver.http.eager import start_eagerly
 from adserver.ingest.service import FeedbackService
 
@@ -50,21 +51,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Lifecycle:
-    """Shared by the events route and shutdown: readiness, and events not yet answered."""
+class BodyBudget:
+    """Request bodies buffered at once, and how many bytes they may hold together
+    (--max_body_bytes_in_flight): what the server holds is bounded, however many clients send.
 
-    ready: bool = True
-    in_flight: int = 0
-    # Request bodies buffered at once, and how many bytes they may hold together
-    # (--max_body_bytes_in_flight): what the server holds is bounded, however many clients send.
-    body_bytes: int = 0
-    body_budget: int = sys.maxsize
+    HTTP's own: a client pushes its body whether or not there is room for it, so room is taken
+    as the bytes arrive; a transport that pulls (a Kafka consumer) bounds what it holds by what
+    it fetches, and needs no budget of the core's.
+    """
+
+    held: int = 0
+    limit: int = sys.maxsize
 
     def hold(self, size: int) -> bool:
         """Take ``size`` more bytes of the budget, if they fit."""
-        if self.body_bytes + size > self.body_budget:
+        if self.held + size > self.limit:
             return False
-        self.body_bytes += size
+        self.held += size
         return True
 
 
@@ -74,7 +77,7 @@ class EventsEndpoint:
 
     service: FeedbackService
     max_body_bytes: int
-    lifecycle: Lifecycle
+    budget: BodyBudget
 
 
 # Content-Encoding -> zlib's wbits (gzip framing, or the zlib framing HTTP calls "deflate").
@@ -275,11 +278,6 @@ class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
             self.delegate.on_connection_close()
 
 
-def json_error(error: RequestError) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of every error answer the server gives (both route layers)."""
-    return error.status, {"Content-Type": CONTENT_TYPE_JSON}, orjson.dumps(error.body())
-
-
 class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     """One request: buffer the body within the limit, then answer from the service."""
 
@@ -356,14 +354,14 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         return None
 
     def hold(self, size: int) -> bool:
-        if not self.endpoint.lifecycle.hold(size):
+        if not self.endpoint.budget.hold(size):
             return False
         self.held += size
         return True
 
     def release(self) -> None:
         """The body is gone (answered, refused, or its client left): give its bytes back."""
-        self.endpoint.lifecycle.body_bytes -= self.held
+        self.endpoint.budget.held -= self.held
         self.held = 0
 
     def inflate(self, chunk: bytes) -> Awaitable[None] | None:
@@ -408,7 +406,7 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         )
 
     def busy(self) -> RequestError:
-        budget = self.endpoint.lifecycle.body_budget
+        budget = self.endpoint.budget.limit
         return Unavailable(
             f"request bodies in flight would exceed {budget} bytes; retry", reasons.BODIES_IN_FLIGHT
         )
@@ -431,33 +429,24 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         self.send(status, {**headers, "Connection": "close"} if close else headers, body)
 
     async def respond(self) -> None:
-        """Counted in flight until the answer is written, so a drain never cuts it off."""
-        lifecycle = self.endpoint.lifecycle
-        lifecycle.in_flight += 1
+        """The service counts the events in flight until their outcome; the answer is written
+        in the same turn of the loop, so a drain never cuts it off."""
         try:
             self.send(*await self.answer())
         finally:
-            lifecycle.in_flight -= 1
             self.release()
 
-    async def answer(self) -> tuple[int, dict[str, str], bytes]:
+    async def answer(self) -> Answer:
         try:
-            if not self.endpoint.lifecycle.ready:  # draining: the sender will retry elsewhere
-                raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
             body = b"".join(self.chunks)
             self.chunks.clear()  # one copy of the body while it is counted
-            outcome = await self.endpoint.service.handle(self.headers, body)
-        except RequestError as error:
-            return json_error(error)
+            return outcome_answer(await self.endpoint.service.receive(self.headers, body))
         except MemoryError:  # e.g. under an address-space limit: nothing was counted, retry
             log.warning("out of memory for an event", extra={"bytes": self.received})
             return json_error(Unavailable("out of memory for this event", reasons.OUT_OF_MEMORY))
         except Exception:
             log.exception("event failed unexpectedly")
             return json_error(InternalError("Internal Server Error", reasons.INTERNAL_SERVER_ERROR))
-        if outcome.reply is None:
-            return outcome.status, {}, b""
-        return outcome.status, dict(outcome.reply.headers), outcome.reply.body
 
     def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         response = HTTPHeaders(headers)

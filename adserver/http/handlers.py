@@ -18,14 +18,9 @@ from adserver.catalogue.wire import (
 )
 from adserver.errors import RequestError
 from adserver.exposition.encoder import Exposition
-from adserver.http.events import (
-    BodyDeadlines,
-    EventsEndpoint,
-    EventsRouter,
-    Lifecycle,
-    json_error,
-    log_access,
-)
+from adserver.http.answers import json_error
+from adserver.http.events import BodyBudget, BodyDeadlines, EventsEndpoint, EventsRouter, log_access
+from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService
 
 
@@ -120,8 +115,8 @@ def make_app(
     *,
     protocol: str,
     max_body_bytes: int,
+    max_body_bytes_in_flight: int,
     body_timeout_seconds: float,
-    lifecycle: Lifecycle,
 ) -> EventsRouter:
     """The web application, with ``POST /`` served below it (see :mod:`adserver.http.events`)."""
     app = tornado.web.Application(
@@ -134,13 +129,13 @@ def make_app(
             ),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
-            (ROUTE_READY, ReadyHandler, {"lifecycle": lifecycle}),
+            (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),
         ],
         default_handler_class=NotFoundHandler,
         log_function=quiet_log,
     )
     return EventsRouter(
         app,
-        EventsEndpoint(service, max_body_bytes, lifecycle),
+        EventsEndpoint(service, max_body_bytes, BodyBudget(limit=max_body_bytes_in_flight)),
         BodyDeadlines(body_timeout_seconds, service),
     )

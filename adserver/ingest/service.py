@@ -1,7 +1,8 @@
-"""The path of one request: decode, score or join, commit exactly once, then reply.
+"""The path of one message: decode, score or join, commit exactly once, then reply.
 
-Everything here is independent of HTTP: handlers pass headers and body in and turn the
-:class:`Outcome` back into a response.
+Everything here is independent of any transport: a transport passes a message (headers and
+body) and the binding that decodes it in, and turns the :data:`Outcome` (events accepted, with
+the reply CloudEvent; or a refusal, which names a kind of error, not a status) into its answer.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from cloudevents.core.bindings.http import HTTPMessage
 
 from adserver.catalogue import reasons
 from adserver.catalogue.families import (
@@ -29,22 +29,27 @@ from adserver.catalogue.families import (
     ignored,
 )
 from adserver.catalogue.wire import (
-    CE_PREFIX,
     EXTENSION_INFERENCE_SERVICE,
     EXTENSION_REQUEST_ID,
     EXTENSION_ROW_INDEX,
-    HEADER_SELDON_PUID,
     LOGGER_TYPES,
     MAX_ROW_INDEX,
     SELDON_FEEDBACK_TYPE,
 )
-from adserver.errors import BadRequest, PayloadTooLarge, RequestError
+from adserver.errors import BadRequest, PayloadTooLarge, RequestError, Unavailable
 from adserver.exposition.summary import SummaryCache
+from adserver.ingest.lifecycle import Lifecycle
 from adserver.replies.sender import ReplySender
 from adserver.state.join import Kind, Label, LoggedRows, as_rows
 from adserver.state.store import Entry, StateStore
 from adserver.state.view import Delta
-from adserver.wire.cloudevents import IncomingEvent, decode_request, parse_time, reply_message
+from adserver.wire.cloudevents import (
+    IncomingEvent,
+    ReplyEvent,
+    decode_request,
+    parse_time,
+    reply_event,
+)
 from adserver.wire.inference import Unscorable, prediction_payload, request_payload
 from adserver.wire.seldon_feedback import Feedback, parse_feedback
 from cm_models.base import InvalidFeedback, numeric_array
@@ -56,13 +61,24 @@ log = logging.getLogger(__name__)
 #: Bodies from this size on are decoded off the IOLoop (below it, the hand-off costs more).
 OFFLOAD_BODY_BYTES = 256 * 1024
 
+#: A transport's binding: a message's headers (lower-case names) and body -> its events.
+Binding = Callable[[Mapping[str, str], bytes], list[IncomingEvent]]
+
 
 @dataclass(frozen=True)
-class Outcome:
-    """What the handler sends back: a status and, when replies are configured, a CloudEvent."""
+class Accepted:
+    """Every event of a message is counted.
 
-    status: int
-    reply: HTTPMessage | None = None
+    ``new`` says, per event, whether it was counted now (False: a redelivery, counted before).
+    ``reply`` answers a lone feedback event when replies are configured.
+    """
+
+    new: Sequence[bool]
+    reply: ReplyEvent | None = None
+
+
+#: What became of a message: all its events counted, or none of them and why.
+Outcome = Accepted | RequestError
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,7 @@ class FeedbackService:
         sender: ReplySender | None = None,
         inference_service: str = "",
         max_event_rows: int = 1_000_000,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -89,55 +106,83 @@ class FeedbackService:
         self.sender = sender
         self.inference_service = inference_service
         self.summaries = SummaryCache(store.state)
+        self.lifecycle = lifecycle or Lifecycle()
         # One thread: large bodies are decoded one at a time, which also bounds their memory.
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
 
-    async def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
-        """Count every event of the request, or none of them (answering 4xx)."""
+    async def receive(
+        self, headers: Mapping[str, str], body: bytes, binding: Binding = decode_request
+    ) -> Outcome:
+        """Count every event of a transport's message, or none of them.
+
+        A refusal of the input is counted as a rejection; a fault of the server's (e.g. the
+        store is unavailable) is not, since the sender retries. Events are in flight from here
+        until their outcome, so a drain lets them finish; a draining server refuses new ones.
+        """
+        if not self.lifecycle.ready:  # the sender will retry elsewhere
+            return Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
+        self.lifecycle.in_flight += 1
+        events: list[IncomingEvent] = []  # filled by the binding, so a refusal's log names them
         try:
-            events, entries = await self.decoded(headers, body)
+            entries = await self.decoded(binding, headers, body, events)
             applied = await self.store.commit(entries)
         except RequestError as error:
-            if error.status < 500:
+            if not error.kind.fault:
                 await self.reject(error.reason)
-            self.log_event("event refused", headers, reason=error.reason, status=error.status)
-            raise
-        self.log_event("events committed", headers, events=len(events), new=applied.count(True))
+            self.log_event("event refused", events, reason=error.reason, kind=error.kind.value)
+            return error
+        finally:
+            self.lifecycle.in_flight -= 1
+        self.log_event("events committed", events, events=len(events), new=applied.count(True))
         if len(events) != 1 or is_logger_event(events[0]):
-            return Outcome(200)  # a logger event never gets a reply: no loops
-        return Outcome(200, self.reply_for(events[0], new=applied[0]))
+            return Accepted(applied)  # a logger event never gets a reply: no loops
+        return Accepted(applied, self.reply_for(events[0], new=applied[0]))
+
+    async def ingest(self, events: Sequence[IncomingEvent]) -> Outcome:
+        """Events a transport decoded itself: counted whole, or refused, as by :meth:`receive`."""
+        return await self.receive({}, b"", lambda _headers, _body: list(events))
 
     async def decoded(
-        self, headers: Mapping[str, str], body: bytes
-    ) -> tuple[list[IncomingEvent], list[Entry]]:
-        """The events and what each adds. A large body is decoded and scored on the decoding
-        thread, so the IOLoop keeps serving other requests meanwhile (a 10 MB body takes a
-        quarter of a second); a user's model always runs on the IOLoop, one thread."""
+        self,
+        binding: Binding,
+        headers: Mapping[str, str],
+        body: bytes,
+        events: list[IncomingEvent],
+    ) -> list[Entry]:
+        """What each event adds (``events`` receives the events). A large body is decoded and
+        scored on the decoding thread, so the IOLoop keeps serving other requests meanwhile; a
+        user's model always runs on the IOLoop, one thread."""
         if len(body) < OFFLOAD_BODY_BYTES or not self.model.thread_safe:
-            return self.decode(headers, body)
+            return self.decode(binding, headers, body, events)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, self.decode, headers, body)
+        return await loop.run_in_executor(
+            self._decoder, self.decode, binding, headers, body, events
+        )
 
     def decode(
-        self, headers: Mapping[str, str], body: bytes
-    ) -> tuple[list[IncomingEvent], list[Entry]]:
+        self,
+        binding: Binding,
+        headers: Mapping[str, str],
+        body: bytes,
+        events: list[IncomingEvent],
+    ) -> list[Entry]:
         try:
-            events = decode_request(headers, body)
-            return events, [self.entry(event, headers) for event in events]
+            events += binding(headers, body)
+            return [self.entry(event) for event in events]
         except InvalidFeedback as exc:  # the model's verdict on the data
             raise BadRequest(str(exc), exc.reason) from exc
 
-    def log_event(self, message: str, headers: Mapping[str, str], **fields: Any) -> None:
-        """One DEBUG line per request (never at INFO: ingestion must stay quiet and fast)."""
+    def log_event(self, message: str, decoded: list[IncomingEvent], **fields: Any) -> None:
+        """One DEBUG line per message (never at INFO: ingestion must stay quiet and fast)."""
         if log.isEnabledFor(logging.DEBUG):
+            first = decoded[0] if decoded else IncomingEvent({}, None)
             ids = {
-                "event_id": headers.get(CE_PREFIX + "id"),
-                "request_id": headers.get(CE_PREFIX + EXTENSION_REQUEST_ID)
-                or headers.get(HEADER_SELDON_PUID),
+                "event_id": first.attributes.get("id"),
+                "request_id": first.attributes.get(EXTENSION_REQUEST_ID) or first.puid,
             }
             log.debug(message, extra={"model": self.model.name, **ids, **fields})
 
-    def entry(self, event: IncomingEvent, headers: Mapping[str, str]) -> Entry:
+    def entry(self, event: IncomingEvent) -> Entry:
         if is_logger_event(event):
             if (
                 self.inference_service
@@ -148,7 +193,7 @@ class FeedbackService:
             return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
         feedback = parse_feedback(event.payload())
         if feedback.response is None:
-            return self.label(event, headers, feedback)
+            return self.label(event, feedback)
         key = feedback_key(event)
         observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
         extra = self.feedback_delta(
@@ -171,7 +216,7 @@ class FeedbackService:
             counters.append((METRICS_REJECTED, "", problems))
         return Delta(metrics=tuple(metrics), counters=tuple(counters))
 
-    def label(self, event: IncomingEvent, headers: Mapping[str, str], feedback: Feedback) -> Entry:
+    def label(self, event: IncomingEvent, feedback: Feedback) -> Entry:
         """Feedback without a response: join its truth to the logged prediction by request id.
 
         Every id the label carries is a candidate, in order of preference; the store takes the
@@ -180,7 +225,7 @@ class FeedbackService:
         """
         candidates = (
             event.attributes.get(EXTENSION_REQUEST_ID),
-            headers.get(HEADER_SELDON_PUID),
+            event.puid,
             feedback.puid,
             event.attributes.get("id"),
         )
@@ -251,18 +296,18 @@ class FeedbackService:
         except RequestError:
             log.warning("could not count a rejected event", extra={"reason": reason})
 
-    def reply_for(self, event: IncomingEvent, *, new: bool) -> HTTPMessage | None:
+    def reply_for(self, event: IncomingEvent, *, new: bool) -> ReplyEvent | None:
         """The answer carries the summary of the state this event made (its bytes are shared by
         every reply of that state); a queued reply to ``--reply_url`` takes the summary current
         when a worker sends it, so the queue holds headers only, not a summary each."""
         if self.reply is None:
             return None
-        message = reply_message(
+        reply = reply_event(
             event, self.reply.event_type, self.reply.event_source, self.summaries.body()
         )
         if new and self.sender is not None:
-            self.sender.submit(message.headers, self.summaries.body)
-        return message
+            self.sender.submit(reply.attributes, self.summaries.body)
+        return reply
 
 
 def is_logger_event(event: IncomingEvent) -> bool:

@@ -5,9 +5,10 @@ over its own kept-alive connection, and retry with exponential backoff. A slow o
 therefore never slows, fails or re-counts an incoming event (the reference posted synchronously
 and double counted on sink errors).
 
-A queued reply is its headers and where to get its body: the worker takes the body (the model's
-summary, shared by every reply of one state) when it starts sending. A full queue of a stuck
-sink therefore holds headers, not a summary of every class per reply.
+A queued reply is its attributes and where to get its data: the worker takes the data (the
+model's summary, shared by every reply of one state) when it starts sending, and spells the
+attributes as binary-mode headers then. A full queue of a stuck sink therefore holds attributes,
+not a summary of every class per reply.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tornado.httputil import HTTPInputError
 from adserver.errors import StartupError
 from adserver.logs import ThrottledWarning
 from adserver.replies.connection import PersistentConnection, Target
+from adserver.wire.cloudevents import binary_headers
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class ReplyStats:
 
 @dataclass(frozen=True)
 class QueuedReply:
-    headers: Mapping[str, str]
-    body: Callable[[], bytes]
+    attributes: Mapping[str, str]
+    data: Callable[[], bytes]
 
 
 class ReplySender:
@@ -72,10 +74,10 @@ class ReplySender:
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
 
-    def submit(self, headers: Mapping[str, str], body: Callable[[], bytes]) -> None:
-        """Queue a reply; ``body`` is called when a worker starts sending it."""
+    def submit(self, attributes: Mapping[str, str], data: Callable[[], bytes]) -> None:
+        """Queue a reply CloudEvent; ``data`` is called when a worker starts sending it."""
         try:
-            self._queue.put_nowait(QueuedReply(headers, body))
+            self._queue.put_nowait(QueuedReply(attributes, data))
         except asyncio.QueueFull:
             self.stats.dropped += 1
 
@@ -100,7 +102,8 @@ class ReplySender:
                 reply = await self._queue.get()
                 self.stats.in_flight += 1
                 try:
-                    await self._deliver(connection, reply.headers, reply.body())
+                    headers = binary_headers(reply.attributes)
+                    await self._deliver(connection, headers, reply.data())
                 finally:
                     self.stats.in_flight -= 1
                     self._queue.task_done()

@@ -1,5 +1,10 @@
 """CloudEvents over HTTP: decode any content mode into events, encode reply events.
 
+This is the HTTP binding, pure (no I/O, no tornado): a transport hands its headers and body to
+:func:`decode_request` and gets :class:`IncomingEvent` objects, which the ingest core takes
+whatever the transport; a reply is a :class:`ReplyEvent` until :func:`binary_headers` spells it
+for HTTP.
+
 The receiver picks the mode from Content-Type (batched, structured) and the ``ce-specversion``
 header (binary), as the HTTP binding says; anything else is a plain JSON POST. Attributes are
 validated by the ``cloudevents`` SDK 2.x core; data is parsed here with orjson, whatever the
@@ -19,7 +24,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import orjson
-from cloudevents.core.bindings.http import HTTPMessage
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
@@ -31,6 +35,7 @@ from adserver.catalogue.wire import (
     CONTENT_TYPE_CE_STRUCTURED,
     CONTENT_TYPE_JSON,
     CORRELATION_EXTENSIONS,
+    HEADER_SELDON_PUID,
 )
 from adserver.errors import BadRequest
 from adserver.wire import json_body
@@ -46,12 +51,15 @@ class IncomingEvent:
     """One event's attributes (empty for a plain POST) and its parsed JSON data.
 
     A binary event whose body is not JSON keeps the parse error instead of failing at once: a
-    logged inference may legitimately carry raw bytes, feedback never does.
+    logged inference may legitimately carry raw bytes, feedback never does. ``puid`` is the
+    Seldon-Puid the transport carried beside the event (a header, not an attribute), which a
+    label may be joined by.
     """
 
     attributes: Mapping[str, Any]
     data: Any
     error: BadRequest | None = None
+    puid: str | None = None
 
     def payload(self) -> Any:
         if self.error is not None:
@@ -88,19 +96,20 @@ def media_type(headers: Mapping[str, str]) -> str:
 def decode_request(headers: Mapping[str, str], body: bytes) -> list[IncomingEvent]:
     """All events in one HTTP request. ``headers`` has lower-case names."""
     kind = media_type(headers)
+    puid = headers.get(HEADER_SELDON_PUID)
     if kind.startswith(CONTENT_TYPE_CE_BATCH):
         batch = parse_json(body)
         if not isinstance(batch, list) or not batch:
             raise BadRequest(
                 "a CloudEvents batch must be a non-empty JSON array", reasons.INVALID_BATCH
             )
-        return [structured_event(item) for item in batch]
+        return [structured_event(item, puid) for item in batch]
     if kind.startswith(CONTENT_TYPE_CE_STRUCTURED):
-        return [structured_event(parse_json(body))]
+        return [structured_event(parse_json(body), puid)]
     if CE_PREFIX + "specversion" in headers:
         return [binary_event(headers, body)]
     extensions = {k[len(CE_PREFIX) :]: v for k, v in headers.items() if k.startswith(CE_PREFIX)}
-    return [IncomingEvent(attributes=extensions, data=parse_json(body))]
+    return [IncomingEvent(attributes=extensions, data=parse_json(body), puid=puid)]
 
 
 def supported_version(specversion: Any) -> None:
@@ -139,10 +148,11 @@ def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
         attributes["time"] = parse_time(attributes["time"])
     if "content-type" in headers:
         attributes["datacontenttype"] = headers["content-type"]
+    puid = headers.get(HEADER_SELDON_PUID)
     try:
-        return IncomingEvent(attributes=attributes, data=parse_json(body))
+        return IncomingEvent(attributes=attributes, data=parse_json(body), puid=puid)
     except BadRequest as error:
-        return IncomingEvent(attributes=attributes, data=None, error=error)
+        return IncomingEvent(attributes=attributes, data=None, error=error, puid=puid)
 
 
 def parse_time(value: str) -> datetime:
@@ -155,7 +165,7 @@ def parse_time(value: str) -> datetime:
         ) from exc
 
 
-def structured_event(document: Any) -> IncomingEvent:
+def structured_event(document: Any, puid: str | None = None) -> IncomingEvent:
     if not isinstance(document, dict):
         raise BadRequest(
             "a structured CloudEvent must be a JSON object", reasons.INVALID_CLOUDEVENT
@@ -171,7 +181,7 @@ def structured_event(document: Any) -> IncomingEvent:
         raise BadRequest(
             f"invalid CloudEvent attributes: {exc}", reasons.INVALID_CLOUDEVENT
         ) from exc
-    return IncomingEvent(attributes=attributes, data=structured_data(document))
+    return IncomingEvent(attributes=attributes, data=structured_data(document), puid=puid)
 
 
 def structured_data(document: dict[str, Any]) -> Any:
@@ -185,10 +195,18 @@ def structured_data(document: dict[str, Any]) -> Any:
     return parse_json(data, "data") if isinstance(data, str) else data
 
 
-def reply_message(
-    incoming: IncomingEvent, event_type: str, event_source: str, body: bytes
-) -> HTTPMessage:
-    """A binary-mode reply: same id, configured type and source, correlation extensions only.
+@dataclass(frozen=True)
+class ReplyEvent:
+    """A reply CloudEvent before any binding: string attributes, and JSON data."""
+
+    attributes: Mapping[str, str]
+    data: bytes
+
+
+def reply_event(
+    incoming: IncomingEvent, event_type: str, event_source: str, data: bytes
+) -> ReplyEvent:
+    """The reply to an event: same id, configured type and source, correlation extensions only.
 
     Knative-internal extensions are not copied, and the type differs from the Trigger's filter,
     so a reply never loops back into this server.
@@ -203,9 +221,14 @@ def reply_message(
     for name in CORRELATION_EXTENSIONS:
         if name in incoming.attributes:
             attributes[name] = attribute_text(incoming.attributes[name])
+    return ReplyEvent(attributes, data)  # JSON data, encoded by the caller
+
+
+def binary_headers(attributes: Mapping[str, str]) -> dict[str, str]:
+    """The HTTP binary-mode headers of a reply's attributes (its data is JSON)."""
     headers = {CE_PREFIX + name: encode_header(value) for name, value in attributes.items()}
     headers["content-type"] = CONTENT_TYPE_JSON
-    return HTTPMessage(headers=headers, body=body)  # JSON data, encoded by the caller
+    return headers
 
 
 def attribute_text(value: Any) -> str:
