@@ -17,12 +17,8 @@ import orjson
 import pytest
 
 from adserver.app import build_server
-from adserver.catalogue.wire import (
-    EVENTS_ACCEPTED,
-    EVENTS_REJECTED,
-    KSERVE_RESPONSE_TYPE,
-    ROWS_ACCEPTED,
-)
+from adserver.catalogue.families import EVENTS_ACCEPTED, EVENTS_REJECTED, ROWS_ACCEPTED
+from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
 from adserver.errors import ErrorKind, RequestError, Unavailable
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import Accepted, FeedbackService, Outcome
