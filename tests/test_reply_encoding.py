@@ -6,15 +6,8 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adserver.wire.cloudevents import IncomingEvent, binary_headers, reply_event
-
-
-def reply_message(
-    incoming: IncomingEvent, event_type: str, source: str, data: bytes
-) -> HTTPMessage:
-    """The reply as HTTP sends it: binary-mode headers, JSON data as the body."""
-    reply = reply_event(incoming, event_type, source, data)
-    return HTTPMessage(headers=binary_headers(reply.attributes), body=reply.data)
+from adserver.wire.cloudevents import IncomingEvent
+from tests.support.events import reply_message
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,6 +7,9 @@ import uuid
 from typing import Any
 
 import numpy as np
+from cloudevents.core.bindings.http import HTTPMessage
+
+from adserver.wire.cloudevents import IncomingEvent, binary_headers, reply_event
 
 FEEDBACK_TYPE = "io.seldon.serving.feedback"
 REPLY_TYPE = "io.seldon.serving.feedback.metrics"
@@ -79,3 +82,11 @@ def structured(data: Any, event_id: str | None = None, **attributes: Any) -> dic
     }
     event.update(attributes)
     return event
+
+
+def reply_message(
+    incoming: IncomingEvent, event_type: str, source: str, data: bytes
+) -> HTTPMessage:
+    """The reply as HTTP sends it: binary-mode headers, JSON data as the body."""
+    reply = reply_event(incoming, event_type, source, data)
+    return HTTPMessage(headers=binary_headers(reply.attributes), body=reply.data)

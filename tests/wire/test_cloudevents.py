@@ -33,7 +33,6 @@ from adserver.wire.cloudevents import (
     binary_event,
     decode_request,
     encode_header,
-    reply_message,
 )
 from tests.support.events import (
     BATCH_TYPE,
@@ -41,6 +40,7 @@ from tests.support.events import (
     STRUCTURED_TYPE,
     ce_headers,
     feedback,
+    reply_message,
     structured,
 )
 
