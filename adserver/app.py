@@ -57,7 +57,7 @@ class Server:
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
-    state = MetricsState(getattr(model, "classes", ()))
+    state = MetricsState(getattr(model, "classes", ()), getattr(model, "statistics", ()))
     joiner = Joiner(model.observe, settings.join_ttl_seconds)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (

@@ -281,4 +281,5 @@ class Joiner:
             metrics=tuple(observation.metrics),
             counters=tuple(counters),
             delays=delays,
+            updates=observation.updates,
         )

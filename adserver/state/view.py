@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from adserver.state.statistics import Row, StateKey, Statistic
+from adserver.state.statistics import Merge, Row, StateKey, Statistic
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
 
@@ -185,7 +185,7 @@ class CountersStatistic(Statistic[tuple[str, str, int], Counter[CounterKey]]):
 
     def load(self, acc: Counter[CounterKey], rows: Iterable[Row]) -> None:
         for name, label, value in rows:
-            acc[(name, label)] += value  # type: ignore[index, operator]
+            acc[(name, label)] += value
 
 
 class DelayStatistic(Statistic[tuple[float, int], Histogram]):
@@ -202,7 +202,7 @@ class DelayStatistic(Statistic[tuple[float, int], Histogram]):
 
     def load(self, acc: Histogram, rows: Iterable[Row]) -> None:
         for bucket, count, total in rows:
-            acc.add(bucket, count, total)  # type: ignore[arg-type]
+            acc.add(bucket, count, total)
 
 
 def series(family: str, tags: str) -> SeriesKey:
@@ -216,7 +216,7 @@ class CustomValues(Statistic[CustomMetric, dict[SeriesKey, float]]):
     """Seldon's COUNTER (adds) or GAUGE (overwrites) series: (family, tags) -> value."""
 
     def __init__(self, kind: MetricType) -> None:
-        merge = "sum" if kind == "COUNTER" else "last"
+        merge: Merge = "sum" if kind == "COUNTER" else "last"
         super().__init__(CUSTOM[kind], SERIES_KEYS, [("value", "real")], merge)
 
     def empty(self) -> dict[SeriesKey, float]:
@@ -234,8 +234,8 @@ class CustomValues(Statistic[CustomMetric, dict[SeriesKey, float]]):
     def load(self, acc: dict[SeriesKey, float], rows: Iterable[Row]) -> None:
         add = self.merge == "sum"
         for family, tags, value in rows:
-            key = series(family, tags)  # type: ignore[arg-type]
-            acc[key] = acc.get(key, 0.0) + value if add else value  # type: ignore[operator]
+            key = series(family, tags)
+            acc[key] = acc.get(key, 0.0) + value if add else value
 
 
 class CustomTimers(Statistic[CustomMetric, dict[SeriesKey, Histogram]]):
@@ -250,7 +250,13 @@ class CustomTimers(Statistic[CustomMetric, dict[SeriesKey, Histogram]]):
 
     def rows(self, items: Sequence[CustomMetric]) -> Iterable[Row]:
         return [
-            (family_name(m), json.dumps(m.tags), bucket_index(TIMER_BUCKETS, m.seconds), 1, m.seconds)
+            (
+                family_name(m),
+                json.dumps(m.tags),
+                bucket_index(TIMER_BUCKETS, m.seconds),
+                1,
+                m.seconds,
+            )
             for m in items
         ]
 
@@ -260,8 +266,8 @@ class CustomTimers(Statistic[CustomMetric, dict[SeriesKey, Histogram]]):
 
     def load(self, acc: dict[SeriesKey, Histogram], rows: Iterable[Row]) -> None:
         for family, tags, bucket, count, total in rows:
-            histogram = acc.setdefault(series(family, tags), Histogram())  # type: ignore[arg-type]
-            histogram.add(bucket, count, total)  # type: ignore[arg-type]
+            histogram = acc.setdefault(series(family, tags), Histogram())
+            histogram.add(bucket, count, total)
 
 
 #: Kept for every model, whatever it declares.

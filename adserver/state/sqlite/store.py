@@ -153,7 +153,7 @@ def create_spill_file(connection: sqlite3.Connection) -> None:
 class SQLiteDialect:
     """The SQL of :class:`adserver.state.committer.Dialect` on one SQLite connection."""
 
-    errors = (sqlite3.Error,)
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, connection: sqlite3.Connection, durable: bool) -> None:
         self.connection = connection
@@ -167,9 +167,9 @@ class SQLiteDialect:
         since is refused (its stored rows would not mean what the declaration says)."""
         for statistic in statistics:
             columns = statistic_columns(statistic)
-            stored = [row[1] for row in self.connection.execute(
-                f"PRAGMA table_info({statistic.name})"
-            )]
+            stored = [
+                row[1] for row in self.connection.execute(f"PRAGMA table_info({statistic.name})")
+            ]
             if not stored:
                 self.connection.execute(create_statistic_table(statistic))
             elif stored != [name for name, _ in columns]:
