@@ -47,7 +47,7 @@ class Server:
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
-    state = MetricsState(tuple(model.classes))
+    state = MetricsState(tuple(model.classes), model.statistics)
     joiner = Joiner(model.observe, settings.join_ttl_seconds, in_transaction=model.thread_safe)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from adserver.catalogue import reasons
+from adserver.state.statistics import Statistic
 from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
 from cm_models.custom_metrics import CustomMetric
 
@@ -23,11 +25,13 @@ class InvalidFeedback(ValueError):
 
 @dataclass(frozen=True)
 class Observation:
-    """What one event adds to the state: confusion-matrix cells and custom metrics."""
+    """What one event adds to the state: confusion-matrix cells, custom metrics, and the items
+    of the statistics the model declares (``updates``, by statistic name)."""
 
     cells: Cells | None = None
     metrics: Sequence[CustomMetric] = field(default_factory=tuple)
     metric_problems: Sequence[str] = field(default_factory=tuple)
+    updates: Mapping[str, Sequence[Any]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -130,6 +134,8 @@ class MetricModel(ABC):
     has_confusion = True
     numeric_rows = True
     thread_safe = True
+    #: Statistics kept beside the confusion matrix; :meth:`observe` fills their ``updates``.
+    statistics: tuple[Statistic[Any, Any], ...] = ()
 
     def __init__(
         self, name: str = "model", classes: Iterable[int] = (), **_options: object

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from adserver.state.statistics import Statistic
 from cm_models.base import Observation
 
 
@@ -49,6 +50,12 @@ class FeedbackModel(Protocol):
         """Our own pure-numpy code: it may run on any thread, also inside a store transaction
         (large bodies are scored on the decoding thread, joins on the writer thread). A user's
         model is not: it runs on the IOLoop only, never inside a transaction."""
+        ...
+
+    @property
+    def statistics(self) -> Sequence[Statistic[Any, Any]]:
+        """Statistics kept beside the confusion matrix (declared, additive); the observations
+        fill their ``updates``."""
         ...
 
     def rows(self, values: object, what: str) -> np.ndarray | list[object]:

@@ -7,9 +7,10 @@ Such a class has ``transform(truth, response, request=None)`` and returns either
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from adserver.catalogue import reasons
+from adserver.state.statistics import Statistic
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
 from cm_models.custom_metrics import parse_metrics
 
@@ -39,6 +40,7 @@ class SeldonMetricsAdapter:
     has_confusion = False
     numeric_rows = False  # a user's model may take any data
     thread_safe = False
+    statistics: tuple[Statistic[Any, Any], ...] = ()  # its metrics are custom metrics
 
     def __init__(self, user_model: SeldonStyle, name: str) -> None:
         self.user_model = user_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adserver.errors import RequestError
 from adserver.exposition.summary import model_summary
 from adserver.http.answers import json_error
 from adserver.state.join import Joiner, Label, LoggedRows
@@ -24,11 +26,13 @@ from adserver.state.sqlite.store import (
     reset_state,
     state_path,
 )
+from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
+from tests.data.state_v3 import build as version_3
 from tests.support.timing import FakeClock
 
 
@@ -374,3 +378,56 @@ def test_version_2_file_keeps_joining_after_the_upgrade(tmp_path: Path) -> None:
     assert store.connection.execute(
         "SELECT value FROM meta WHERE key = 'schema_version'"
     ).fetchone() == (str(SCHEMA_VERSION),)
+
+
+VERSION_3 = Path(__file__).parent / "data" / "state_v3"
+
+
+def test_version_3_file_keeps_every_count(tmp_path: Path) -> None:
+    """A file the schema-3 server wrote (``data/state_v3/build.py``) opens with every count,
+    keyed by its model, and goes on deduplicating and joining."""
+    connection = sqlite3.connect(state_path(str(tmp_path)))
+    connection.executescript((VERSION_3 / "state.sql").read_text())
+    version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+    assert version.fetchone() == ("3",)
+    connection.close()
+    clock = FakeClock(1_700_000_000.0 + 1)
+    joiner = Joiner(MultiClassNumeric().observe, ttl=10_000)
+    store = open_sqlite(tmp_path, clock, retention=10_000, joiner=joiner)
+    before = json.loads((VERSION_3 / "view.json").read_text())
+    assert json.loads(json.dumps(version_3.view(store))) == before
+    keys = store.connection.execute("SELECT DISTINCT model, segment, time_bucket FROM cells")
+    assert keys.fetchall() == [("m", DEFAULT_SEGMENT, ALL_TIME)]
+    # The old event ids are still remembered; the parked label meets its prediction.
+    assert run(store.commit([event("1", [0], [0])])) == [False]
+    logged = LoggedRows("p1", "response", np.array([3, 2]), clock.now)
+    assert run(store.commit([Entry(operation=logged)])) == [True]
+    assert store.state.count("labels", "late") == 2
+    assert store.connection.execute(
+        "SELECT value FROM meta WHERE key = 'schema_version'"
+    ).fetchone() == (str(SCHEMA_VERSION),)
+
+
+def test_classes_and_tallies_are_stored_with_the_counts(tmp_path: Path) -> None:
+    """What replicas will share is in the file: admitted classes and the tallies of ids and
+    rows, written in the transaction (a refused batch leaves neither), read back at start."""
+    joiner = Joiner(MultiClassNumeric().observe, ttl=1e9)
+
+    async def scenario() -> None:
+        store = open_sqlite(tmp_path, max_classes=3, joiner=joiner)
+        assert await store.commit([event("a", [0, 1], [1, 1])]) == [True]
+        logged = LoggedRows("r", "response", np.array([1, 1, 1]), 0.0)
+        assert await store.commit([Entry(event_key=("src", "r"), operation=logged)]) == [True]
+        with pytest.raises(RequestError):  # two classes more than --max_classes allows
+            await store.commit([event("b", [2, 3], [2, 3]), event("c", [1], [1])])
+        await store.close()
+
+    run(scenario())
+    connection = sqlite3.connect(state_path(str(tmp_path)))
+    assert connection.execute("SELECT model, class FROM classes").fetchall() == [("m", 0), ("m", 1)]
+    tallies = dict(connection.execute("SELECT name, value FROM tallies"))
+    connection.close()
+    assert tallies == {"seen_ids": 2, "logged_rows": 3, "parked_rows": 0}
+    reopened = open_sqlite(tmp_path, max_classes=3)
+    assert (reopened.seen_count, reopened.row_counts.logged) == (2, 3)
+    assert reopened.classes == {0, 1}

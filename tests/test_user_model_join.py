@@ -15,6 +15,7 @@ import pytest
 from adserver.app import build_server
 from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
 from adserver.errors import Unavailable
+from adserver.http.answers import outcome_answer
 from adserver.settings import Settings
 from adserver.state.join import SCORING_RETRIES, Joiner, Label, LoggedRows, Scorer
 from adserver.state.sqlite.store import SQLiteStore
@@ -51,12 +52,12 @@ class RecordingMetrics:
         # The writer thread is free meanwhile: it could commit other events.
         writer_free = store._writer.submit(lambda: True).result(timeout=5)
         here = threading.current_thread().name
-        RecordingMetrics.calls.append((here, store.connection.in_transaction, writer_free))
+        RecordingMetrics.calls.append((here, store.dialect.connection.in_transaction, writer_free))
         return [{"key": "user_rows", "type": "COUNTER", "value": len(truth)}]
 
 
 def handle(service: Any, headers: dict[str, str], body: Any) -> int:
-    return asyncio.run(service.handle(headers, json.dumps(body).encode())).status
+    return outcome_answer(asyncio.run(service.receive(headers, json.dumps(body).encode()))).status
 
 
 def test_a_user_model_scores_joins_on_the_ioloop_outside_any_transaction(
@@ -71,7 +72,7 @@ def test_a_user_model_scores_joins_on_the_ioloop_outside_any_transaction(
     )
     service = server.service
     store = service.store
-    assert isinstance(store, SQLiteStore) and store.durable
+    assert isinstance(store, SQLiteStore) and store.dialect.durable
     RecordingMetrics.store, RecordingMetrics.calls = store, []
     response = {"predictions": [1, 2, 0]}
     truth = {"truth": {"data": {"ndarray": [1, 1, 0]}}}
@@ -107,7 +108,7 @@ def commit(store: SQLiteStore, *operations: Label | LoggedRows) -> list[bool]:
 def commit_meanwhile(store: SQLiteStore, operation: LoggedRows) -> None:
     """Commit another event while a score runs (on the loop, between two attempts): a memory
     store writes on the loop's thread, so the store's own synchronous path stands in."""
-    assert store.joiner is not None and not store.connection.in_transaction
+    assert store.joiner is not None and not store.dialect.connection.in_transaction
     store._settle(*store._write([([Entry(operation=operation)], store.joiner.scores(1))]))
 
 

@@ -202,6 +202,7 @@ class FeedbackService:
         delta = Delta(
             cells=observation.cells,
             counters=((ROWS_ACCEPTED, "", observation.rows),),
+            updates=observation.updates,
         )
         return Entry(delta=delta + extra, event_key=key)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 from adserver.errors import StartupError
-from adserver.state.join import Joiner
 from adserver.loader import model_kind
 from adserver.settings import Settings
-from adserver.state.view import MetricsState
-from adserver.state.store import Entry, StateStore
+from adserver.state.join import Joiner
 from adserver.state.sqlite.store import SQLiteStore, reset_state
+from adserver.state.store import Entry, StateStore
+from adserver.state.view import MetricsState
 
 __all__ = ["Entry", "StateStore", "open_store"]
 

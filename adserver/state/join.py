@@ -408,4 +408,5 @@ class Joiner:
             metrics=tuple(observation.metrics),
             counters=tuple(counters),
             delays=delays,
+            updates=observation.updates,
         )

@@ -1,8 +1,9 @@
 """The state-store interface: make deltas durable, exactly once, then apply them.
 
-Handlers and models never see a backend: they call :meth:`StateStore.commit`. A backend only
-decides where counts, seen event ids and logged predictions live (a SQLite file, or an in-memory
-SQLite database; a shared Redis would be one more subclass).
+Handlers and models never see a backend: they call :meth:`StateStore.commit`. The one
+implementation is :class:`adserver.state.committer.Committer`; a backend only supplies its
+dialect, where counts, seen event ids and logged predictions live (a SQLite file, or an
+in-memory SQLite database; PostgreSQL would be one more dialect).
 """
 
 from __future__ import annotations

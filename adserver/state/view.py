@@ -1,16 +1,22 @@
 """The server's in-memory view of everything counted: sufficient statistics only.
 
 State changes only through :class:`Delta` objects, the unit a store makes durable and
-deduplicates. Counts add; gauges keep the last value; timers are histogram counts.
+deduplicates. A delta carries items for declared :class:`Statistic` tables (the built-in ones
+below, and any a model declares); counts add, gauges keep the last value, timers are histogram
+counts. Custom metrics travel as :class:`CustomMetric` until the store's catalog admits them.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from adserver.state.statistics import Merge, Row, StateKey, Statistic
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
 
@@ -37,31 +43,84 @@ DELAY_BUCKETS = (
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 CounterKey = tuple[str, str]
 
+# The built-in statistics' names (their tables' names too).
+CELLS = "cells"
+COUNTERS = "counters"
+LABEL_DELAY = "label_delay"
+CUSTOM: dict[MetricType, str] = {
+    "COUNTER": "custom_counters",
+    "GAUGE": "custom_gauges",
+    "TIMER": "custom_timers",
+}
 
-@dataclass(frozen=True)
+
 class Delta:
-    """What one event (or one rejection) adds.
+    """What one event (or one rejection) adds: items per declared statistic, by name.
 
     ``counters`` are (name, label, increment); ``delays`` are (label delay in seconds, rows):
     the rows of one label share their prediction's time, so a batch is one pair, not a row each.
+    ``updates`` holds the items of other statistics (a model's own). ``metrics`` wait for the
+    store's catalog (:meth:`admitted`), which decides which become statistics.
     """
 
-    cells: Cells | None = None
-    metrics: tuple[CustomMetric, ...] = ()
-    counters: tuple[tuple[str, str, int], ...] = ()
-    delays: tuple[tuple[float, int], ...] = ()
+    __slots__ = ("metrics", "parts")
+
+    parts: dict[str, tuple[Any, ...]]
+    metrics: tuple[CustomMetric, ...]
+
+    def __init__(
+        self,
+        cells: Cells | None = None,
+        metrics: Sequence[CustomMetric] = (),
+        counters: Sequence[tuple[str, str, int]] = (),
+        delays: Sequence[tuple[float, int]] = (),
+        updates: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        parts: dict[str, tuple[Any, ...]] = {}
+        if cells is not None:
+            parts[CELLS] = (cells,)
+        if counters:
+            parts[COUNTERS] = tuple(counters)
+        if delays:
+            parts[LABEL_DELAY] = tuple(delays)
+        for name, items in (updates or {}).items():
+            if items:
+                parts[name] = tuple(items)
+        self.parts = parts
+        self.metrics = tuple(metrics)
+
+    @classmethod
+    def of(cls, parts: dict[str, tuple[Any, ...]], metrics: tuple[CustomMetric, ...]) -> Delta:
+        delta = cls.__new__(cls)
+        delta.parts, delta.metrics = parts, metrics
+        return delta
 
     def __add__(self, other: Delta) -> Delta:
-        if self.cells is None or other.cells is None:
-            cells = self.cells if other.cells is None else other.cells
-        else:
-            cells = Cells.concat([self.cells, other.cells])
-        return Delta(
-            cells=cells,
-            metrics=self.metrics + other.metrics,
-            counters=self.counters + other.counters,
-            delays=self.delays + other.delays,
-        )
+        if not (other.parts or other.metrics):
+            return self
+        if not (self.parts or self.metrics):
+            return other
+        parts = dict(self.parts)
+        for name, items in other.parts.items():
+            parts[name] = parts[name] + items if name in parts else items
+        return Delta.of(parts, self.metrics + other.metrics)
+
+    def __repr__(self) -> str:
+        return f"Delta({self.parts!r}, metrics={self.metrics!r})"
+
+    @property
+    def cells(self) -> Iterable[Cells]:
+        return self.parts.get(CELLS, ())
+
+    def admitted(self, kept: Sequence[CustomMetric], refused: int, counter: str) -> Delta:
+        """The delta with its ``kept`` metrics as statistics, and ``refused`` counted."""
+        parts = dict(self.parts)
+        for metric in kept:
+            name = CUSTOM[metric.type]
+            parts[name] = (*parts.get(name, ()), metric)
+        if refused:
+            parts[COUNTERS] = (*parts.get(COUNTERS, ()), (counter, "", refused))
+        return Delta.of(parts, ())
 
 
 def bucket_index(bounds: tuple[float, ...], value: float) -> int:
@@ -90,47 +149,200 @@ class Histogram:
         self.add(bucket_index(self.bounds, value), 1, value)
 
 
+class CellsStatistic(Statistic[Cells, ConfusionMatrix]):
+    """Confusion-matrix cells: (truth, prediction) -> rows."""
+
+    def __init__(self) -> None:
+        super().__init__(CELLS, [("truth", "int"), ("prediction", "int")], [("count", "int")])
+
+    def empty(self) -> ConfusionMatrix:
+        return ConfusionMatrix()
+
+    def rows(self, items: Sequence[Cells]) -> Iterable[Row]:
+        return [row for cells in items for row in cells.items()]
+
+    def apply(self, acc: ConfusionMatrix, items: Sequence[Cells]) -> None:
+        for cells in items:
+            acc.add(cells)
+
+    def load(self, acc: ConfusionMatrix, rows: Iterable[Row]) -> None:
+        cells = np.array(list(rows), dtype=np.int64).reshape(-1, 3)
+        if len(cells):
+            acc.add(Cells(cells[:, 0], cells[:, 1], cells[:, 2]))
+
+
+class CountersStatistic(Statistic[tuple[str, str, int], Counter[CounterKey]]):
+    """The server's own counters: (name, label) -> value."""
+
+    def __init__(self) -> None:
+        super().__init__(COUNTERS, [("name", "text"), ("label", "text")], [("value", "int")])
+
+    def empty(self) -> Counter[CounterKey]:
+        return Counter()
+
+    def rows(self, items: Sequence[tuple[str, str, int]]) -> Iterable[Row]:
+        return items
+
+    def load(self, acc: Counter[CounterKey], rows: Iterable[Row]) -> None:
+        for name, label, value in rows:
+            acc[(name, label)] += value
+
+
+class DelayStatistic(Statistic[tuple[float, int], Histogram]):
+    """The label-delay histogram: bucket -> (rows, their delays' sum)."""
+
+    def __init__(self) -> None:
+        super().__init__(LABEL_DELAY, [("bucket", "int")], [("count", "int"), ("total", "real")])
+
+    def empty(self) -> Histogram:
+        return Histogram(DELAY_BUCKETS)
+
+    def rows(self, items: Sequence[tuple[float, int]]) -> Iterable[Row]:
+        return [(bucket_index(DELAY_BUCKETS, s), rows, s * rows) for s, rows in items]
+
+    def load(self, acc: Histogram, rows: Iterable[Row]) -> None:
+        for bucket, count, total in rows:
+            acc.add(bucket, count, total)
+
+
+def series(family: str, tags: str) -> SeriesKey:
+    return family, tuple(tuple(t) for t in json.loads(tags))
+
+
+SERIES_KEYS: list[tuple[str, Any]] = [("family", "text"), ("tags", "text")]
+
+
+class CustomValues(Statistic[CustomMetric, dict[SeriesKey, float]]):
+    """Seldon's COUNTER (adds) or GAUGE (overwrites) series: (family, tags) -> value."""
+
+    def __init__(self, kind: MetricType) -> None:
+        merge: Merge = "sum" if kind == "COUNTER" else "last"
+        super().__init__(CUSTOM[kind], SERIES_KEYS, [("value", "real")], merge)
+
+    def empty(self) -> dict[SeriesKey, float]:
+        return {}
+
+    def rows(self, items: Sequence[CustomMetric]) -> Iterable[Row]:
+        return [(family_name(m), json.dumps(m.tags), m.value) for m in items]
+
+    def apply(self, acc: dict[SeriesKey, float], items: Sequence[CustomMetric]) -> None:
+        add = self.merge == "sum"
+        for metric in items:
+            key = (family_name(metric), metric.tags)
+            acc[key] = acc.get(key, 0.0) + metric.value if add else metric.value
+
+    def load(self, acc: dict[SeriesKey, float], rows: Iterable[Row]) -> None:
+        add = self.merge == "sum"
+        for family, tags, value in rows:
+            key = series(family, tags)
+            acc[key] = acc.get(key, 0.0) + value if add else value
+
+
+class CustomTimers(Statistic[CustomMetric, dict[SeriesKey, Histogram]]):
+    """Seldon's TIMER series (milliseconds) as seconds histograms: (family, tags, bucket)."""
+
+    def __init__(self) -> None:
+        keys = [*SERIES_KEYS, ("bucket", "int")]
+        super().__init__(CUSTOM["TIMER"], keys, [("count", "int"), ("total", "real")])
+
+    def empty(self) -> dict[SeriesKey, Histogram]:
+        return {}
+
+    def rows(self, items: Sequence[CustomMetric]) -> Iterable[Row]:
+        return [
+            (
+                family_name(m),
+                json.dumps(m.tags),
+                bucket_index(TIMER_BUCKETS, m.seconds),
+                1,
+                m.seconds,
+            )
+            for m in items
+        ]
+
+    def apply(self, acc: dict[SeriesKey, Histogram], items: Sequence[CustomMetric]) -> None:
+        for metric in items:
+            acc.setdefault((family_name(metric), metric.tags), Histogram()).observe(metric.seconds)
+
+    def load(self, acc: dict[SeriesKey, Histogram], rows: Iterable[Row]) -> None:
+        for family, tags, bucket, count, total in rows:
+            histogram = acc.setdefault(series(family, tags), Histogram())
+            histogram.add(bucket, count, total)
+
+
+#: Kept for every model, whatever it declares.
+BUILTIN_STATISTICS: tuple[Statistic[Any, Any], ...] = (
+    CellsStatistic(),
+    CountersStatistic(),
+    DelayStatistic(),
+    CustomValues("COUNTER"),
+    CustomValues("GAUGE"),
+    CustomTimers(),
+)
+
+
 class CustomMetricsState:
     """Seldon semantics: COUNTER adds, GAUGE overwrites, TIMER (ms) feeds a seconds histogram."""
 
-    def __init__(self) -> None:
-        self.types: dict[str, MetricType] = {}
-        self.counters: dict[SeriesKey, float] = {}
-        self.gauges: dict[SeriesKey, float] = {}
-        self.timers: dict[SeriesKey, Histogram] = {}
+    def __init__(
+        self,
+        counters: dict[SeriesKey, float],
+        gauges: dict[SeriesKey, float],
+        timers: dict[SeriesKey, Histogram],
+    ) -> None:
+        self.counters = counters
+        self.gauges = gauges
+        self.timers = timers
 
-    def apply(self, metric: CustomMetric) -> None:
-        """Metrics arrive admitted by the store's :class:`MetricCatalog`: types never clash."""
-        series = (family_name(metric), metric.tags)
-        self.types[series[0]] = metric.type
-        if metric.type == "COUNTER":
-            self.counters[series] = self.counters.get(series, 0.0) + metric.value
-        elif metric.type == "GAUGE":
-            self.gauges[series] = metric.value
-        else:
-            self.timers.setdefault(series, Histogram()).observe(metric.seconds)
+    @property
+    def types(self) -> dict[str, MetricType]:
+        """Each family's type (the store's catalog admits metrics so that types never clash)."""
+        kinds: list[tuple[MetricType, Iterable[SeriesKey]]] = [
+            ("COUNTER", self.counters),
+            ("GAUGE", self.gauges),
+            ("TIMER", self.timers),
+        ]
+        return {family: kind for kind, keys in kinds for family, _ in keys}
 
 
 class MetricsState:
-    """Everything ``/v1/metrics`` shows for one model, rebuilt from deltas after a restart."""
+    """Everything ``/v1/metrics`` shows for one key, rebuilt from deltas after a restart.
 
-    def __init__(self, classes: list[int] | tuple[int, ...] = ()) -> None:
-        self.confusion = ConfusionMatrix(classes)
-        self.custom = CustomMetricsState()
-        self.counters: Counter[CounterKey] = Counter()
-        self.label_delay = Histogram(DELAY_BUCKETS)
+    ``statistics`` are a model's own, kept beside the built-in ones (in :attr:`tables`).
+    """
+
+    def __init__(
+        self,
+        classes: Iterable[int] = (),
+        statistics: Sequence[Statistic[Any, Any]] = (),
+    ) -> None:
+        self.classes = tuple(classes)  # known up front: every key's matrix starts with them
+        self.declared = tuple(statistics)
+        self.statistics = {s.name: s for s in (*BUILTIN_STATISTICS, *statistics)}
+        if len(self.statistics) < len(BUILTIN_STATISTICS) + len(statistics):
+            raise ValueError("two statistics have one name")
+        self.tables: dict[str, Any] = {name: s.empty() for name, s in self.statistics.items()}
+        self.confusion = self.tables[CELLS] = ConfusionMatrix(self.classes)
+        self.counters: Counter[CounterKey] = self.tables[COUNTERS]
+        self.label_delay: Histogram = self.tables[LABEL_DELAY]
+        self.custom = CustomMetricsState(*(self.tables[CUSTOM[kind]] for kind in CUSTOM))
         self.version = 0  # bumped on every change, so readers can cache what they derive
+
+    def like(self) -> MetricsState:
+        """An empty state with the same classes and statistics (for another key)."""
+        return MetricsState(self.classes, self.declared)
 
     def apply(self, delta: Delta) -> None:
         self.version += 1
-        if delta.cells is not None:
-            self.confusion.add(delta.cells)
-        for metric in delta.metrics:
-            self.custom.apply(metric)
-        for name, label, increment in delta.counters:
-            self.counters[(name, label)] += increment
-        for seconds, rows in delta.delays:
-            self.label_delay.add(bucket_index(DELAY_BUCKETS, seconds), rows, seconds * rows)
+        if delta.metrics:  # not through a store's catalog (tests, tools): all of them count
+            delta = delta.admitted(delta.metrics, 0, "")
+        for name, items in delta.parts.items():
+            self.statistics[name].apply(self.tables[name], items)
+
+    def load(self, name: str, rows: Iterable[Row]) -> None:
+        """Stored rows of one statistic, merged in (at start-up, or another replica's)."""
+        self.version += 1
+        self.statistics[name].load(self.tables[name], rows)
 
     def count(self, name: str, label: str = "") -> int:
         return self.counters.get((name, label), 0)
@@ -138,3 +350,20 @@ class MetricsState:
     def labelled(self, name: str) -> dict[str, int]:
         """Values of a counter by label, e.g. rejections by reason."""
         return {label: value for (key, label), value in self.counters.items() if key == name}
+
+
+class KeyedState:
+    """The views of every :class:`StateKey`; today only the default one is in use."""
+
+    def __init__(self, default: StateKey, state: MetricsState) -> None:
+        self.default = default
+        self.views = {default: state}
+
+    def at(self, key: StateKey) -> MetricsState:
+        view = self.views.get(key)
+        if view is None:
+            view = self.views[key] = self.views[self.default].like()
+        return view
+
+    def apply(self, key: StateKey, delta: Delta) -> None:
+        self.at(key).apply(delta)

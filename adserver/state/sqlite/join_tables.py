@@ -9,6 +9,7 @@ blocks a range of rows touches are found by one index range.
 
 Row counts are kept in :class:`RowCounts`, updated with every change (never counted in SQL),
 so bounds are checked for free and trimming deletes by an indexed order in bounded batches.
+The counts are stored too, as tallies (see :mod:`adserver.state.committer`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -27,6 +27,7 @@ from adserver.catalogue.families import (
     PREDICTION_EVICTED,
     PREDICTION_EXPIRED,
 )
+from adserver.state.committer import RowCounts
 from adserver.state.join import Kind, Logged, Parked, Rows
 
 BLOCK_BYTES = 1 << 16  # rows per block of numbers: as many as fit (at least one)
@@ -49,26 +50,6 @@ def overlapping(table: str, key: str) -> str:
 LOGGED_KEY = "request_id = :request_id AND kind = :kind"
 IN_LOGGED = overlapping("logged_blocks", LOGGED_KEY)
 IN_PARKED = overlapping("parked_blocks", "request_id = :request_id")
-
-
-@dataclass
-class RowCounts:
-    """Rows held, kept by the writer beside the database (restored with it on rollback)."""
-
-    logged: int = 0  # row slots of logged requests (input and prediction of a row share one)
-    parked: int = 0
-
-    def copy(self) -> RowCounts:
-        return RowCounts(self.logged, self.parked)
-
-    @classmethod
-    def load(cls, cursor: sqlite3.Cursor) -> RowCounts:
-        """Once at start-up; afterwards every change updates the counts."""
-        logged = cursor.execute(
-            "SELECT TOTAL(MAX(request_rows, predicted_rows)) FROM predictions"
-        ).fetchone()[0]
-        parked = cursor.execute("SELECT TOTAL(rows) FROM parked_blocks").fetchone()[0]
-        return cls(int(logged), int(parked))
 
 
 def encode(rows: Rows) -> tuple[str, bytes | None, object]:

@@ -1,19 +1,27 @@
 """SQLite schema, versioned. Every table holds additive counts keyed by what they count, or
-what a join waits for."""
+what a join waits for.
+
+From version 4 on, a statistic's table is named after it and keyed by :data:`KEY_COLUMNS` (the
+:class:`~adserver.state.statistics.StateKey`), then by its own keys; a statistic that a model
+declares gets its table from its declaration (:func:`create_statistic_table`), not from here.
+"""
 
 from __future__ import annotations
 
 import itertools
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import orjson
 
+from adserver.state.committer import LOGGED_ROWS, PARKED_ROWS, SEEN_IDS, RowCounts
 from adserver.state.join import Logged, as_rows
-from adserver.state.sqlite.join_tables import RowCounts, SQLJoinTables
+from adserver.state.sqlite.join_tables import SQLJoinTables
+from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT, ColumnType, Statistic
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Migration = str | Callable[[sqlite3.Connection], None]  # a SQL script, or a function
 
@@ -143,12 +151,107 @@ def blocks_from_rows(connection: sqlite3.Connection) -> None:
     connection.execute("DROP TABLE parked_labels")
 
 
+# Version 4: every count keyed by (model, segment, time bucket); custom values split by type, so
+# each table has one merge; the classes a model admitted, and the tallies kept with every change.
+KEY_TYPES = (("model", "TEXT"), ("segment", "TEXT"), ("time_bucket", "INTEGER"))
+KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
+KEYED = "model TEXT NOT NULL, segment TEXT NOT NULL, time_bucket INTEGER NOT NULL"
+KEYED_TABLES = f"""
+    CREATE TABLE cells (
+        {KEYED}, truth INTEGER NOT NULL, prediction INTEGER NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, truth, prediction)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters (
+        {KEYED}, name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, name, label)
+    ) WITHOUT ROWID;
+    CREATE TABLE label_delay (
+        {KEYED}, bucket INTEGER NOT NULL, count INTEGER NOT NULL, total REAL NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, bucket)
+    ) WITHOUT ROWID;
+    CREATE TABLE custom_counters (
+        {KEYED}, family TEXT NOT NULL, tags TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, family, tags)
+    ) WITHOUT ROWID;
+    CREATE TABLE custom_gauges (
+        {KEYED}, family TEXT NOT NULL, tags TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, family, tags)
+    ) WITHOUT ROWID;
+    CREATE TABLE custom_timers (
+        {KEYED}, family TEXT NOT NULL, tags TEXT NOT NULL, bucket INTEGER NOT NULL,
+        count INTEGER NOT NULL, total REAL NOT NULL,
+        PRIMARY KEY (model, segment, time_bucket, family, tags, bucket)
+    ) WITHOUT ROWID;
+    CREATE TABLE classes (
+        model TEXT NOT NULL, class INTEGER NOT NULL, PRIMARY KEY (model, class)
+    ) WITHOUT ROWID;
+    CREATE TABLE tallies (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+# Version 3's count tables, and where version 4 keeps their rows (under the file's model).
+KEYED_COPIES = {
+    "cells": ("cells", "truth, prediction, count", ""),
+    "counters": ("counters", "name, label, value", ""),
+    "label_delay": ("label_delay", "bucket, count, total", ""),
+    "custom_counters": ("custom_values", "key, tags, value", "WHERE type = 'COUNTER'"),
+    "custom_gauges": ("custom_values", "key, tags, value", "WHERE type = 'GAUGE'"),
+    "custom_timers": ("timer_buckets", "key, tags, bucket, count, total", ""),
+}
+
+
+def keyed_counts(connection: sqlite3.Connection) -> None:
+    """Version 3 kept one model's counts unkeyed: key them by the model the file belongs to.
+
+    The tallies are counted here, once; from now on every change keeps them.
+    """
+    found = connection.execute("SELECT value FROM meta WHERE key = 'model_name'").fetchone()
+    model = found[0] if found else ""  # a new file: nothing to copy yet
+    old = {"cells", "counters", "label_delay", "custom_values", "timer_buckets"}
+    for table in old:
+        connection.execute(f"ALTER TABLE {table} RENAME TO v3_{table}")
+    run_script(connection, KEYED_TABLES)
+    key = (model, DEFAULT_SEGMENT, ALL_TIME)
+    for table, (source, columns, where) in KEYED_COPIES.items():
+        connection.execute(
+            f"INSERT INTO {table} SELECT ?, ?, ?, {columns} FROM v3_{source} {where}", key
+        )
+    connection.execute(
+        "INSERT INTO classes SELECT ?, truth FROM v3_cells "
+        "UNION SELECT ?, prediction FROM v3_cells",
+        (model, model),
+    )
+    tallies = {
+        SEEN_IDS: "SELECT COUNT(*) FROM seen",
+        LOGGED_ROWS: "SELECT TOTAL(MAX(request_rows, predicted_rows)) FROM predictions",
+        PARKED_ROWS: "SELECT TOTAL(rows) FROM parked_blocks",
+    }
+    for name, query in tallies.items():
+        value = int(connection.execute(query).fetchone()[0])
+        connection.execute("INSERT INTO tallies VALUES (?, ?)", (name, value))
+    for table in old:
+        connection.execute(f"DROP TABLE v3_{table}")
+
+
+SQL_TYPES: dict[ColumnType, str] = {"int": "INTEGER", "real": "REAL", "text": "TEXT"}
+
+
+def statistic_columns(statistic: Statistic[Any, Any]) -> list[tuple[str, str]]:
+    """(name, SQL type) of a statistic's table: the state key, its keys, its values."""
+    own = [(name, SQL_TYPES[kind]) for name, kind in (*statistic.keys, *statistic.values)]
+    return [*KEY_TYPES, *own]
+
+
+def create_statistic_table(statistic: Statistic[Any, Any]) -> str:
+    columns = ", ".join(f"{name} {kind} NOT NULL" for name, kind in statistic_columns(statistic))
+    keys = ", ".join((*KEY_COLUMNS, *(name for name, _ in statistic.keys)))
+    return f"CREATE TABLE {statistic.name} ({columns}, PRIMARY KEY ({keys})) WITHOUT ROWID"
+
+
 class SchemaError(Exception):
     """The file cannot be used as state; the message says how to recover."""
 
 
 # Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
-MIGRATIONS: list[Migration] = [COUNT_TABLES, ROW_TABLES, blocks_from_rows]
+MIGRATIONS: list[Migration] = [COUNT_TABLES, ROW_TABLES, blocks_from_rows, keyed_counts]
 
 
 def schema_version(connection: sqlite3.Connection) -> int:

@@ -1,70 +1,41 @@
-"""State in SQLite: deltas, seen event ids and logged rows committed in one transaction.
+"""State in SQLite: the dialect under :class:`adserver.state.committer.Committer`.
 
-Durable mode keeps a WAL file under ``--state_dir``; a writer thread commits everything that
-arrived while the previous transaction ran (group commit), so one fsync covers many events and
-the IOLoop never waits on disk. Memory mode runs the very same SQL on an in-memory database on
-the IOLoop (no I/O), so both modes share one implementation and one behaviour. An event is
-acknowledged only after its transaction committed; a redelivered event finds its id in ``seen``
-and changes nothing.
+Durable mode keeps a WAL file under ``--state_dir``; the committer's writer thread commits
+everything that arrived while the previous transaction ran (group commit), so one fsync covers
+many events and the IOLoop never waits on disk. Memory mode runs the very same SQL on an
+in-memory database on the IOLoop (no I/O), so both modes share one implementation and one
+behaviour. The lock on the file makes this process its only writer.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import json
-import logging
+import itertools
 import os
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from adserver.catalogue import reasons
-from adserver.catalogue.families import (
-    EVENTS_DUPLICATE,
-    EVICTED,
-    EXPIRED,
-    LABEL_EVICTED,
-    LABEL_EXPIRED,
-    LABELS,
-    METRICS_REJECTED,
-)
-from adserver.errors import BadRequest, RequestError, StartupError, Unavailable
-from adserver.state.join import Joiner, Scores, Unscored
-from adserver.state.view import (
-    DELAY_BUCKETS,
-    TIMER_BUCKETS,
-    Delta,
-    Histogram,
-    MetricsState,
-    bucket_index,
-)
-from adserver.state.store import Clock, Entry, StateStore
-from adserver.state.sqlite.join_tables import RowCounts, SQLJoinTables
+from adserver.errors import StartupError
+from adserver.state.committer import PURGE_BATCH, Committer, RowCounts
+from adserver.state.join import Joiner
+from adserver.state.sqlite.join_tables import SQLJoinTables
 from adserver.state.sqlite.lock import hold_state_lock
-from adserver.state.sqlite.schema import SchemaError, migrate
-from cm_models.base import InvalidFeedback
-from cm_models.confusion import Cells
-from cm_models.custom_metrics import MetricCatalog, family_name
+from adserver.state.sqlite.schema import (
+    KEY_COLUMNS,
+    SchemaError,
+    create_statistic_table,
+    migrate,
+    statistic_columns,
+)
+from adserver.state.statistics import Row, StateKey, Statistic
+from adserver.state.store import Clock
+from adserver.state.view import Delta, MetricsState
 
-log = logging.getLogger(__name__)
+__all__ = ["PURGE_BATCH", "SQLiteStore", "StateFileError", "reset_state", "state_path"]
 
 STATE_FILE = "feedback-state.sqlite3"
-PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
-# Most seen ids, logged requests and parked labels one commit deletes per table: a sweep that
-# finds more goes on at the next commit, so no transaction does work that grew with history.
-PURGE_BATCH = 1000
-# Seen ids are trimmed to this fraction of --dedup_max_ids under the bound (1/1000: 1000 ids at
-# the default), so a full table pays one batched delete per thousand events, not one per event.
-TRIM_SLACK_DIVISOR = 1000
-BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
-_Batch = tuple[Sequence[Entry], Scores | None, "asyncio.Future[list[bool]]"]
 
 
 class StateFileError(StartupError):
@@ -179,35 +150,127 @@ def create_spill_file(connection: sqlite3.Connection) -> None:
     connection.execute(f"PRAGMA cache_size={int(cache_size)}")
 
 
-def series(key: str, tags: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return key, tuple(tuple(t) for t in json.loads(tags))
+class SQLiteDialect:
+    """The SQL of :class:`adserver.state.committer.Dialect` on one SQLite connection."""
+
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def __init__(self, connection: sqlite3.Connection, durable: bool) -> None:
+        self.connection = connection
+        self.durable = durable
+        self.cursor = connection.cursor()
+        self.statistics: dict[str, Statistic[Any, Any]] = {}
+        self._upserts: dict[str, str] = {}
+
+    def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
+        """A declared statistic's table is made the first time; one whose columns changed
+        since is refused (its stored rows would not mean what the declaration says)."""
+        for statistic in statistics:
+            columns = statistic_columns(statistic)
+            stored = [
+                row[1] for row in self.connection.execute(f"PRAGMA table_info({statistic.name})")
+            ]
+            if not stored:
+                self.connection.execute(create_statistic_table(statistic))
+            elif stored != [name for name, _ in columns]:
+                raise StateFileError(
+                    f"the state file's table {statistic.name!r} has columns {stored}, but the "
+                    f"statistic declares {[name for name, _ in columns]}: rename the statistic, "
+                    "or use another --state_dir"
+                )
+            self._upserts[statistic.name] = upsert(statistic)
+            self.statistics[statistic.name] = statistic
+
+    def load(self, statistic: Statistic[Any, Any]) -> Iterator[tuple[StateKey, list[Row]]]:
+        key = ", ".join(KEY_COLUMNS)
+        found = self.connection.execute(f"SELECT * FROM {statistic.name} ORDER BY {key}")
+        width = len(KEY_COLUMNS)
+        for stored, rows in itertools.groupby(found, key=lambda row: row[:width]):
+            yield StateKey(*stored), [row[width:] for row in rows]
+
+    def classes(self, model: str) -> set[int]:
+        query = "SELECT class FROM classes WHERE model = ?"
+        return {c for (c,) in self.connection.execute(query, (model,))}
+
+    def tallies(self) -> dict[str, int]:
+        return dict(self.connection.execute("SELECT name, value FROM tallies"))
+
+    def begin(self) -> None:
+        self.cursor.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.cursor.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.connection.in_transaction:  # SQLite may have rolled back already
+            self.cursor.execute("ROLLBACK")
+
+    def savepoint(self) -> None:
+        self.cursor.execute("SAVEPOINT batch")
+
+    def rollback_to_savepoint(self) -> None:
+        self.cursor.execute("ROLLBACK TO batch")
+
+    def release_savepoint(self) -> None:
+        self.cursor.execute("RELEASE batch")
+
+    def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
+        cursor = self.cursor
+        cursor.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (*key, now))
+        if cursor.rowcount:
+            return 2
+        cursor.execute(
+            "UPDATE seen SET seen_at = ? WHERE source = ? AND id = ? AND seen_at <= ?",
+            (now, *key, forgotten_by),
+        )
+        return int(cursor.rowcount > 0)
+
+    def forget_ids(self, seen_by: float | None, limit: int) -> int:
+        """By the time index: the oldest first."""
+        where, parameters = ("WHERE seen_at <= ?", (seen_by,)) if seen_by is not None else ("", ())
+        return self.cursor.execute(
+            "DELETE FROM seen WHERE (source, id) IN "
+            f"(SELECT source, id FROM seen {where} ORDER BY seen_at LIMIT ?)",
+            (*parameters, limit),
+        ).rowcount
+
+    def join_tables(self, counts: RowCounts) -> SQLJoinTables:
+        return SQLJoinTables(self.cursor, counts)
+
+    def write(self, key: StateKey, delta: Delta) -> None:
+        for name, items in delta.parts.items():
+            rows = self.statistics[name].rows(items)
+            self.cursor.executemany(self._upserts[name], [(*key, *row) for row in rows])
+
+    def add_classes(self, model: str, classes: Iterable[int]) -> None:
+        self.cursor.executemany(
+            "INSERT OR IGNORE INTO classes VALUES (?, ?)", [(model, c) for c in classes]
+        )
+
+    def write_tallies(self, tallies: dict[str, int]) -> None:
+        self.cursor.executemany("INSERT OR REPLACE INTO tallies VALUES (?, ?)", tallies.items())
+
+    def close(self) -> None:
+        self.connection.close()
 
 
-def load_state(connection: sqlite3.Connection, state: MetricsState) -> None:
-    """Rebuild the in-memory view, so /v1/metrics continues where it stopped."""
-    cells = np.array(
-        connection.execute("SELECT truth, prediction, count FROM cells").fetchall(), dtype=np.int64
-    ).reshape(-1, 3)
-    if len(cells):
-        state.confusion.add(Cells(cells[:, 0], cells[:, 1], cells[:, 2]))
-    for name, label, value in connection.execute("SELECT name, label, value FROM counters"):
-        state.counters[(name, label)] = value
-    custom = state.custom
-    for key, tags, kind, value in connection.execute(
-        "SELECT key, tags, type, value FROM custom_values"
-    ):
-        custom.types[key] = kind
-        (custom.counters if kind == "COUNTER" else custom.gauges)[series(key, tags)] = value
-    for key, tags, bucket, count, total in connection.execute(
-        "SELECT key, tags, bucket, count, total FROM timer_buckets"
-    ):
-        custom.types[key] = "TIMER"
-        custom.timers.setdefault(series(key, tags), Histogram()).add(bucket, count, total)
-    for bucket, count, total in connection.execute("SELECT bucket, count, total FROM label_delay"):
-        state.label_delay.add(bucket, count, total)
+def upsert(statistic: Statistic[Any, Any]) -> str:
+    """Add rows to a statistic's table, merging each value by the declared merge."""
+    keys = [*KEY_COLUMNS, *(name for name, _ in statistic.keys)]
+    values = [name for name, _ in statistic.values]
+    merged = (
+        f"{v} = {v} + excluded.{v}" if statistic.merge == "sum" else f"{v} = excluded.{v}"
+        for v in values
+    )
+    return (
+        f"INSERT INTO {statistic.name} VALUES ({', '.join('?' * (len(keys) + len(values)))}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(merged)}"
+    )
 
 
-class SQLiteStore(StateStore):
+class SQLiteStore(Committer):
+    """The committer over SQLite: a state file under ``state_dir``, or memory for None."""
+
     def __init__(
         self,
         state: MetricsState,
@@ -224,310 +287,18 @@ class SQLiteStore(StateStore):
         max_custom_series: int | None = None,
         clock: Clock = time.time,
     ) -> None:
-        super().__init__(state)
-        self.durable = state_dir is not None
-        self.retention = retention
-        self.max_ids = max_ids
-        self.joiner = joiner
-        self.join_max_rows = join_max_rows
-        self.clock = clock
-        self.connection = open_connection(
-            state_path(state_dir) if state_dir is not None else None, model_name, model_kind
+        path = state_path(state_dir) if state_dir is not None else None
+        self.connection = connection = open_connection(path, model_name, model_kind)
+        super().__init__(
+            state,
+            SQLiteDialect(connection, durable=path is not None),
+            model_name,
+            retention=retention,
+            max_ids=max_ids,
+            joiner=joiner,
+            join_max_rows=join_max_rows,
+            max_classes=max_classes,
+            reserved_prefixes=reserved_prefixes,
+            max_custom_series=max_custom_series,
+            clock=clock,
         )
-        load_state(self.connection, state)
-        # Owned by whoever writes (the writer thread, or the IOLoop in memory mode), so custom
-        # metric types are decided in commit order, identically in the file and in memory.
-        self.catalog = MetricCatalog(reserved_prefixes, max_custom_series)
-        custom = state.custom
-        self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
-        self.classes = set(state.confusion.classes)
-        self._class_journal: list[int] = []  # classes in the order they were admitted
-        self.max_classes = max_classes
-        # Counted once here; from now on every change keeps the counts (never COUNT(*) again).
-        self.seen_count = self.connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-        self.row_counts = RowCounts.load(self.connection.cursor())
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
-        self._pending: list[_Batch] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._closed = False
-        self._last_purge = float("-inf")
-
-    async def commit(self, entries: Sequence[Entry]) -> list[bool]:
-        """A join whose model may not run in the transaction (a user's) is written once to
-        learn what it scores, rolled back, scored here on the IOLoop, and written again."""
-        scores = self.joiner.scores(len(entries)) if self.joiner is not None else None
-        while True:
-            try:
-                return await self._commit(entries, scores)
-            except Unscored:
-                if scores is None or not scores.score():
-                    raise
-
-    async def _commit(self, entries: Sequence[Entry], scores: Scores | None) -> list[bool]:
-        if self._closed:
-            raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
-        if not self.durable:
-            try:
-                written = self._write([(entries, scores)])
-            except sqlite3.Error as exc:
-                log.exception("state commit failed")
-                raise Unavailable("state store unavailable", reasons.STORE_ERROR) from exc
-            outcome = self._settle(*written)[0]
-            if isinstance(outcome, RequestError):
-                raise outcome
-            return outcome
-        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._pending.append((entries, scores, future))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        """Commit groups until nothing is pending; each group is one transaction."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                group, self._pending = self._pending, []
-                try:
-                    written = await loop.run_in_executor(
-                        self._writer,
-                        self._write,
-                        [(entries, scores) for entries, scores, _ in group],
-                    )
-                    outcomes = self._settle(*written)
-                except Exception:  # never leave a sender hanging: 503, and it retries
-                    log.exception("state commit failed")
-                    for *_, future in group:
-                        future.set_exception(
-                            Unavailable("state store unavailable", reasons.STORE_ERROR)
-                        )
-                    continue
-                for (*_, future), outcome in zip(group, outcomes):
-                    if isinstance(outcome, RequestError):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
-        finally:
-            self._flushing = None
-
-    def _settle(self, outcomes: list[BatchResult], deltas: list[Delta]) -> list[BatchResult]:
-        """After commit: apply the committed deltas to the in-memory view, in commit order."""
-        for delta in deltas:
-            self.state.apply(delta)
-        return outcomes
-
-    def _write(
-        self, batches: list[tuple[Sequence[Entry], Scores | None]]
-    ) -> tuple[list[BatchResult], list[Delta]]:
-        """One transaction for all batches; a batch that fails is rolled back alone."""
-        now = self.clock()
-        cursor = self.connection.cursor()
-        cursor.execute("BEGIN IMMEDIATE")
-        start = self._mark()
-        outcomes: list[BatchResult] = []
-        deltas: list[Delta] = []
-        try:
-            housekeeping = self._housekeeping(cursor, now)
-            if housekeeping is not None:
-                self._persist(cursor, housekeeping)
-                deltas.append(housekeeping)
-            isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
-            for entries, scores in batches:
-                if isolate:
-                    cursor.execute("SAVEPOINT batch")
-                mark = self._mark()
-                try:
-                    # Unscored (scores to compute outside): rolled back like a refused batch
-                    with scores.attempt() if scores else contextlib.nullcontext():
-                        applied, batch_deltas = self._write_batch(cursor, entries, now, scores)
-                except (RequestError, InvalidFeedback) as exc:
-                    if not isolate:
-                        cursor.execute("ROLLBACK")
-                        self._undo(start)
-                        return [as_request_error(exc)], []
-                    cursor.execute("ROLLBACK TO batch")
-                    self._undo(mark)
-                    outcomes.append(as_request_error(exc))
-                else:
-                    outcomes.append(applied)
-                    deltas += batch_deltas
-                if isolate:
-                    cursor.execute("RELEASE batch")
-            cursor.execute("COMMIT")
-        except BaseException:
-            try:
-                if self.connection.in_transaction:  # SQLite may have rolled back already
-                    cursor.execute("ROLLBACK")
-            finally:
-                self._undo(start)
-            raise
-        return outcomes, deltas
-
-    def _mark(self) -> tuple[int, int, int, float, RowCounts]:
-        """What the writer keeps beside the database, to put back if a rollback happens."""
-        counts = self.row_counts.copy()
-        return (
-            len(self._class_journal),
-            self.catalog.mark(),
-            self.seen_count,
-            self._last_purge,
-            counts,
-        )
-
-    def _undo(self, mark: tuple[int, int, int, float, RowCounts]) -> None:
-        classes, catalog, self.seen_count, self._last_purge, counts = mark
-        self.row_counts = counts.copy()
-        while len(self._class_journal) > classes:
-            self.classes.discard(self._class_journal.pop())
-        self.catalog.rollback(catalog)
-
-    def _write_batch(
-        self, cursor: sqlite3.Cursor, entries: Sequence[Entry], now: float, scores: Scores | None
-    ) -> tuple[list[bool], list[Delta]]:
-        applied, deltas = [], []
-        for entry in entries:
-            new = entry.event_key is None or self._first_sighting(cursor, entry.event_key, now)
-            applied.append(new)
-            delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
-            if new and entry.operation is not None:
-                if self.joiner is None or scores is None:
-                    raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
-                tables = SQLJoinTables(cursor, self.row_counts)
-                delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
-            if delta.cells is not None:
-                self._check_classes(delta.cells)
-            delta = self._admit_metrics(delta)
-            self._persist(cursor, delta)
-            deltas.append(delta)
-        return applied, deltas
-
-    def _persist(self, cursor: sqlite3.Cursor, delta: Delta) -> None:
-        """Counts go to the file; in memory mode :class:`MetricsState` is their only home (the
-        count tables of an in-memory database would only ever be written)."""
-        if self.durable:
-            write_delta(cursor, delta)
-
-    def _check_classes(self, cells: Cells) -> None:
-        """The matrix is dense (classes squared): refuse an event that would grow it too far."""
-        new = {*cells.truth.tolist(), *cells.prediction.tolist()} - self.classes
-        if len(self.classes) + len(new) > self.max_classes:
-            raise BadRequest(
-                f"the event would make {len(self.classes) + len(new)} classes; at most "
-                f"{self.max_classes} are kept (--max_classes)",
-                reasons.TOO_MANY_CLASSES,
-            )
-        self.classes |= new
-        self._class_journal += new
-
-    def _admit_metrics(self, delta: Delta) -> Delta:
-        """Drop custom metrics whose family clashes or that exceed the series cap; count them."""
-        if not delta.metrics:
-            return delta
-        kept, refused = self.catalog.admit(delta.metrics)
-        if not refused:
-            return delta
-        counters = (*delta.counters, (METRICS_REJECTED, "", refused))
-        return dataclasses.replace(delta, metrics=tuple(kept), counters=counters)
-
-    def _first_sighting(self, cursor: sqlite3.Cursor, key: tuple[str, str], now: float) -> bool:
-        """Record the event key; False if it was seen within the retention window.
-
-        Only a new row counts in ``seen_count``: an id back after its retention (not purged
-        yet) is new to the counts but keeps its one row.
-        """
-        cursor.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (*key, now))
-        if cursor.rowcount:
-            self.seen_count += 1
-            return True
-        cursor.execute(
-            "UPDATE seen SET seen_at = ? WHERE source = ? AND id = ? AND seen_at <= ?",
-            (now, *key, now - self.retention),
-        )
-        return cursor.rowcount > 0
-
-    def _housekeeping(self, cursor: sqlite3.Cursor, now: float) -> Delta | None:
-        """Before each commit, work bounded by what came since: trim what is over a bound (the
-        oldest first); every ``PURGE_INTERVAL``, forget ids and rows past their time to live."""
-        dropped: Counter[str] = Counter()
-        tables = SQLJoinTables(cursor, self.row_counts)
-        if self.seen_count > self.max_ids:
-            # Down to a little under the bound: one statement trims for the next many commits.
-            excess = self.seen_count - self.max_ids + self.max_ids // TRIM_SLACK_DIVISOR
-            self._forget_ids(cursor, "", (), min(excess, PURGE_BATCH))
-        if now - self._last_purge >= PURGE_INTERVAL:
-            forgotten = self._forget_ids(
-                cursor, "WHERE seen_at <= ?", (now - self.retention,), PURGE_BATCH
-            )
-            if not tables.expire(now, PURGE_BATCH, dropped) and forgotten < PURGE_BATCH:
-                self._last_purge = now  # else more is due: the next commit goes on
-        tables.evict(self.join_max_rows, PURGE_BATCH, dropped)
-        counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
-        labels_lost = dropped[LABEL_EXPIRED] + dropped[LABEL_EVICTED]
-        if labels_lost:
-            counters.append((LABELS, EXPIRED, labels_lost))
-        return Delta(counters=tuple(counters)) if counters else None
-
-    def _forget_ids(
-        self, cursor: sqlite3.Cursor, where: str, parameters: tuple[float, ...], limit: int
-    ) -> int:
-        """Delete up to ``limit`` of the oldest seen ids (matching ``where``), by the time index."""
-        forgotten = cursor.execute(
-            "DELETE FROM seen WHERE (source, id) IN "
-            f"(SELECT source, id FROM seen {where} ORDER BY seen_at LIMIT ?)",
-            (*parameters, limit),
-        ).rowcount
-        self.seen_count -= forgotten
-        return forgotten
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._flushing is not None:
-            await self._flushing
-        self._writer.shutdown(wait=True)
-        self.connection.close()
-
-
-def as_request_error(exc: Exception) -> RequestError:
-    if isinstance(exc, InvalidFeedback):
-        return BadRequest(str(exc), exc.reason)
-    assert isinstance(exc, RequestError)
-    return exc
-
-
-def write_delta(cursor: sqlite3.Cursor, delta: Delta) -> None:
-    if delta.cells is not None:
-        cursor.executemany(
-            "INSERT INTO cells VALUES (?, ?, ?) ON CONFLICT (truth, prediction) "
-            "DO UPDATE SET count = count + excluded.count",
-            delta.cells.items(),
-        )
-    cursor.executemany(
-        "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (name, label) "
-        "DO UPDATE SET value = value + excluded.value",
-        delta.counters,
-    )
-    if delta.delays:
-        cursor.executemany(
-            "INSERT INTO label_delay VALUES (?, ?, ?) ON CONFLICT (bucket) "
-            "DO UPDATE SET count = count + excluded.count, total = total + excluded.total",
-            [
-                (bucket_index(DELAY_BUCKETS, seconds), rows, seconds * rows)
-                for seconds, rows in delta.delays
-            ],
-        )
-    for metric in delta.metrics:
-        family, tags = family_name(metric), json.dumps(metric.tags)
-        if metric.type == "TIMER":
-            seconds = metric.seconds
-            cursor.execute(
-                "INSERT INTO timer_buckets VALUES (?, ?, ?, 1, ?) ON CONFLICT (key, tags, bucket) "
-                "DO UPDATE SET count = count + 1, total = total + excluded.total",
-                (family, tags, bucket_index(TIMER_BUCKETS, seconds), seconds),
-            )
-        else:
-            update = "value + excluded.value" if metric.type == "COUNTER" else "excluded.value"
-            cursor.execute(
-                "INSERT INTO custom_values VALUES (?, ?, ?, ?) ON CONFLICT (key, tags) "
-                f"DO UPDATE SET value = {update}",
-                (family, tags, metric.type, metric.value),
-            )

@@ -1,0 +1,1 @@
+"""State: deltas, the in-memory view, the join, and the store that commits them."""

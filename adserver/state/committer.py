@@ -1,0 +1,437 @@
+"""The backend-neutral committer: every policy of a commit, over a backend's :class:`Dialect`.
+
+Dedup (an event key counts once within the retention), caps (classes, custom series), catalog
+admission, the join, housekeeping (trim and expire, in bounded batches, on a schedule), group
+commit and the bookkeeping a rollback puts back all live here, once. A dialect supplies only the
+statements: a transaction and its savepoints, remembered ids, join tables, and the rows of
+declared statistics keyed by :class:`StateKey`.
+
+What replicas will share is state, kept in the store: the classes (``classes``), the custom
+catalog (the custom statistics' own keys) and the counts of remembered ids and rows (tallies).
+A dialect here is its store's only writer (SQLite holds a lock on its file), so the committer
+reads them once at start-up, keeps them in memory and writes them through in each transaction;
+a shared dialect (PostgreSQL) will read them inside the transaction instead.
+
+An event is acknowledged only after its transaction committed; a redelivered event finds its
+key remembered and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from adserver.catalogue import reasons
+from adserver.catalogue.families import (
+    EVENTS_DUPLICATE,
+    EVICTED,
+    EXPIRED,
+    LABEL_EVICTED,
+    LABEL_EXPIRED,
+    LABELS,
+    METRICS_REJECTED,
+)
+from adserver.errors import BadRequest, RequestError, Unavailable
+from adserver.state.join import Joiner, JoinTables, Scores, Unscored
+from adserver.state.statistics import Row, StateKey, Statistic
+from adserver.state.store import Clock, Entry, StateStore
+from adserver.state.view import Delta, KeyedState, MetricsState
+from cm_models.base import InvalidFeedback
+from cm_models.custom_metrics import MetricCatalog
+
+log = logging.getLogger(__name__)
+
+PURGE_INTERVAL = 60.0  # seconds between sweeps of expired ids and rows
+# Most seen ids, logged requests and parked labels one commit deletes per table: a sweep that
+# finds more goes on at the next commit, so no transaction does work that grew with history.
+PURGE_BATCH = 1000
+# Seen ids are trimmed to this fraction of --dedup_max_ids under the bound (1/1000: 1000 ids at
+# the default), so a full table pays one batched delete per thousand events, not one per event.
+TRIM_SLACK_DIVISOR = 1000
+# The tallies a store keeps (a row each): remembered event ids, and rows the join holds.
+SEEN_IDS, LOGGED_ROWS, PARKED_ROWS = "seen_ids", "logged_rows", "parked_rows"
+
+BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
+_Batch = tuple[Sequence[Entry], Scores | None, "asyncio.Future[list[bool]]"]
+
+
+@dataclass
+class RowCounts:
+    """Rows the join tables hold, kept with every change (never counted), so bounds are checked
+    for free; restored with the database on rollback."""
+
+    logged: int = 0  # row slots of logged requests (input and prediction of a row share one)
+    parked: int = 0
+
+    def copy(self) -> RowCounts:
+        return RowCounts(self.logged, self.parked)
+
+
+class StoredJoinTables(JoinTables, Protocol):
+    """A dialect's join tables, with the housekeeping the committer schedules."""
+
+    def expire(self, now: float, batch: int, dropped: Counter[str]) -> bool:
+        """Drop up to ``batch`` requests and labels past their time; True if more are due."""
+
+    def evict(self, max_rows: int, batch: int, dropped: Counter[str]) -> None:
+        """Above ``max_rows``, drop up to ``batch`` requests and labels, in eviction order."""
+
+
+class Dialect(Protocol):
+    """The statements of one backend. Calls between :meth:`begin` and :meth:`commit` (or
+    :meth:`rollback`) run in one transaction, on one thread."""
+
+    #: Commits reach a disk (they run on the writer thread, counts are written); False is an
+    #: in-process database, run inline, whose counts live only in the view.
+    durable: bool
+    #: The exceptions that mean a transient fault (the client retries on 503).
+    errors: tuple[type[Exception], ...]
+
+    def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
+        """Make (or check) each statistic's table."""
+
+    def load(self, statistic: Statistic[Any, Any]) -> Iterator[tuple[StateKey, list[Row]]]:
+        """Every stored row of a statistic, by key."""
+
+    def classes(self, model: str) -> set[int]:
+        """The classes a model's counts have admitted."""
+
+    def tallies(self) -> dict[str, int]: ...
+
+    def begin(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """Undo the open transaction, if SQL has not already."""
+
+    def savepoint(self) -> None: ...
+
+    def rollback_to_savepoint(self) -> None: ...
+
+    def release_savepoint(self) -> None: ...
+
+    def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
+        """Record an event key at ``now``: 2 for a new row, 1 for a known key last seen at or
+        before ``forgotten_by`` (it counts again), 0 for a duplicate."""
+
+    def forget_ids(self, seen_by: float | None, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest remembered ids (of those last seen at or before
+        ``seen_by``, if given); returns how many went."""
+
+    def join_tables(self, counts: RowCounts) -> StoredJoinTables: ...
+
+    def write(self, key: StateKey, delta: Delta) -> None:
+        """Add a delta's rows to its statistics' tables, by their merge."""
+
+    def add_classes(self, model: str, classes: Iterable[int]) -> None: ...
+
+    def write_tallies(self, tallies: dict[str, int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# What the committer keeps beside the database, put back when a transaction rolls back.
+_Mark = tuple[int, int, int, float, RowCounts]
+
+
+class Committer(StateStore):
+    def __init__(
+        self,
+        state: MetricsState,
+        dialect: Dialect,
+        model_name: str,
+        *,
+        retention: float,
+        max_ids: int,
+        joiner: Joiner | None = None,
+        join_max_rows: int = 1_000_000,
+        max_classes: int = 1000,
+        reserved_prefixes: tuple[str, ...] = (),
+        max_custom_series: int | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        super().__init__(state)
+        self.dialect = dialect
+        self.retention = retention
+        self.max_ids = max_ids
+        self.joiner = joiner
+        self.join_max_rows = join_max_rows
+        self.max_classes = max_classes
+        self.clock = clock
+        self.key = StateKey(model_name)  # every count goes here, for now
+        self.views = KeyedState(self.key, state)
+        dialect.prepare(state.statistics.values())
+        load_views(dialect, self.views)
+        # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
+        # decides custom metric types and classes in commit order, identically in any mode.
+        self.catalog = MetricCatalog(reserved_prefixes, max_custom_series)
+        for view in self.views.views.values():
+            custom = view.custom
+            self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
+        self.classes = dialect.classes(model_name) | set(state.confusion.classes)
+        self._class_journal: list[int] = []  # classes in the order they were admitted
+        tallies = dialect.tallies()
+        self.seen_count = tallies.get(SEEN_IDS, 0)
+        self.row_counts = RowCounts(tallies.get(LOGGED_ROWS, 0), tallies.get(PARKED_ROWS, 0))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self._pending: list[_Batch] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_purge = float("-inf")
+
+    async def commit(self, entries: Sequence[Entry]) -> list[bool]:
+        """A join whose model may not run in the transaction (a user's) is written once to
+        learn what it scores, rolled back, scored here on the IOLoop, and written again."""
+        scores = self.joiner.scores(len(entries)) if self.joiner is not None else None
+        while True:
+            try:
+                return await self._commit(entries, scores)
+            except Unscored:
+                if scores is None or not scores.score():
+                    raise
+
+    async def _commit(self, entries: Sequence[Entry], scores: Scores | None) -> list[bool]:
+        if self._closed:
+            raise Unavailable("the server is shutting down", reasons.SHUTTING_DOWN)
+        if not self.dialect.durable:
+            try:
+                written = self._write([(entries, scores)])
+            except self.dialect.errors as exc:
+                log.exception("state commit failed")
+                raise Unavailable("state store unavailable", reasons.STORE_ERROR) from exc
+            outcome = self._settle(*written)[0]
+            if isinstance(outcome, RequestError):
+                raise outcome
+            return outcome
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._pending.append((entries, scores, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Commit groups until nothing is pending; each group is one transaction."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                try:
+                    written = await loop.run_in_executor(
+                        self._writer,
+                        self._write,
+                        [(entries, scores) for entries, scores, _ in group],
+                    )
+                    outcomes = self._settle(*written)
+                except Exception:  # never leave a sender hanging: 503, and it retries
+                    log.exception("state commit failed")
+                    for *_, future in group:
+                        future.set_exception(
+                            Unavailable("state store unavailable", reasons.STORE_ERROR)
+                        )
+                    continue
+                for (*_, future), outcome in zip(group, outcomes):
+                    if isinstance(outcome, RequestError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._flushing = None
+
+    def _settle(
+        self, outcomes: list[BatchResult], deltas: list[tuple[StateKey, Delta]]
+    ) -> list[BatchResult]:
+        """After commit: apply the committed deltas to the in-memory view, in commit order."""
+        for key, delta in deltas:
+            self.views.apply(key, delta)
+        return outcomes
+
+    def _write(
+        self, batches: list[tuple[Sequence[Entry], Scores | None]]
+    ) -> tuple[list[BatchResult], list[tuple[StateKey, Delta]]]:
+        """One transaction for all batches; a batch that fails is rolled back alone."""
+        now = self.clock()
+        dialect = self.dialect
+        dialect.begin()
+        start = self._mark()
+        outcomes: list[BatchResult] = []
+        deltas: list[tuple[StateKey, Delta]] = []
+        try:
+            housekeeping = self._housekeeping(now)
+            if housekeeping is not None:
+                self._persist(self.key, housekeeping)
+                deltas.append((self.key, housekeeping))
+            isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
+            for entries, scores in batches:
+                if isolate:
+                    dialect.savepoint()
+                mark = self._mark()
+                try:
+                    # Unscored (scores to compute outside): rolled back like a refused batch
+                    with scores.attempt() if scores else contextlib.nullcontext():
+                        applied, batch_deltas = self._write_batch(entries, now, scores)
+                except (RequestError, InvalidFeedback) as exc:
+                    if not isolate:
+                        dialect.rollback()
+                        self._undo(start)
+                        return [as_request_error(exc)], []
+                    dialect.rollback_to_savepoint()
+                    self._undo(mark)
+                    outcomes.append(as_request_error(exc))
+                else:
+                    outcomes.append(applied)
+                    deltas += batch_deltas
+                if isolate:
+                    dialect.release_savepoint()
+            self._write_tallies(start)
+            dialect.commit()
+        except BaseException:
+            try:
+                dialect.rollback()
+            finally:
+                self._undo(start)
+            raise
+        return outcomes, deltas
+
+    def _mark(self) -> _Mark:
+        """What the writer keeps beside the database, to put back if a rollback happens."""
+        return (
+            len(self._class_journal),
+            self.catalog.mark(),
+            self.seen_count,
+            self._last_purge,
+            self.row_counts.copy(),
+        )
+
+    def _undo(self, mark: _Mark) -> None:
+        classes, catalog, self.seen_count, self._last_purge, counts = mark
+        self.row_counts = counts.copy()
+        while len(self._class_journal) > classes:
+            self.classes.discard(self._class_journal.pop())
+        self.catalog.rollback(catalog)
+
+    def _write_batch(
+        self, entries: Sequence[Entry], now: float, scores: Scores | None
+    ) -> tuple[list[bool], list[tuple[StateKey, Delta]]]:
+        applied, deltas = [], []
+        for entry in entries:
+            new = entry.event_key is None or self._first_sighting(entry.event_key, now)
+            applied.append(new)
+            delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
+            if new and entry.operation is not None:
+                if self.joiner is None or scores is None:
+                    raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
+                tables = self.dialect.join_tables(self.row_counts)
+                delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
+            self._check_classes(delta)
+            delta = self._admit_metrics(delta)
+            self._persist(self.key, delta)
+            deltas.append((self.key, delta))
+        return applied, deltas
+
+    def _persist(self, key: StateKey, delta: Delta) -> None:
+        """Counts go to a durable store; in memory mode :class:`MetricsState` is their only
+        home (the count tables of an in-memory database would only ever be written)."""
+        if self.dialect.durable:
+            self.dialect.write(key, delta)
+
+    def _write_tallies(self, start: _Mark) -> None:
+        """The tallies that moved in this transaction, written once at its end."""
+        if not self.dialect.durable:
+            return
+        before = start[4]
+        tallies = {
+            SEEN_IDS: (start[2], self.seen_count),
+            LOGGED_ROWS: (before.logged, self.row_counts.logged),
+            PARKED_ROWS: (before.parked, self.row_counts.parked),
+        }
+        moved = {name: now for name, (then, now) in tallies.items() if then != now}
+        if moved:
+            self.dialect.write_tallies(moved)
+
+    def _check_classes(self, delta: Delta) -> None:
+        """The matrix is dense (classes squared): refuse an event that would grow it too far."""
+        new: set[int] = set()
+        for cells in delta.cells:
+            new.update(cells.truth.tolist(), cells.prediction.tolist())
+        new -= self.classes
+        if not new:
+            return
+        if len(self.classes) + len(new) > self.max_classes:
+            raise BadRequest(
+                f"the event would make {len(self.classes) + len(new)} classes; at most "
+                f"{self.max_classes} are kept (--max_classes)",
+                reasons.TOO_MANY_CLASSES,
+            )
+        self.classes |= new
+        self._class_journal += new
+        if self.dialect.durable:
+            self.dialect.add_classes(self.key.model, new)
+
+    def _admit_metrics(self, delta: Delta) -> Delta:
+        """Custom metrics become statistics, but those whose family clashes or that exceed the
+        series cap, which are dropped and counted."""
+        if not delta.metrics:
+            return delta
+        kept, refused = self.catalog.admit(delta.metrics)
+        return delta.admitted(kept, refused, METRICS_REJECTED)
+
+    def _first_sighting(self, key: tuple[str, str], now: float) -> bool:
+        """Record the event key; False if it was seen within the retention window.
+
+        Only a new row counts in ``seen_count``: an id back after its retention (not purged
+        yet) is new to the counts but keeps its one row.
+        """
+        found = self.dialect.remember(key, now, now - self.retention)
+        self.seen_count += found == 2
+        return found > 0
+
+    def _housekeeping(self, now: float) -> Delta | None:
+        """Before each commit, work bounded by what came since: trim what is over a bound (the
+        oldest first); every ``PURGE_INTERVAL``, forget ids and rows past their time to live."""
+        dropped: Counter[str] = Counter()
+        tables = self.dialect.join_tables(self.row_counts)
+        if self.seen_count > self.max_ids:
+            # Down to a little under the bound: one statement trims for the next many commits.
+            excess = self.seen_count - self.max_ids + self.max_ids // TRIM_SLACK_DIVISOR
+            self.seen_count -= self.dialect.forget_ids(None, min(excess, PURGE_BATCH))
+        if now - self._last_purge >= PURGE_INTERVAL:
+            forgotten = self.dialect.forget_ids(now - self.retention, PURGE_BATCH)
+            self.seen_count -= forgotten
+            if not tables.expire(now, PURGE_BATCH, dropped) and forgotten < PURGE_BATCH:
+                self._last_purge = now  # else more is due: the next commit goes on
+        tables.evict(self.join_max_rows, PURGE_BATCH, dropped)
+        counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
+        labels_lost = dropped[LABEL_EXPIRED] + dropped[LABEL_EVICTED]
+        if labels_lost:
+            counters.append((LABELS, EXPIRED, labels_lost))
+        return Delta(counters=tuple(counters)) if counters else None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flushing is not None:
+            await self._flushing
+        self._writer.shutdown(wait=True)
+        self.dialect.close()
+
+
+def load_views(dialect: Dialect, views: KeyedState) -> None:
+    """Merge everything a store holds into ``views``: at start-up, or another replica's (counts
+    add by each statistic's merge)."""
+    for statistic in views.at(views.default).statistics.values():
+        for key, rows in dialect.load(statistic):
+            views.at(key).load(statistic.name, rows)
+
+
+def as_request_error(exc: Exception) -> RequestError:
+    if isinstance(exc, InvalidFeedback):
+        return BadRequest(str(exc), exc.reason)
+    assert isinstance(exc, RequestError)
+    return exc
