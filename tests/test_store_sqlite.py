@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -26,7 +27,7 @@ from adserver.state.sqlite.store import (
     reset_state,
     state_path,
 )
-from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT
+from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT, StateKey
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
@@ -430,4 +431,33 @@ def test_classes_and_tallies_are_stored_with_the_counts(tmp_path: Path) -> None:
     assert tallies == {"seen_ids": 2, "logged_rows": 3, "parked_rows": 0}
     reopened = open_sqlite(tmp_path, max_classes=3)
     assert (reopened.seen_count, reopened.row_counts.logged) == (2, 3)
-    assert reopened.classes == {0, 1}
+    assert reopened.classes == {"m": {0, 1}}
+
+
+def test_an_entry_counts_under_its_own_key_across_a_restart(tmp_path: Path) -> None:
+    """State is addressed by (model, segment, bucket): an entry's key keeps its counts apart
+    from the default key's, in the file too; each model's classes have their own cap."""
+    canary = StateKey("m", "canary", 0)
+    other = StateKey("other")
+
+    async def scenario() -> None:
+        store = open_sqlite(tmp_path, max_classes=2)
+        keyed = dataclasses.replace(event("a", [1, 1], [1, 0]), key=canary)
+        assert await store.commit([keyed, event("b", [0], [0])]) == [True, True]
+        # "m" holds classes 0 and 1: a third is refused for it, not for another model
+        with pytest.raises(RequestError):
+            await store.commit([dataclasses.replace(event("c", [2], [2]), key=canary)])
+        assert await store.commit([dataclasses.replace(event("d", [2], [3]), key=other)]) == [
+            True
+        ]
+        await store.close()
+
+    run(scenario())
+    reopened = open_sqlite(tmp_path, max_classes=2)
+    views = reopened.views
+    assert views.at(canary).confusion.matrix().tolist() == [[0, 0], [1, 1]]
+    assert views.at(views.default).confusion.matrix().tolist() == [[1]]
+    assert views.at(other).confusion.classes == [2, 3]
+    assert reopened.classes == {"m": {0, 1}}  # another model's are read when it counts
+    assert reopened.dialect.classes("other") == {2, 3}
+    run(reopened.close())

@@ -166,7 +166,7 @@ class Committer(StateStore):
         self.join_max_rows = join_max_rows
         self.max_classes = max_classes
         self.clock = clock
-        self.key = StateKey(model_name)  # every count goes here, for now
+        self.key = StateKey(model_name)  # where an entry without a key counts
         self.views = KeyedState(self.key, state)
         dialect.prepare(state.statistics.values())
         load_views(dialect, self.views)
@@ -176,8 +176,9 @@ class Committer(StateStore):
         for view in self.views.views.values():
             custom = view.custom
             self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
-        self.classes = dialect.classes(model_name) | set(state.confusion.classes)
-        self._class_journal: list[int] = []  # classes in the order they were admitted
+        # Admitted classes by model (each model's matrix has its own cap).
+        self.classes = {model_name: dialect.classes(model_name) | set(state.confusion.classes)}
+        self._class_journal: list[tuple[str, int]] = []  # (model, class) in admission order
         tallies = dialect.tallies()
         self.seen_count = tallies.get(SEEN_IDS, 0)
         self.row_counts = RowCounts(tallies.get(LOGGED_ROWS, 0), tallies.get(PARKED_ROWS, 0))
@@ -314,7 +315,8 @@ class Committer(StateStore):
         classes, catalog, self.seen_count, self._last_purge, counts = mark
         self.row_counts = counts.copy()
         while len(self._class_journal) > classes:
-            self.classes.discard(self._class_journal.pop())
+            model, admitted = self._class_journal.pop()
+            self.classes[model].discard(admitted)
         self.catalog.rollback(catalog)
 
     def _write_batch(
@@ -330,10 +332,11 @@ class Committer(StateStore):
                     raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
                 tables = self.dialect.join_tables(self.row_counts)
                 delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
-            self._check_classes(delta)
+            key = entry.key or self.key
+            self._check_classes(key.model, delta)
             delta = self._admit_metrics(delta)
-            self._persist(self.key, delta)
-            deltas.append((self.key, delta))
+            self._persist(key, delta)
+            deltas.append((key, delta))
         return applied, deltas
 
     def _persist(self, key: StateKey, delta: Delta) -> None:
@@ -356,24 +359,30 @@ class Committer(StateStore):
         if moved:
             self.dialect.write_tallies(moved)
 
-    def _check_classes(self, delta: Delta) -> None:
-        """The matrix is dense (classes squared): refuse an event that would grow it too far."""
+    def _check_classes(self, model: str, delta: Delta) -> None:
+        """The matrix is dense (classes squared): refuse an event that would grow a model's too
+        far."""
         new: set[int] = set()
         for cells in delta.cells:
             new.update(cells.truth.tolist(), cells.prediction.tolist())
-        new -= self.classes
         if not new:
             return
-        if len(self.classes) + len(new) > self.max_classes:
+        known = self.classes.get(model)
+        if known is None:
+            known = self.classes[model] = self.dialect.classes(model)
+        new -= known
+        if not new:
+            return
+        if len(known) + len(new) > self.max_classes:
             raise BadRequest(
-                f"the event would make {len(self.classes) + len(new)} classes; at most "
+                f"the event would make {len(known) + len(new)} classes; at most "
                 f"{self.max_classes} are kept (--max_classes)",
                 reasons.TOO_MANY_CLASSES,
             )
-        self.classes |= new
-        self._class_journal += new
+        known |= new
+        self._class_journal += [(model, c) for c in new]
         if self.dialect.durable:
-            self.dialect.add_classes(self.key.model, new)
+            self.dialect.add_classes(model, new)
 
     def _admit_metrics(self, delta: Delta) -> Delta:
         """Custom metrics become statistics, but those whose family clashes or that exceed the

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
+from adserver.state.statistics import StateKey
 from adserver.state.view import Delta, MetricsState
 
 Clock = Callable[[], float]
@@ -24,12 +25,15 @@ class Entry:
 
     ``delta`` is known up front; ``operation`` (a logged prediction or a label to join) adds a
     delta the store computes inside its transaction, from what it holds. ``event_key`` is
-    (source, id), or None when the event cannot be deduplicated (a plain POST).
+    (source, id), or None when the event cannot be deduplicated (a plain POST). ``key`` is where
+    its counts go (model, segment, time bucket); None is the store's default key: its one model,
+    all of its traffic, all time (the only key in use until events are routed).
     """
 
     delta: Delta = field(default_factory=Delta)
     event_key: tuple[str, str] | None = None
     operation: LoggedRows | Label | None = None
+    key: StateKey | None = None
 
 
 class StateStore(ABC):
