@@ -19,7 +19,6 @@ key remembered and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -191,7 +190,8 @@ class Committer(StateStore):
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
         """A join whose model may not run in the transaction (a user's) is written once to
         learn what it scores, rolled back, scored here on the IOLoop, and written again."""
-        scores = self.joiner.scores(len(entries)) if self.joiner is not None else None
+        joins = self.joiner is not None and any(e.operation is not None for e in entries)
+        scores = self.joiner.scores(len(entries)) if joins and self.joiner else None
         while True:
             try:
                 return await self._commit(entries, scores)
@@ -273,11 +273,9 @@ class Committer(StateStore):
             for entries, scores in batches:
                 if isolate:
                     dialect.savepoint()
-                mark = self._mark()
+                mark = self._mark() if isolate else start
                 try:
-                    # Unscored (scores to compute outside): rolled back like a refused batch
-                    with scores.attempt() if scores else contextlib.nullcontext():
-                        applied, batch_deltas = self._write_batch(entries, now, scores)
+                    applied, batch_deltas = self._attempt(entries, now, scores)
                 except (RequestError, InvalidFeedback) as exc:
                     if not isolate:
                         dialect.rollback()
@@ -319,6 +317,16 @@ class Committer(StateStore):
             self.classes[model].discard(admitted)
         self.catalog.rollback(catalog)
 
+    def _attempt(
+        self, entries: Sequence[Entry], now: float, scores: Scores | None
+    ) -> tuple[list[bool], list[tuple[StateKey, Delta]]]:
+        """One batch's writes; with joins, an attempt that raises :class:`Unscored` if it needs
+        scores computed outside (rolled back like a refused batch)."""
+        if scores is None:
+            return self._write_batch(entries, now, None)
+        with scores.attempt():
+            return self._write_batch(entries, now, scores)
+
     def _write_batch(
         self, entries: Sequence[Entry], now: float, scores: Scores | None
     ) -> tuple[list[bool], list[tuple[StateKey, Delta]]]:
@@ -350,6 +358,12 @@ class Committer(StateStore):
         if not self.dialect.durable:
             return
         before = start[4]
+        if (start[2], before.logged, before.parked) == (
+            self.seen_count,
+            self.row_counts.logged,
+            self.row_counts.parked,
+        ):
+            return
         tallies = {
             SEEN_IDS: (start[2], self.seen_count),
             LOGGED_ROWS: (before.logged, self.row_counts.logged),
