@@ -24,16 +24,10 @@ from adserver.state.store import Entry
 from adserver.state.view import MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
-from tests.helpers import (
-    DATA,
-    FakeClock,
-    ServerFactory,
-    ce_headers,
-    new_id,
-    post_json,
-    scrape,
-    value,
-)
+from tests.support.events import ce_headers, new_id
+from tests.support.http import post_json, scrape, value
+from tests.support.processes import DATA, ServerFactory
+from tests.support.timing import FakeClock
 
 USER_MODELS = str(DATA / "user_models")
 
