@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import tornado.httpserver
 
+from adserver.catalogue.families import METHOD, METHOD_DEFAULT
 from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.exposition.collector import FeedbackCollector, build_registry
 from adserver.exposition.seldon_labels import seldon_default_labels
@@ -83,7 +84,7 @@ def build_server(settings: Settings) -> Server:
         state,
         has_confusion=model.has_confusion,
         seldon_class_label=model.seldon_class_label,
-        seldon_labels={**seldon_default_labels(), "method": settings.event_type or "feedback"},
+        seldon_labels={**seldon_default_labels(), METHOD: settings.event_type or METHOD_DEFAULT},
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -165,21 +165,26 @@ LOGGING = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 
 
 def exempt(tree: ast.AST) -> set[int]:
-    """Strings that are no count: log messages and SQL parameter names (ids of their nodes)."""
+    """Strings that are no count: log messages and fields, and SQL parameter names (ids of their
+    nodes)."""
     found = set()
     for name, call in calls(tree):
         if name in LOGGING:
             found |= {id(a) for a in call.args}
+            found |= {
+                id(k) for w in call.keywords if isinstance(w.value, ast.Dict) for k in w.value.keys
+            }
         elif name in ("execute", "executemany"):
             found |= {id(k) for a in call.args if isinstance(a, ast.Dict) for k in a.keys}
     return found
 
 
-def test_no_reason_name_or_label_value_is_spelled_out() -> None:
-    """Outside adserver/catalogue/, no string is a catalogued reason, counter name, label
-    value (an outcome, an eviction reason, an ``ignored_`` kind) or family name."""
+def spelled_out(found: Callable[[ast.AST], Iterator[ast.Constant]]) -> list[str]:
+    """Where, outside adserver/catalogue/, ``found`` finds a string of a module's tree (but log
+    text and SQL parameter names)."""
     root = Path(__file__).resolve().parents[1]
     sources = [*root.joinpath("adserver").rglob("*.py"), *root.joinpath("cm_models").rglob("*.py")]
+    assert len(sources) > 40  # the scan still reads the packages
     spelled = []
     for path in sources:
         if path.parent.name == "catalogue":
@@ -188,13 +193,40 @@ def test_no_reason_name_or_label_value_is_spelled_out() -> None:
         skip = exempt(tree)
         spelled += [
             f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Constant)
-            and isinstance(node.value, str)
-            and id(node) not in skip
-            and (node.value in CATALOGUED or node.value.startswith(CATALOGUED_PREFIXES))
+            for node in found(tree)
+            if id(node) not in skip
         ]
-    assert len(sources) > 40  # the scan still reads the packages
+    return spelled
+
+
+def test_no_reason_name_or_label_value_is_spelled_out() -> None:
+    """Outside adserver/catalogue/, no string is a catalogued reason, counter name, label
+    value (an outcome, an eviction reason, an ``ignored_`` kind) or family name."""
+
+    def catalogued(tree: ast.AST) -> Iterator[ast.Constant]:
+        strings = (
+            n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        )
+        for node in strings:
+            if node.value in CATALOGUED or node.value.startswith(CATALOGUED_PREFIXES):
+                yield node
+
+    spelled = spelled_out(catalogued)
+    assert not spelled, f"spelled out instead of taken from adserver/catalogue/: {spelled}"
+
+
+def test_no_seldon_label_name_is_spelled_out() -> None:
+    """No label set names a Seldon label (``method``, the default labels) by a string of its own:
+    a dict key is the catalogue's constant."""
+
+    def seldon_keys(tree: ast.AST) -> Iterator[ast.Constant]:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                for key in node.keys:
+                    if isinstance(key, ast.Constant) and key.value in families.SELDON_LABELS:
+                        yield key
+
+    spelled = spelled_out(seldon_keys)
     assert not spelled, f"spelled out instead of taken from adserver/catalogue/: {spelled}"
 
 

@@ -15,19 +15,11 @@ import pytest
 import requests
 
 from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
-from tests.helpers import (
-    DATA,
-    MULTICLASS_NUMERIC,
-    REPLY_FLAGS,
-    ServerFactory,
-    Sink,
-    ce_headers,
-    feedback,
-    new_id,
-    post_json,
-    send_event,
-    wait_until,
-)
+from tests.support.events import ce_headers, feedback, new_id
+from tests.support.http import post_json, send_event
+from tests.support.processes import DATA, MULTICLASS_NUMERIC, REPLY_FLAGS, ServerFactory
+from tests.support.sink import Sink
+from tests.support.timing import wait_until
 
 GOLDEN = DATA / "exposition"
 FORMATS = {

@@ -25,8 +25,9 @@ from adserver.catalogue.wire import (
     SELDON_RESPONSE_TYPE,
 )
 from adserver.settings import Settings
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows, as_rows
-from adserver.state.sqlite.store import SQLiteStore
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore
 from adserver.state.store import Entry
 from adserver.state.view import MetricsState
 from adserver.wire.tftensor import MAX_FILLED_VALUES
@@ -214,8 +215,9 @@ def run(coroutine: Any) -> Any:
 def joining_store(clock: FakeClock, ttl: float, **options: int) -> SQLiteStore:
     """An in-memory store that joins labels for a MultiClassNumeric model."""
     joiner = Joiner(MultiClassNumeric().observe, ttl=ttl)
+    policy = CommitPolicy(retention=10, max_ids=100, **options)
     return SQLiteStore(
-        MetricsState(), None, "m", retention=10, max_ids=100, joiner=joiner, clock=clock, **options
+        MetricsState(), SQLiteDialect.open(None, "m"), "m", policy, joiner=joiner, clock=clock
     )
 
 
@@ -397,9 +399,9 @@ def recording_store(scored: list[tuple[Any, Any, Any]]) -> SQLiteStore:
         scored.append((truth, response, request))
         return Observation()
 
-    return SQLiteStore(
-        MetricsState(), None, "m", retention=10, max_ids=100, joiner=Joiner(score, ttl=100)
-    )
+    policy = CommitPolicy(retention=10, max_ids=100)
+    dialect = SQLiteDialect.open(None, "m")
+    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=Joiner(score, ttl=100))
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from tests.support.events import (
     STRUCTURED_TYPE,
     ce_headers,
     feedback,
+    lower,
     new_id,
     structured,
 )
@@ -44,10 +45,6 @@ NOT_COPIED = {
     "protocol": "seldon",
     "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 }
-
-
-def lower(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
 
 
 def ce_attributes(headers: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from adserver.catalogue.wire import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
-from adserver.state.sqlite.store import SQLiteStore
+from adserver.state.committer import CommitPolicy
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from tests.support.events import STRUCTURED_TYPE, ce_headers, new_id, structured
@@ -50,9 +51,9 @@ def test_seen_count_matches_the_table_after_an_expired_id_returns(tmp_path: Path
     """An id seen again after its retention (not yet purged) is counted new, but the table
     holds one row for it: the kept count must not grow, or trimming starts early."""
     clock = FakeClock()
-    store = SQLiteStore(
-        MetricsState(), str(tmp_path), "m", retention=10.0, max_ids=1000, clock=clock
-    )
+    dialect = SQLiteDialect.open(str(tmp_path), "m")
+    policy = CommitPolicy(retention=10.0, max_ids=1000)
+    store = SQLiteStore(MetricsState(), dialect, "m", policy, clock=clock)
 
     async def scenario() -> None:
         entry = Entry(Delta(counters=(("events_accepted", "", 1),)), ("src", "a"))

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from adserver.state.sqlite.schema import migrate
+from adserver.state.statistics import Sums
+from adserver.state.view import COUNTERS
+from cm_models import MultiClassNumeric
 from tests.support.events import feedback
 from tests.support.http import model_doc, scrape, send_event
 from tests.support.processes import (
@@ -58,6 +61,17 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
 )
 def test_invalid_settings_exit_2(args: tuple[str, ...], env: dict[str, str], named: str) -> None:
     assert named in refused("--state", "memory", *args, env=env)
+
+
+class ClashingStatistics(MultiClassNumeric):
+    """Declares a statistic under the name of one the server keeps itself."""
+
+    statistics = (Sums(COUNTERS, keys=[("truth", "int")], values=[("rows", "int")]),)
+
+
+def test_a_statistic_named_like_a_built_in_one_is_refused() -> None:
+    message = refused("--state", "memory", "--storage_uri", "tests.test_startup.ClashingStatistics")
+    assert f"statistics named [{COUNTERS!r}]" in message and "rename" in message
 
 
 def test_second_server_on_one_state_dir_is_refused(servers: ServerFactory, tmp_path: Path) -> None:

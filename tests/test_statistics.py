@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adserver.state.committer import load_views
+from adserver.state.committer import CommitPolicy, load_views
 from adserver.state.join import Joiner, Label, LoggedRows
-from adserver.state.sqlite.store import SQLiteStore, StateFileError
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, StateFileError
 from adserver.state.statistics import StateKey, Sums
 from adserver.state.store import Entry
 from adserver.state.view import Delta, KeyedState, MetricsState
@@ -52,10 +52,9 @@ def store(directory: Path, **options: Any) -> SQLiteStore:
     model = ErrorSums()
     return SQLiteStore(
         MetricsState(statistics=model.statistics),
-        str(directory),
+        SQLiteDialect.open(str(directory), "m"),
         "m",
-        retention=1e9,
-        max_ids=100,
+        CommitPolicy(retention=1e9, max_ids=100),
         joiner=Joiner(model.observe, ttl=1e9),
         **options,
     )
@@ -106,4 +105,6 @@ def test_a_declaration_that_changed_its_columns_is_refused(tmp_path: Path) -> No
     write(tmp_path, ([1], [1]), ([0], [0]))
     changed = Sums(ABS_ERROR.name, keys=[("truth", "int")], values=[("total", "real")])
     with pytest.raises(StateFileError, match="abs_error"):
-        SQLiteStore(MetricsState(statistics=[changed]), str(tmp_path), "m", retention=1, max_ids=1)
+        dialect = SQLiteDialect.open(str(tmp_path), "m")
+        state = MetricsState(statistics=[changed])
+        SQLiteStore(state, dialect, "m", CommitPolicy(retention=1, max_ids=1))

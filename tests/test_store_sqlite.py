@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import pytest
 from adserver.errors import RequestError
 from adserver.exposition.summary import model_summary
 from adserver.http.answers import json_error
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from adserver.state.sqlite.store import (
     PURGE_BATCH,
+    SQLiteDialect,
     SQLiteStore,
     StateFileError,
     create_spill_file,
@@ -43,11 +46,16 @@ def event(event_id: str, truth: list[int], predicted: list[int], **extra) -> Ent
     return Entry(delta, ("src", event_id))
 
 
-def open_sqlite(tmp_path: Path, clock=None, **kwargs) -> SQLiteStore:
-    options = {"retention": 3600.0, "max_ids": 1000, **kwargs}
-    if clock is not None:
-        options["clock"] = clock
-    return SQLiteStore(MetricsState(), str(tmp_path), "m", **options)
+def open_sqlite(tmp_path: Path, clock=None, joiner=None, **kwargs) -> SQLiteStore:
+    policy = CommitPolicy(**{"retention": 3600.0, "max_ids": 1000, **kwargs})
+    dialect = SQLiteDialect.open(str(tmp_path), "m")
+    clock = time.time if clock is None else clock
+    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=joiner, clock=clock)
+
+
+def memory_store(clock: FakeClock, **kwargs: Any) -> SQLiteStore:
+    policy = CommitPolicy(**kwargs)
+    return SQLiteStore(MetricsState(), SQLiteDialect.open(None, "m"), "m", policy, clock=clock)
 
 
 def run(coroutine):
@@ -146,7 +154,7 @@ def test_memory_store_has_the_same_semantics() -> None:
     clock = FakeClock()
 
     async def scenario() -> list[bool]:
-        store = SQLiteStore(MetricsState(), None, "m", retention=10.0, max_ids=100, clock=clock)
+        store = memory_store(clock, retention=10.0, max_ids=100)
         out = await store.commit([event("a", [1], [1]), event("a", [1], [1])])
         clock.now += 11
         return out + await store.commit([event("a", [1], [1])])
@@ -171,9 +179,7 @@ def test_memory_store_keeps_ids_beyond_its_cache_in_an_unlinked_file() -> None:
     ours: set[str] = set()
 
     async def scenario() -> tuple[list[bool], list[bool]]:
-        store = SQLiteStore(
-            MetricsState(), None, "m", retention=1e9, max_ids=10**6, clock=FakeClock()
-        )
+        store = memory_store(FakeClock(), retention=1e9, max_ids=10**6)
         ours.update(spill_files() - before)
         assert ours, "the spill file exists from the start"
         first = [await store.commit([event(f"{n:040d}", [1], [1])]) for n in range(40_000)]
@@ -217,7 +223,7 @@ def test_corrupt_file_refuses_to_start_and_reset_moves_it_aside(tmp_path: Path) 
 def test_newer_schema_and_foreign_model_are_refused(tmp_path: Path) -> None:
     run(open_sqlite(tmp_path).close())
     with pytest.raises(StateFileError, match="belongs to model"):
-        SQLiteStore(MetricsState(), str(tmp_path), "other", retention=1, max_ids=1)
+        SQLiteDialect.open(str(tmp_path), "other")
     connection = sqlite3.connect(state_path(str(tmp_path)))
     with connection:
         connection.execute(
@@ -249,12 +255,10 @@ def full_store(bound: int, clock: FakeClock) -> SQLiteStore:
     joiner = Joiner(MultiClassNumeric().observe, ttl=1e9)
     store = SQLiteStore(
         MetricsState(),
-        None,
+        SQLiteDialect.open(None, "m"),
         "m",
-        retention=1e9,
-        max_ids=bound,
+        CommitPolicy(retention=1e9, max_ids=bound, join_max_rows=bound),
         joiner=joiner,
-        join_max_rows=bound,
         clock=clock,
     )
     fill = [
@@ -311,7 +315,7 @@ def test_housekeeping_work_does_not_grow_with_full_tables() -> None:
 def test_expired_backlog_is_deleted_in_bounded_batches() -> None:
     """Ids that expire together are forgotten PURGE_BATCH per commit, over the next commits."""
     clock = FakeClock()
-    store = SQLiteStore(MetricsState(), None, "m", retention=100.0, max_ids=10**6, clock=clock)
+    store = memory_store(clock, retention=100.0, max_ids=10**6)
     run(store.commit([Entry(event_key=("src", str(i))) for i in range(2 * PURGE_BATCH + 10)]))
     clock.now += 101
     left = []

@@ -17,22 +17,17 @@ from adserver.catalogue.wire import KSERVE_RESPONSE_TYPE
 from adserver.errors import Unavailable
 from adserver.http.answers import outcome_answer
 from adserver.settings import Settings
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import SCORING_RETRIES, Joiner, Label, LoggedRows, Scorer
-from adserver.state.sqlite.store import SQLiteStore
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore
 from adserver.state.store import Entry
 from adserver.state.view import MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
-from tests.helpers import (
-    DATA,
-    FakeClock,
-    ServerFactory,
-    ce_headers,
-    new_id,
-    post_json,
-    scrape,
-    value,
-)
+from tests.support.events import ce_headers, new_id
+from tests.support.http import post_json, scrape, value
+from tests.support.processes import DATA, ServerFactory
+from tests.support.timing import FakeClock
 
 USER_MODELS = str(DATA / "user_models")
 
@@ -96,9 +91,9 @@ def test_a_user_model_scores_joins_on_the_ioloop_outside_any_transaction(
 def user_store(score: Scorer, clock: FakeClock, *, in_transaction: bool) -> SQLiteStore:
     """A memory store whose joins score like a user's model (outside the transaction) or ours."""
     joiner = Joiner(score, ttl=50.0, in_transaction=in_transaction)
-    return SQLiteStore(
-        MetricsState(), None, "m", retention=1e6, max_ids=100, joiner=joiner, clock=clock
-    )
+    policy = CommitPolicy(retention=1e6, max_ids=100)
+    dialect = SQLiteDialect.open(None, "m")
+    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=joiner, clock=clock)
 
 
 def commit(store: SQLiteStore, *operations: Label | LoggedRows) -> list[bool]:

@@ -54,18 +54,29 @@ OUTCOME: Final = "outcome"
 KIND: Final = "kind"
 LE: Final = "le"  # a histogram bucket's bound
 METHOD: Final = "method"  # Seldon's: the reply event type (--event_type)
-#: Seldon's default metric labels (adserver/exposition/seldon_labels.py reads their values).
+METHOD_DEFAULT: Final = "feedback"  # Seldon's method without an --event_type
+# Seldon's default metric labels (adserver/exposition/seldon_labels.py reads their values).
+DEPLOYMENT_NAME: Final = "deployment_name"
+SELDON_DEPLOYMENT_NAME: Final = "seldon_deployment_name"
+MODEL_NAME: Final = "model_name"
+MODEL_IMAGE: Final = "model_image"
+IMAGE_NAME: Final = "image_name"
+MODEL_VERSION: Final = "model_version"
+IMAGE_VERSION: Final = "image_version"
+PREDICTOR_NAME: Final = "predictor_name"
+PREDICTOR_VERSION: Final = "predictor_version"
+SELDON_DEPLOYMENT_NAMESPACE: Final = "seldon_deployment_namespace"
 SELDON_DEFAULT_LABELS: Final = (
-    "deployment_name",
-    "seldon_deployment_name",
-    "model_name",
-    "model_image",
-    "image_name",
-    "model_version",
-    "image_version",
-    "predictor_name",
-    "predictor_version",
-    "seldon_deployment_namespace",
+    DEPLOYMENT_NAME,
+    SELDON_DEPLOYMENT_NAME,
+    MODEL_NAME,
+    MODEL_IMAGE,
+    IMAGE_NAME,
+    MODEL_VERSION,
+    IMAGE_VERSION,
+    PREDICTOR_NAME,
+    PREDICTOR_VERSION,
+    SELDON_DEPLOYMENT_NAMESPACE,
 )
 #: What the Seldon-compatible and custom families carry instead of ``model``.
 SELDON_LABELS: Final = (*SELDON_DEFAULT_LABELS, METHOD)

@@ -2,8 +2,8 @@
 prometheus_client.
 
 prometheus_client's encoders validate and escape every label of every sample on every scrape, in
-one call. With 1,000 classes a scrape has ~270k samples (20 MB): seconds during which no event is
-served. Here:
+one call. With 1,000 classes a scrape has ~270k samples (20 MB): one long step during which no
+event is served. Here:
 
 - each distinct (sample name, labels) prefix is rendered once, with the library's own escaping
   functions for the negotiated format and escaping scheme, and kept (up to a bound);
@@ -41,7 +41,8 @@ SIMPLE_TYPES = frozenset({"counter", "gauge", "histogram"})
 #: Label sets grow with classes squared (confusion cells) and with custom series; past this many,
 #: new ones are rendered on every scrape instead of kept (a few MB at most).
 MAX_CACHED_PREFIXES = 50_000
-#: Samples per chunk, and confusion cells scanned per block of a grid: each well under 1 ms.
+#: Samples per chunk, and confusion cells scanned per block of a grid: each a small part of a
+#: slice.
 CHUNK_SAMPLES = 500
 GRID_BLOCK_CELLS = 5_000
 #: How long a scrape renders before it lets the IOLoop serve events.

@@ -10,6 +10,18 @@ import json
 import os
 from collections.abc import Mapping
 
+from adserver.catalogue.families import (
+    DEPLOYMENT_NAME,
+    IMAGE_NAME,
+    IMAGE_VERSION,
+    MODEL_IMAGE,
+    MODEL_NAME,
+    MODEL_VERSION,
+    PREDICTOR_NAME,
+    PREDICTOR_VERSION,
+    SELDON_DEPLOYMENT_NAME,
+    SELDON_DEPLOYMENT_NAMESPACE,
+)
 from adserver.catalogue.wire import (
     ENV_DEPLOYMENT,
     ENV_IMAGE,
@@ -27,16 +39,16 @@ def seldon_default_labels(environ: Mapping[str, str] = os.environ) -> dict[str, 
     if not image:
         image, version = environ.get(ENV_IMAGE) or NOT_IMPLEMENTED, NOT_IMPLEMENTED
     return {
-        "deployment_name": deployment,
-        "seldon_deployment_name": deployment,
-        "model_name": environ.get(ENV_PREDICTIVE_UNIT, NOT_IMPLEMENTED),
-        "model_image": image,
-        "image_name": image,
-        "model_version": version,
-        "image_version": version,
-        "predictor_name": environ.get(ENV_PREDICTOR, NOT_IMPLEMENTED),
-        "predictor_version": predictor_version(environ.get(ENV_PREDICTOR_LABELS, "")),
-        "seldon_deployment_namespace": environ.get(ENV_NAMESPACE, NOT_IMPLEMENTED),
+        DEPLOYMENT_NAME: deployment,
+        SELDON_DEPLOYMENT_NAME: deployment,
+        MODEL_NAME: environ.get(ENV_PREDICTIVE_UNIT, NOT_IMPLEMENTED),
+        MODEL_IMAGE: image,
+        IMAGE_NAME: image,
+        MODEL_VERSION: version,
+        IMAGE_VERSION: version,
+        PREDICTOR_NAME: environ.get(ENV_PREDICTOR, NOT_IMPLEMENTED),
+        PREDICTOR_VERSION: predictor_version(environ.get(ENV_PREDICTOR_LABELS, "")),
+        SELDON_DEPLOYMENT_NAMESPACE: environ.get(ENV_NAMESPACE, NOT_IMPLEMENTED),
     }
 
 

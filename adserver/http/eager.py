@@ -3,7 +3,8 @@
 Python 3.12's ``asyncio.eager_task_factory`` does this for every task; the server targets 3.11.
 An event answered without waiting (memory mode: decode, count, answer) then costs no task, no
 extra turn of the event loop, and no close callback registered on the connection while the
-answer is pending: together about a tenth of a single-row event's time under load.
+answer is pending: together a share of a single-row event's time under load worth saving
+(figures: bench/RESULTS.md).
 
 The synchronous part runs in the caller's task and context (for ``POST /``, the connection's):
 ``asyncio.current_task()``, context variables and ``asyncio.timeout`` there belong to it.

@@ -1,13 +1,12 @@
 """``POST /`` served by an ``HTTPMessageDelegate``, one layer below ``tornado.web``.
 
-Every event pays for its HTTP handling, and ``tornado.web.RequestHandler`` costs about 90 us per
-request on this path (handler construction, default headers, the ``_execute`` coroutine, flush
-and finish bookkeeping): on a single-row event that is as much as decoding, scoring and
-committing it. The delegate keeps the same contract as a handler (JSON 413 before a too-large
-body is buffered, JSON 4xx/5xx, 503 while draining) and stays thin: it turns bytes into a
-``FeedbackService.receive`` call and the outcome back into a response
-(:mod:`adserver.http.answers`). Every other route and method stays on the ``tornado.web``
-application.
+Every event pays for its HTTP handling, and ``tornado.web.RequestHandler`` on this path (handler
+construction, default headers, the ``_execute`` coroutine, flush and finish bookkeeping) costs as
+much as decoding, scoring and committing a single-row event (figures: bench/RESULTS.md). The
+delegate keeps the same contract as a handler (JSON 413 before a too-large body is buffered, JSON
+4xx/5xx, 503 while draining) and stays thin: it turns bytes into a ``FeedbackService.receive``
+call and the outcome back into a response (:mod:`adserver.http.answers`). Every other route and
+method stays on the ``tornado.web`` application.
 """
 
 from __future__ import annotations
@@ -176,9 +175,9 @@ class BodyDeadlines:
     """Requests whose body is still arriving; a sweep closes those older than the body timeout.
 
     Tornado's own ``body_timeout`` wraps every body read in ``gen.with_timeout``: a task and a
-    turn of the event loop per request, a tenth of what a single-row event costs. Here a request
-    pays a dict insert and delete, and a sweep twice a timeout (at most once a second) looks
-    only at the requests still reading.
+    turn of the event loop per request, a share of a single-row event's cost worth saving. Here
+    a request pays a dict insert and delete, and a sweep twice a timeout (at most once a second)
+    looks only at the requests still reading.
     """
 
     def __init__(self, seconds: float, service: FeedbackService) -> None:

@@ -152,25 +152,17 @@ class FeedbackService:
         """What each event adds (``events`` receives the events). A large body is decoded and
         scored on the decoding thread, so the IOLoop keeps serving other requests meanwhile; a
         user's model always runs on the IOLoop, one thread."""
-        if len(body) < OFFLOAD_BODY_BYTES or not self.model.thread_safe:
-            return self.decode(binding, headers, body, events)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._decoder, self.decode, binding, headers, body, events
-        )
 
-    def decode(
-        self,
-        binding: Binding,
-        headers: Mapping[str, str],
-        body: bytes,
-        events: list[IncomingEvent],
-    ) -> list[Entry]:
-        try:
-            events += binding(headers, body)
-            return [self.entry(event) for event in events]
-        except InvalidFeedback as exc:  # the model's verdict on the data
-            raise BadRequest(str(exc), exc.reason) from exc
+        def decode() -> list[Entry]:
+            try:
+                events.extend(binding(headers, body))
+                return [self.entry(event) for event in events]
+            except InvalidFeedback as exc:  # the model's verdict on the data
+                raise BadRequest(str(exc), exc.reason) from exc
+
+        if len(body) < OFFLOAD_BODY_BYTES or not self.model.thread_safe:
+            return decode()
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
 
     def log_event(self, message: str, decoded: list[IncomingEvent], **fields: Any) -> None:
         """One DEBUG line per message (never at INFO: ingestion must stay quiet and fast)."""

@@ -7,8 +7,9 @@ import logging
 from adserver.errors import StartupError
 from adserver.loader import model_kind
 from adserver.settings import Settings
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner
-from adserver.state.sqlite.store import SQLiteStore, reset_state
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state
 from adserver.state.store import Entry, StateStore
 from adserver.state.view import MetricsState
 
@@ -30,16 +31,17 @@ def open_store(
     if durable and settings.reset_state:
         moved = reset_state(settings.state_dir)
         log.warning("state reset", extra={"moved_to": str(moved) if moved else None})
-    return SQLiteStore(
-        state,
+    dialect = SQLiteDialect.open(
         settings.state_dir if durable else None,
         settings.model_name,
-        model_kind=model_kind(settings.storage_uri),
+        model_kind(settings.storage_uri),
+    )
+    policy = CommitPolicy(
         retention=settings.dedup_retention_seconds,
         max_ids=settings.dedup_max_ids,
-        joiner=joiner,
         join_max_rows=settings.join_max_rows,
         max_classes=settings.max_classes,
         reserved_prefixes=reserved_prefixes,
         max_custom_series=settings.max_custom_series,
     )
+    return SQLiteStore(state, dialect, settings.model_name, policy, joiner=joiner)

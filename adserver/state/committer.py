@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from adserver.catalogue import reasons
 from adserver.catalogue.families import (
@@ -141,29 +141,36 @@ class Dialect(Protocol):
 _Mark = tuple[int, int, int, float, RowCounts]
 
 
-class Committer(StateStore):
+@dataclass(frozen=True)
+class CommitPolicy:
+    """What every commit enforces, whatever the backend: the same for SQLite and the next."""
+
+    retention: float  # seconds an event key counts once
+    max_ids: int  # event keys remembered at most
+    join_max_rows: int = 1_000_000
+    max_classes: int = 1000  # per model
+    reserved_prefixes: tuple[str, ...] = ()  # custom families a model may not name
+    max_custom_series: int | None = None
+
+
+D = TypeVar("D", bound=Dialect)
+
+
+class Committer(StateStore, Generic[D]):
     def __init__(
         self,
         state: MetricsState,
-        dialect: Dialect,
+        dialect: D,
         model_name: str,
+        policy: CommitPolicy,
         *,
-        retention: float,
-        max_ids: int,
         joiner: Joiner | None = None,
-        join_max_rows: int = 1_000_000,
-        max_classes: int = 1000,
-        reserved_prefixes: tuple[str, ...] = (),
-        max_custom_series: int | None = None,
         clock: Clock = time.time,
     ) -> None:
         super().__init__(state)
         self.dialect = dialect
-        self.retention = retention
-        self.max_ids = max_ids
+        self.policy = policy
         self.joiner = joiner
-        self.join_max_rows = join_max_rows
-        self.max_classes = max_classes
         self.clock = clock
         self.key = StateKey(model_name)  # where an entry without a key counts
         self.views = KeyedState(self.key, state)
@@ -171,7 +178,7 @@ class Committer(StateStore):
         load_views(dialect, self.views)
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
         # decides custom metric types and classes in commit order, identically in any mode.
-        self.catalog = MetricCatalog(reserved_prefixes, max_custom_series)
+        self.catalog = MetricCatalog(policy.reserved_prefixes, policy.max_custom_series)
         for view in self.views.views.values():
             custom = view.custom
             self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
@@ -387,10 +394,10 @@ class Committer(StateStore):
         new -= known
         if not new:
             return
-        if len(known) + len(new) > self.max_classes:
+        if len(known) + len(new) > self.policy.max_classes:
             raise BadRequest(
                 f"the event would make {len(known) + len(new)} classes; at most "
-                f"{self.max_classes} are kept (--max_classes)",
+                f"{self.policy.max_classes} are kept (--max_classes)",
                 reasons.TOO_MANY_CLASSES,
             )
         known |= new
@@ -412,7 +419,7 @@ class Committer(StateStore):
         Only a new row counts in ``seen_count``: an id back after its retention (not purged
         yet) is new to the counts but keeps its one row.
         """
-        found = self.dialect.remember(key, now, now - self.retention)
+        found = self.dialect.remember(key, now, now - self.policy.retention)
         self.seen_count += found == 2
         return found > 0
 
@@ -421,16 +428,17 @@ class Committer(StateStore):
         oldest first); every ``PURGE_INTERVAL``, forget ids and rows past their time to live."""
         dropped: Counter[str] = Counter()
         tables = self.dialect.join_tables(self.row_counts)
-        if self.seen_count > self.max_ids:
+        max_ids = self.policy.max_ids
+        if self.seen_count > max_ids:
             # Down to a little under the bound: one statement trims for the next many commits.
-            excess = self.seen_count - self.max_ids + self.max_ids // TRIM_SLACK_DIVISOR
+            excess = self.seen_count - max_ids + max_ids // TRIM_SLACK_DIVISOR
             self.seen_count -= self.dialect.forget_ids(None, min(excess, PURGE_BATCH))
         if now - self._last_purge >= PURGE_INTERVAL:
-            forgotten = self.dialect.forget_ids(now - self.retention, PURGE_BATCH)
+            forgotten = self.dialect.forget_ids(now - self.policy.retention, PURGE_BATCH)
             self.seen_count -= forgotten
             if not tables.expire(now, PURGE_BATCH, dropped) and forgotten < PURGE_BATCH:
                 self._last_purge = now  # else more is due: the next commit goes on
-        tables.evict(self.join_max_rows, PURGE_BATCH, dropped)
+        tables.evict(self.policy.join_max_rows, PURGE_BATCH, dropped)
         counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
         labels_lost = dropped[LABEL_EXPIRED] + dropped[LABEL_EVICTED]
         if labels_lost:

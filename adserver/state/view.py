@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adserver.errors import StartupError
 from adserver.state.statistics import Merge, Row, StateKey, Statistic
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
@@ -318,9 +319,16 @@ class MetricsState:
     ) -> None:
         self.classes = tuple(classes)  # known up front: every key's matrix starts with them
         self.declared = tuple(statistics)
-        self.statistics = {s.name: s for s in (*BUILTIN_STATISTICS, *statistics)}
-        if len(self.statistics) < len(BUILTIN_STATISTICS) + len(statistics):
-            raise ValueError("two statistics have one name")
+        every = (*BUILTIN_STATISTICS, *statistics)
+        self.statistics = {s.name: s for s in every}
+        if len(self.statistics) < len(every):  # their tables and deltas would mix
+            names = Counter(s.name for s in every)
+            clashes = [name for name, count in names.items() if count > 1]
+            builtin = [s.name for s in BUILTIN_STATISTICS]
+            raise StartupError(
+                f"the model declares statistics named {clashes}, which the server keeps itself "
+                f"({', '.join(builtin)}) or the model declares twice: rename them"
+            )
         self.tables: dict[str, Any] = {name: s.empty() for name, s in self.statistics.items()}
         self.confusion = self.tables[CELLS] = ConfusionMatrix(self.classes)
         self.counters: Counter[CounterKey] = self.tables[COUNTERS]

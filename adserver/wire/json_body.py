@@ -1,9 +1,9 @@
 """JSON bodies, with large numeric tensors decoded straight into numpy arrays.
 
 A 1000-row one-hot batch carries two arrays of 3000 numbers. A general parser makes a Python
-object of every number (orjson: ~350 us for that body) and numpy then copies them one at a time
-(~300 us per array), together more than the whole request costs a bare Tornado server. simdjson
-hands over such an array as one flat machine buffer instead.
+object of every number and numpy then copies them one at a time, together more than the whole
+request costs a bare Tornado server (figures: bench/RESULTS.md). simdjson hands over such an
+array as one flat machine buffer instead.
 
 Only arrays under :data:`TENSOR_KEYS` are converted, and only when they are exactly a 1-D or 2-D
 block of numbers (int64 if every number is an integer, else float64, as ``np.asarray`` infers);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,11 @@ BATCH_TYPE = "application/cloudevents-batch+json"
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def lower(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names as a server reads them (HTTP names are case-insensitive)."""
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def ndarray(values: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from tests.support.events import (
     STRUCTURED_TYPE,
     ce_headers,
     feedback,
+    lower,
     reply_message,
     structured,
 )
@@ -63,10 +64,6 @@ SELDON_HEADERS = {
     "prefer": "reply",
     "content-type": "application/json",
 }
-
-
-def lower(headers: dict[str, str]) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
 
 
 def one(headers: dict[str, str], body: bytes) -> IncomingEvent:

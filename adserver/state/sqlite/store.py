@@ -19,7 +19,6 @@ from typing import Any
 
 from adserver.errors import StartupError
 from adserver.state.committer import PURGE_BATCH, Committer, RowCounts
-from adserver.state.join import Joiner
 from adserver.state.sqlite.join_tables import SQLJoinTables
 from adserver.state.sqlite.lock import hold_state_lock
 from adserver.state.sqlite.schema import (
@@ -31,9 +30,16 @@ from adserver.state.sqlite.schema import (
 )
 from adserver.state.statistics import Row, StateKey, Statistic
 from adserver.state.store import Clock
-from adserver.state.view import Delta, MetricsState
+from adserver.state.view import Delta
 
-__all__ = ["PURGE_BATCH", "SQLiteStore", "StateFileError", "reset_state", "state_path"]
+__all__ = [
+    "PURGE_BATCH",
+    "SQLiteDialect",
+    "SQLiteStore",
+    "StateFileError",
+    "reset_state",
+    "state_path",
+]
 
 STATE_FILE = "feedback-state.sqlite3"
 
@@ -162,6 +168,14 @@ class SQLiteDialect:
         self.statistics: dict[str, Statistic[Any, Any]] = {}
         self._upserts: dict[str, str] = {}
 
+    @classmethod
+    def open(
+        cls, state_dir: str | None, model_name: str, model_kind: str | None = None
+    ) -> SQLiteDialect:
+        """The state file under ``state_dir`` (durable), or a temporary database for None."""
+        path = state_path(state_dir) if state_dir is not None else None
+        return cls(open_connection(path, model_name, model_kind), durable=path is not None)
+
     def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
         """A declared statistic's table is made the first time; one whose columns changed
         since is refused (its stored rows would not mean what the declaration says)."""
@@ -268,37 +282,9 @@ def upsert(statistic: Statistic[Any, Any]) -> str:
     )
 
 
-class SQLiteStore(Committer):
-    """The committer over SQLite: a state file under ``state_dir``, or memory for None."""
+class SQLiteStore(Committer[SQLiteDialect]):
+    """The committer over SQLite, its connection at hand (for tests and tools)."""
 
-    def __init__(
-        self,
-        state: MetricsState,
-        state_dir: str | None,
-        model_name: str,
-        *,
-        model_kind: str | None = None,
-        retention: float,
-        max_ids: int,
-        joiner: Joiner | None = None,
-        join_max_rows: int = 1_000_000,
-        max_classes: int = 1000,
-        reserved_prefixes: tuple[str, ...] = (),
-        max_custom_series: int | None = None,
-        clock: Clock = time.time,
-    ) -> None:
-        path = state_path(state_dir) if state_dir is not None else None
-        self.connection = connection = open_connection(path, model_name, model_kind)
-        super().__init__(
-            state,
-            SQLiteDialect(connection, durable=path is not None),
-            model_name,
-            retention=retention,
-            max_ids=max_ids,
-            joiner=joiner,
-            join_max_rows=join_max_rows,
-            max_classes=max_classes,
-            reserved_prefixes=reserved_prefixes,
-            max_custom_series=max_custom_series,
-            clock=clock,
-        )
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self.dialect.connection

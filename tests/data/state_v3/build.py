@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from adserver.exposition.summary import model_summary
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.sqlite.schema import SCHEMA_VERSION
-from adserver.state.sqlite.store import SQLiteStore, state_path
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, state_path
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
@@ -42,10 +43,9 @@ async def write(directory: str) -> SQLiteStore:
     joiner = Joiner(MultiClassNumeric().observe, ttl=10_000)
     store = SQLiteStore(
         MetricsState(),
-        directory,
+        SQLiteDialect.open(directory, "m"),
         "m",
-        retention=10_000,
-        max_ids=1000,
+        CommitPolicy(retention=10_000, max_ids=1000),
         joiner=joiner,
         clock=lambda: NOW,
     )
