@@ -59,12 +59,13 @@ def export(repo: Path, rev: str, commit: str, dest: Path, python: str) -> Baseli
         assert proc.stdout is not None
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             tar.extractall(dest, filter="data")
-    except tarfile.TarError as exc:
-        raise BaselineError(f"--baseline {rev}: cannot unpack git archive: {exc}") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _, err = proc.communicate()
+        _, err = proc.communicate()  # also drains the archive's padding after its last member
+    except BaseException as exc:  # Ctrl-C while unpacking too: leave no git process behind
+        proc.kill()
+        proc.wait()
+        if isinstance(exc, tarfile.TarError):
+            raise BaselineError(f"--baseline {rev}: cannot unpack git archive: {exc}") from exc
+        raise
     if proc.returncode != 0:
         raise BaselineError(f"--baseline {rev}: git archive failed: {err.decode().strip()}")
     base = Baseline(rev, commit, dest)
