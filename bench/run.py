@@ -677,6 +677,13 @@ class Runner:
             self.ps.stop(m)
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return n
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -755,7 +762,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=_positive,
         default=None,
         metavar="N",
         help=f"rounds of every case (default 1, with --baseline {BASELINE_REPEATS})",
