@@ -91,10 +91,10 @@ def _adserver_origin(base: Baseline, python: str) -> str:
 
 
 def _spread(xs: list[float]) -> float | None:
-    """Half the range, relative to the mean: the +/- of a few repeats (None for one)."""
+    """Half the range, relative to the median: the +/- of a few repeats (None for one)."""
     if len(xs) < 2:
         return None
-    return (max(xs) - min(xs)) / 2 / statistics.fmean(xs)
+    return (max(xs) - min(xs)) / 2 / statistics.median(xs)
 
 
 Pair = tuple[CaseResult, CaseResult, CaseResult | None]  # this, baseline, floor of one repeat
@@ -116,17 +116,18 @@ Pick = Callable[[CaseResult], float]
 
 
 def _x_floor(runs: list[tuple[CaseResult, CaseResult | None]], pick: Pick) -> float | None:
-    """Mean over the repeats of the ratio to the floor run of the same repeat (None without)."""
+    """Median over the repeats of the ratio to the floor run of the same repeat (None without)."""
     if any(f is None or not pick(f) for _, f in runs):
         return None
-    return statistics.fmean(pick(c) / pick(f) for c, f in runs if f is not None)
+    return statistics.median(pick(c) / pick(f) for c, f in runs if f is not None)
 
 
 def compare(r: BenchResults) -> list[ABResult]:
     """Per case and server: both sides' ratios to the floor and the quotient this / baseline.
 
     The floor cancels in each repeat's quotient (both sides divide by the same floor run), so the
-    quotient is the mean of A_i / B_i and its noise is the spread of those repeats.
+    quotient is the median of A_i / B_i and its noise is the spread of those repeats. Medians,
+    not means: on a shared machine a neighbour's burst tends to spoil one round, not all.
     """
     out = []
     req: Pick = lambda c: c.req_s  # noqa: E731
@@ -151,9 +152,9 @@ def compare(r: BenchResults) -> list[ABResult]:
                 base_x_floor_req=_x_floor(theirs, req),
                 x_floor_p99=_x_floor(ours, p99),
                 base_x_floor_p99=_x_floor(theirs, p99),
-                req_quotient=statistics.fmean(q_req),
+                req_quotient=statistics.median(q_req),
                 req_noise=_spread(q_req),
-                p99_quotient=statistics.fmean(q_p99),
+                p99_quotient=statistics.median(q_p99),
                 p99_noise=_spread(q_p99),
             )
         )

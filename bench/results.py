@@ -96,9 +96,9 @@ class Target:
 class ABResult:
     """One case of one server against the same server run from the --baseline tree.
 
-    x_floor_*: mean over the repeats of the ratio to the floor run of the same repeat (None
-    without a floor); *_quotient: mean of the repeats' this / baseline; *_noise: half the range
-    of those repeats, relative (None with one repeat).
+    x_floor_*: median over the repeats of the ratio to the floor run of the same repeat (None
+    without a floor); *_quotient: median of the repeats' this / baseline; *_noise: half the
+    range of those repeats, relative to the median (None with one repeat).
     """
 
     server: str

@@ -57,18 +57,18 @@ def _run(server: str, req_s: float, p99_ms: float, repeat: int) -> CaseResult:
 
 
 def test_compare_quotient_and_noise_from_the_rounds() -> None:
-    """Quotient: the mean of the rounds' this / baseline (the floor cancels in each round);
-    noise: half their range; ratios to the floor: per round, then averaged."""
+    """Quotient: the median of the rounds' this / baseline (the floor cancels in each round);
+    noise: half their range; ratios to the floor: per round, then the median."""
     r = BenchResults(machine={}, params={})
-    for repeat, (a, b) in enumerate([(100.0, 100.0), (110.0, 100.0)]):
+    for repeat, (a, b) in enumerate([(100.0, 100.0), (110.0, 100.0), (80.0, 50.0)]):
         r.cases += [
             _run("floor", 200.0, 2.0, repeat),
             _run("memory", a, 4.0, repeat),
             _run("memory@base", b, 2.0, repeat),
         ]
     (ab,) = baseline.compare(r)
-    assert (ab.server, ab.case, ab.repeats) == ("memory", "1 row c16", 2)
-    assert ab.req_quotient == pytest.approx(1.05)
-    assert ab.req_noise == pytest.approx(0.05 / 1.05)
-    assert ab.x_floor_req == pytest.approx(0.525) and ab.base_x_floor_req == pytest.approx(0.5)
+    assert (ab.server, ab.case, ab.repeats) == ("memory", "1 row c16", 3)
+    assert ab.req_quotient == pytest.approx(1.1)
+    assert ab.req_noise == pytest.approx(0.3 / 1.1)
+    assert ab.x_floor_req == pytest.approx(0.5) and ab.base_x_floor_req == pytest.approx(0.5)
     assert ab.p99_quotient == pytest.approx(2.0) and ab.p99_noise == pytest.approx(0.0)
