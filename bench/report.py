@@ -26,17 +26,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cases_table(r: BenchResults) -> str:
-    """case, server, req/s, rows/s, p50, p99, ratios to the floor, rows check."""
+    """case, server, req/s, rows/s, p50, p99, ratios to the floor (of the same round), rows
+    check; with --repeats, the round after the case."""
     rows: list[list[str]] = []
-    ordered = sorted(r.cases, key=lambda c: (c.rows, c.connections))
+    ordered = sorted(r.cases, key=lambda c: (c.rows, c.connections, c.repeat))
+    rounds = any(c.repeat for c in r.cases)
     for c in ordered:
-        floor: CaseResult | None = r.case("floor", c.rows, c.connections)
+        floor: CaseResult | None = r.case("floor", c.rows, c.connections, c.repeat)
         x_req = c.req_s / floor.req_s if floor and floor.req_s else None
         x_p99 = c.p99_ms / floor.p99_ms if floor and floor.p99_ms else None
         errors = c.non2xx + c.socket_errors
         rows.append(
             [
-                c.case,
+                c.case + (f" #{c.repeat + 1}" if rounds else ""),
                 c.server,
                 _f(c.req_s),
                 _f(c.rows_s),
@@ -86,6 +88,56 @@ def servers_table(r: BenchResults) -> str:
     )
 
 
+def _pm(noise: float | None) -> str:
+    return "-" if noise is None else f"+/- {noise * 100:.1f} %"
+
+
+def _within(quotient: float, noise: float | None) -> str:
+    """Whether 1.0 lies within the quotient's noise (the spread of its repeats)."""
+    if noise is None:
+        return "n/a (1 round)"
+    return "within noise" if abs(quotient - 1.0) <= noise * quotient else "OUTSIDE noise"
+
+
+def ab_table(r: BenchResults) -> str:
+    """Per case and server: ratios to the floor of this tree and of the baseline, this / baseline
+    with its noise (half the range of the rounds' quotients), for req/s and p99."""
+    rows = [
+        [
+            a.case,
+            a.server,
+            str(a.repeats),
+            _f(a.x_floor_req, "{:.3f}"),
+            _f(a.base_x_floor_req, "{:.3f}"),
+            f"{a.req_quotient:.3f}",
+            _pm(a.req_noise),
+            _within(a.req_quotient, a.req_noise),
+            _f(a.x_floor_p99, "{:.3f}"),
+            _f(a.base_x_floor_p99, "{:.3f}"),
+            f"{a.p99_quotient:.3f}",
+            _pm(a.p99_noise),
+        ]
+        for a in sorted(r.ab, key=lambda a: (a.rows, a.connections))
+    ]
+    return _table(
+        [
+            "case",
+            "server",
+            "rounds",
+            "x floor req/s this",
+            "x floor req/s baseline",
+            "req/s this / baseline",
+            "noise",
+            "req/s verdict",
+            "x floor p99 this",
+            "x floor p99 baseline",
+            "p99 this / baseline",
+            "p99 noise",
+        ],
+        rows,
+    )
+
+
 def targets_table(r: BenchResults) -> str:
     """Each target with its measured value and verdict."""
     rows = []
@@ -116,7 +168,7 @@ def render(r: BenchResults) -> str:
         ),
         (
             f"params: mode {p.get('mode')}, duration {p.get('duration_s')} s, warm-up "
-            f"{p.get('warmup_s')} s, server cpu {p.get('server_cpu')}, "
+            f"{p.get('warmup_s')} s, rounds {p.get('repeats')}, server cpu {p.get('server_cpu')}, "
             f"load cpu {p.get('load_cpu')}, other processes' CPU before the run "
             f"{_f(m.get('other_cpu_pct_before'))}% of a core"
         ),
@@ -149,6 +201,16 @@ def render(r: BenchResults) -> str:
             f"warning: {len(noisy)} of {len(r.cases)} runs shared the machine with other "
             f"processes using > {NOISY_PCT:.0f}% of a core (column 'other CPU %'); rerun "
             f"on a quiet machine before trusting their ratios",
+            "",
+        ]
+    if r.ab:
+        parts += [
+            (
+                f"### This tree ({m.get('git_commit', '?')}) against --baseline "
+                f"{p.get('baseline')} ({str(p.get('baseline_commit'))[:10]}), same run"
+            ),
+            "",
+            ab_table(r),
             "",
         ]
     parts += ["### Targets", "", targets_table(r), ""]

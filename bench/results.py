@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+BASE_SUFFIX = "@base"  # a server run from the --baseline tree: "memory@base" pairs with "memory"
+
 
 @dataclass
 class CaseResult:
@@ -34,6 +36,7 @@ class CaseResult:
     other_cpu_pct: float | None = None  # CPU used by processes not ours, % of one core
     attempts: int = 1  # >1 when reruns were needed because the machine was busy
     acked_rows_all: int = 0  # rows acked over every warm-up and attempt of this case
+    repeat: int = 0  # which of the --repeats rounds of this case (0: the first)
 
     @property
     def case(self) -> str:
@@ -90,6 +93,33 @@ class Target:
 
 
 @dataclass
+class ABResult:
+    """One case of one server against the same server run from the --baseline tree.
+
+    x_floor_*: median over the repeats of the ratio to the floor run of the same repeat (None
+    without a floor); *_quotient: median of the repeats' this / baseline; *_noise: half the
+    range of those repeats, relative to the median (None with one repeat).
+    """
+
+    server: str
+    rows: int
+    connections: int
+    repeats: int
+    x_floor_req: float | None
+    base_x_floor_req: float | None
+    x_floor_p99: float | None
+    base_x_floor_p99: float | None
+    req_quotient: float
+    req_noise: float | None
+    p99_quotient: float
+    p99_noise: float | None
+
+    @property
+    def case(self) -> str:
+        return f"{self.rows} row{'s' if self.rows > 1 else ''} c{self.connections}"
+
+
+@dataclass
 class BenchResults:
     """Everything one run measured, plus what went wrong."""
 
@@ -99,12 +129,13 @@ class BenchResults:
     cases: list[CaseResult] = field(default_factory=list)
     scrape: ScrapeResult | None = None
     targets: list[Target] = field(default_factory=list)
+    ab: list[ABResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def case(self, server: str, rows: int, connections: int) -> CaseResult | None:
-        """The measured run of `server` for this case, if there is one."""
+    def case(self, server: str, rows: int, connections: int, repeat: int = 0) -> CaseResult | None:
+        """The measured run of `server` for this case and repeat (targets use the first)."""
         for c in self.cases:
-            if (c.server, c.rows, c.connections) == (server, rows, connections):
+            if (c.server, c.rows, c.connections, c.repeat) == (server, rows, connections, repeat):
                 return c
         return None
 
@@ -118,4 +149,6 @@ class BenchResults:
             d["case"] = c.case
         for t, d in zip(self.targets, doc["targets"], strict=True):
             d["met"] = t.met
+        for a, d in zip(self.ab, doc["ab"], strict=True):
+            d["case"] = a.case
         return doc

@@ -17,12 +17,13 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench import baseline as ab
 from bench import fill as fill_state
 from bench import machine, payloads, probe, report, servers, targets, wrk
-from bench.results import BenchResults, CaseResult, ScrapeResult, ServerResult
+from bench.results import BASE_SUFFIX, BenchResults, CaseResult, ScrapeResult, ServerResult
 
 ONE_HOT = "cm_models.multiclass_one_hot.MulticlassOneHot"
 NUMERIC = "cm_models.multiclass_numeric.MultiClassNumeric"
@@ -48,6 +49,7 @@ class Plan:
     scrapes: int
     sink_delay_s: float
     fill: fill_state.FillSizes  # the state-age servers' tables, filled to these bounds
+    repeats: int  # rounds of every case (an A/B's noise is the spread of its rounds)
 
 
 ALL_SERVERS = (
@@ -69,6 +71,8 @@ SQLITE_REJECT = ("sqlite", "--state", "state_dir", "unrecognized", "invalid choi
 SMOKE_GRID: Grid = [(1, 1), (1, 16), (1000, 16)]
 AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the empty baseline
 DURABLE = ("sqlite", "seed")  # killed with -9 and restarted at the end: acked rows must survive
+BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
+RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -80,6 +84,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         else default
     )
     smoke = args.smoke
+    repeats = args.repeats or (BASELINE_REPEATS if args.baseline else 1)
     fill = fill_state.FillSizes(
         ids=args.fill_ids if args.fill_ids is not None else (2000 if smoke else 1_000_000),
         rows=args.fill_rows if args.fill_rows is not None else (2000 if smoke else 1_000_000),
@@ -101,6 +106,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             10,
             args.sink_delay,
             fill,
+            repeats,
         )
     return Plan(
         "full",
@@ -116,6 +122,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.scrapes,
         args.sink_delay,
         fill,
+        repeats,
     )
 
 
@@ -171,6 +178,19 @@ class Variant:
     counted: bool = True
     may_reject: tuple[str, ...] = ()
     model: str = "bench"
+    tree: Path | None = None  # the --baseline export it runs from (None: this tree)
+
+    @property
+    def plain(self) -> str:
+        """The server it stands for: "memory" for both "memory" and "memory@base"."""
+        return self.name.removesuffix(BASE_SUFFIX)
+
+
+def _interleave(ours: list[Variant], theirs: list[Variant]) -> list[Variant]:
+    """Each of our servers followed by its baseline twin, so within a round they run back to
+    back and the machine's drift hits both sides alike."""
+    twin = {v.plain: v for v in theirs}
+    return [w for v in ours for w in (v, twin.get(v.name)) if w is not None]
 
 
 def _union(grid: Grid, more: Grid) -> Grid:
@@ -189,8 +209,10 @@ class Runner:
         load_cpu: int | None,
         results: BenchResults,
         retry_noisy: int = 0,
+        baseline: ab.Baseline | None = None,
     ) -> None:
         self.plan, self.ps, self.work = plan, ps, work
+        self.baseline = baseline
         self.retry_noisy = retry_noisy
         self.server_cpu, self.load_cpu = server_cpu, load_cpu
         self.r = results
@@ -202,7 +224,7 @@ class Runner:
 
     # -- one case -------------------------------------------------------------------------------
     def run_case(
-        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool
+        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool, repeat: int = 0
     ) -> CaseResult:
         """Measure one case; rerun it (up to --retry-noisy times) if others used the CPU."""
         acked_rows = 0
@@ -217,7 +239,7 @@ class Runner:
                 flush=True,
             )
             machine.wait_quiet(120.0, machine.NOISY_PCT)
-        c.attempts, c.acked_rows_all = attempt + 1, acked_rows
+        c.attempts, c.acked_rows_all, c.repeat = attempt + 1, acked_rows, repeat
         self.r.cases.append(c)
         return c
 
@@ -308,10 +330,11 @@ class Runner:
         sr: ServerResult,
         may_reject: tuple[str, ...] = (),
         model: str = "bench",
+        tree: Path | None = None,
     ) -> servers.Managed | None:
         """Start a server; a start failure is a failure unless its log names a rejected flag."""
         try:
-            m = self.ps.start(name, argv, port, self.server_cpu, model=model)
+            m = self.ps.start(name, argv, port, self.server_cpu, model=model, tree=tree)
         except servers.StartError as exc:
             tail = exc.log_tail.lower()
             if exc.returncode is not None and any(w in tail for w in may_reject):
@@ -333,19 +356,15 @@ class Runner:
         )
         return m
 
-    def launch(
-        self,
-        name: str,
-        argv_for: Callable[[int], list[str]],
-        may_reject: tuple[str, ...] = (),
-        model: str = "bench",
-    ) -> servers.Managed | None:
+    def launch(self, v: Variant) -> servers.Managed | None:
         """Start one server and record its start-up figures; None if it did not start."""
         port = servers.free_port()
-        argv = argv_for(port)
-        sr = ServerResult(name=name, argv=argv)
+        argv = v.argv_for(port)
+        sr = ServerResult(name=v.name, argv=argv)
+        if v.tree is not None and self.baseline is not None:
+            sr.notes.append(f"from --baseline {self.baseline.rev} ({self.baseline.commit[:10]})")
         self.r.servers.append(sr)
-        return self.start(name, argv, port, sr, may_reject, model)
+        return self.start(v.name, argv, port, sr, v.may_reject, v.model, v.tree)
 
     def check_alive(self, name: str, m: servers.Managed) -> bool:
         """False (and a failure recorded once) if the server has exited."""
@@ -363,30 +382,37 @@ class Runner:
 
         All servers sit on the measured core, but only the one under load does any work. Running
         the floor and our variants of one case next to each other in time keeps their ratios
-        honest when the machine's background load drifts during a long run.
+        honest when the machine's background load drifts during a long run. With --repeats, each
+        round of a case runs every server once (with --baseline: ours, then its twin).
         """
         p = self.plan
         sinks: dict[str, servers.Managed] = {}
         variants = self.variants(sinks)
+        if self.baseline is not None:
+            variants = _interleave(variants, self.variants(sinks, self.baseline.tree))
         started: dict[str, servers.Managed] = {}
         for v in variants:
-            m = self.launch(v.name, v.argv_for, v.may_reject, v.model)
+            m = self.launch(v)
             if m is not None:
                 started[v.name] = m
-        for name in AGED:
-            if name in started and not self.age(name, started[name]):
-                self.ps.stop(started.pop(name))
+        for v in variants:
+            if v.plain in AGED and v.name in started and not self.age(v.name, started[v.name]):
+                self.ps.stop(started.pop(v.name))
 
         cases = sorted({case for v in variants for case in v.grid}, key=CASE_ORDER.index)
+        runs = p.repeats * sum(len(v.grid) for v in variants if v.name in started)
+        minutes = runs * (p.warmup_s + p.duration_s + RUN_OVERHEAD_S) / 60
+        print(f"{runs} measured runs, about {minutes:.1f} min", flush=True)
         for rows, conns in cases:
-            for v in variants:
-                m = started.get(v.name)
-                if m is None or (rows, conns) not in v.grid or not self.check_alive(v.name, m):
-                    continue
-                try:
-                    self.run_case(v.name, m, rows, conns, v.counted)
-                except (wrk.WrkError, OSError, RuntimeError) as exc:
-                    self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
+            for repeat in range(p.repeats):
+                for v in variants:
+                    m = started.get(v.name)
+                    if m is None or (rows, conns) not in v.grid or not self.check_alive(v.name, m):
+                        continue
+                    try:
+                        self.run_case(v.name, m, rows, conns, v.counted, repeat)
+                    except (wrk.WrkError, OSError, RuntimeError) as exc:
+                        self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
 
         for name, m in started.items():
             sr = self.r.server(name)
@@ -394,10 +420,12 @@ class Runner:
                 sr.rss_after_mb = servers.rss_mb(m.pid)
         for server, sink in sinks.items():
             self.note_sink(server, sink)
-        argv_for = {v.name: v.argv_for for v in variants}
-        for name, m in started.items():
-            if name in DURABLE and m.alive():
-                self.check_durable(name, m, argv_for[name])
+        for v in variants:
+            m = started.get(v.name)
+            if m is None:
+                continue
+            if v.plain in DURABLE and m.alive():
+                self.check_durable(v, m)
             else:
                 self.ps.stop(m)
         for sink in sinks.values():
@@ -405,17 +433,27 @@ class Runner:
         if "scrape" in p.servers:
             self.run_scrape()
 
-    def variants(self, sinks: dict[str, servers.Managed]) -> list[Variant]:
-        """The servers of the plan, in the order their cases run; starts the reply sinks."""
+    def variants(
+        self, sinks: dict[str, servers.Managed], tree: Path | None = None
+    ) -> list[Variant]:
+        """The servers of the plan, in the order their cases run; starts the reply sinks.
+
+        With `tree` (the --baseline export): our servers only, named "<server>@base", each with
+        its own state dir and sink, started from that tree.
+        """
         p = self.plan
         aged = [c for c in p.aged_grid if any(n in p.servers for n in AGED)]
         out: list[Variant] = []
-        if "floor" in p.servers:
+
+        def named(name: str) -> str:
+            return name if tree is None else name + BASE_SUFFIX
+
+        if "floor" in p.servers and tree is None:
             out.append(Variant("floor", servers.floor_argv, p.grid, counted=False))
         if "memory" in p.servers:
             out.append(
                 Variant(
-                    "memory",
+                    named("memory"),
                     lambda port: servers.adserver_argv(port, ONE_HOT),
                     _union(p.grid, aged),
                 )
@@ -423,8 +461,8 @@ class Runner:
         if "sqlite" in p.servers:
             out.append(
                 Variant(
-                    "sqlite",
-                    lambda port: self.sqlite_argv(port, "sqlite"),
+                    named("sqlite"),
+                    lambda port: self.sqlite_argv(port, named("sqlite")),
                     _union(p.durable_grid, aged),
                     may_reject=SQLITE_REJECT,
                 )
@@ -432,13 +470,13 @@ class Runner:
         if "seed" in p.servers:
             # The seed's reply_url points at a sink that answers 200 at once, as a message
             # dumper or a broker does: every reply is really sent.
-            sink = self.start_sink("seed", 0.0, sinks)
+            sink = self.start_sink(named("seed"), 0.0, sinks)
             if sink is not None:
                 reply = f"http://{servers.HOST}:{sink.port}/"
                 out.append(
                     Variant(
-                        "seed",
-                        lambda port: servers.seed_argv(port, self.state_dir("seed"), reply),
+                        named("seed"),
+                        lambda port: servers.seed_argv(port, self.state_dir(named("seed")), reply),
                         p.seed_grid,
                         model=servers.SEED_MODEL,
                     )
@@ -447,7 +485,7 @@ class Runner:
         if "memory-full" in p.servers:
             out.append(
                 Variant(
-                    "memory-full",
+                    named("memory-full"),
                     lambda port: servers.adserver_argv(port, ONE_HOT, **bounds),
                     p.aged_grid,
                 )
@@ -455,8 +493,8 @@ class Runner:
         if "sqlite-full" in p.servers:
             out.append(
                 Variant(
-                    "sqlite-full",
-                    lambda port: self.sqlite_argv(port, "sqlite-full", **bounds),
+                    named("sqlite-full"),
+                    lambda port: self.sqlite_argv(port, named("sqlite-full"), **bounds),
                     p.aged_grid,
                     may_reject=SQLITE_REJECT,
                 )
@@ -464,18 +502,18 @@ class Runner:
         if "replyce" in p.servers:  # reply CloudEvent in the answer, no sink: isolates its cost
             out.append(
                 Variant(
-                    "replyce",
+                    named("replyce"),
                     lambda port: servers.adserver_argv(port, ONE_HOT, reply_ce=True),
                     p.sink_grid,
                 )
             )
         if "sink200" in p.servers:
-            sink = self.start_sink("sink200", p.sink_delay_s, sinks)
+            sink = self.start_sink(named("sink200"), p.sink_delay_s, sinks)
             if sink is not None:
                 slow = f"http://{servers.HOST}:{sink.port}/"
                 out.append(
                     Variant(
-                        "sink200",
+                        named("sink200"),
                         lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=slow),
                         p.sink_grid,
                     )
@@ -484,12 +522,12 @@ class Runner:
             dead = f"http://{servers.HOST}:{servers.free_port()}/"
             out.append(
                 Variant(
-                    "deadsink",
+                    named("deadsink"),
                     lambda port: servers.adserver_argv(port, ONE_HOT, reply_url=dead),
                     p.sink_grid,
                 )
             )
-        return out
+        return [replace(v, tree=tree) for v in out]
 
     def start_sink(
         self, server: str, delay_s: float, sinks: dict[str, servers.Managed]
@@ -553,10 +591,9 @@ class Runner:
             max_rows=max_rows,
         )
 
-    def check_durable(
-        self, name: str, m: servers.Managed, argv_for: Callable[[int], list[str]]
-    ) -> None:
+    def check_durable(self, v: Variant, m: servers.Managed) -> None:
         """kill -9 a durable server and restart it on the same dir: acked rows must survive."""
+        name = v.name
         sr = self.r.server(name)
         acked = sum(c.acked_rows_all for c in self.r.cases if c.server == name)
         try:
@@ -569,7 +606,12 @@ class Runner:
         port = servers.free_port()
         try:
             m2 = self.ps.start(
-                f"{name}-restart", argv_for(port), port, self.server_cpu, model=m.model
+                f"{name}-restart",
+                v.argv_for(port),
+                port,
+                self.server_cpu,
+                model=m.model,
+                tree=v.tree,
             )
         except servers.StartError as exc:
             self.fail(f"{name} restart after kill -9: {exc}")
@@ -633,6 +675,13 @@ class Runner:
             self.fail(f"scrape: {exc}")
         finally:
             self.ps.stop(m)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -704,6 +753,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="prediction rows per fill logger event (default 100000, smoke 1000)",
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also run each selected server of ours from this git revision's tree, interleaved "
+        "with ours, and print this / baseline per case (the floor and scrape run once)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"rounds of every case (default 1, with --baseline {BASELINE_REPEATS})",
+    )
     return parser.parse_args(argv)
 
 
@@ -721,6 +784,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    commit = None
+    if args.baseline:
+        try:
+            commit = ab.resolve(servers.REPO_ROOT, args.baseline)
+        except ab.BaselineError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     server_cpu: int | None = args.server_cpu
     load_cpu: int | None = args.load_cpu
     avail = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
@@ -748,7 +818,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     results = BenchResults(
         machine={**machine.info(servers.REPO_ROOT), "other_cpu_pct_before": quiet_pct},
-        params={**asdict(plan), "server_cpu": server_cpu, "load_cpu": load_cpu},
+        params={
+            **asdict(plan),
+            "server_cpu": server_cpu,
+            "load_cpu": load_cpu,
+            "baseline": args.baseline,
+            "baseline_commit": commit,
+        },
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
@@ -756,7 +832,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ps = servers.ProcessSet(Path(tmp))
         try:
-            Runner(plan, ps, Path(tmp), server_cpu, load_cpu, results, args.retry_noisy).run()
+            base = None
+            if args.baseline and commit:
+                base = ab.export(
+                    servers.REPO_ROOT, args.baseline, commit, Path(tmp) / "baseline", sys.executable
+                )
+                print(f"baseline: {args.baseline} ({commit[:10]}) exported to {base.tree}")
+            Runner(plan, ps, Path(tmp), server_cpu, load_cpu, results, args.retry_noisy, base).run()
+        except ab.BaselineError as exc:
+            results.failures.append(str(exc))
+            print(f"FAIL: {exc}", file=sys.stderr)
         except KeyboardInterrupt:
             interrupted = True
             results.failures.append("interrupted")
@@ -765,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             ps.stop_all()
     results.machine["loadavg_end"] = os.getloadavg()[0]
     results.targets = targets.evaluate(results)
+    results.ab = ab.compare(results)
     text = report.render(results)
     print()
     print(text)

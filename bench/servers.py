@@ -37,6 +37,16 @@ def pinned(argv: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """This environment with `tree` first on PYTHONPATH: a baseline server's imports come from
+    its own tree (its cwd too, since `python -m` puts the cwd before PYTHONPATH), not ours."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tree), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    )
+    return env
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident set size in MB from /proc/<pid>/status (VmRSS), None if unavailable."""
     try:
@@ -198,8 +208,11 @@ class ProcessSet:
         ready_path: str | None = "/v1/metrics",
         timeout_s: float = 30.0,
         model: str = "bench",
+        tree: Path | None = None,
     ) -> Managed:
-        """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it."""
+        """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it.
+
+        `tree`: run it from that source tree (the --baseline export) instead of ours."""
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed on stop
         started_at = time.perf_counter()
@@ -208,7 +221,8 @@ class ProcessSet:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
+            cwd=tree or REPO_ROOT,
+            env=None if tree is None else tree_env(tree),
         )
         log.close()
         m = Managed(

@@ -23,14 +23,19 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-@pytest.mark.e2e
-def test_bench_smoke(tmp_path: Path) -> None:
-    """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
+def _need_wrk() -> None:
+    """Skip without wrk, except in CI, where its absence is a failure."""
     if shutil.which("wrk") is None:
         msg = "wrk is not installed: apt-get install -y --no-install-recommends wrk"
         if _in_ci():
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+@pytest.mark.e2e
+def test_bench_smoke(tmp_path: Path) -> None:
+    """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
+    _need_wrk()
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
@@ -60,3 +65,36 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert case["ok"] > 0 and case["non2xx"] == 0 and case["socket_errors"] == 0, case
         assert case["ok"] * case["rows"] <= case["counted_rows"] <= case["sent"] * case["rows"]
     assert doc["scrape"] is not None and doc["scrape"]["rows_counted"] == 500, log
+
+
+@pytest.mark.e2e
+def test_bench_baseline_ab(tmp_path: Path) -> None:
+    """`--baseline HEAD`: memory also runs from HEAD's exported tree, both sides every round,
+    and the A/B table prints both ratios to the floor and their quotient with its noise."""
+    _need_wrk()
+    out, md = tmp_path / "ab.json", tmp_path / "ab.md"
+    ab_args = ["--servers", "floor,memory", "--baseline", "HEAD", "--repeats", "2", "--warmup", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", *ab_args, "--json", str(out), "--markdown", md],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, log
+    doc = json.loads(out.read_text())
+    assert doc["failures"] == [], log
+    notes = {s["name"]: " ".join(s["notes"]) for s in doc["servers"]}
+    assert "from --baseline HEAD" in notes["memory@base"], notes
+    runs = {(c["server"], c["case"], c["repeat"]) for c in doc["cases"] if c["check_ok"]}
+    assert {("memory@base", "1 row c16", 1), ("memory", "1 row c16", 1)} <= runs, log
+    ab = {a["case"]: a for a in doc["ab"] if a["server"] == "memory"}
+    assert set(ab) == {"1 row c1", "1 row c16", "1000 rows c16"}, doc["ab"]
+    for a in ab.values():
+        assert a["repeats"] == 2 and a["req_noise"] is not None, a
+        assert a["x_floor_req"] > 0 and a["base_x_floor_req"] > 0, a
+    table = md.read_text()
+    for column in ("x floor req/s this", "x floor req/s baseline", "req/s this / baseline"):
+        assert column in table, table
