@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adserver.errors import RequestError
 from adserver.state.committer import CommitPolicy, load_views
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, StateFileError
@@ -108,3 +109,27 @@ def test_a_declaration_that_changed_its_columns_is_refused(tmp_path: Path) -> No
         dialect = SQLiteDialect.open(str(tmp_path), "m")
         state = MetricsState(statistics=[changed])
         SQLiteStore(state, dialect, "m", CommitPolicy(retention=1, max_ids=1))
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_an_undeclared_statistic_changes_nothing(tmp_path: Path, durable: bool) -> None:
+    """A model's bug (updates for a statistic it does not declare) is refused inside the
+    transaction: its event id is not remembered and no count moves, in either mode."""
+    directory = tmp_path if durable else None
+    stray = Delta(counters=(("rows_accepted", "", 1),), updates={"undeclared": [(1, 1.0, 1)]})
+
+    async def scenario() -> None:
+        s = SQLiteStore(
+            MetricsState(),
+            SQLiteDialect.open(str(directory) if directory else None, "m"),
+            "m",
+            CommitPolicy(retention=1e9, max_ids=100),
+        )
+        with pytest.raises(RequestError) as refused:
+            await s.commit([Entry(stray, ("src", "a"))])
+        assert refused.value.kind.fault
+        assert s.state.counters == {} and s.seen_count == 0
+        assert await s.commit([Entry(Delta(counters=(("rows_accepted", "", 1),)), ("src", "a"))])
+        await s.close()
+
+    asyncio.run(scenario())

@@ -37,7 +37,7 @@ from adserver.catalogue.families import (
     LABELS,
     METRICS_REJECTED,
 )
-from adserver.errors import BadRequest, RequestError, Unavailable
+from adserver.errors import BadRequest, InternalError, RequestError, Unavailable
 from adserver.state.join import Joiner, JoinTables, Scores, Unscored
 from adserver.state.statistics import Row, StateKey, Statistic
 from adserver.state.store import Clock, Entry, StateStore
@@ -174,6 +174,7 @@ class Committer(StateStore, Generic[D]):
         self.clock = clock
         self.key = StateKey(model_name)  # where an entry without a key counts
         self.views = KeyedState(self.key, state)
+        self._declared = frozenset(state.statistics)  # what a delta may name
         dialect.prepare(state.statistics.values())
         load_views(dialect, self.views)
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
@@ -347,6 +348,13 @@ class Committer(StateStore, Generic[D]):
                     raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
                 tables = self.dialect.join_tables(self.row_counts)
                 delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
+            if not delta.parts.keys() <= self._declared:
+                unknown = sorted(delta.parts.keys() - self._declared)
+                log.error("a model's observation names undeclared statistics: %s", unknown)
+                raise InternalError(
+                    f"the model's observation names statistics it does not declare: {unknown}",
+                    reasons.INTERNAL_SERVER_ERROR,
+                )
             key = entry.key or self.key
             self._check_classes(key.model, delta)
             delta = self._admit_metrics(delta)

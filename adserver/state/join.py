@@ -260,7 +260,7 @@ class Joiner:
     """Joins labels to logged rows; ``in_transaction``: the scorer may run inside the store's
     transaction, on its thread (our own models; never a user's)."""
 
-    def __init__(self, score: Scorer, ttl: float, *, in_transaction: bool = True) -> None:
+    def __init__(self, score: Scorer, ttl: float, *, in_transaction: bool = False) -> None:
         self.score = score
         self.ttl = ttl
         self.in_transaction = in_transaction

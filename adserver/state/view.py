@@ -184,6 +184,10 @@ class CountersStatistic(Statistic[tuple[str, str, int], Counter[CounterKey]]):
     def rows(self, items: Sequence[tuple[str, str, int]]) -> Iterable[Row]:
         return items
 
+    def apply(self, acc: Counter[CounterKey], items: Sequence[tuple[str, str, int]]) -> None:
+        """Items are rows already: added at once (every event has some)."""
+        self.load(acc, items)
+
     def load(self, acc: Counter[CounterKey], rows: Iterable[Row]) -> None:
         for name, label, value in rows:
             acc[(name, label)] += value
@@ -374,4 +378,4 @@ class KeyedState:
         return view
 
     def apply(self, key: StateKey, delta: Delta) -> None:
-        self.at(key).apply(delta)
+        (self.views.get(key) or self.at(key)).apply(delta)
