@@ -12,6 +12,7 @@ import tornado.httpserver
 
 from adserver.catalogue.families import METHOD, METHOD_DEFAULT
 from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
+from adserver.errors import StartupError
 from adserver.exposition.collector import FeedbackCollector, build_registry
 from adserver.exposition.seldon_labels import seldon_default_labels
 from adserver.http.handlers import make_app
@@ -19,11 +20,13 @@ from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, 
 from adserver.http.transport import HTTPTransport
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService, ReplyConfig
-from adserver.loader import load_model
+from adserver.loader import load_model, model_kind
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
-from adserver.state.backends import open_store
+from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state
+from adserver.state.store import StateStore
 from adserver.state.view import MetricsState
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,36 @@ class Server:
         if self.sender is not None:
             await self.sender.close()
         await self.service.close()
+
+
+def open_store(
+    settings: Settings,
+    state: MetricsState,
+    joiner: Joiner,
+    reserved_prefixes: tuple[str, ...] = (),
+) -> StateStore:
+    """The committer over the dialect ``--state`` names. ``memory`` runs the same store on an
+    in-memory database: identical semantics, no file."""
+    if settings.state not in ("sqlite", "memory"):
+        raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
+    durable = settings.state == "sqlite"
+    if durable and settings.reset_state:
+        moved = reset_state(settings.state_dir)
+        log.warning("state reset", extra={"moved_to": str(moved) if moved else None})
+    dialect = SQLiteDialect.open(
+        settings.state_dir if durable else None,
+        settings.model_name,
+        model_kind(settings.storage_uri),
+    )
+    policy = CommitPolicy(
+        retention=settings.dedup_retention_seconds,
+        max_ids=settings.dedup_max_ids,
+        join_max_rows=settings.join_max_rows,
+        max_classes=settings.max_classes,
+        reserved_prefixes=reserved_prefixes,
+        max_custom_series=settings.max_custom_series,
+    )
+    return SQLiteStore(state, dialect, settings.model_name, policy, joiner=joiner)
 
 
 def build_server(settings: Settings) -> Server:

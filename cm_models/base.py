@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from adserver.catalogue import reasons
-from adserver.state.statistics import Statistic
 from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
 from cm_models.custom_metrics import CustomMetric
+from cm_models.statistics import Statistic
 
 
 class InvalidFeedback(ValueError):

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adserver.state.statistics import Statistic
 from cm_models.base import Observation
+from cm_models.statistics import Statistic
 
 
 class FeedbackModel(Protocol):

@@ -10,9 +10,9 @@ import logging
 from typing import Any, Protocol
 
 from adserver.catalogue import reasons
-from adserver.state.statistics import Statistic
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
 from cm_models.custom_metrics import parse_metrics
+from cm_models.statistics import Statistic
 
 log = logging.getLogger(__name__)
 

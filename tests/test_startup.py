@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from adserver.state.sqlite.schema import migrate
-from adserver.state.statistics import Sums
 from adserver.state.view import COUNTERS
 from cm_models import MultiClassNumeric
+from cm_models.statistics import Sums
 from tests.support.events import feedback
 from tests.support.http import model_doc, scrape, send_event
 from tests.support.processes import (

@@ -14,11 +14,11 @@ from adserver.errors import RequestError
 from adserver.state.committer import CommitPolicy, load_views
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, StateFileError
-from adserver.state.statistics import StateKey, Sums
 from adserver.state.store import Entry
 from adserver.state.view import Delta, KeyedState, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
+from cm_models.statistics import StateKey, Sums
 
 ABS_ERROR = Sums("abs_error", keys=[("truth", "int")], values=[("total", "real"), ("rows", "int")])
 

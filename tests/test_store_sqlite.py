@@ -30,12 +30,12 @@ from adserver.state.sqlite.store import (
     reset_state,
     state_path,
 )
-from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT, StateKey
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
+from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, StateKey
 from tests.data.state_v3 import build as version_3
 from tests.support.timing import FakeClock
 

@@ -39,11 +39,11 @@ from adserver.catalogue.families import (
 )
 from adserver.errors import BadRequest, InternalError, RequestError, Unavailable
 from adserver.state.join import Joiner, JoinTables, Scores, Unscored
-from adserver.state.statistics import Row, StateKey, Statistic
 from adserver.state.store import Clock, Entry, StateStore
 from adserver.state.view import Delta, KeyedState, MetricsState
 from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import MetricCatalog
+from cm_models.statistics import Row, StateKey, Statistic
 
 log = logging.getLogger(__name__)
 

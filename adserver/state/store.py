@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
-from adserver.state.statistics import StateKey
 from adserver.state.view import Delta, MetricsState
+from cm_models.statistics import StateKey
 
 Clock = Callable[[], float]
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from adserver.errors import StartupError
-from adserver.state.statistics import Merge, Row, StateKey, Statistic
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
+from cm_models.statistics import Merge, Row, StateKey, Statistic
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
 TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))

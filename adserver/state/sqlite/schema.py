@@ -2,7 +2,7 @@
 what a join waits for.
 
 From version 4 on, a statistic's table is named after it and keyed by :data:`KEY_COLUMNS` (the
-:class:`~adserver.state.statistics.StateKey`), then by its own keys; a statistic that a model
+:class:`~cm_models.statistics.StateKey`), then by its own keys; a statistic that a model
 declares gets its table from its declaration (:func:`create_statistic_table`), not from here.
 """
 
@@ -19,7 +19,7 @@ import orjson
 from adserver.state.committer import LOGGED_ROWS, PARKED_ROWS, SEEN_IDS, RowCounts
 from adserver.state.join import Logged, as_rows
 from adserver.state.sqlite.join_tables import SQLJoinTables
-from adserver.state.statistics import ALL_TIME, DEFAULT_SEGMENT, ColumnType, Statistic
+from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, ColumnType, Statistic
 
 SCHEMA_VERSION = 4
 

@@ -28,9 +28,9 @@ from adserver.state.sqlite.schema import (
     migrate,
     statistic_columns,
 )
-from adserver.state.statistics import Row, StateKey, Statistic
 from adserver.state.store import Clock
 from adserver.state.view import Delta
+from cm_models.statistics import Row, StateKey, Statistic
 
 __all__ = [
     "PURGE_BATCH",
