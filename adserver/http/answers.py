@@ -15,7 +15,6 @@ import orjson
 from adserver.catalogue.wire import CONTENT_TYPE_JSON
 from adserver.errors import ErrorKind, RequestError
 from adserver.ingest.service import Outcome
-from adserver.wire.cloudevents import binary_headers
 
 #: Every kind of refusal, as HTTP says it. 5xx only for the server's faults, so Knative retries
 #: those and never bad input.
@@ -49,4 +48,4 @@ def outcome_answer(outcome: Outcome) -> Answer:
         return json_error(outcome)
     if outcome.reply is None:
         return Answer(200, {}, b"")
-    return Answer(200, binary_headers(outcome.reply.attributes), outcome.reply.data)
+    return Answer(200, outcome.reply.binary_headers, outcome.reply.data)

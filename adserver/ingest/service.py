@@ -299,7 +299,7 @@ class FeedbackService:
             event, self.reply.event_type, self.reply.event_source, self.summaries.body()
         )
         if new and self.sender is not None:
-            self.sender.submit(reply.attributes, self.summaries.body)
+            self.sender.submit(reply.binary_headers, self.summaries.body)
         return reply
 
 

@@ -5,10 +5,10 @@ over its own kept-alive connection, and retry with exponential backoff. A slow o
 therefore never slows, fails or re-counts an incoming event (the reference posted synchronously
 and double counted on sink errors).
 
-A queued reply is its attributes and where to get its data: the worker takes the data (the
-model's summary, shared by every reply of one state) when it starts sending, and spells the
-attributes as binary-mode headers then. A full queue of a stuck sink therefore holds attributes,
-not a summary of every class per reply.
+A queued reply is its binary-mode headers (those of the answer to its event, spelled once) and
+where to get its data: the worker takes the data (the model's summary, shared by every reply of
+one state) when it starts sending. A full queue of a stuck sink therefore holds headers, not a
+summary of every class per reply.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from tornado.httputil import HTTPInputError
 from adserver.errors import StartupError
 from adserver.logs import ThrottledWarning
 from adserver.replies.connection import PersistentConnection, Target
-from adserver.wire.cloudevents import binary_headers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class ReplyStats:
 
 @dataclass(frozen=True)
 class QueuedReply:
-    attributes: Mapping[str, str]
+    headers: Mapping[str, str]
     data: Callable[[], bytes]
 
 
@@ -74,10 +73,11 @@ class ReplySender:
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
 
-    def submit(self, attributes: Mapping[str, str], data: Callable[[], bytes]) -> None:
-        """Queue a reply CloudEvent; ``data`` is called when a worker starts sending it."""
+    def submit(self, headers: Mapping[str, str], data: Callable[[], bytes]) -> None:
+        """Queue a reply CloudEvent (its binary-mode headers); ``data`` is called when a worker
+        starts sending it."""
         try:
-            self._queue.put_nowait(QueuedReply(attributes, data))
+            self._queue.put_nowait(QueuedReply(headers, data))
         except asyncio.QueueFull:
             self.stats.dropped += 1
 
@@ -102,8 +102,7 @@ class ReplySender:
                 reply = await self._queue.get()
                 self.stats.in_flight += 1
                 try:
-                    headers = binary_headers(reply.attributes)
-                    await self._deliver(connection, headers, reply.data())
+                    await self._deliver(connection, reply.headers, reply.data())
                 finally:
                     self.stats.in_flight -= 1
                     self._queue.task_done()

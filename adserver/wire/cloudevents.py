@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -201,6 +202,11 @@ class ReplyEvent:
 
     attributes: Mapping[str, str]
     data: bytes
+
+    @cached_property
+    def binary_headers(self) -> dict[str, str]:
+        """Its HTTP binary-mode headers, spelled once for the answer and the queued reply."""
+        return binary_headers(self.attributes)
 
 
 def reply_event(
