@@ -198,8 +198,12 @@ class Committer(StateStore, Generic[D]):
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
         """A join whose model may not run in the transaction (a user's) is written once to
         learn what it scores, rolled back, scored here on the IOLoop, and written again."""
-        joins = self.joiner is not None and any(e.operation is not None for e in entries)
-        scores = self.joiner.scores(len(entries)) if joins and self.joiner else None
+        scores = None
+        if self.joiner is not None:
+            for entry in entries:  # most commits join nothing: no scores to keep
+                if entry.operation is not None:
+                    scores = self.joiner.scores(len(entries))
+                    break
         while True:
             try:
                 return await self._commit(entries, scores)
