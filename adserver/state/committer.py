@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from adserver.catalogue import reasons
 from adserver.catalogue.families import (
@@ -56,6 +56,7 @@ PURGE_BATCH = 1000
 TRIM_SLACK_DIVISOR = 1000
 # The tallies a store keeps (a row each): remembered event ids, and rows the join holds.
 SEEN_IDS, LOGGED_ROWS, PARKED_ROWS = "seen_ids", "logged_rows", "parked_rows"
+TALLIES = (SEEN_IDS, LOGGED_ROWS, PARKED_ROWS)
 
 BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
 _Batch = tuple[Sequence[Entry], Scores | None, "asyncio.Future[list[bool]]"]
@@ -137,8 +138,23 @@ class Dialect(Protocol):
     def close(self) -> None: ...
 
 
-# What the committer keeps beside the database, put back when a transaction rolls back.
-_Mark = tuple[int, int, int, float, RowCounts]
+class Mark(NamedTuple):
+    """What the committer keeps beside the database, put back when a transaction rolls back."""
+
+    classes: int  # admitted classes journalled so far
+    catalog: int  # the custom-metric catalog's own mark
+    seen_count: int
+    last_purge: float
+    row_counts: RowCounts
+
+    @property
+    def tallies(self) -> tuple[int, int, int]:
+        return tallies(self.seen_count, self.row_counts)
+
+
+def tallies(seen_count: int, counts: RowCounts) -> tuple[int, int, int]:
+    """The stored tallies' values, in :data:`TALLIES` order."""
+    return (seen_count, counts.logged, counts.parked)
 
 
 @dataclass(frozen=True)
@@ -311,9 +327,8 @@ class Committer(StateStore, Generic[D]):
             raise
         return outcomes, deltas
 
-    def _mark(self) -> _Mark:
-        """What the writer keeps beside the database, to put back if a rollback happens."""
-        return (
+    def _mark(self) -> Mark:
+        return Mark(
             len(self._class_journal),
             self.catalog.mark(),
             self.seen_count,
@@ -321,13 +336,13 @@ class Committer(StateStore, Generic[D]):
             self.row_counts.copy(),
         )
 
-    def _undo(self, mark: _Mark) -> None:
-        classes, catalog, self.seen_count, self._last_purge, counts = mark
-        self.row_counts = counts.copy()
-        while len(self._class_journal) > classes:
+    def _undo(self, mark: Mark) -> None:
+        self.seen_count, self._last_purge = mark.seen_count, mark.last_purge
+        self.row_counts = mark.row_counts.copy()
+        while len(self._class_journal) > mark.classes:
             model, admitted = self._class_journal.pop()
             self.classes[model].discard(admitted)
-        self.catalog.rollback(catalog)
+        self.catalog.rollback(mark.catalog)
 
     def _attempt(
         self, entries: Sequence[Entry], now: float, scores: Scores | None
@@ -372,25 +387,16 @@ class Committer(StateStore, Generic[D]):
         if self.dialect.durable:
             self.dialect.write(key, delta)
 
-    def _write_tallies(self, start: _Mark) -> None:
+    def _write_tallies(self, start: Mark) -> None:
         """The tallies that moved in this transaction, written once at its end."""
         if not self.dialect.durable:
             return
-        before = start[4]
-        if (start[2], before.logged, before.parked) == (
-            self.seen_count,
-            self.row_counts.logged,
-            self.row_counts.parked,
-        ):
+        now = tallies(self.seen_count, self.row_counts)
+        if now == start.tallies:
             return
-        tallies = {
-            SEEN_IDS: (start[2], self.seen_count),
-            LOGGED_ROWS: (before.logged, self.row_counts.logged),
-            PARKED_ROWS: (before.parked, self.row_counts.parked),
-        }
-        moved = {name: now for name, (then, now) in tallies.items() if then != now}
-        if moved:
-            self.dialect.write_tallies(moved)
+        moved = zip(TALLIES, start.tallies, now)
+        self.dialect.write_tallies({name: value for name, then, value in moved if then != value})
+
 
     def _check_classes(self, model: str, delta: Delta) -> None:
         """The matrix is dense (classes squared): refuse an event that would grow a model's too
