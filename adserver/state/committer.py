@@ -202,9 +202,9 @@ class Committer(StateStore, Generic[D]):
         # Admitted classes by model (each model's matrix has its own cap).
         self.classes = {model_name: dialect.classes(model_name) | set(state.confusion.classes)}
         self._class_journal: list[tuple[str, int]] = []  # (model, class) in admission order
-        tallies = dialect.tallies()
-        self.seen_count = tallies.get(SEEN_IDS, 0)
-        self.row_counts = RowCounts(tallies.get(LOGGED_ROWS, 0), tallies.get(PARKED_ROWS, 0))
+        stored = dialect.tallies()
+        self.seen_count = stored.get(SEEN_IDS, 0)
+        self.row_counts = RowCounts(stored.get(LOGGED_ROWS, 0), stored.get(PARKED_ROWS, 0))
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._pending: list[_Batch] = []
         self._flushing: asyncio.Task[None] | None = None
