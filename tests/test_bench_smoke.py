@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,23 +33,29 @@ def _need_wrk() -> None:
         pytest.skip(msg)
 
 
-@pytest.mark.e2e
-def test_bench_smoke(tmp_path: Path) -> None:
-    """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
+def run_bench(args: list[str], out: Path, timeout: float) -> tuple[dict[str, Any], str]:
+    """``python -m bench *args --json out``: its JSON document, and its output for messages.
+    Fails the test if the bench exits non-zero or reports a failed case."""
     _need_wrk()
-    out = tmp_path / "smoke.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
+        [sys.executable, "-m", "bench", *args, "--json", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, log
     doc = json.loads(out.read_text())
     assert doc["failures"] == [], log
+    return doc, log
+
+
+@pytest.mark.e2e
+def test_bench_smoke(tmp_path: Path) -> None:
+    """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
+    doc, log = run_bench(["--smoke"], tmp_path / "smoke.json", timeout=600)
     servers = {c["server"] for c in doc["cases"]}
     assert {"floor", "memory", "seed", "memory-full", "sqlite-full"} <= servers, log
     notes = {s["name"]: " ".join(s["notes"]) for s in doc["servers"]}
@@ -71,21 +78,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_bench_baseline_ab(tmp_path: Path) -> None:
     """`--baseline HEAD`: memory also runs from HEAD's exported tree, both sides every round,
     and the A/B table prints both ratios to the floor and their quotient with its noise."""
-    _need_wrk()
-    out, md = tmp_path / "ab.json", tmp_path / "ab.md"
+    md = tmp_path / "ab.md"
     ab_args = ["--servers", "floor,memory", "--baseline", "HEAD", "--repeats", "2", "--warmup", "0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", *ab_args, "--json", str(out), "--markdown", md],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    doc, log = run_bench(
+        ["--smoke", *ab_args, "--markdown", str(md)], tmp_path / "ab.json", timeout=300
     )
-    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, log
-    doc = json.loads(out.read_text())
-    assert doc["failures"] == [], log
     notes = {s["name"]: " ".join(s["notes"]) for s in doc["servers"]}
     assert "from --baseline HEAD" in notes["memory@base"], notes
     runs = {(c["server"], c["case"], c["repeat"]) for c in doc["cases"] if c["check_ok"]}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from cloudevents.core.bindings.http import HTTPMessage
 
-from adserver.wire.cloudevents import IncomingEvent, binary_headers, reply_event
+from adserver.wire.cloudevents import IncomingEvent, reply_event
 
 FEEDBACK_TYPE = "io.seldon.serving.feedback"
 REPLY_TYPE = "io.seldon.serving.feedback.metrics"
@@ -95,4 +95,4 @@ def reply_message(
 ) -> HTTPMessage:
     """The reply as HTTP sends it: binary-mode headers, JSON data as the body."""
     reply = reply_event(incoming, event_type, source, data)
-    return HTTPMessage(headers=binary_headers(reply.attributes), body=reply.data)
+    return HTTPMessage(headers=reply.binary_headers, body=reply.data)
