@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import tornado.httpserver
@@ -23,6 +24,7 @@ from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model, model_kind
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
+from adserver.state.buckets import TimeBuckets
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner
 from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state
@@ -50,14 +52,20 @@ class Server:
 
 def open_store(
     settings: Settings,
-    state: MetricsState,
+    states: Mapping[str, MetricsState],
     joiner: Joiner,
     reserved_prefixes: tuple[str, ...] = (),
+    kinds: Mapping[str, str] | None = None,
 ) -> StateStore:
     """The committer over the dialect ``--state`` names. ``memory`` runs the same store on an
-    in-memory database: identical semantics, no file."""
+    in-memory database: identical semantics, no file. ``states``: each model's prototype (the
+    server model's among them); ``kinds``: each configured model's kind, claimed in the file."""
     if settings.state not in ("sqlite", "memory"):
         raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
+    try:
+        buckets = TimeBuckets.parse(settings.time_buckets)
+    except ValueError as exc:
+        raise StartupError(f"--time_buckets {settings.time_buckets!r}: {exc}") from exc
     durable = settings.state == "sqlite"
     if durable and settings.reset_state:
         moved = reset_state(settings.state_dir)
@@ -66,6 +74,7 @@ def open_store(
         settings.state_dir if durable else None,
         settings.model_name,
         model_kind(settings.storage_uri),
+        kinds,
     )
     policy = CommitPolicy(
         retention=settings.dedup_retention_seconds,
@@ -75,19 +84,19 @@ def open_store(
         reserved_prefixes=reserved_prefixes,
         max_custom_series=settings.max_custom_series,
     )
-    return SQLiteStore(state, dialect, settings.model_name, policy, joiner=joiner)
+    return SQLiteStore(states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets)
 
 
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
     state = MetricsState(tuple(model.classes), model.statistics)
-    joiner = Joiner(model.observe, settings.join_ttl_seconds, in_transaction=model.thread_safe)
+    joiner = Joiner({settings.model_name: model}, settings.join_ttl_seconds)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
         (SELDON_METRIC_PREFIX,) if model.has_confusion else ()
     )
-    store = open_store(settings, state, joiner, reserved)
+    store = open_store(settings, {settings.model_name: state}, joiner, reserved)
     sender = None
     if settings.reply_url and settings.replies_enabled:
         sender = ReplySender(

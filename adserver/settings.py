@@ -109,6 +109,11 @@ class Settings:
         "MAX_EVENT_ROWS",
         "most rows in one logger event or label (they are stored); more get 413",
     )
+    time_buckets: str = setting(
+        "1m=48h,1h=90d,1d=730d",
+        "TIME_BUCKETS",
+        "granularities of prediction time counted, each with how long its buckets are kept",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ from cm_models.base import Observation
 from tests.support.events import ce_headers, new_id
 from tests.support.http import model_doc, post_json, scrape, value
 from tests.support.processes import DATA, MULTICLASS_NUMERIC, ONE_HOT, start_server
+from tests.support.stores import BUCKETS, scoring
 from tests.support.timing import FakeClock
 
 LOGGER = DATA / "logger"
@@ -214,10 +215,16 @@ def run(coroutine: Any) -> Any:
 
 def joining_store(clock: FakeClock, ttl: float, **options: int) -> SQLiteStore:
     """An in-memory store that joins labels for a MultiClassNumeric model."""
-    joiner = Joiner(MultiClassNumeric().observe, ttl=ttl)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=ttl)
     policy = CommitPolicy(retention=10, max_ids=100, **options)
     return SQLiteStore(
-        MetricsState(), SQLiteDialect.open(None, "m"), "m", policy, joiner=joiner, clock=clock
+        {"m": MetricsState()},
+        SQLiteDialect.open(None, "m"),
+        "m",
+        policy,
+        joiner=joiner,
+        clock=clock,
+        buckets=BUCKETS,
     )
 
 
@@ -401,7 +408,8 @@ def recording_store(scored: list[tuple[Any, Any, Any]]) -> SQLiteStore:
 
     policy = CommitPolicy(retention=10, max_ids=100)
     dialect = SQLiteDialect.open(None, "m")
-    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=Joiner(score, ttl=100))
+    joiner = Joiner({"m": scoring(score)}, ttl=100)
+    return SQLiteStore({"m": MetricsState()}, dialect, "m", policy, joiner=joiner, buckets=BUCKETS)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from adserver.state.view import Delta, MetricsState
 from tests.support.events import STRUCTURED_TYPE, ce_headers, new_id, structured
 from tests.support.http import post_json, scrape, value
 from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
+from tests.support.stores import BUCKETS
 from tests.support.timing import FakeClock
 from tests.test_http_limits import exchange, moved, parse, rejections, request
 
@@ -53,7 +54,7 @@ def test_seen_count_matches_the_table_after_an_expired_id_returns(tmp_path: Path
     clock = FakeClock()
     dialect = SQLiteDialect.open(str(tmp_path), "m")
     policy = CommitPolicy(retention=10.0, max_ids=1000)
-    store = SQLiteStore(MetricsState(), dialect, "m", policy, clock=clock)
+    store = SQLiteStore({"m": MetricsState()}, dialect, "m", policy, clock=clock, buckets=BUCKETS)
 
     async def scenario() -> None:
         entry = Entry(Delta(counters=(("events_accepted", "", 1),)), ("src", "a"))

@@ -19,6 +19,7 @@ from adserver.state.view import Delta, KeyedState, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.base import Observation
 from cm_models.statistics import StateKey, Sums
+from tests.support.stores import BUCKETS
 
 ABS_ERROR = Sums("abs_error", keys=[("truth", "int")], values=[("total", "real"), ("rows", "int")])
 
@@ -52,11 +53,12 @@ def expected(*pairs: tuple[list[int], list[int]]) -> dict[tuple[int], tuple[floa
 def store(directory: Path, **options: Any) -> SQLiteStore:
     model = ErrorSums()
     return SQLiteStore(
-        MetricsState(statistics=model.statistics),
+        {"m": MetricsState(statistics=model.statistics)},
         SQLiteDialect.open(str(directory), "m"),
         "m",
         CommitPolicy(retention=1e9, max_ids=100),
-        joiner=Joiner(model.observe, ttl=1e9),
+        joiner=Joiner({"m": model}, ttl=1e9),
+        buckets=BUCKETS,
         **options,
     )
 
@@ -90,7 +92,7 @@ def test_declared_statistic_is_persisted_reloaded_and_merged(tmp_path: Path) -> 
     assert reopened[0].state.tables[ABS_ERROR.name] == pytest.approx(expected(*a))
     assert reopened[1].state.tables[ABS_ERROR.name] == pytest.approx(expected(*b))
     # Two replicas' stores merge into one view: every statistic adds by its declared merge.
-    merged = KeyedState(StateKey("m"), MetricsState(statistics=ErrorSums.statistics))
+    merged = KeyedState({"m": MetricsState(statistics=ErrorSums.statistics)}, "m")
     for replica in reopened:
         load_views(replica.dialect, merged)
     view = merged.at(StateKey("m"))
@@ -108,7 +110,9 @@ def test_a_declaration_that_changed_its_columns_is_refused(tmp_path: Path) -> No
     with pytest.raises(StateFileError, match="abs_error"):
         dialect = SQLiteDialect.open(str(tmp_path), "m")
         state = MetricsState(statistics=[changed])
-        SQLiteStore(state, dialect, "m", CommitPolicy(retention=1, max_ids=1))
+        SQLiteStore(
+            {"m": state}, dialect, "m", CommitPolicy(retention=1, max_ids=1), buckets=BUCKETS
+        )
 
 
 @pytest.mark.parametrize("durable", [True, False])
@@ -120,10 +124,11 @@ def test_an_undeclared_statistic_changes_nothing(tmp_path: Path, durable: bool) 
 
     async def scenario() -> None:
         s = SQLiteStore(
-            MetricsState(),
+            {"m": MetricsState()},
             SQLiteDialect.open(str(directory) if directory else None, "m"),
             "m",
             CommitPolicy(retention=1e9, max_ids=100),
+            buckets=BUCKETS,
         )
         with pytest.raises(RequestError) as refused:
             await s.commit([Entry(stray, ("src", "a"))])

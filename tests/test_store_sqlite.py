@@ -31,12 +31,13 @@ from adserver.state.sqlite.store import (
     state_path,
 )
 from adserver.state.store import Entry
-from adserver.state.view import Delta, MetricsState
+from adserver.state.view import Delta, MetricsState, Placement
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
-from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, StateKey
+from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT
 from tests.data.state_v3 import build as version_3
+from tests.support.stores import BUCKETS
 from tests.support.timing import FakeClock
 
 
@@ -46,16 +47,18 @@ def event(event_id: str, truth: list[int], predicted: list[int], **extra) -> Ent
     return Entry(delta, ("src", event_id))
 
 
-def open_sqlite(tmp_path: Path, clock=None, joiner=None, **kwargs) -> SQLiteStore:
+def open_sqlite(tmp_path: Path, clock=None, joiner=None, states=None, **kwargs) -> SQLiteStore:
     policy = CommitPolicy(**{"retention": 3600.0, "max_ids": 1000, **kwargs})
     dialect = SQLiteDialect.open(str(tmp_path), "m")
     clock = time.time if clock is None else clock
-    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=joiner, clock=clock)
+    states = {"m": MetricsState()} if states is None else states
+    return SQLiteStore(states, dialect, "m", policy, joiner=joiner, clock=clock, buckets=BUCKETS)
 
 
 def memory_store(clock: FakeClock, **kwargs: Any) -> SQLiteStore:
     policy = CommitPolicy(**kwargs)
-    return SQLiteStore(MetricsState(), SQLiteDialect.open(None, "m"), "m", policy, clock=clock)
+    dialect = SQLiteDialect.open(None, "m")
+    return SQLiteStore({"m": MetricsState()}, dialect, "m", policy, clock=clock, buckets=BUCKETS)
 
 
 def run(coroutine):
@@ -252,14 +255,15 @@ def test_store_error_is_transient_503(tmp_path: Path) -> None:
 
 def full_store(bound: int, clock: FakeClock) -> SQLiteStore:
     """A memory store whose seen ids and logged rows are both at their bound."""
-    joiner = Joiner(MultiClassNumeric().observe, ttl=1e9)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=1e9)
     store = SQLiteStore(
-        MetricsState(),
+        {"m": MetricsState()},
         SQLiteDialect.open(None, "m"),
         "m",
         CommitPolicy(retention=1e9, max_ids=bound, join_max_rows=bound),
         joiner=joiner,
         clock=clock,
+        buckets=BUCKETS,
     )
     fill = [
         Entry(
@@ -361,7 +365,7 @@ def version_2_file(tmp_path: Path, now: float) -> None:
 def test_version_2_file_keeps_joining_after_the_upgrade(tmp_path: Path) -> None:
     clock = FakeClock()
     version_2_file(tmp_path, clock.now)
-    joiner = Joiner(MultiClassNumeric().observe, ttl=1000)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=1000)
     store = open_sqlite(tmp_path, clock, joiner=joiner)
     assert (store.row_counts.logged, store.row_counts.parked) == (6, 3)
 
@@ -397,7 +401,7 @@ def test_version_3_file_keeps_every_count(tmp_path: Path) -> None:
     assert version.fetchone() == ("3",)
     connection.close()
     clock = FakeClock(1_700_000_000.0 + 1)
-    joiner = Joiner(MultiClassNumeric().observe, ttl=10_000)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=10_000)
     store = open_sqlite(tmp_path, clock, retention=10_000, joiner=joiner)
     before = json.loads((VERSION_3 / "view.json").read_text())
     assert json.loads(json.dumps(version_3.view(store))) == before
@@ -416,7 +420,7 @@ def test_version_3_file_keeps_every_count(tmp_path: Path) -> None:
 def test_classes_and_tallies_are_stored_with_the_counts(tmp_path: Path) -> None:
     """What replicas will share is in the file: admitted classes and the tallies of ids and
     rows, written in the transaction (a refused batch leaves neither), read back at start."""
-    joiner = Joiner(MultiClassNumeric().observe, ttl=1e9)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=1e9)
 
     async def scenario() -> None:
         store = open_sqlite(tmp_path, max_classes=3, joiner=joiner)
@@ -438,30 +442,32 @@ def test_classes_and_tallies_are_stored_with_the_counts(tmp_path: Path) -> None:
     assert reopened.classes == {"m": {0, 1}}
 
 
-def test_an_entry_counts_under_its_own_key_across_a_restart(tmp_path: Path) -> None:
-    """State is addressed by (model, segment, bucket): an entry's key keeps its counts apart
-    from the default key's, in the file too; each model's classes have their own cap."""
-    canary = StateKey("m", "canary", 0)
-    other = StateKey("other")
+def test_an_entry_counts_under_its_own_model_and_segment_across_a_restart(tmp_path: Path) -> None:
+    """State is addressed by (model, segment, bucket): an entry's segment keeps its counts apart
+    from the others' (and counts in its model's totals), in the file too; each model's classes
+    have their own cap."""
+    canary = Placement(("canary",))
+
+    def states() -> dict[str, MetricsState]:
+        return {"m": MetricsState(), "other": MetricsState()}
 
     async def scenario() -> None:
-        store = open_sqlite(tmp_path, max_classes=2)
-        keyed = dataclasses.replace(event("a", [1, 1], [1, 0]), key=canary)
+        store = open_sqlite(tmp_path, max_classes=2, states=states())
+        keyed = dataclasses.replace(event("a", [1, 1], [1, 0]), placement=canary)
         assert await store.commit([keyed, event("b", [0], [0])]) == [True, True]
         # "m" holds classes 0 and 1: a third is refused for it, not for another model
         with pytest.raises(RequestError):
-            await store.commit([dataclasses.replace(event("c", [2], [2]), key=canary)])
-        assert await store.commit([dataclasses.replace(event("d", [2], [3]), key=other)]) == [
-            True
-        ]
+            await store.commit([dataclasses.replace(event("c", [2], [2]), placement=canary)])
+        other = dataclasses.replace(event("d", [2], [3]), model="other")
+        assert await store.commit([other]) == [True]
         await store.close()
 
     run(scenario())
-    reopened = open_sqlite(tmp_path, max_classes=2)
+    reopened = open_sqlite(tmp_path, max_classes=2, states=states())
     views = reopened.views
-    assert views.at(canary).confusion.matrix().tolist() == [[0, 0], [1, 1]]
-    assert views.at(views.default).confusion.matrix().tolist() == [[1]]
-    assert views.at(other).confusion.classes == [2, 3]
-    assert reopened.classes == {"m": {0, 1}}  # another model's are read when it counts
+    assert views.segments("m")["canary"].confusion.matrix().tolist() == [[0, 0], [1, 1]]
+    assert views.total("m").confusion.matrix().tolist() == [[1, 0], [1, 1]]  # with segment ""
+    assert views.total("other").confusion.classes == [2, 3]
+    assert reopened.classes == {"m": {0, 1}, "other": {2, 3}}
     assert reopened.dialect.classes("other") == {2, 3}
     run(reopened.close())

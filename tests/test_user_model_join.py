@@ -27,6 +27,7 @@ from cm_models.base import Observation
 from tests.support.events import ce_headers, new_id
 from tests.support.http import post_json, scrape, value
 from tests.support.processes import DATA, ServerFactory
+from tests.support.stores import BUCKETS, scoring
 from tests.support.timing import FakeClock
 
 USER_MODELS = str(DATA / "user_models")
@@ -90,10 +91,12 @@ def test_a_user_model_scores_joins_on_the_ioloop_outside_any_transaction(
 
 def user_store(score: Scorer, clock: FakeClock, *, in_transaction: bool) -> SQLiteStore:
     """A memory store whose joins score like a user's model (outside the transaction) or ours."""
-    joiner = Joiner(score, ttl=50.0, in_transaction=in_transaction)
+    joiner = Joiner({"m": scoring(score, thread_safe=in_transaction)}, ttl=50.0)
     policy = CommitPolicy(retention=1e6, max_ids=100)
     dialect = SQLiteDialect.open(None, "m")
-    return SQLiteStore(MetricsState(), dialect, "m", policy, joiner=joiner, clock=clock)
+    return SQLiteStore(
+        {"m": MetricsState()}, dialect, "m", policy, joiner=joiner, clock=clock, buckets=BUCKETS
+    )
 
 
 def commit(store: SQLiteStore, *operations: Label | LoggedRows) -> list[bool]:

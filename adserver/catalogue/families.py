@@ -146,6 +146,7 @@ LABELS: Final = "labels"
 PREDICTED_ROWS: Final = "predicted_rows"
 LOGGER_EVENTS: Final = "logger_events"
 EVICTED: Final = "join_rows_evicted"
+SEGMENT_OVERFLOW: Final = "segment_overflow_rows"
 COUNTED: Final[dict[str, Family]] = {
     EVENTS_ACCEPTED: ours(EVENTS_ACCEPTED, "counter", "events counted"),
     ROWS_ACCEPTED: ours(ROWS_ACCEPTED, "counter", "rows counted (every row of a batch)"),
@@ -184,6 +185,14 @@ COUNTED: Final[dict[str, Family]] = {
     ),
 }
 
+# Counted like COUNTED, but exported only for models with segment dimensions (the exposition of
+# a server without --models_config stays as it was).
+SEGMENT_OVERFLOW_ROWS: Final = ours(
+    SEGMENT_OVERFLOW,
+    "counter",
+    "rows (scored and logged prediction rows) counted in the segment __overflow__: a new "
+    "segment beyond the model's max_segments, or a dimension value too long to name one",
+)
 LABEL_COVERAGE: Final = ours(
     "label_coverage",
     "gauge",
@@ -298,6 +307,7 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     *PER_CLASS.values(),
     *AVERAGES.values(),
     *COUNTED.values(),
+    SEGMENT_OVERFLOW_ROWS,
     LABEL_COVERAGE,
     LABEL_DELAY,
     *REPLIES.values(),

@@ -22,9 +22,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from adserver.catalogue import reasons
@@ -36,14 +36,23 @@ from adserver.catalogue.families import (
     LABEL_EXPIRED,
     LABELS,
     METRICS_REJECTED,
+    SEGMENT_OVERFLOW,
 )
-from adserver.errors import BadRequest, InternalError, RequestError, Unavailable
-from adserver.state.join import Joiner, JoinTables, Scores, Unscored
+from adserver.errors import BadRequest, InternalError, RequestError, StartupError, Unavailable
+from adserver.state.buckets import TimeBuckets
+from adserver.state.join import Joiner, JoinTables, Piece, Scores, Unscored
 from adserver.state.store import Clock, Entry, StateStore
-from adserver.state.view import Delta, KeyedState, MetricsState
+from adserver.state.view import (
+    OVERFLOW_SEGMENT,
+    Delta,
+    KeyedState,
+    MetricsState,
+    Placement,
+    segment_name,
+)
 from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import MetricCatalog
-from cm_models.statistics import Row, StateKey, Statistic
+from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, Row, StateKey, Statistic
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,8 @@ PURGE_BATCH = 1000
 # Seen ids are trimmed to this fraction of --dedup_max_ids under the bound (1/1000: 1000 ids at
 # the default), so a full table pays one batched delete per thousand events, not one per event.
 TRIM_SLACK_DIVISOR = 1000
+# Buckets of one granularity a sweep deletes per statistic table: the rest go at the next commit.
+BUCKET_BATCH = 4
 # The tallies a store keeps (a row each): remembered event ids, and rows the join holds.
 SEEN_IDS, LOGGED_ROWS, PARKED_ROWS = "seen_ids", "logged_rows", "parked_rows"
 TALLIES = (SEEN_IDS, LOGGED_ROWS, PARKED_ROWS)
@@ -103,6 +114,15 @@ class Dialect(Protocol):
     def classes(self, model: str) -> set[int]:
         """The classes a model's counts have admitted."""
 
+    def segments(self, model: str) -> set[str]:
+        """The segments a model's counts have admitted (those the cap counts)."""
+
+    def add_segment(self, model: str, segment: str) -> None: ...
+
+    def forget_buckets(self, lo: int, below: int, limit: int) -> int:
+        """Delete the rows of up to ``limit`` buckets in [lo, below) of each statistic (the
+        oldest first); returns how many buckets went."""
+
     def tallies(self) -> dict[str, int]: ...
 
     def begin(self) -> None: ...
@@ -128,8 +148,8 @@ class Dialect(Protocol):
 
     def join_tables(self, counts: RowCounts) -> StoredJoinTables: ...
 
-    def write(self, key: StateKey, delta: Delta) -> None:
-        """Add a delta's rows to its statistics' tables, by their merge."""
+    def write(self, keys: Sequence[StateKey], delta: Delta) -> None:
+        """Add a delta's rows under each key to its statistics' tables, by their merge."""
 
     def add_classes(self, model: str, classes: Iterable[int]) -> None: ...
 
@@ -142,6 +162,7 @@ class Mark(NamedTuple):
     """What the committer keeps beside the database, put back when a transaction rolls back."""
 
     classes: int  # admitted classes journalled so far
+    segments: int  # admitted segments journalled so far
     catalog: int  # the custom-metric catalog's own mark
     seen_count: int
     last_purge: float
@@ -167,31 +188,63 @@ class CommitPolicy:
     max_classes: int = 1000  # per model
     reserved_prefixes: tuple[str, ...] = ()  # custom families a model may not name
     max_custom_series: int | None = None
+    max_segments: int = 100  # per model, unless segment_caps names it
+    segment_caps: Mapping[str, int] = field(default_factory=dict)
+
+    def segment_cap(self, model: str) -> int:
+        return self.segment_caps.get(model, self.max_segments)
+
+
+@dataclass
+class Writes:
+    """One batch's deltas grouped by the keys they go to (all-time keys alone, a row part's
+    buckets together), so each statistic is one statement per group."""
+
+    groups: dict[tuple[StateKey, ...], Delta] = field(default_factory=dict)
+
+    def add(self, keys: tuple[StateKey, ...], delta: Delta) -> None:
+        if delta.parts:
+            known = self.groups.get(keys)
+            self.groups[keys] = delta if known is None else known + delta
+
+    def all_time(self) -> list[tuple[StateKey, Delta]]:
+        """What the in-memory views apply, in the order it came."""
+        return [(keys[0], d) for keys, d in self.groups.items() if keys[0].bucket == ALL_TIME]
 
 
 D = TypeVar("D", bound=Dialect)
 
 
 class Committer(StateStore, Generic[D]):
+    """``states``: each model's empty prototype (classes and declared statistics), the server's
+    own (``server_model``) among them; :attr:`state` is the server model's totals."""
+
     def __init__(
         self,
-        state: MetricsState,
+        states: Mapping[str, MetricsState],
         dialect: D,
-        model_name: str,
+        server_model: str,
         policy: CommitPolicy,
         *,
         joiner: Joiner | None = None,
+        buckets: TimeBuckets,
         clock: Clock = time.time,
     ) -> None:
-        super().__init__(state)
+        super().__init__(states[server_model])
         self.dialect = dialect
         self.policy = policy
         self.joiner = joiner
+        self.buckets = buckets
         self.clock = clock
-        self.key = StateKey(model_name)  # where an entry without a key counts
-        self.views = KeyedState(self.key, state)
-        self._declared = frozenset(state.statistics)  # what a delta may name
-        dialect.prepare(state.statistics.values())
+        self.server_model = server_model
+        self.views = KeyedState(states, server_model)
+        self._declared = {m: frozenset(state.statistics) for m, state in states.items()}
+        # Only additive statistics count in time buckets (a window sums its buckets).
+        self._summed = {
+            m: frozenset(n for n, st in state.statistics.items() if st.merge == "sum")
+            for m, state in states.items()
+        }
+        dialect.prepare(every_statistic(states))
         load_views(dialect, self.views)
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
         # decides custom metric types and classes in commit order, identically in any mode.
@@ -199,9 +252,13 @@ class Committer(StateStore, Generic[D]):
         for view in self.views.views.values():
             custom = view.custom
             self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
-        # Admitted classes by model (each model's matrix has its own cap).
-        self.classes = {model_name: dialect.classes(model_name) | set(state.confusion.classes)}
+        # Admitted classes and segments by model (each model has its own caps).
+        self.classes = {
+            m: dialect.classes(m) | set(state.confusion.classes) for m, state in states.items()
+        }
         self._class_journal: list[tuple[str, int]] = []  # (model, class) in admission order
+        self.segments = {m: dialect.segments(m) for m in states}
+        self._segment_journal: list[tuple[str, str]] = []
         stored = dialect.tallies()
         self.seen_count = stored.get(SEEN_IDS, 0)
         self.row_counts = RowCounts(stored.get(LOGGED_ROWS, 0), stored.get(PARKED_ROWS, 0))
@@ -295,8 +352,9 @@ class Committer(StateStore, Generic[D]):
         try:
             housekeeping = self._housekeeping(now)
             if housekeeping is not None:
-                self._persist(self.key, housekeeping)
-                deltas.append((self.key, housekeeping))
+                writes = Writes()
+                writes.add((StateKey(self.server_model),), housekeeping)
+                deltas += self._persist(writes)
             isolate = len(batches) > 1  # a lone batch that fails rolls back the whole transaction
             for entries, scores in batches:
                 if isolate:
@@ -330,6 +388,7 @@ class Committer(StateStore, Generic[D]):
     def _mark(self) -> Mark:
         return Mark(
             len(self._class_journal),
+            len(self._segment_journal),
             self.catalog.mark(),
             self.seen_count,
             self._last_purge,
@@ -342,6 +401,9 @@ class Committer(StateStore, Generic[D]):
         while len(self._class_journal) > mark.classes:
             model, admitted = self._class_journal.pop()
             self.classes[model].discard(admitted)
+        while len(self._segment_journal) > mark.segments:
+            model, segment = self._segment_journal.pop()
+            self.segments[model].discard(segment)
         self.catalog.rollback(mark.catalog)
 
     def _attempt(
@@ -357,35 +419,77 @@ class Committer(StateStore, Generic[D]):
     def _write_batch(
         self, entries: Sequence[Entry], now: float, scores: Scores | None
     ) -> tuple[list[bool], list[tuple[StateKey, Delta]]]:
-        applied, deltas = [], []
+        applied = []
+        writes = Writes()
         for entry in entries:
+            model = entry.model or self.server_model
+            declared = self._declared.get(model)
+            if declared is None:
+                raise InternalError(
+                    f"no model {model!r} is configured", reasons.INTERNAL_SERVER_ERROR
+                )
             new = entry.event_key is None or self._first_sighting(entry.event_key, now)
             applied.append(new)
             delta = entry.delta if new else Delta(counters=((EVENTS_DUPLICATE, "", 1),))
+            pieces: list[Piece] = [(entry.placement, delta)]
             if new and entry.operation is not None:
                 if self.joiner is None or scores is None:
                     raise BadRequest("this model cannot join labels", reasons.JOIN_UNSUPPORTED)
                 tables = self.dialect.join_tables(self.row_counts)
-                delta = delta + self.joiner.apply(tables, entry.operation, now, scores)
-            if not delta.parts.keys() <= self._declared:
-                unknown = sorted(delta.parts.keys() - self._declared)
-                log.error("a model's observation names undeclared statistics: %s", unknown)
-                raise InternalError(
-                    f"the model's observation names statistics it does not declare: {unknown}",
-                    reasons.INTERNAL_SERVER_ERROR,
-                )
-            key = entry.key or self.key
-            self._check_classes(key.model, delta)
-            delta = self._admit_metrics(delta)
-            self._persist(key, delta)
-            deltas.append((key, delta))
-        return applied, deltas
+                pieces += self.joiner.apply(tables, entry.operation, now, scores, model)
+            for placement, piece in pieces:
+                if not piece.parts.keys() <= declared:
+                    unknown = sorted(piece.parts.keys() - declared)
+                    log.error("a model's observation names undeclared statistics: %s", unknown)
+                    raise InternalError(
+                        f"the model's observation names statistics it does not declare: {unknown}",
+                        reasons.INTERNAL_SERVER_ERROR,
+                    )
+                self._place(model, placement, piece, now, writes)
+        return applied, self._persist(writes)
 
-    def _persist(self, key: StateKey, delta: Delta) -> None:
-        """Counts go to a durable store; in memory mode :class:`MetricsState` is their only
-        home (the count tables of an in-memory database would only ever be written)."""
+    def _place(
+        self, model: str, placement: Placement, delta: Delta, now: float, writes: Writes
+    ) -> None:
+        """The event part under the model; the row part under its segment, all time and in
+        each kept bucket of its prediction time."""
+        rows, event = delta.split()
+        self._check_classes(model, rows)
+        if rows.parts:
+            segment, overflow = self._segment(model, placement.segment, rows)
+            if overflow:
+                event = event + Delta(counters=((SEGMENT_OVERFLOW, "", overflow),))
+            writes.add((StateKey(model, segment),), rows)
+            buckets = self.buckets.keys(placement.time, now) if placement.time is not None else ()
+            summed = rows.only(self._summed[model]) if buckets else Delta()
+            writes.add(tuple(StateKey(model, segment, b) for b in buckets), summed)
+        writes.add((StateKey(model),), self._admit_metrics(event))
+
+    def _segment(self, model: str, values: tuple[str | None, ...], rows: Delta) -> tuple[str, int]:
+        """The segment a row part counts in, and its rows if that is the overflow: a new
+        segment beyond the model's cap (or a name no one can read) counts as ``__overflow__``."""
+        if not values:
+            return DEFAULT_SEGMENT, 0
+        name = segment_name(values)
+        known = self.segments[model]
+        if name in known:
+            return name, 0
+        if name == OVERFLOW_SEGMENT or len(known) >= self.policy.segment_cap(model):
+            return OVERFLOW_SEGMENT, rows.row_count
+        known.add(name)
+        self._segment_journal.append((model, name))
         if self.dialect.durable:
-            self.dialect.write(key, delta)
+            self.dialect.add_segment(model, name)
+        return name, 0
+
+    def _persist(self, writes: Writes) -> list[tuple[StateKey, Delta]]:
+        """Bucket rows go to the database in either mode (windows read them there); all-time
+        counts only to a durable store: in memory mode :class:`MetricsState` is their only home
+        (the count tables of an in-memory database would only ever be written)."""
+        for keys, delta in writes.groups.items():
+            if self.dialect.durable or keys[0].bucket != ALL_TIME:
+                self.dialect.write(keys, delta)
+        return writes.all_time()
 
     def _write_tallies(self, start: Mark) -> None:
         """The tallies that moved in this transaction, written once at its end."""
@@ -396,7 +500,6 @@ class Committer(StateStore, Generic[D]):
             return
         moved = zip(TALLIES, start.tallies, now)
         self.dialect.write_tallies({name: value for name, then, value in moved if then != value})
-
 
     def _check_classes(self, model: str, delta: Delta) -> None:
         """The matrix is dense (classes squared): refuse an event that would grow a model's too
@@ -454,7 +557,8 @@ class Committer(StateStore, Generic[D]):
         if now - self._last_purge >= PURGE_INTERVAL:
             forgotten = self.dialect.forget_ids(now - self.policy.retention, PURGE_BATCH)
             self.seen_count -= forgotten
-            if not tables.expire(now, PURGE_BATCH, dropped) and forgotten < PURGE_BATCH:
+            more = tables.expire(now, PURGE_BATCH, dropped) or forgotten == PURGE_BATCH
+            if not self._age_buckets(now) and not more:
                 self._last_purge = now  # else more is due: the next commit goes on
         tables.evict(self.policy.join_max_rows, PURGE_BATCH, dropped)
         counters = [(EVICTED, reason, n) for reason, n in dropped.items() if n]
@@ -462,6 +566,16 @@ class Committer(StateStore, Generic[D]):
         if labels_lost:
             counters.append((LABELS, EXPIRED, labels_lost))
         return Delta(counters=tuple(counters)) if counters else None
+
+    def _age_buckets(self, now: float) -> bool:
+        """Per granularity, delete a few of the buckets past its retention; True if more may be
+        left (each level's buckets are one key range, the oldest first)."""
+        more = False
+        for level in range(len(self.buckets.levels)):
+            lo, _ = self.buckets.level_range(level)
+            below = self.buckets.first_kept(level, now)
+            more |= self.dialect.forget_buckets(lo, below, BUCKET_BATCH) >= BUCKET_BATCH
+        return more
 
     async def close(self) -> None:
         self._closed = True
@@ -471,12 +585,34 @@ class Committer(StateStore, Generic[D]):
         self.dialect.close()
 
 
+def every_statistic(states: Mapping[str, MetricsState]) -> list[Statistic[Any, Any]]:
+    """The statistics of every model, once each; two models may share a name only for the same
+    declaration (they share its table)."""
+    found: dict[str, Statistic[Any, Any]] = {}
+    for model, state in states.items():
+        for name, statistic in state.statistics.items():
+            known = found.setdefault(name, statistic)
+            if (known.keys, known.values, known.merge) != (
+                statistic.keys,
+                statistic.values,
+                statistic.merge,
+            ):
+                raise StartupError(
+                    f"model {model!r} declares a statistic {name!r} unlike another model's of "
+                    "that name: rename one of them"
+                )
+    return list(found.values())
+
+
 def load_views(dialect: Dialect, views: KeyedState) -> None:
     """Merge everything a store holds into ``views``: at start-up, or another replica's (counts
-    add by each statistic's merge)."""
-    for statistic in views.at(views.default).statistics.values():
+    add by each statistic's merge). Rows of a model no longer configured stay in the store,
+    unread."""
+    for statistic in every_statistic(views.prototypes):
         for key, rows in dialect.load(statistic):
-            views.at(key).load(statistic.name, rows)
+            prototype = views.prototypes.get(key.model)
+            if prototype is not None and statistic.name in prototype.statistics:
+                views.load(key, statistic.name, rows)
 
 
 def as_request_error(exc: Exception) -> RequestError:

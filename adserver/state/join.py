@@ -18,7 +18,7 @@ is rows), or one list of rows for a user model's other data.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -38,8 +38,9 @@ from adserver.catalogue.families import (
     ROWS_ACCEPTED,
 )
 from adserver.errors import RequestError, Unavailable
-from adserver.state.view import Delta
+from adserver.state.view import Delta, Placement, merge_segments
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows
+from cm_models.protocol import FeedbackModel
 
 Scorer = Callable[[object, object, object], Observation]  # truth, prediction, request
 #: Attempts of one commit that a user model's joins may take, beyond one per entry (each
@@ -48,16 +49,20 @@ SCORING_RETRIES = 3
 Score = Observation | InvalidFeedback  # a model's verdict on one task
 Rows = Any  # np.ndarray (numbers, first axis = rows) or list (one entry a row)
 Kind = Literal["request", "response"]
+Segment = tuple[str | None, ...]  # a model's segment dimension values (None: not known)
+Piece = tuple[Placement, Delta]  # a delta and where its rows count
 
 
 @dataclass(frozen=True)
 class LoggedRows:
-    """A logger event: the rows of the model's input or prediction, as one batch."""
+    """A logger event: the rows of the model's input or prediction, as one batch; ``time`` is
+    the prediction time, ``segment`` the dimension values the event names."""
 
     request_id: str
     kind: Kind
     rows: Rows
     time: float
+    segment: Segment = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Label:
     first_row: int
     truth: Rows
     extra: Delta = field(default_factory=Delta)
+    segment: Segment = ()  # dimension values known from the label (e.g. truth.meta.tags)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Logged:
     request_rows: int = 0
     predicted_rows: int = 0
     predicted_at: float | None = None
+    segment: Segment = ()
 
 
 @dataclass(frozen=True)
@@ -91,19 +98,23 @@ class Parked:
     truth: Rows
     arrived_at: float
     expires_at: float
+    segment: Segment = ()
 
 
 @dataclass(frozen=True)
 class Task:
-    """The inputs of one score: rows of truth, their predictions and stored inputs (if any)."""
+    """The inputs of one score: rows of truth, their predictions and stored inputs (if any),
+    and the model whose scorer it is."""
 
     truth: Rows
     prediction: Rows
     request: Rows | None
+    model: str = ""
 
     def same(self, other: Task) -> bool:
         return (
-            same_rows(self.truth, other.truth)
+            self.model == other.model
+            and same_rows(self.truth, other.truth)
             and same_rows(self.prediction, other.prediction)
             and same_rows(self.request, other.request)
         )
@@ -138,22 +149,24 @@ class Unscored(Unavailable):
 class Scores:
     """The scores the joins of one commit ask for, in the order they ask.
 
-    ``in_transaction`` (our own models): each is computed when asked. Otherwise an attempt gets
+    A task of a ``thread_safe`` model (our own) is scored when asked. Otherwise an attempt gets
     the score computed after the previous attempt if that one asked for the same inputs at the
     same position; else an empty observation, and the attempt must be rolled back.
     """
 
-    def __init__(self, score: Scorer, *, in_transaction: bool, entries: int) -> None:
-        self._score = score
-        self._in_transaction = in_transaction
+    def __init__(self, models: Mapping[str, FeedbackModel], *, entries: int) -> None:
+        self._models = models
         self._attempts = entries + SCORING_RETRIES
         self._known: list[tuple[Task, Score]] = []
         self._asked: list[tuple[Task, Score | None]] = []  # None: not known yet
         self._missing = False
 
+    def _score(self, task: Task) -> Observation:
+        return self._models[task.model].observe(task.truth, task.prediction, task.request)
+
     def __call__(self, task: Task) -> Observation:
-        if self._in_transaction:
-            return self._score(task.truth, task.prediction, task.request)
+        if self._models[task.model].thread_safe:
+            return self._score(task)
         position, result = len(self._asked), None
         if position < len(self._known) and self._known[position][0].same(task):
             result = self._known[position][1]
@@ -192,7 +205,7 @@ class Scores:
 
     def _try(self, task: Task) -> Score:
         try:
-            return self._score(task.truth, task.prediction, task.request)
+            return self._score(task)
         except InvalidFeedback as exc:
             return exc
 
@@ -207,9 +220,14 @@ class JoinTables(Protocol):
         """Stored rows ``rows`` of one kind (all of them exist)."""
 
     def store(
-        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+        self,
+        request_id: str,
+        stored: Logged,
+        logged: LoggedRows,
+        expires_at: float,
     ) -> Logged:
-        """Add the rows of one kind to what is ``stored``; returns what is stored now."""
+        """Add the logged rows of one kind to what is ``stored``; returns what is stored now
+        (the response's time and segment, merged with what the request named)."""
 
     def predictions(self, request_id: str, rows: range) -> tuple[Rows, np.ndarray]:
         """Stored predictions ``rows`` (all exist), and which already have a label."""
@@ -220,9 +238,8 @@ class JoinTables(Protocol):
     def parked(self, request_id: str, rows: range) -> np.ndarray:
         """Which of these rows have a parked label (a bool per row)."""
 
-    def park(
-        self, request_id: str, first_row: int, truth: Rows, arrived_at: float, expires_at: float
-    ) -> None: ...
+    def park(self, request_id: str, first_row: int, truth: Rows, parked: Parked) -> None:
+        """Park ``truth`` (rows from ``first_row``) with the times and segment of ``parked``."""
 
     def unpark(self, request_id: str, rows: range) -> list[Parked]:
         """Remove and return the parked labels that overlap ``rows`` (whole)."""
@@ -257,26 +274,34 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 class Joiner:
-    """Joins labels to logged rows; ``in_transaction``: the scorer may run inside the store's
-    transaction, on its thread (our own models; never a user's)."""
+    """Joins labels to logged rows; each join is scored by its model's scorer (inside the
+    store's transaction for a ``thread_safe`` model, our own; outside for a user's)."""
 
-    def __init__(self, score: Scorer, ttl: float, *, in_transaction: bool = False) -> None:
-        self.score = score
+    def __init__(self, models: Mapping[str, FeedbackModel], ttl: float) -> None:
+        self.models = dict(models)
         self.ttl = ttl
-        self.in_transaction = in_transaction
 
     def scores(self, entries: int) -> Scores:
         """What one commit of ``entries`` scores through."""
-        return Scores(self.score, in_transaction=self.in_transaction, entries=entries)
+        return Scores(self.models, entries=entries)
 
     def apply(
-        self, tables: JoinTables, operation: LoggedRows | Label, now: float, scores: Scores
-    ) -> Delta:
+        self,
+        tables: JoinTables,
+        operation: LoggedRows | Label,
+        now: float,
+        scores: Scores,
+        model: str,
+    ) -> list[Piece]:
+        """The operation's deltas, each with where its rows count (the stored prediction's
+        segment and time)."""
         if isinstance(operation, Label):
-            return self.label(tables, operation, now, scores)
-        return self.record(tables, operation, now, scores)
+            return self.label(tables, operation, now, scores, model)
+        return self.record(tables, operation, now, scores, model)
 
-    def record(self, tables: JoinTables, logged: LoggedRows, now: float, scores: Scores) -> Delta:
+    def record(
+        self, tables: JoinTables, logged: LoggedRows, now: float, scores: Scores, model: str
+    ) -> list[Piece]:
         """Store a request's inputs or predictions; score labels that were waiting for them.
 
         The first event of a kind stands: a redelivered or repeated one changes nothing.
@@ -286,22 +311,20 @@ class Joiner:
         stored = found[1] if found else Logged()
         had = stored.predicted_rows if logged.kind == "response" else stored.request_rows
         if had or not len(logged.rows):
-            return Delta(counters=tuple(counters))
-        stored = tables.store(
-            logged.request_id, stored, logged.kind, logged.rows, logged.time, now + self.ttl
-        )
-        delta = Delta()
+            return [(Placement(), Delta(counters=tuple(counters)))]
+        stored = tables.store(logged.request_id, stored, logged, now + self.ttl)
+        pieces: list[Piece] = []
         if logged.kind == "response":
             counters.append((PREDICTED_ROWS, "", len(logged.rows)))
-            delta = self.score_parked(tables, logged.request_id, stored, scores)
-        return delta + Delta(counters=tuple(counters))
+            pieces = self.score_parked(tables, logged.request_id, stored, scores, model)
+        return [(Placement(logged.segment, logged.time), Delta(counters=tuple(counters))), *pieces]
 
     def score_parked(
-        self, tables: JoinTables, request_id: str, stored: Logged, scores: Scores
-    ) -> Delta:
+        self, tables: JoinTables, request_id: str, stored: Logged, scores: Scores, model: str
+    ) -> list[Piece]:
         """Parked labels meet their prediction, each label as one batch. A label that does not
         fit is dropped, counted; its rows past the prediction stay parked."""
-        delta = Delta()
+        pieces: list[Piece] = []
         predicted = stored.predicted_rows
         for parked in tables.unpark(request_id, range(predicted)):
             count = min(len(parked.truth), predicted - parked.first_row)
@@ -318,23 +341,23 @@ class Joiner:
                     prediction,
                     parked.arrived_at,
                     scores,
+                    model,
                 )
             except InvalidFeedback:
-                delta = delta + Delta(counters=label_counts({FAILED: count}))
+                pieces.append((Placement(), Delta(counters=label_counts({FAILED: count}))))
             else:
                 tables.mark_labelled(request_id, rows)
-                delta = delta + scored + Delta(counters=label_counts({LATE: count}))
-            if count < len(parked.truth):
-                tables.park(
-                    request_id,
-                    parked.first_row + count,
-                    parked.truth[count:],
-                    parked.arrived_at,
-                    parked.expires_at,
+                placement = Placement(
+                    merge_segments(stored.segment, parked.segment), stored.predicted_at
                 )
-        return delta
+                pieces.append((placement, scored + Delta(counters=label_counts({LATE: count}))))
+            if count < len(parked.truth):
+                tables.park(request_id, parked.first_row + count, parked.truth[count:], parked)
+        return pieces
 
-    def label(self, tables: JoinTables, label: Label, now: float, scores: Scores) -> Delta:
+    def label(
+        self, tables: JoinTables, label: Label, now: float, scores: Scores, model: str
+    ) -> list[Piece]:
         """Score the label's rows that have a prediction; park the others."""
         request_id, stored = tables.find(label.request_ids) or (label.request_ids[0], Logged())
         first, size = label.first_row, len(label.truth)
@@ -361,6 +384,7 @@ class Joiner:
                     take(prediction, ready),
                     now,
                     scores,
+                    model,
                 )
             except InvalidFeedback as exc:
                 raise InvalidFeedback(
@@ -368,14 +392,16 @@ class Joiner:
                 ) from exc
             tables.mark_labelled(request_id, rows)
         parked = int(np.count_nonzero(waiting))  # an int: numpy's would be stored as a blob
+        waits = Parked(first, label.truth, now, now + self.ttl, label.segment)
         for start, stop in runs(waiting) if parked else ():
-            tables.park(request_id, first + start, label.truth[start:stop], now, now + self.ttl)
+            tables.park(request_id, first + start, label.truth[start:stop], waits)
         outcomes = {
             JOINED: int(ready.size),
             PARKED: parked,
             DUPLICATE: size - ready.size - parked,
         }
-        return delta + Delta(counters=label_counts(outcomes))
+        placement = Placement(merge_segments(stored.segment, label.segment), stored.predicted_at)
+        return [(placement, delta + Delta(counters=label_counts(outcomes)))]
 
     def observe(
         self,
@@ -387,6 +413,7 @@ class Joiner:
         prediction: Rows,
         arrived_at: float,
         scores: Scores,
+        model: str,
     ) -> Delta:
         """Score ``truth`` against the predictions (and stored inputs) of ``rows`` (sorted).
 
@@ -396,7 +423,7 @@ class Joiner:
         request = None
         if stored.request_rows >= span.stop:
             request = take(tables.read(request_id, "request", span), rows - span.start)
-        observation = scores(Task(truth, prediction, request))
+        observation = scores(Task(truth, prediction, request, model))
         counters = [(ROWS_ACCEPTED, "", observation.rows)]
         if observation.metric_problems:
             counters.append((METRICS_REJECTED, "", len(observation.metric_problems)))

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
-from adserver.state.view import Delta, MetricsState
-from cm_models.statistics import StateKey
+from adserver.state.view import Delta, MetricsState, Placement
+
+__all__ = ["Clock", "Entry", "Placement", "StateStore"]
 
 Clock = Callable[[], float]
 
@@ -25,15 +26,16 @@ class Entry:
 
     ``delta`` is known up front; ``operation`` (a logged prediction or a label to join) adds a
     delta the store computes inside its transaction, from what it holds. ``event_key`` is
-    (source, id), or None when the event cannot be deduplicated (a plain POST). ``key`` is where
-    its counts go (model, segment, time bucket); None is the store's default key: its one model,
-    all of its traffic, all time (the only key in use until events are routed).
+    (source, id), or None when the event cannot be deduplicated (a plain POST). ``model`` is the
+    model it belongs to (None: the server's own, ``--model_name``); ``placement`` is where the
+    rows of ``delta`` count (a join places the rows it scores itself, from what it stored).
     """
 
     delta: Delta = field(default_factory=Delta)
     event_key: tuple[str, str] | None = None
     operation: LoggedRows | Label | None = None
-    key: StateKey | None = None
+    model: str | None = None
+    placement: Placement = field(default_factory=Placement)
 
 
 class StateStore(ABC):

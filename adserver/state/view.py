@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from adserver.catalogue.families import PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.errors import StartupError
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
-from cm_models.statistics import Merge, Row, StateKey, Statistic
+from cm_models.statistics import DEFAULT_SEGMENT, Merge, Row, StateKey, Statistic
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
 TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))
@@ -53,6 +54,14 @@ CUSTOM: dict[MetricType, str] = {
     "GAUGE": "custom_gauges",
     "TIMER": "custom_timers",
 }
+#: Counters that count rows: they go with the rows' segment and prediction time (D2).
+ROW_COUNTERS = frozenset((ROWS_ACCEPTED, PREDICTED_ROWS))
+#: Statistics that belong to the event, never to its rows' segment or time.
+EVENT_STATISTICS = frozenset(CUSTOM.values())
+#: Segment names that no dimension value spells (:func:`segment_name`).
+MISSING_SEGMENT = "__missing__"
+OVERFLOW_SEGMENT = "__overflow__"
+MAX_SEGMENT_VALUE = 64  # characters of one dimension value; longer ones are an overflow
 
 
 class Delta:
@@ -113,6 +122,32 @@ class Delta:
     def cells(self) -> Iterable[Cells]:
         return self.parts.get(CELLS, ())
 
+    def split(self) -> tuple[Delta, Delta]:
+        """(rows, event): what counts under its rows' segment and prediction time (cells, label
+        delay, a model's statistics, the row counters), and what counts under the model alone
+        (every other counter, the custom metrics)."""
+        rows: dict[str, tuple[Any, ...]] = {}
+        event: dict[str, tuple[Any, ...]] = {}
+        for name, items in self.parts.items():
+            if name == COUNTERS:
+                counted = tuple(c for c in items if c[0] in ROW_COUNTERS)
+                if counted:
+                    rows[COUNTERS] = counted
+                if len(counted) < len(items):
+                    event[COUNTERS] = tuple(c for c in items if c[0] not in ROW_COUNTERS)
+            else:
+                (event if name in EVENT_STATISTICS else rows)[name] = items
+        return Delta.of(rows, ()), Delta.of(event, self.metrics)
+
+    def only(self, names: frozenset[str]) -> Delta:
+        """The delta's items of these statistics only."""
+        return Delta.of({n: items for n, items in self.parts.items() if n in names}, ())
+
+    @property
+    def row_count(self) -> int:
+        """Rows this delta counts (scored rows and logged prediction rows)."""
+        return sum(n for name, _, n in self.parts.get(COUNTERS, ()) if name in ROW_COUNTERS)
+
     def admitted(self, kept: Sequence[CustomMetric], refused: int, counter: str) -> Delta:
         """The delta with its ``kept`` metrics as statistics, and ``refused`` counted."""
         parts = dict(self.parts)
@@ -122,6 +157,43 @@ class Delta:
         if refused:
             parts[COUNTERS] = (*parts.get(COUNTERS, ()), (counter, "", refused))
         return Delta.of(parts, ())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an entry's rows count: the model's segment dimension values in declared order
+    (None = not known from this event) and the prediction time (epoch s; None: all-time only)."""
+
+    segment: tuple[str | None, ...] = ()
+    time: float | None = None
+
+
+def merge_segments(
+    first: tuple[str | None, ...], second: tuple[str | None, ...]
+) -> tuple[str | None, ...]:
+    """Per position the first value known (``first``'s before ``second``'s)."""
+    if not second:
+        return first
+    if not first:
+        return second
+    longer = max(len(first), len(second))
+    padded = [(*v, *(None,) * (longer - len(v))) for v in (first, second)]
+    return tuple(a if a is not None else b for a, b in zip(*padded))
+
+
+def segment_name(values: Sequence[str | None]) -> str:
+    """A segment's name: its values joined by "/"; "" for a model without dimensions. A value
+    unknown or empty is ``__missing__``; one too long or with control characters (a label value
+    no one wants, or an attack on the cardinality) makes the whole name ``__overflow__``."""
+    names = []
+    for value in values:
+        if not value:
+            names.append(MISSING_SEGMENT)
+        elif len(value) > MAX_SEGMENT_VALUE or not value.isprintable():
+            return OVERFLOW_SEGMENT
+        else:
+            names.append(value)
+    return "/".join(names)
 
 
 def bucket_index(bounds: tuple[float, ...], value: float) -> int:
@@ -365,17 +437,44 @@ class MetricsState:
 
 
 class KeyedState:
-    """The views of every :class:`StateKey`; today only the default one is in use."""
+    """The all-time views of every model and segment: ``(model, "")`` is a model's totals (the
+    sum of its segments, plus what counts per event), ``(model, segment)`` one segment's."""
 
-    def __init__(self, default: StateKey, state: MetricsState) -> None:
-        self.default = default
-        self.views = {default: state}
+    def __init__(self, models: Mapping[str, MetricsState], server_model: str) -> None:
+        self.prototypes = dict(models)
+        self.server_model = server_model
+        order = [m for m in models if m != server_model] + [server_model]
+        self._models = order if server_model in models else order[:-1]
+        # each model's prototype is its totals view (a reader may hold it, as store.state)
+        self.views = {StateKey(m): state for m, state in models.items()}
+        self._segments: dict[str, dict[str, MetricsState]] = {m: {} for m in models}
+
+    def models(self) -> list[str]:
+        """Configured models in configuration order, then the server's own if not one of them."""
+        return list(self._models)
+
+    def total(self, model: str) -> MetricsState:
+        return self.views[StateKey(model)]
+
+    def segments(self, model: str) -> dict[str, MetricsState]:
+        """A model's segments by name (empty for a model without dimensions)."""
+        return self._segments[model]
 
     def at(self, key: StateKey) -> MetricsState:
         view = self.views.get(key)
         if view is None:
-            view = self.views[key] = self.views[self.default].like()
+            view = self.views[key] = self.prototypes[key.model].like()
+            self._segments[key.model][key.segment] = view
         return view
 
     def apply(self, key: StateKey, delta: Delta) -> None:
-        (self.views.get(key) or self.at(key)).apply(delta)
+        """A delta of a segment counts in its model's totals too."""
+        self.at(key).apply(delta)
+        if key.segment != DEFAULT_SEGMENT:
+            self.views[StateKey(key.model)].apply(delta)
+
+    def load(self, key: StateKey, name: str, rows: list[Row]) -> None:
+        """Stored rows of one key (a segment's count in its model's totals too)."""
+        self.at(key).load(name, rows)
+        if key.segment != DEFAULT_SEGMENT:
+            self.views[StateKey(key.model)].load(name, rows)

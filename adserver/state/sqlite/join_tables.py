@@ -28,7 +28,8 @@ from adserver.catalogue.families import (
     PREDICTION_EXPIRED,
 )
 from adserver.state.committer import RowCounts
-from adserver.state.join import Kind, Logged, Parked, Rows
+from adserver.state.join import Kind, Logged, LoggedRows, Parked, Rows, Segment
+from adserver.state.view import merge_segments
 
 BLOCK_BYTES = 1 << 16  # rows per block of numbers: as many as fit (at least one)
 JSON_BLOCK_ROWS = 256  # rows per block of other data
@@ -89,6 +90,15 @@ def concat(parts: list[Rows]) -> Rows:
     return [row for part in parts for row in part]
 
 
+def encode_segment(segment: Segment) -> bytes | None:
+    """A stored segment: its values as one JSON array (NULL for none)."""
+    return orjson.dumps(segment) if segment else None
+
+
+def decode_segment(data: bytes | str | None) -> Segment:
+    return tuple(orjson.loads(data)) if data else ()
+
+
 def bits(mask: np.ndarray) -> bytes:
     return np.packbits(mask, bitorder="little").tobytes()
 
@@ -106,12 +116,15 @@ class SQLJoinTables:
     def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
         for request_id in request_ids:
             found = self.cursor.execute(
-                "SELECT request_rows, predicted_rows, predicted_at FROM predictions "
+                "SELECT request_rows, predicted_rows, predicted_at, segment FROM predictions "
                 "WHERE request_id = ?",
                 (request_id,),
             ).fetchone()
             if found is not None:
-                return request_id, Logged(*found)
+                request_rows, predicted_rows, predicted_at, segment = found
+                return request_id, Logged(
+                    request_rows, predicted_rows, predicted_at, decode_segment(segment)
+                )
         return None
 
     def read(self, request_id: str, kind: Kind, rows: range) -> Rows:
@@ -140,29 +153,43 @@ class SQLJoinTables:
         return values[start : start + len(rows)], blocks
 
     def store(
-        self, request_id: str, stored: Logged, kind: Kind, rows: Rows, at: float, expires_at: float
+        self, request_id: str, stored: Logged, logged: LoggedRows, expires_at: float
     ) -> Logged:
+        kind, rows = logged.kind, logged.rows
         self.cursor.executemany(
             "INSERT INTO logged_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [logged_block(request_id, kind, first, block) for first, block in blocks(rows)],
         )
         before = stored
         after = (
-            Logged(before.request_rows, len(rows), at)
+            Logged(
+                before.request_rows,
+                len(rows),
+                logged.time,
+                merge_segments(logged.segment, before.segment),
+            )
             if kind == "response"
-            else Logged(len(rows), before.predicted_rows, before.predicted_at)
+            else Logged(
+                len(rows),
+                before.predicted_rows,
+                before.predicted_at,
+                merge_segments(before.segment, logged.segment),
+            )
         )
         self.cursor.execute(
-            "INSERT INTO predictions VALUES (:id, :request_rows, :predicted_rows, :at, "
-            ":predicted_rows, 1, :expires_at) ON CONFLICT (request_id) DO UPDATE SET "
-            "request_rows = :request_rows, predicted_rows = :predicted_rows, predicted_at = :at, "
-            "waiting = waiting + :predicted_rows - predicted_rows, expires_at = :expires_at",
+            "INSERT INTO predictions (request_id, request_rows, predicted_rows, predicted_at, "
+            "waiting, open, expires_at, segment) VALUES (:id, :request_rows, :predicted_rows, "
+            ":at, :predicted_rows, 1, :expires_at, :segment) ON CONFLICT (request_id) DO UPDATE "
+            "SET request_rows = :request_rows, predicted_rows = :predicted_rows, "
+            "predicted_at = :at, waiting = waiting + :predicted_rows - predicted_rows, "
+            "expires_at = :expires_at, segment = :segment",
             {
                 "id": request_id,
                 "request_rows": after.request_rows,
                 "predicted_rows": after.predicted_rows,
                 "at": after.predicted_at,
                 "expires_at": expires_at,
+                "segment": encode_segment(after.segment),
             },
         )
         self.counts.logged += max(after.request_rows, after.predicted_rows) - max(
@@ -201,19 +228,27 @@ class SQLJoinTables:
             mask[max(first - rows.start, 0) : first + count - rows.start] = True
         return mask
 
-    def park(
-        self, request_id: str, first_row: int, truth: Rows, arrived_at: float, expires_at: float
-    ) -> None:
+    def park(self, request_id: str, first_row: int, truth: Rows, parked: Parked) -> None:
         self.cursor.execute(
-            "INSERT INTO parked_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (request_id, first_row, len(truth), *encode(truth), arrived_at, expires_at),
+            "INSERT INTO parked_blocks (request_id, first_row, rows, codec, shape, data, "
+            "arrived_at, expires_at, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                request_id,
+                first_row,
+                len(truth),
+                *encode(truth),
+                parked.arrived_at,
+                parked.expires_at,
+                encode_segment(parked.segment),
+            ),
         )
         self.counts.parked += len(truth)
 
     def unpark(self, request_id: str, rows: range) -> list[Parked]:
         key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
         found = self.cursor.execute(
-            f"SELECT {BLOCK}, data, arrived_at, expires_at FROM parked_blocks {IN_PARKED}", key
+            f"SELECT {BLOCK}, data, arrived_at, expires_at, segment FROM parked_blocks {IN_PARKED}",
+            key,
         ).fetchall()
         if not found:
             return []
@@ -223,8 +258,8 @@ class SQLJoinTables:
         )
         self.counts.parked -= sum(count for _, count, *_ in found)
         return [
-            Parked(first, decode(count, codec, shape, data), arrived, expires)
-            for first, count, codec, shape, data, arrived, expires in found
+            Parked(first, decode(count, codec, shape, data), arrived, expires, decode_segment(seg))
+            for first, count, codec, shape, data, arrived, expires, seg in found
         ]
 
     def expire(self, now: float, batch: int, dropped: Counter[str]) -> bool:

@@ -4,24 +4,26 @@ what a join waits for.
 From version 4 on, a statistic's table is named after it and keyed by :data:`KEY_COLUMNS` (the
 :class:`~cm_models.statistics.StateKey`), then by its own keys; a statistic that a model
 declares gets its table from its declaration (:func:`create_statistic_table`), not from here.
+From version 5 on, its primary key starts with the time bucket (:data:`PRIMARY_PREFIX`): reading
+buckets is a seek, retention a range delete and the all-time load a prefix scan.
 """
 
 from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import orjson
 
 from adserver.state.committer import LOGGED_ROWS, PARKED_ROWS, SEEN_IDS, RowCounts
-from adserver.state.join import Logged, as_rows
+from adserver.state.join import Logged, LoggedRows, Parked, as_rows
 from adserver.state.sqlite.join_tables import SQLJoinTables
 from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, ColumnType, Statistic
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 Migration = str | Callable[[sqlite3.Connection], None]  # a SQL script, or a function
 
@@ -110,6 +112,7 @@ def blocks_from_rows(connection: sqlite3.Connection) -> None:
     counts as labelled, so it can never be scored.
     """
     run_script(connection, BLOCK_TABLES)
+    add_segment_columns(connection)  # what the join tables write today
     tables = SQLJoinTables(connection.cursor(), RowCounts())
     logged = connection.execute(
         "SELECT request_id, row, prediction, request, predicted_at, labelled, expires_at "
@@ -122,14 +125,17 @@ def blocks_from_rows(connection: sqlite3.Connection) -> None:
         requests = [row[3] for row in rows if row[3] is not None]
         if requests and len(requests) == rows[-1][1] + 1 == len(rows):  # complete, from row 0
             values = as_rows([orjson.loads(r) for r in requests])
-            stored = tables.store(request_id, stored, "request", values, 0.0, expires_at)
+            request = LoggedRows(request_id, "request", values, 0.0)
+            stored = tables.store(request_id, stored, request, expires_at)
         predicted = {row[1]: row for row in rows if row[2] is not None}
         if not predicted:
             continue
         kept = next(iter(predicted.values()))
         full = [predicted.get(i, kept) for i in range(max(predicted) + 1)]
         values = as_rows([orjson.loads(row[2]) for row in full])
-        tables.store(request_id, stored, "response", values, kept[4], expires_at)
+        tables.store(
+            request_id, stored, LoggedRows(request_id, "response", values, kept[4]), expires_at
+        )
         done = [i for i, row in enumerate(full) if row[5] or i not in predicted]
         if done:
             tables.mark_labelled(request_id, np.array(done))
@@ -146,7 +152,9 @@ def blocks_from_rows(connection: sqlite3.Connection) -> None:
     for _, group in itertools.groupby(enumerate(parked), key=one_label):
         rows = [row for _, row in group]
         values = as_rows([orjson.loads(row[2]) for row in rows])
-        tables.park(rows[0][0], rows[0][1], values, rows[0][3], rows[0][4])
+        tables.park(
+            rows[0][0], rows[0][1], values, Parked(rows[0][1], values, rows[0][3], rows[0][4])
+        )
     connection.execute("DROP TABLE logged_rows")
     connection.execute("DROP TABLE parked_labels")
 
@@ -240,10 +248,56 @@ def statistic_columns(statistic: Statistic[Any, Any]) -> list[tuple[str, str]]:
     return [*KEY_TYPES, *own]
 
 
+#: How a statistic table's primary key starts (version 5): by time bucket, then the key's rest.
+PRIMARY_PREFIX = ("time_bucket", "model", "segment")
+
+
+def primary_key(statistic: Statistic[Any, Any]) -> tuple[str, ...]:
+    return (*PRIMARY_PREFIX, *(name for name, _ in statistic.keys))
+
+
 def create_statistic_table(statistic: Statistic[Any, Any]) -> str:
-    columns = ", ".join(f"{name} {kind} NOT NULL" for name, kind in statistic_columns(statistic))
-    keys = ", ".join((*KEY_COLUMNS, *(name for name, _ in statistic.keys)))
-    return f"CREATE TABLE {statistic.name} ({columns}, PRIMARY KEY ({keys})) WITHOUT ROWID"
+    return create_keyed_table(statistic.name, statistic_columns(statistic), primary_key(statistic))
+
+
+def create_keyed_table(name: str, columns: list[tuple[str, str]], key: tuple[str, ...]) -> str:
+    typed = ", ".join(f"{column} {kind} NOT NULL" for column, kind in columns)
+    return f"CREATE TABLE {name} ({typed}, PRIMARY KEY ({', '.join(key)})) WITHOUT ROWID"
+
+
+def add_segment_columns(connection: sqlite3.Connection) -> None:
+    """A stored prediction and a parked label keep their segment's values (version 5)."""
+    for table in ("predictions", "parked_blocks"):
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if "segment" not in columns:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN segment BLOB")
+
+
+def keyed_by_time(connection: sqlite3.Connection) -> None:
+    """Version 5: every statistic table (ours, and any a model declared) keyed by time bucket
+    first; the segments each model admitted; segments of stored predictions and parked labels.
+
+    Any table whose columns start with the state key is a statistic's: it is copied into a table
+    of the same columns under the new key (its own keys stay in their order).
+    """
+    tables = [
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    ]
+    for table in tables:
+        info = connection.execute(f"PRAGMA table_info({table})").fetchall()
+        if tuple(row[1] for row in info[:3]) != KEY_COLUMNS:
+            continue
+        columns = [(row[1], row[2]) for row in info]
+        own = [row[1] for row in sorted(info, key=lambda row: row[5]) if row[5] > 3]
+        connection.execute(f"ALTER TABLE {table} RENAME TO v4_{table}")
+        connection.execute(create_keyed_table(table, columns, (*PRIMARY_PREFIX, *own)))
+        connection.execute(f"INSERT INTO {table} SELECT * FROM v4_{table}")
+        connection.execute(f"DROP TABLE v4_{table}")
+    connection.execute(
+        "CREATE TABLE segments (model TEXT NOT NULL, segment TEXT NOT NULL, "
+        "PRIMARY KEY (model, segment)) WITHOUT ROWID"
+    )
+    add_segment_columns(connection)
 
 
 class SchemaError(Exception):
@@ -251,7 +305,13 @@ class SchemaError(Exception):
 
 
 # Index i of MIGRATIONS upgrades a file from version i to i + 1 (version 0 = empty file).
-MIGRATIONS: list[Migration] = [COUNT_TABLES, ROW_TABLES, blocks_from_rows, keyed_counts]
+MIGRATIONS: list[Migration] = [
+    COUNT_TABLES,
+    ROW_TABLES,
+    blocks_from_rows,
+    keyed_counts,
+    keyed_by_time,
+]
 
 
 def schema_version(connection: sqlite3.Connection) -> int:
@@ -266,12 +326,19 @@ def schema_version(connection: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def migrate(connection: sqlite3.Connection, model_name: str, model_kind: str | None = None) -> None:
+def migrate(
+    connection: sqlite3.Connection,
+    model_name: str,
+    model_kind: str | None = None,
+    kinds: Mapping[str, str] | None = None,
+) -> None:
     """Bring the file to :data:`SCHEMA_VERSION` in one transaction, or refuse.
 
     The file records the model name and the kind of metric model (``model_kind``, see
-    :func:`adserver.loader.model_kind`) that wrote it, and refuses another one. A file from
-    before ``model_kind`` was recorded takes the current one. None checks nothing (tests).
+    :func:`adserver.loader.model_kind`) that wrote it, and refuses another one; ``kinds`` are
+    the configured models' (each claimed under ``model_kind:<name>``), so a model whose
+    ``storage_uri`` changed is refused too. A file from before ``model_kind`` was recorded takes
+    the current one. None checks nothing (tests).
     """
     version = schema_version(connection)
     if version > SCHEMA_VERSION:
@@ -298,6 +365,15 @@ def migrate(connection: sqlite3.Connection, model_name: str, model_kind: str | N
                 "--storage_uri",
                 "use another --state_dir (the stored families would mix or clash with the new "
                 "model's)",
+            )
+        for name, kind in (kinds or {}).items():
+            key = "model_kind" if name == model_name else f"model_kind:{name}"
+            claim(
+                connection,
+                key,
+                kind,
+                f"model {name!r}'s storage_uri",
+                "rename the model or use another --state_dir",
             )
 
 

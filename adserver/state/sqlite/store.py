@@ -13,7 +13,7 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,12 @@ from adserver.state.sqlite.schema import (
     SchemaError,
     create_statistic_table,
     migrate,
+    primary_key,
     statistic_columns,
 )
 from adserver.state.store import Clock
 from adserver.state.view import Delta
-from cm_models.statistics import Row, StateKey, Statistic
+from cm_models.statistics import ALL_TIME, Row, StateKey, Statistic
 
 __all__ = [
     "PURGE_BATCH",
@@ -70,7 +71,10 @@ def reset_state(state_dir: str, clock: Clock = time.time) -> Path | None:
 
 
 def open_connection(
-    path: Path | None, model_name: str, model_kind: str | None = None
+    path: Path | None,
+    model_name: str,
+    model_kind: str | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> sqlite3.Connection:
     """A migrated connection to ``path``, or to a private temporary database for None.
 
@@ -89,7 +93,7 @@ def open_connection(
         connection.execute("PRAGMA journal_mode=MEMORY")  # nothing to recover after a crash
         connection.execute("PRAGMA synchronous=OFF")
         create_spill_file(connection)
-        migrate(connection, model_name, model_kind)
+        migrate(connection, model_name, model_kind, kinds)
         return connection
     recovery = (
         f"move it aside with --reset_state (it is kept as {path.name}.reset-<time>) "
@@ -98,13 +102,13 @@ def open_connection(
     hold_state_lock(path)
     try:
         if not path.exists():
-            create_state_file(path, model_name, model_kind)
+            create_state_file(path, model_name, model_kind, kinds)
         elif path.stat().st_size == 0:
             raise StateFileError(f"state file {path} is empty (0 bytes): {recovery}")
         connection = connect_durable(path)
         if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise StateFileError(f"state file {path} is corrupt: {recovery}")
-        migrate(connection, model_name, model_kind)
+        migrate(connection, model_name, model_kind, kinds)
     except (sqlite3.DatabaseError, SchemaError) as exc:
         raise StateFileError(f"cannot use state file {path}: {exc}; {recovery}") from exc
     except OSError as exc:
@@ -119,14 +123,16 @@ def connect_durable(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def create_state_file(path: Path, model_name: str, model_kind: str | None) -> None:
+def create_state_file(
+    path: Path, model_name: str, model_kind: str | None, kinds: Mapping[str, str] | None
+) -> None:
     """A complete, migrated file appears at ``path`` at once, or nothing does."""
     draft = path.with_name(path.name + ".new")
     for suffix in ("", "-wal", "-shm"):  # left by a crash during a previous creation
         Path(f"{draft}{suffix}").unlink(missing_ok=True)
     connection = connect_durable(draft)
     try:
-        migrate(connection, model_name, model_kind)
+        migrate(connection, model_name, model_kind, kinds)
     finally:
         connection.close()  # the last connection checkpoints the WAL into the file
     os.replace(draft, path)
@@ -170,11 +176,17 @@ class SQLiteDialect:
 
     @classmethod
     def open(
-        cls, state_dir: str | None, model_name: str, model_kind: str | None = None
+        cls,
+        state_dir: str | None,
+        model_name: str,
+        model_kind: str | None = None,
+        kinds: Mapping[str, str] | None = None,
     ) -> SQLiteDialect:
-        """The state file under ``state_dir`` (durable), or a temporary database for None."""
+        """The state file under ``state_dir`` (durable), or a temporary database for None;
+        ``kinds``: each configured model's kind, claimed in the file."""
         path = state_path(state_dir) if state_dir is not None else None
-        return cls(open_connection(path, model_name, model_kind), durable=path is not None)
+        connection = open_connection(path, model_name, model_kind, kinds)
+        return cls(connection, durable=path is not None)
 
     def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
         """A declared statistic's table is made the first time; one whose columns changed
@@ -196,8 +208,11 @@ class SQLiteDialect:
             self.statistics[statistic.name] = statistic
 
     def load(self, statistic: Statistic[Any, Any]) -> Iterator[tuple[StateKey, list[Row]]]:
-        key = ", ".join(KEY_COLUMNS)
-        found = self.connection.execute(f"SELECT * FROM {statistic.name} ORDER BY {key}")
+        """The all-time rows (a prefix of the primary key); buckets are read on demand."""
+        found = self.connection.execute(
+            f"SELECT * FROM {statistic.name} WHERE time_bucket = ? ORDER BY model, segment",
+            (ALL_TIME,),
+        )
         width = len(KEY_COLUMNS)
         for stored, rows in itertools.groupby(found, key=lambda row: row[:width]):
             yield StateKey(*stored), [row[width:] for row in rows]
@@ -205,6 +220,31 @@ class SQLiteDialect:
     def classes(self, model: str) -> set[int]:
         query = "SELECT class FROM classes WHERE model = ?"
         return {c for (c,) in self.connection.execute(query, (model,))}
+
+    def segments(self, model: str) -> set[str]:
+        query = "SELECT segment FROM segments WHERE model = ?"
+        return {s for (s,) in self.connection.execute(query, (model,))}
+
+    def add_segment(self, model: str, segment: str) -> None:
+        self.cursor.execute("INSERT OR IGNORE INTO segments VALUES (?, ?)", (model, segment))
+
+    def forget_buckets(self, lo: int, below: int, limit: int) -> int:
+        """Delete the rows of up to ``limit`` buckets in [lo, below) from every statistic table
+        (oldest first, each a range of the primary key); returns how many buckets went."""
+        buckets: set[int] = set()
+        for name in self.statistics:
+            found = self.cursor.execute(
+                f"SELECT DISTINCT time_bucket FROM {name} WHERE time_bucket >= ? "
+                "AND time_bucket < ? ORDER BY time_bucket LIMIT ?",
+                (lo, below, limit),
+            ).fetchall()
+            if found:
+                self.cursor.execute(
+                    f"DELETE FROM {name} WHERE time_bucket >= ? AND time_bucket <= ?",
+                    (lo, found[-1][0]),
+                )
+                buckets.update(bucket for (bucket,) in found)
+        return len(buckets)
 
     def tallies(self) -> dict[str, int]:
         return dict(self.connection.execute("SELECT name, value FROM tallies"))
@@ -251,10 +291,12 @@ class SQLiteDialect:
     def join_tables(self, counts: RowCounts) -> SQLJoinTables:
         return SQLJoinTables(self.cursor, counts)
 
-    def write(self, key: StateKey, delta: Delta) -> None:
+    def write(self, keys: Sequence[StateKey], delta: Delta) -> None:
         for name, items in delta.parts.items():
-            rows = self.statistics[name].rows(items)
-            self.cursor.executemany(self._upserts[name], [(*key, *row) for row in rows])
+            rows = list(self.statistics[name].rows(items))
+            self.cursor.executemany(
+                self._upserts[name], [(*key, *row) for key in keys for row in rows]
+            )
 
     def add_classes(self, model: str, classes: Iterable[int]) -> None:
         self.cursor.executemany(
@@ -272,13 +314,14 @@ def upsert(statistic: Statistic[Any, Any]) -> str:
     """Add rows to a statistic's table, merging each value by the declared merge."""
     keys = [*KEY_COLUMNS, *(name for name, _ in statistic.keys)]
     values = [name for name, _ in statistic.values]
+    conflict = primary_key(statistic)
     merged = (
         f"{v} = {v} + excluded.{v}" if statistic.merge == "sum" else f"{v} = excluded.{v}"
         for v in values
     )
     return (
         f"INSERT INTO {statistic.name} VALUES ({', '.join('?' * (len(keys) + len(values)))}) "
-        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(merged)}"
+        f"ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {', '.join(merged)}"
     )
 
 

@@ -29,6 +29,7 @@ from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
+from tests.support.stores import BUCKETS
 
 NOW = 1_700_000_000.0
 
@@ -40,14 +41,15 @@ def feedback(event_id: str, truth: list[int], predicted: list[int], **extra: obj
 
 
 async def write(directory: str) -> SQLiteStore:
-    joiner = Joiner(MultiClassNumeric().observe, ttl=10_000)
+    joiner = Joiner({"m": MultiClassNumeric()}, ttl=10_000)
     store = SQLiteStore(
-        MetricsState(),
+        {"m": MetricsState()},
         SQLiteDialect.open(directory, "m"),
         "m",
         CommitPolicy(retention=10_000, max_ids=1000),
         joiner=joiner,
         clock=lambda: NOW,
+        buckets=BUCKETS,
     )
     metrics = (
         CustomMetric("hits", "COUNTER", 2.0, (("shard", "a"),)),
