@@ -57,6 +57,8 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
         (("--join_ttl_seconds", "-5"), {}, "--join_ttl_seconds"),
         ((), {"DEDUP_RETENTION_SECONDS": "0"}, "--dedup_retention_seconds"),
         (("--dedup_retention_seconds", "nan"), {}, "--dedup_retention_seconds"),
+        (("--time_buckets", "1h=90d,1m=48h"), {}, "--time_buckets"),
+        ((), {"TIME_BUCKETS": "1m"}, "--time_buckets"),
     ],
 )
 def test_invalid_settings_exit_2(args: tuple[str, ...], env: dict[str, str], named: str) -> None:
