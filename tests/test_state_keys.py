@@ -43,6 +43,7 @@ from tests.support.stores import BUCKETS, scoring
 from tests.support.timing import FakeClock
 
 NOW = 1_700_000_000.0
+VERSION_3 = Path(__file__).parent / "data" / "state_v3"
 DAY = 86400
 
 
@@ -70,14 +71,15 @@ def open_store(
     *,
     joiner: Joiner | None = None,
     buckets: TimeBuckets = BUCKETS,
+    server: str = "server",
     **policy: Any,
 ) -> SQLiteStore:
-    dialect = SQLiteDialect.open(directory, "server")
+    dialect = SQLiteDialect.open(directory, server)
     options = {"retention": 1e9, "max_ids": 10_000, **policy}
     return SQLiteStore(
         states,
         dialect,
-        "server",
+        server,
         CommitPolicy(**options),
         joiner=joiner,
         buckets=buckets,
@@ -381,15 +383,37 @@ def test_a_version_4_file_is_keyed_by_time_and_keeps_everything(tmp_path: Path) 
     states = {"server": MetricsState(statistics=[ERRORS])}
     store = open_store(str(tmp_path), states, clock, joiner=joiner)
     for table in ("errors", "cells", "counters", "custom_timers"):
-        info = store.connection.execute(f"PRAGMA table_info({table})").fetchall()
-        key = [name for *_, name in sorted((row[5], row[1]) for row in info if row[5])]
-        assert key[:3] == ["time_bucket", "model", "segment"], table
+        assert primary_keys(store.connection, table)[:3] == ["time_bucket", "model", "segment"]
+    assert primary_keys(store.connection, "errors") == ["time_bucket", "model", "segment", "truth"]
     assert store.state.tables["errors"] == {(1,): (2.5,)}
     assert cells_of(store.state.confusion) == {(1, 1): 4}
     logged = LoggedRows("r", "response", np.array([1]), NOW - 30)
     assert run(store.commit([Entry(operation=logged)])) == [True]
     assert store.state.count("labels", "late") == 1
     assert cells_of(store.state.confusion) == {(1, 1): 5}
+    run(store.close())
+
+
+def primary_keys(connection: sqlite3.Connection, table: str) -> list[str]:
+    info = connection.execute(f"PRAGMA table_info({table})").fetchall()
+    return [name for _, name in sorted((row[5], row[1]) for row in info if row[5])]
+
+
+def test_the_version_3_fixture_ends_keyed_by_time(tmp_path: Path) -> None:
+    """The v3 file (tests/data/state_v3) goes through v4 to v5: time-first keys, a segments
+    table, segment columns where the join keeps its rows."""
+    connection = sqlite3.connect(state_path(str(tmp_path)))
+    connection.executescript((VERSION_3 / "state.sql").read_text())
+    connection.close()
+    store = open_store(str(tmp_path), {"m": MetricsState()}, FakeClock(NOW), server="m")
+    for table in ("cells", "counters", "label_delay", "custom_counters", "custom_timers"):
+        assert primary_keys(store.connection, table)[:3] == ["time_bucket", "model", "segment"]
+    assert primary_keys(store.connection, "segments") == ["model", "segment"]
+    for table in ("predictions", "parked_blocks"):
+        assert "segment" in [
+            row[1] for row in store.connection.execute(f"PRAGMA table_info({table})")
+        ]
+    assert store.state.count("rows_accepted") > 0
     run(store.close())
 
 

@@ -20,7 +20,7 @@ from adserver.catalogue.families import PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.errors import StartupError
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
-from cm_models.statistics import DEFAULT_SEGMENT, Merge, Row, StateKey, Statistic
+from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, Merge, Row, StateKey, Statistic
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
 TIMER_BUCKETS = tuple(float(b) for b in np.geomspace(0.001, 30.0, 50))
@@ -464,7 +464,8 @@ class KeyedState:
         view = self.views.get(key)
         if view is None:
             view = self.views[key] = self.prototypes[key.model].like()
-            self._segments[key.model][key.segment] = view
+            if key.segment != DEFAULT_SEGMENT and key.bucket == ALL_TIME:
+                self._segments[key.model][key.segment] = view
         return view
 
     def apply(self, key: StateKey, delta: Delta) -> None:
