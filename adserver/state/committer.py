@@ -374,7 +374,7 @@ class Committer(StateStore, Generic[D]):
                     f"the model's observation names statistics it does not declare: {unknown}",
                     reasons.INTERNAL_SERVER_ERROR,
                 )
-            key = entry.key or self.key
+            key = self.key if entry.model is None else StateKey(entry.model)
             self._check_classes(key.model, delta)
             delta = self._admit_metrics(delta)
             self._persist(key, delta)

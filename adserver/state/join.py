@@ -58,6 +58,7 @@ class LoggedRows:
     kind: Kind
     rows: Rows
     time: float
+    segment: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Label:
     first_row: int
     truth: Rows
     extra: Delta = field(default_factory=Delta)
+    segment: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
 from adserver.state.view import Delta, MetricsState
-from cm_models.statistics import StateKey
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an entry's row part counts: its segment values and its prediction time."""
+
+    segment: tuple[str | None, ...] = ()
+    time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,8 @@ class Entry:
     delta: Delta = field(default_factory=Delta)
     event_key: tuple[str, str] | None = None
     operation: LoggedRows | Label | None = None
-    key: StateKey | None = None
+    model: str | None = None
+    placement: Placement = Placement()
 
 
 class StateStore(ABC):

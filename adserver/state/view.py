@@ -379,3 +379,14 @@ class KeyedState:
 
     def apply(self, key: StateKey, delta: Delta) -> None:
         (self.views.get(key) or self.at(key)).apply(delta)
+
+    def models(self) -> list[str]:
+        """Every model with a view, the default (server) model last."""
+        found = dict.fromkeys(key.model for key in self.views if key != self.default)
+        return [*found, self.default.model]
+
+    def total(self, model: str) -> MetricsState:
+        return self.at(StateKey(model))
+
+    def segments(self, model: str) -> dict[str, MetricsState]:
+        return {}
