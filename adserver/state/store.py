@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
-from adserver.state.view import Delta, MetricsState
+from adserver.state.view import Delta, KeyedState, MetricsState
 
 Clock = Callable[[], float]
 
@@ -46,6 +46,8 @@ class Entry:
 
 class StateStore(ABC):
     """Owns the :class:`MetricsState` and is the only writer to it."""
+
+    views: KeyedState  # every model's totals and segments (D4)
 
     def __init__(self, state: MetricsState) -> None:
         self.state = state
