@@ -19,8 +19,10 @@ from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
 from adserver.http.transport import HTTPTransport
 from adserver.ingest.lifecycle import Lifecycle
+from adserver.ingest.routing import Route, Router
 from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model, model_kind
+from adserver.models_config import load_models_config
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
 from adserver.state.committer import CommitPolicy
@@ -81,6 +83,15 @@ def open_store(
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
+    configured = (
+        load_models_config(settings.models_config, settings) if settings.models_config else []
+    )
+    models = {config.name: load_model(config.settings(settings)) for config in configured}
+    router = (
+        Router([Route(c.name, c.match, c.segment_by, c.default) for c in configured])
+        if configured
+        else None
+    )
     state = MetricsState(tuple(model.classes), model.statistics)
     joiner = Joiner(model.observe, settings.join_ttl_seconds, in_transaction=model.thread_safe)
     # Custom metrics may not shadow the families the server exports itself.
@@ -110,6 +121,8 @@ def build_server(settings: Settings) -> Server:
         inference_service=settings.inference_service,
         max_event_rows=settings.max_event_rows,
         lifecycle=lifecycle,
+        models=models,
+        router=router,
     )
     connections = ConnectionStats()
     collector = FeedbackCollector(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from adserver.catalogue.wire import MATCH_BODY, MATCH_EXTENSIONS, SEGMENT_FIELDS, SEGMENT_KEYED
 from adserver.errors import StartupError
@@ -93,7 +93,7 @@ def load_models_config(path: str, settings: Settings) -> list[ModelConfig]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelsConfigError(f"--models_config {path}: cannot read it: {exc}") from exc
     try:
-        document = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}" if mark is not None else "?"
@@ -207,10 +207,11 @@ class _Parser:
             source, colon, key = str(dimension).partition(":")
             known = (source in SEGMENT_KEYED and key) if colon else source in SEGMENT_FIELDS
             if not isinstance(dimension, str) or not known:
+                keyed = ", ".join(f"{source}:<key>" for source in SEGMENT_KEYED)
                 raise self.fail(
                     item.lines["segment_by"],
                     f"unknown segment dimension {dimension!r}: one of "
-                    f"{', '.join(SEGMENT_FIELDS)} or {', '.join(k + ':<key>' for k in SEGMENT_KEYED)}",
+                    f"{', '.join(SEGMENT_FIELDS)}, {keyed}",
                 )
         if len(set(found)) != len(found):
             raise self.fail(item.lines["segment_by"], "a segment dimension is given twice")
@@ -218,6 +219,6 @@ class _Parser:
 
     def max_segments(self, item: _Mapping) -> int | None:
         found = item.get("max_segments")
-        if found is not None and (not isinstance(found, int) or isinstance(found, bool) or found < 1):
+        if found is not None and (type(found) is not int or found < 1):
             raise self.fail(item.lines["max_segments"], "`max_segments` must be a positive integer")
         return found

@@ -110,7 +110,7 @@ class Settings:
         "most rows in one logger event or label (they are stored); more get 413",
     )
     models_config: str = setting(
-        "", "MODELS_CONFIG", "YAML file of the models to count for (empty: one model from the flags)"
+        "", "MODELS_CONFIG", "YAML file of the models counted (empty: one model from the flags)"
     )
     max_models: int = setting(200, "MAX_MODELS", "most models --models_config may list")
     max_segments: int = setting(

@@ -97,3 +97,5 @@ SEGMENT_KEYED: Final = (SEGMENT_ANNOTATION, SEGMENT_METADATA, SEGMENT_TAG)
 ROUTE_MODEL_EVENTS: Final = "/v1/models/"  # + <name>: events for one model
 ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
 HEADER_PREDICTION_TIME_SOURCE: Final = "Prediction-Time-Source"  # event | arrival
+EVENT_TIME_SOURCE: Final = "event"  # the feedback's ce-time
+ARRIVAL_TIME_SOURCE: Final = "arrival"  # it had none: the time it arrived

@@ -9,6 +9,7 @@ one dict lookup per distinct key set, never a scan of the models.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +60,11 @@ class Router:
                     tuple(route.match[key] for key in keys), (index, route)
                 )
         # Body-naming key sets first, then the most keys; one tier per (body, count).
-        ordered = sorted(by_keys, key=lambda keys: (not _names_body(keys), -len(keys)))
-        self.tiers: list[list[_Tier]] = []
-        for keys in ordered:
-            rank = (_names_body(keys), len(keys))
-            if not self.tiers or (_names_body(self.tiers[-1][0].keys), len(self.tiers[-1][0].keys)) != rank:
-                self.tiers.append([])
-            self.tiers[-1].append(_Tier(keys, by_keys[keys]))
+        ordered = sorted(by_keys, key=_rank)
+        self.tiers = [
+            [_Tier(keys, by_keys[keys]) for keys in tier]
+            for _, tier in itertools.groupby(ordered, key=_rank)
+        ]
 
     def route(self, event: IncomingEvent, body: Any) -> Route | None:
         """The model of an event that names none by its path; ``body`` is its JSON payload."""
@@ -80,8 +79,8 @@ class Router:
         return self.default
 
 
-def _names_body(keys: tuple[str, ...]) -> bool:
-    return any(key in MATCH_BODY for key in keys)
+def _rank(keys: tuple[str, ...]) -> tuple[bool, int]:
+    return (not any(key in MATCH_BODY for key in keys), -len(keys))
 
 
 def _values(keys: tuple[str, ...], event: IncomingEvent, body: Any) -> tuple[str, ...]:
