@@ -187,7 +187,9 @@ class _Parser:
         return found
 
     def match(self, item: _Mapping) -> dict[str, str]:
-        found = item.get("match", {})
+        if "match" not in item:
+            return {}
+        found = item["match"]
         if not isinstance(found, _Mapping):
             raise self.fail(item.lines["match"], "`match` must be a mapping")
         for key, value in found.items():

@@ -39,9 +39,11 @@ class JsonErrorHandler(tornado.web.RequestHandler):
             exc = RequestError(self._reason, self._reason.lower().replace(" ", "_"))
         self.finish_error(exc)
 
-    def finish_error(self, error: RequestError) -> None:
-        status, headers, body = json_error(error)
-        self.set_status(status)
+    def finish_error(self, error: RequestError, status: int | None = None) -> None:
+        """The JSON error; ``status`` its own (else the one Tornado set already)."""
+        _, headers, body = json_error(error)
+        if status is not None:
+            self.set_status(status)
         for name, value in headers.items():
             self.set_header(name, value)
         self.finish(body)
@@ -93,7 +95,7 @@ class ModelMetricsHandler(JsonErrorHandler):
         try:
             body = await self.summary(urllib.parse.unquote(name))
         except RequestError as error:
-            self.finish_error(error)
+            self.finish_error(error, json_error(error).status)
             return
         self.set_header("Content-Type", CONTENT_TYPE_JSON)
         self.finish(body)
