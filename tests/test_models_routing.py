@@ -20,7 +20,6 @@ from tests.support.events import ce_headers, feedback, ndarray
 from tests.support.http import cells, post_json, scrape, value
 from tests.test_startup import refused
 
-
 #: Each model's joins scored by its own model needs the state branch's Joiner (D4).
 needs_state = pytest.mark.skipif(
     "models" not in inspect.signature(Joiner).parameters,
@@ -114,9 +113,8 @@ def label(
 ) -> requests.Response:
     """A label routes like its prediction: by the same extensions, or by its path."""
     headers = ce_headers(requestid=request_id, **extensions)
-    return requests.post(
-        f"{url}{path or '/'}", data=json.dumps({"truth": ndarray(truth)}), headers=headers, timeout=5
-    )
+    body = json.dumps({"truth": ndarray(truth)})
+    return requests.post(f"{url}{path or '/'}", data=body, headers=headers, timeout=5)
 
 
 def models_doc(url: str) -> dict[str, Any]:
@@ -157,10 +155,14 @@ def test_three_inference_services_and_two_graph_nodes_count_apart(servers, tmp_p
             "v2": {
                 "model_name": "digits",
                 "outputs": [
-                    {"name": "o", "datatype": "INT64", "shape": [len(prediction)],
-                     "data": prediction}
+                    {
+                        "name": "o",
+                        "datatype": "INT64",
+                        "shape": [len(prediction)],
+                        "data": prediction,
+                    }
                 ],
-            },  # fmt: skip
+            },
             "seldon": {"data": {"ndarray": prediction}},
         }[form]
         logged(server.url, event_type, request_id, body, **extensions)
