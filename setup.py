@@ -15,6 +15,7 @@ setup(
         "prometheus-client>=0.23.1",  # the exposition encoder needs its escaping API
         "orjson>=3.9",
         "pysimdjson>=6.0",
+        "pyyaml>=6",  # --models_config
         "python-json-logger>=3.1",
     ],
     extras_require={

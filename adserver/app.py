@@ -20,8 +20,10 @@ from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
 from adserver.http.transport import HTTPTransport
 from adserver.ingest.lifecycle import Lifecycle
+from adserver.ingest.routing import Route, Router
 from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model, model_kind
+from adserver.models_config import load_models_config
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
 from adserver.state.buckets import TimeBuckets
@@ -56,6 +58,7 @@ def open_store(
     joiner: Joiner,
     reserved_prefixes: tuple[str, ...] = (),
     kinds: Mapping[str, str] | None = None,
+    segment_caps: Mapping[str, int] | None = None,
 ) -> StateStore:
     """The committer over the dialect ``--state`` names. ``memory`` runs the same store on an
     in-memory database: identical semantics, no file. ``states``: each model's prototype (the
@@ -83,6 +86,8 @@ def open_store(
         max_classes=settings.max_classes,
         reserved_prefixes=reserved_prefixes,
         max_custom_series=settings.max_custom_series,
+        max_segments=settings.max_segments,
+        segment_caps=dict(segment_caps or {}),
     )
     return SQLiteStore(states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets)
 
@@ -90,13 +95,26 @@ def open_store(
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
-    state = MetricsState(tuple(model.classes), model.statistics)
-    joiner = Joiner({settings.model_name: model}, settings.join_ttl_seconds)
+    configured = (
+        load_models_config(settings.models_config, settings) if settings.models_config else []
+    )
+    models = {config.name: load_model(config.settings(settings)) for config in configured}
+    router = (
+        Router([Route(c.name, c.match, c.segment_by, c.default) for c in configured])
+        if configured
+        else None
+    )
+    scorers = {settings.model_name: model, **models}
+    states = {name: MetricsState(tuple(m.classes), m.statistics) for name, m in scorers.items()}
+    state = states[settings.model_name]
+    joiner = Joiner(scorers, settings.join_ttl_seconds)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
-        (SELDON_METRIC_PREFIX,) if model.has_confusion else ()
+        (SELDON_METRIC_PREFIX,) if any(m.has_confusion for m in scorers.values()) else ()
     )
-    store = open_store(settings, {settings.model_name: state}, joiner, reserved)
+    kinds = {config.name: model_kind(config.storage_uri) for config in configured}
+    caps = {c.name: c.max_segments for c in configured if c.max_segments is not None}
+    store = open_store(settings, states, joiner, reserved, kinds, caps)
     sender = None
     if settings.reply_url and settings.replies_enabled:
         sender = ReplySender(
@@ -119,6 +137,8 @@ def build_server(settings: Settings) -> Server:
         inference_service=settings.inference_service,
         max_event_rows=settings.max_event_rows,
         lifecycle=lifecycle,
+        models=models,
+        router=router,
     )
     connections = ConnectionStats()
     collector = FeedbackCollector(

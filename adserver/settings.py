@@ -114,6 +114,13 @@ class Settings:
         "TIME_BUCKETS",
         "granularities of prediction time counted, each with how long its buckets are kept",
     )
+    models_config: str = setting(
+        "", "MODELS_CONFIG", "YAML file of the models counted (empty: one model from the flags)"
+    )
+    max_models: int = setting(200, "MAX_MODELS", "most models --models_config may list")
+    max_segments: int = setting(
+        100, "MAX_SEGMENTS", "most segments per model (a model's own max_segments overrides it)"
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -131,6 +138,8 @@ class Settings:
             "max_custom_series",
             "idle_timeout_seconds",
             "body_timeout_seconds",
+            "max_models",
+            "max_segments",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN

@@ -404,7 +404,10 @@ def test_version_3_file_keeps_every_count(tmp_path: Path) -> None:
     joiner = Joiner({"m": MultiClassNumeric()}, ttl=10_000)
     store = open_sqlite(tmp_path, clock, retention=10_000, joiner=joiner)
     before = json.loads((VERSION_3 / "view.json").read_text())
-    assert json.loads(json.dumps(version_3.view(store))) == before
+    after = json.loads(json.dumps(version_3.view(store)))
+    # The summary has gained keys since version 3 (derived from the same counters, compared too)
+    after["summary"] = {key: after["summary"][key] for key in before["summary"]}
+    assert after == before
     keys = store.connection.execute("SELECT DISTINCT model, segment, time_bucket FROM cells")
     assert keys.fetchall() == [("m", DEFAULT_SEGMENT, ALL_TIME)]
     # The old event ids are still remembered; the parked label meets its prediction.

@@ -91,6 +91,10 @@ METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 DRAINING: Final = "draining"  # GET /health/ready while draining
 INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
 
+# many models (--models_config): feedback for no model is 400, a path's unknown name 404, a
+# logger event for no model 200 and counted as ignored(UNKNOWN_MODEL)
+UNKNOWN_MODEL: Final = "unknown_model"
+
 # logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
 # (besides these, any values reason a built-in model gives a logged prediction)
 NOT_JSON: Final = "not_json"
@@ -155,6 +159,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         OUT_OF_MEMORY,
     ),
     "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
+    "many models": (UNKNOWN_MODEL,),
     "HTTP framing": (
         MALFORMED_HEADERS,
         HEADERS_TOO_LARGE,

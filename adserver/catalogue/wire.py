@@ -71,3 +71,31 @@ EXTENSION_ROW_INDEX: Final = "rowindex"
 # SeldonDeployment); --inference_service keeps only one model's predictions.
 EXTENSION_INFERENCE_SERVICE: Final = "inferenceservicename"
 MAX_ROW_INDEX: Final = 2**31 - 1
+
+# Many models (--models_config): the keys of a model's `match`, each an event attribute (a
+# CloudEvents extension) or a field of the V2 body; and the sources of its `segment_by` values.
+EXTENSION_NAMESPACE: Final = "namespace"
+EXTENSION_COMPONENT: Final = "component"  # KServe: predictor, transformer, explainer
+EXTENSION_MODEL_ID: Final = "modelid"  # Seldon graph node, MLServer model
+EXTENSION_ENDPOINT: Final = "endpoint"  # KServe: default or canary
+EXTENSION_ANNOTATIONS: Final = "annotations"  # KServe: allow-listed pod annotations, JSON
+EXTENSION_METADATA: Final = "metadata"  # KServe: allow-listed request headers, JSON of lists
+BODY_MODEL_NAME: Final = "model_name"  # V2 inference request/response
+BODY_MODEL_VERSION: Final = "model_version"
+MATCH_EXTENSIONS: Final = (
+    EXTENSION_INFERENCE_SERVICE,
+    EXTENSION_NAMESPACE,
+    EXTENSION_COMPONENT,
+    EXTENSION_MODEL_ID,
+)
+MATCH_BODY: Final = (BODY_MODEL_NAME, BODY_MODEL_VERSION)
+SEGMENT_FIELDS: Final = (EXTENSION_ENDPOINT, EXTENSION_COMPONENT, BODY_MODEL_VERSION)
+SEGMENT_ANNOTATION: Final = "annotation"  # annotation:<key>
+SEGMENT_METADATA: Final = "metadata"  # metadata:<key>
+SEGMENT_TAG: Final = "tag"  # tag:<key>, from truth.meta.tags
+SEGMENT_KEYED: Final = (SEGMENT_ANNOTATION, SEGMENT_METADATA, SEGMENT_TAG)
+ROUTE_MODEL_EVENTS: Final = "/v1/models/"  # + <name>: events for one model
+ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
+HEADER_PREDICTION_TIME_SOURCE: Final = "Prediction-Time-Source"  # event | arrival
+EVENT_TIME_SOURCE: Final = "event"  # the feedback's ce-time
+ARRIVAL_TIME_SOURCE: Final = "arrival"  # it had none: the time it arrived

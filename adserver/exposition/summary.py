@@ -1,12 +1,14 @@
-"""The JSON view of a model's state (``/v1/metrics?format=json`` and reply event data)."""
+"""The JSON view of models' states (``/v1/metrics?format=json``, ``/v1/models/<name>/metrics``
+and reply event data)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from adserver.catalogue.families import EVENTS_ACCEPTED, ROWS_ACCEPTED
+from adserver.catalogue.families import EVENTS_ACCEPTED, PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.state.view import MetricsState
 from cm_models.formulas import PER_CLASS, classification_report
 
@@ -36,7 +38,20 @@ def derived_summary(state: MetricsState) -> dict[str, Any]:
         **report.averages,
         "rows": state.count(ROWS_ACCEPTED),
         "events": state.count(EVENTS_ACCEPTED),
+        **coverage(state.count(ROWS_ACCEPTED), state.count(PREDICTED_ROWS)),
     }
+
+
+def coverage(rows: int, predictions: int) -> dict[str, Any]:
+    """Logged prediction rows, and the share of them labelled (null before any is logged;
+    feedback that carries its response counts rows no logger logged, so it is capped at 1)."""
+    share = min(1.0, rows / predictions) if predictions else None
+    return {"predictions": predictions, "label_coverage": share}
+
+
+def models_document(models: Mapping[str, dict[str, Any]]) -> bytes:
+    """``{"models": {name: summary}}``: matrices are serialised by orjson straight from numpy."""
+    return orjson.dumps({"models": models}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class SummaryCache:
@@ -62,10 +77,17 @@ class SummaryCache:
         self._refresh()
         return self._body
 
-    def document(self, model_name: str) -> bytes:
-        """``/v1/metrics?format=json``: the matrix is serialised by orjson straight from numpy."""
+    def document(self, segments: Mapping[str, MetricsState] | None = None) -> dict[str, Any]:
+        """A model's entry of the JSON document: its summary with the matrix (a numpy array)
+        and, for a model with segment dimensions, each segment's (without ``segments``)."""
         summary = with_confusion_matrix(self.summary(), self.state.confusion.matrix())
-        return orjson.dumps({"models": {model_name: summary}}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if segments is None:
+            return summary
+        each = {
+            name: with_confusion_matrix(derived_summary(state), state.confusion.matrix())
+            for name, state in segments.items()
+        }
+        return {**summary, "segments": each}
 
     def _refresh(self) -> None:
         if self._version != self.state.version:

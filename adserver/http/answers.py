@@ -12,7 +12,7 @@ from typing import Final, NamedTuple
 
 import orjson
 
-from adserver.catalogue.wire import CONTENT_TYPE_JSON
+from adserver.catalogue.wire import CONTENT_TYPE_JSON, HEADER_PREDICTION_TIME_SOURCE
 from adserver.errors import ErrorKind, RequestError
 from adserver.ingest.service import Outcome
 
@@ -20,6 +20,7 @@ from adserver.ingest.service import Outcome
 #: those and never bad input.
 STATUS: Final[Mapping[ErrorKind, int]] = {
     ErrorKind.INVALID: 400,
+    ErrorKind.UNKNOWN_TARGET: 404,
     ErrorKind.TOO_SLOW: 408,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED_ENCODING: 415,
@@ -46,6 +47,8 @@ def outcome_answer(outcome: Outcome) -> Answer:
     """A refusal's JSON error, or 200: empty, or the reply CloudEvent in binary mode."""
     if isinstance(outcome, RequestError):
         return json_error(outcome)
+    source = outcome.time_source
+    timed = {} if source is None else {HEADER_PREDICTION_TIME_SOURCE: source}
     if outcome.reply is None:
-        return Answer(200, {}, b"")
-    return Answer(200, outcome.reply.binary_headers, outcome.reply.data)
+        return Answer(200, timed, b"")
+    return Answer(200, {**outcome.reply.binary_headers, **timed}, outcome.reply.data)

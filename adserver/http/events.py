@@ -17,6 +17,7 @@ import re
 import socket
 import sys
 import time
+import urllib.parse
 import zlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
 
 from adserver.catalogue import reasons
-from adserver.catalogue.wire import ROUTE_EVENTS
+from adserver.catalogue.wire import ROUTE_EVENTS, ROUTE_MODEL_EVENTS
 from adserver.errors import (
     BadRequest,
     InternalError,
@@ -252,8 +253,10 @@ class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, tornado.httputil.RequestStartLine)
         self.router.bodies.reading[self.request_conn] = time.monotonic()
-        if start_line.method == "POST" and start_line.path.partition("?")[0] == ROUTE_EVENTS:
-            self.delegate = EventsDelegate(self.request_conn, self.router.endpoint)
+        path = start_line.path.partition("?")[0]
+        model = model_path(path)
+        if start_line.method == "POST" and (path == ROUTE_EVENTS or model is not None):
+            self.delegate = EventsDelegate(self.request_conn, self.router.endpoint, model)
         else:
             error = framing_error(headers.get("Content-Length"), headers.get("Transfer-Encoding"))
             if error is not None:
@@ -277,11 +280,20 @@ class RequestDispatch(tornado.httputil.HTTPMessageDelegate):
             self.delegate.on_connection_close()
 
 
+def model_path(path: str) -> str | None:
+    """The model ``POST /v1/models/<name>`` names (None for any other path)."""
+    name = path[len(ROUTE_MODEL_EVENTS) :] if path.startswith(ROUTE_MODEL_EVENTS) else ""
+    return urllib.parse.unquote(name) if name and "/" not in name else None
+
+
 class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
     """One request: buffer the body within the limit, then answer from the service."""
 
-    def __init__(self, connection: HTTP1Connection, endpoint: EventsEndpoint) -> None:
+    def __init__(
+        self, connection: HTTP1Connection, endpoint: EventsEndpoint, model: str | None = None
+    ) -> None:
         self.connection = connection
+        self.model = model  # named by the path, or None: each event is routed
         self.started = time.monotonic()
         self.endpoint = endpoint
         self.headers: dict[str, str] = {}
@@ -439,7 +451,8 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         try:
             body = b"".join(self.chunks)
             self.chunks.clear()  # one copy of the body while it is counted
-            return outcome_answer(await self.endpoint.service.receive(self.headers, body))
+            outcome = await self.endpoint.service.receive(self.headers, body, path_model=self.model)
+            return outcome_answer(outcome)
         except MemoryError:  # e.g. under an address-space limit: nothing was counted, retry
             log.warning("out of memory for an event", extra={"bytes": self.received})
             return json_error(Unavailable("out of memory for this event", reasons.OUT_OF_MEMORY))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import tornado.web
@@ -13,6 +14,7 @@ from adserver.catalogue.wire import (
     ROUTE_EVENTS,
     ROUTE_LIVE,
     ROUTE_METRICS,
+    ROUTE_MODEL_METRICS,
     ROUTE_PROTOCOL,
     ROUTE_READY,
 )
@@ -35,7 +37,13 @@ class JsonErrorHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if not isinstance(exc, RequestError):  # Tornado's own 404/405/500
             exc = RequestError(self._reason, self._reason.lower().replace(" ", "_"))
-        _, headers, body = json_error(exc)
+        self.finish_error(exc)
+
+    def finish_error(self, error: RequestError, status: int | None = None) -> None:
+        """The JSON error; ``status`` its own (else the one Tornado set already)."""
+        _, headers, body = json_error(error)
+        if status is not None:
+            self.set_status(status)
         for name, value in headers.items():
             self.set_header(name, value)
         self.finish(body)
@@ -64,7 +72,7 @@ class MetricsHandler(JsonErrorHandler):
         accept = self.request.headers.get("Accept", "")
         if self.get_argument("format", "") == "json" or CONTENT_TYPE_JSON in accept:
             self.set_header("Content-Type", CONTENT_TYPE_JSON)
-            self.finish(self.service.summaries.document(self.service.model.name))
+            self.finish(self.service.document())
             return
         parts, content_type = await self.exposition.scrape(accept)
         self.set_header("Content-Type", content_type)
@@ -75,6 +83,26 @@ class MetricsHandler(JsonErrorHandler):
             self.write(part)
             await self.flush()
         self.finish()
+
+
+class ModelMetricsHandler(JsonErrorHandler):
+    """``GET /v1/models/<name>/metrics``: one model's JSON summary; 404 for an unknown name."""
+
+    def initialize(self, service: FeedbackService) -> None:
+        self.service = service
+
+    async def get(self, name: str) -> None:
+        try:
+            body = await self.summary(urllib.parse.unquote(name))
+        except RequestError as error:
+            self.finish_error(error, json_error(error).status)
+            return
+        self.set_header("Content-Type", CONTENT_TYPE_JSON)
+        self.finish(body)
+
+    async def summary(self, name: str) -> bytes:
+        """The model's all-time summary (a range query, ``from``/``to``, is answered here)."""
+        return self.service.document(name)
 
 
 class TextHandler(JsonErrorHandler):
@@ -127,6 +155,7 @@ def make_app(
                 MetricsHandler,
                 {"exposition": Exposition(registry), "service": service},
             ),
+            (ROUTE_MODEL_METRICS, ModelMetricsHandler, {"service": service}),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),

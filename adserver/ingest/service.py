@@ -29,6 +29,8 @@ from adserver.catalogue.families import (
     ignored,
 )
 from adserver.catalogue.wire import (
+    ARRIVAL_TIME_SOURCE,
+    EVENT_TIME_SOURCE,
     EXTENSION_INFERENCE_SERVICE,
     EXTENSION_REQUEST_ID,
     EXTENSION_ROW_INDEX,
@@ -36,12 +38,13 @@ from adserver.catalogue.wire import (
     MAX_ROW_INDEX,
     SELDON_FEEDBACK_TYPE,
 )
-from adserver.errors import BadRequest, PayloadTooLarge, RequestError, Unavailable
-from adserver.exposition.summary import SummaryCache
+from adserver.errors import BadRequest, NotFound, PayloadTooLarge, RequestError, Unavailable
+from adserver.exposition.summary import SummaryCache, models_document
 from adserver.ingest.lifecycle import Lifecycle
+from adserver.ingest.routing import Route, Router, segment_values
 from adserver.replies.sender import ReplySender
 from adserver.state.join import Kind, Label, LoggedRows, as_rows
-from adserver.state.store import Entry, StateStore
+from adserver.state.store import Entry, Placement, StateStore
 from adserver.state.view import Delta
 from adserver.wire.cloudevents import (
     IncomingEvent,
@@ -70,11 +73,14 @@ class Accepted:
     """Every event of a message is counted.
 
     ``new`` says, per event, whether it was counted now (False: a redelivery, counted before).
-    ``reply`` answers a lone feedback event when replies are configured.
+    ``reply`` answers a lone feedback event when replies are configured. ``time_source`` says
+    where a lone feedback's prediction time came from when its rows count under it (its
+    ``ce-time``, or its arrival).
     """
 
     new: Sequence[bool]
     reply: ReplyEvent | None = None
+    time_source: str | None = None
 
 
 #: What became of a message: all its events counted, or none of them and why.
@@ -85,6 +91,25 @@ Outcome = Accepted | RequestError
 class ReplyConfig:
     event_type: str
     event_source: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model an event counts for: ``name`` None is the server's own (``--model_name``)."""
+
+    name: str | None
+    model: FeedbackModel
+    route: Route | None = None
+
+    def join_id(self, request_id: str) -> str:
+        """Join ids are the model's own, so two models' predictions never meet."""
+        return request_id if self.name is None else f"{self.name}/{request_id}"
+
+    def segment(
+        self, event: IncomingEvent, body: Any, tags: Mapping[str, Any] | None = None
+    ) -> tuple[str | None, ...]:
+        """The event's values of the model's segment dimensions (none for the server's)."""
+        return () if self.route is None else segment_values(self.route, event, body, tags)
 
 
 class FeedbackService:
@@ -98,25 +123,39 @@ class FeedbackService:
         inference_service: str = "",
         max_event_rows: int = 1_000_000,
         lifecycle: Lifecycle | None = None,
+        models: Mapping[str, FeedbackModel] | None = None,
+        router: Router | None = None,
     ) -> None:
+        """``model`` is the server's own; with a ``router``, ``models`` are the configured ones
+        (by name) and every event is routed to one of them (or to none)."""
         self.model = model
+        self.models = dict(models or {})
+        self.router = router
+        self.server = Target(None, model)
+        self.thread_safe = model.thread_safe and all(m.thread_safe for m in self.models.values())
         self.store = store
         self.max_event_rows = max_event_rows
         self.reply = reply
         self.sender = sender
         self.inference_service = inference_service
         self.summaries = SummaryCache(store.state)
+        self._summaries = {name: SummaryCache(store.views.total(name)) for name in self.models}
         self.lifecycle = lifecycle or Lifecycle()
         # One thread: large bodies are decoded one at a time, which also bounds their memory.
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
 
     async def receive(
-        self, headers: Mapping[str, str], body: bytes, binding: Binding = decode_request
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        binding: Binding = decode_request,
+        path_model: str | None = None,
     ) -> Outcome:
         """Count every event of a transport's message, or none of them.
 
         A refusal of the input is counted as a rejection; a fault of the server's (e.g. the
-        store is unavailable) is not, since the sender retries. Events are in flight from here
+        store is unavailable) is not, since the sender retries. ``path_model`` is the model a
+        route named (``POST /v1/models/<name>``). Events are in flight from here
         until their outcome, so a drain lets them finish; a draining server refuses new ones.
         """
         if not self.lifecycle.ready:  # the sender will retry elsewhere
@@ -124,7 +163,8 @@ class FeedbackService:
         self.lifecycle.in_flight += 1
         events: list[IncomingEvent] = []  # filled by the binding, so a refusal's log names them
         try:
-            entries = await self.decoded(binding, headers, body, events)
+            target = self.named(path_model)
+            entries = await self.decoded(binding, headers, body, events, target)
             applied = await self.store.commit(entries)
         except RequestError as error:
             if not error.kind.fault:
@@ -136,7 +176,30 @@ class FeedbackService:
         self.log_event("events committed", events, events=len(events), new=applied.count(True))
         if len(events) != 1 or is_logger_event(events[0]):
             return Accepted(applied)  # a logger event never gets a reply: no loops
-        return Accepted(applied, self.reply_for(events[0], new=applied[0]))
+        timed = entries[0].placement.time is not None  # direct feedback: rows under its time
+        return Accepted(
+            applied,
+            self.reply_for(events[0], entries[0].model, new=applied[0]),
+            prediction_time(events[0])[1] if timed else None,
+        )
+
+    def named(self, path_model: str | None) -> Target | None:
+        """The model a route names (None: each event is routed); an unknown name is refused."""
+        if path_model is None:
+            return None
+        if self.router is None and path_model == self.model.name:
+            return self.server
+        route = self.router.routes.get(path_model) if self.router is not None else None
+        if route is None:
+            raise NotFound(f"no model {path_model!r} is configured", reasons.UNKNOWN_MODEL)
+        return Target(route.name, self.models[route.name], route)
+
+    def target(self, event: IncomingEvent, body: Any) -> Target | None:
+        """The model of an event no route named: the server's own, or as the router says."""
+        if self.router is None:
+            return self.server
+        route = self.router.route(event, body)
+        return None if route is None else Target(route.name, self.models[route.name], route)
 
     async def ingest(self, events: Sequence[IncomingEvent]) -> Outcome:
         """Events a transport decoded itself: counted whole, or refused, as by :meth:`receive`."""
@@ -148,6 +211,7 @@ class FeedbackService:
         headers: Mapping[str, str],
         body: bytes,
         events: list[IncomingEvent],
+        target: Target | None = None,
     ) -> list[Entry]:
         """What each event adds (``events`` receives the events). A large body is decoded and
         scored on the decoding thread, so the IOLoop keeps serving other requests meanwhile; a
@@ -156,11 +220,11 @@ class FeedbackService:
         def decode() -> list[Entry]:
             try:
                 events.extend(binding(headers, body))
-                return [self.entry(event) for event in events]
+                return [self.entry(event, target) for event in events]
             except InvalidFeedback as exc:  # the model's verdict on the data
                 raise BadRequest(str(exc), exc.reason) from exc
 
-        if len(body) < OFFLOAD_BODY_BYTES or not self.model.thread_safe:
+        if len(body) < OFFLOAD_BODY_BYTES or not self.thread_safe:
             return decode()
         return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
 
@@ -174,20 +238,32 @@ class FeedbackService:
             }
             log.debug(message, extra={"model": self.model.name, **ids, **fields})
 
-    def entry(self, event: IncomingEvent) -> Entry:
+    def entry(self, event: IncomingEvent, named: Target | None = None) -> Entry:
+        """What one event adds, for the model ``named`` by its route or else routed to."""
         if is_logger_event(event):
             if (
                 self.inference_service
+                and self.router is None
                 and event.attributes.get(EXTENSION_INFERENCE_SERVICE) != self.inference_service
             ):  # another model's prediction: nothing to store, nothing to remember
-                kind = ignored(reasons.OTHER_SERVICE)
-                return Entry(Delta(counters=((LOGGER_EVENTS, kind, 1),)))
-            return self.logged(event, *LOGGER_TYPES[event.attributes["type"]])
-        feedback = parse_feedback(event.payload())
+                return ignored_entry(reasons.OTHER_SERVICE)
+            target = named or self.target(event, None if event.error else event.data)
+            if target is None:  # no configured model's: acknowledged, counted, not stored
+                return ignored_entry(reasons.UNKNOWN_MODEL)
+            return self.logged(event, target, *LOGGER_TYPES[event.attributes["type"]])
+        body = event.payload()
+        feedback = parse_feedback(body)
+        target = named or self.target(event, body)
+        if target is None:
+            raise BadRequest(
+                "the feedback matches no configured model (see --models_config); name one by "
+                "posting to /v1/models/<name>",
+                reasons.UNKNOWN_MODEL,
+            )
         if feedback.response is None:
-            return self.label(event, feedback)
-        key = feedback_key(event)
-        observation = self.model.observe(feedback.truth, feedback.response, feedback.request)
+            return self.label(event, feedback, target, body)
+        key = feedback_key(event, target)
+        observation = target.model.observe(feedback.truth, feedback.response, feedback.request)
         extra = self.feedback_delta(
             feedback, [*observation.metrics], len(observation.metric_problems)
         )
@@ -196,7 +272,8 @@ class FeedbackService:
             counters=((ROWS_ACCEPTED, "", observation.rows),),
             updates=observation.updates,
         )
-        return Entry(delta=delta + extra, event_key=key)
+        placement = Placement(target.segment(event, body, feedback.tags), prediction_time(event)[0])
+        return Entry(delta + extra, key, model=target.name, placement=placement)
 
     def feedback_delta(
         self, feedback: Feedback, model_metrics: list[CustomMetric], model_problems: int
@@ -209,7 +286,7 @@ class FeedbackService:
             counters.append((METRICS_REJECTED, "", problems))
         return Delta(metrics=tuple(metrics), counters=tuple(counters))
 
-    def label(self, event: IncomingEvent, feedback: Feedback) -> Entry:
+    def label(self, event: IncomingEvent, feedback: Feedback, target: Target, body: Any) -> Entry:
         """Feedback without a response: join its truth to the logged prediction by request id.
 
         Every id the label carries is a candidate, in order of preference; the store takes the
@@ -222,7 +299,7 @@ class FeedbackService:
             feedback.puid,
             event.attributes.get("id"),
         )
-        request_ids = tuple(dict.fromkeys(str(c) for c in candidates if c))
+        request_ids = tuple(dict.fromkeys(target.join_id(str(c)) for c in candidates if c))
         if not request_ids:
             raise BadRequest(
                 "feedback has no response and no request id (ce-requestid, Seldon-Puid, "
@@ -230,17 +307,18 @@ class FeedbackService:
                 reasons.MISSING_RESPONSE,
             )
         self.check_rows(feedback.truth, "label")
-        rows = as_rows(self.model.rows(feedback.truth, "truth"))
+        rows = as_rows(target.model.rows(feedback.truth, "truth"))
         first_row = row_index(event.attributes.get(EXTENSION_ROW_INDEX, 0), len(rows))
         operation = Label(
             request_ids=request_ids,
             first_row=first_row,
             truth=rows,
             extra=self.feedback_delta(feedback, [], 0),
+            segment=target.segment(event, body, feedback.tags),
         )
-        return Entry(event_key=feedback_key(event), operation=operation)
+        return Entry(event_key=feedback_key(event, target), operation=operation, model=target.name)
 
-    def logged(self, event: IncomingEvent, kind: Kind, key_attribute: str) -> Entry:
+    def logged(self, event: IncomingEvent, target: Target, kind: Kind, key_attribute: str) -> Entry:
         """A payload logger's request or response event: keep its rows for later labels."""
         request_id = event.attributes.get(key_attribute)
         if not request_id:
@@ -252,7 +330,7 @@ class FeedbackService:
             extract = prediction_payload if kind == "response" else request_payload
             values = extract(body)
             self.check_rows(values, f"logged {kind}")
-            if kind == "response" and self.model.numeric_rows:
+            if kind == "response" and target.model.numeric_rows:
                 values = numeric_array(values, kind)  # e.g. strings: valid, but never scorable
         except (Unscorable, InvalidFeedback, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != reasons.INVALID_JSON:
@@ -260,8 +338,14 @@ class FeedbackService:
             reason = getattr(exc, "reason", None) or str(exc)
             reason = reasons.NOT_JSON if reason == reasons.INVALID_JSON else reason
             return Entry(Delta(counters=((LOGGER_EVENTS, ignored(reason), 1),)), key)
-        operation = LoggedRows(str(request_id), kind, as_rows(values), event_time(event))
-        return Entry(event_key=key, operation=operation)
+        operation = LoggedRows(
+            target.join_id(str(request_id)),
+            kind,
+            as_rows(values),
+            prediction_time(event)[0],
+            target.segment(event, body),
+        )
+        return Entry(event_key=key, operation=operation, model=target.name)
 
     def check_rows(self, values: Any, what: str) -> None:
         """Rows of a logger event or label are stored: their number is bounded (checked before
@@ -289,25 +373,50 @@ class FeedbackService:
         except RequestError:
             log.warning("could not count a rejected event", extra={"reason": reason})
 
-    def reply_for(self, event: IncomingEvent, *, new: bool) -> ReplyEvent | None:
+    def document(self, model: str | None = None) -> bytes:
+        """The JSON summaries of one model (by name), or of every model, in configuration
+        order with the server's own last; an unknown name is refused."""
+        names = self.store.views.models()
+        if model is not None:
+            if model not in names:
+                raise NotFound(f"no model {model!r} is configured", reasons.UNKNOWN_MODEL)
+            names = [model]
+        return models_document({name: self.model_document(name) for name in names})
+
+    def model_document(self, name: str) -> dict[str, Any]:
+        route = self.router.routes.get(name) if self.router is not None else None
+        cache = self._summaries.get(name, self.summaries)
+        return cache.document(
+            self.store.views.segments(name) if route and route.segment_by else None
+        )
+
+    def summary_cache(self, model: str | None) -> SummaryCache:
+        """The summaries of a model's totals (None: the server's own model)."""
+        return self.summaries if model is None else self._summaries[model]
+
+    def reply_for(self, event: IncomingEvent, model: str | None, *, new: bool) -> ReplyEvent | None:
         """The answer carries the summary of the state this event made (its bytes are shared by
         every reply of that state); a queued reply to ``--reply_url`` takes the summary current
         when a worker sends it, so the queue holds headers only, not a summary each."""
         if self.reply is None:
             return None
-        reply = reply_event(
-            event, self.reply.event_type, self.reply.event_source, self.summaries.body()
-        )
+        summaries = self.summary_cache(model)
+        reply = reply_event(event, self.reply.event_type, self.reply.event_source, summaries.body())
         if new and self.sender is not None:
-            self.sender.submit(reply.binary_headers, self.summaries.body)
+            self.sender.submit(reply.binary_headers, summaries.body)
         return reply
+
+
+def ignored_entry(reason: str) -> Entry:
+    """A logger event acknowledged but not stored (nothing to remember): counted by reason."""
+    return Entry(Delta(counters=((LOGGER_EVENTS, ignored(reason), 1),)))
 
 
 def is_logger_event(event: IncomingEvent) -> bool:
     return event.attributes.get("type") in LOGGER_TYPES
 
 
-def feedback_key(event: IncomingEvent) -> tuple[str, str] | None:
+def feedback_key(event: IncomingEvent, target: Target) -> tuple[str, str] | None:
     """What makes two feedback events the same feedback.
 
     Seldon's executor logs a feedback once per graph node that has a logger, each copy with its
@@ -322,7 +431,7 @@ def feedback_key(event: IncomingEvent) -> tuple[str, str] | None:
     # "0", "00" and 0 name one row; a label refuses what is no number (invalid_row_index)
     with contextlib.suppress(TypeError, ValueError):
         first_row = int(first_row)
-    return (SELDON_FEEDBACK_TYPE, f"{request_id}|{first_row}")
+    return (SELDON_FEEDBACK_TYPE, f"{target.join_id(str(request_id))}|{first_row}")
 
 
 def row_index(value: Any, rows: int) -> int:
@@ -339,14 +448,15 @@ def row_index(value: Any, rows: int) -> int:
     return index
 
 
-def event_time(event: IncomingEvent) -> float:
-    """The prediction's ``time`` attribute as epoch seconds (arrival time if absent)."""
+def prediction_time(event: IncomingEvent) -> tuple[float, str]:
+    """The event's ``time`` attribute as epoch seconds, or its arrival if it has none (or none
+    that is a time), and which of the two it is."""
     value = event.attributes.get("time")
     try:
         if isinstance(value, datetime):
-            return value.timestamp()
+            return value.timestamp(), EVENT_TIME_SOURCE
         if isinstance(value, str):  # structured mode keeps attributes as sent
-            return parse_time(value).timestamp()
+            return parse_time(value).timestamp(), EVENT_TIME_SOURCE
     except (BadRequest, ValueError, OverflowError):  # e.g. year 1 without an offset
         pass
-    return time.time()
+    return time.time(), ARRIVAL_TIME_SOURCE

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adserver.state.join import Label, LoggedRows
-from adserver.state.view import Delta, MetricsState, Placement
+from adserver.state.view import Delta, KeyedState, MetricsState, Placement
 
 __all__ = ["Clock", "Entry", "Placement", "StateStore"]
 
@@ -40,6 +40,8 @@ class Entry:
 
 class StateStore(ABC):
     """Owns the :class:`MetricsState` and is the only writer to it."""
+
+    views: KeyedState  # every model's totals and segments
 
     def __init__(self, state: MetricsState) -> None:
         self.state = state

@@ -1,11 +1,13 @@
 """Seldon ``Feedback`` bodies: ``{request?, response?, truth, reward?}``.
 
 Custom metrics come from ``truth.meta.metrics`` as in Seldon's server; ``reward`` is ignored.
+``truth.meta.tags`` may name segment values (``segment_by: [tag:<key>]``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from adserver.catalogue import reasons
@@ -22,6 +24,7 @@ class Feedback:
     metrics: tuple[CustomMetric, ...] = ()
     metric_problems: tuple[str, ...] = ()
     puid: str | None = None
+    tags: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_feedback(body: Any) -> Feedback:
@@ -43,6 +46,7 @@ def parse_feedback(body: Any) -> Feedback:
         metrics=tuple(metrics),
         metric_problems=tuple(problems),
         puid=meta.get("puid") if isinstance(meta.get("puid"), str) else None,
+        tags=meta["tags"] if isinstance(meta.get("tags"), dict) else {},
     )
 
 
