@@ -109,6 +109,16 @@ class Settings:
         "MAX_EVENT_ROWS",
         "most rows in one logger event or label (they are stored); more get 413",
     )
+    windows: str = setting(
+        "1h,24h,7d",
+        "WINDOWS",
+        "sliding windows of prediction time exported as feedback_window_* gauges (empty: none)",
+    )
+    window_refresh_seconds: float = setting(
+        15.0,
+        "WINDOW_REFRESH_SECONDS",
+        "the window gauges are re-read from the time buckets at most this often (by a scrape)",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -126,6 +136,7 @@ class Settings:
             "max_custom_series",
             "idle_timeout_seconds",
             "body_timeout_seconds",
+            "window_refresh_seconds",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN

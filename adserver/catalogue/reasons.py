@@ -91,6 +91,14 @@ METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 DRAINING: Final = "draining"  # GET /health/ready while draining
 INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
 
+# GET /v1/models/<name>/metrics: a model's metrics, over a range of prediction time
+UNKNOWN_MODEL: Final = "unknown_model"  # 404: no model of that name
+INVALID_RANGE: Final = "invalid_range"
+INVALID_STEP: Final = "invalid_step"
+RANGE_NOT_KEPT: Final = "range_not_kept"
+TOO_MANY_STEPS: Final = "too_many_steps"
+UNKNOWN_SEGMENT: Final = "unknown_segment"
+
 # logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
 # (besides these, any values reason a built-in model gives a logged prediction)
 NOT_JSON: Final = "not_json"
@@ -165,6 +173,14 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         BODY_TIMEOUT,
     ),
     "compressed bodies": (UNSUPPORTED_CONTENT_ENCODING, INVALID_COMPRESSED_BODY),
+    "model metrics and time ranges": (
+        UNKNOWN_MODEL,
+        INVALID_RANGE,
+        INVALID_STEP,
+        RANGE_NOT_KEPT,
+        TOO_MANY_STEPS,
+        UNKNOWN_SEGMENT,
+    ),
     "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA, OTHER_SERVICE),
 }
 

@@ -42,6 +42,12 @@ ROUTE_METRICS: Final = "/v1/metrics"
 ROUTE_PROTOCOL: Final = "/protocol"
 ROUTE_LIVE: Final = "/health/live"
 ROUTE_READY: Final = "/health/ready"
+ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
+# GET /v1/models/<name>/metrics over a range of prediction time (ends exclusive)
+QUERY_FROM: Final = "from"
+QUERY_TO: Final = "to"
+QUERY_STEP: Final = "step"
+QUERY_SEGMENT: Final = "segment"
 
 # Metric name prefix of the server's own families
 METRIC_PREFIX: Final = "feedback_"

@@ -20,6 +20,7 @@ from adserver.ingest.service import Outcome
 #: those and never bad input.
 STATUS: Final[Mapping[ErrorKind, int]] = {
     ErrorKind.INVALID: 400,
+    ErrorKind.NOT_FOUND: 404,
     ErrorKind.TOO_SLOW: 408,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED_ENCODING: 415,

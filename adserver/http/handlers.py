@@ -7,18 +7,25 @@ from typing import Any
 import tornado.web
 from prometheus_client import CollectorRegistry
 
+from adserver.catalogue.reasons import UNKNOWN_MODEL
 from adserver.catalogue.wire import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
+    QUERY_FROM,
+    QUERY_SEGMENT,
+    QUERY_STEP,
+    QUERY_TO,
     ROUTE_EVENTS,
     ROUTE_LIVE,
     ROUTE_METRICS,
+    ROUTE_MODEL_METRICS,
     ROUTE_PROTOCOL,
     ROUTE_READY,
 )
-from adserver.errors import RequestError
+from adserver.errors import NotFound, RequestError
 from adserver.exposition.encoder import Exposition
-from adserver.http.answers import json_error
+from adserver.exposition.windows import RangeDocuments, WindowGauges
+from adserver.http.answers import Answer, json_error
 from adserver.http.events import BodyBudget, BodyDeadlines, EventsEndpoint, EventsRouter, log_access
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService
@@ -56,9 +63,12 @@ class MetricsHandler(JsonErrorHandler):
     summary plus the matrix, which orjson writes straight from numpy (no object per cell).
     """
 
-    def initialize(self, exposition: Exposition, service: FeedbackService) -> None:
+    def initialize(
+        self, exposition: Exposition, service: FeedbackService, windows: WindowGauges | None
+    ) -> None:
         self.exposition = exposition
         self.service = service
+        self.windows = windows
 
     async def get(self) -> None:
         accept = self.request.headers.get("Accept", "")
@@ -66,6 +76,8 @@ class MetricsHandler(JsonErrorHandler):
             self.set_header("Content-Type", CONTENT_TYPE_JSON)
             self.finish(self.service.summaries.document(self.service.model.name))
             return
+        if self.windows is not None:
+            await self.windows.refresh()  # at most every --window_refresh_seconds
         parts, content_type = await self.exposition.scrape(accept)
         self.set_header("Content-Type", content_type)
         self.set_header("Content-Length", sum(map(len, parts)))
@@ -75,6 +87,46 @@ class MetricsHandler(JsonErrorHandler):
             self.write(part)
             await self.flush()
         self.finish()
+
+
+class ModelMetricsHandler(JsonErrorHandler):
+    """``GET /v1/models/<name>/metrics``: one model's summary; with ``from`` and ``to``, its
+    metrics over that range of prediction time (:meth:`range`)."""
+
+    def initialize(self, service: FeedbackService, ranges: RangeDocuments) -> None:
+        self.service = service
+        self.ranges = ranges
+
+    async def get(self, name: str) -> None:
+        if self.get_argument(QUERY_FROM, None) is not None or self.get_argument(QUERY_TO, None):
+            await self.range(name)
+            return
+        if name != self.service.model.name:
+            self.answer(json_error(NotFound(f"no model named {name!r}", UNKNOWN_MODEL)))
+            return
+        self.set_header("Content-Type", CONTENT_TYPE_JSON)
+        self.finish(self.service.summaries.document(name))
+
+    async def range(self, name: str) -> None:
+        """Steps and total over [from, to); a bad range is a 400 that changes nothing."""
+        arguments = {
+            key: self.get_argument(key)
+            for key in (QUERY_FROM, QUERY_TO, QUERY_STEP, QUERY_SEGMENT)
+            if self.get_argument(key, None) is not None
+        }
+        try:
+            body = await self.ranges.document(name, arguments)
+        except RequestError as error:
+            self.answer(json_error(error))
+            return
+        self.set_header("Content-Type", CONTENT_TYPE_JSON)
+        self.finish(body)
+
+    def answer(self, answer: Answer) -> None:
+        self.set_status(answer.status)
+        for header, value in answer.headers.items():
+            self.set_header(header, value)
+        self.finish(answer.body)
 
 
 class TextHandler(JsonErrorHandler):
@@ -113,6 +165,8 @@ def make_app(
     service: FeedbackService,
     registry: CollectorRegistry,
     *,
+    windows: WindowGauges | None,
+    ranges: RangeDocuments,
     protocol: str,
     max_body_bytes: int,
     max_body_bytes_in_flight: int,
@@ -125,8 +179,9 @@ def make_app(
             (
                 ROUTE_METRICS,
                 MetricsHandler,
-                {"exposition": Exposition(registry), "service": service},
+                {"exposition": Exposition(registry), "service": service, "windows": windows},
             ),
+            (ROUTE_MODEL_METRICS, ModelMetricsHandler, {"service": service, "ranges": ranges}),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),

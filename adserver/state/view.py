@@ -371,6 +371,16 @@ class KeyedState:
         self.default = default
         self.views = {default: state}
 
+    def models(self) -> list[str]:
+        return [self.default.model]
+
+    def total(self, model: str) -> MetricsState:
+        return self.views[StateKey(model)]
+
+    def segments(self, model: str) -> dict[str, MetricsState]:
+        """A model's segments by name (none until events are routed to segments)."""
+        return {k.segment: v for k, v in self.views.items() if k.model == model and k.segment}
+
     def at(self, key: StateKey) -> MetricsState:
         view = self.views.get(key)
         if view is None:
