@@ -15,7 +15,7 @@ class ErrorKind(enum.Enum):
     """What kind of refusal an error is; its transport decides how to answer each kind."""
 
     INVALID = "invalid"  # the input is wrong: sending it again cannot help
-    NOT_FOUND = "not_found"  # the request names something that does not exist (a model)
+    NOT_FOUND = "absent"  # the request names something the server does not have (a model)
     TOO_LARGE = "too_large"  # the input is over a documented cap
     TOO_SLOW = "too_slow"  # the input did not arrive in time
     UNSUPPORTED_ENCODING = "unsupported_encoding"  # the input is in an encoding not read
