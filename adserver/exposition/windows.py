@@ -84,10 +84,13 @@ def parse_time(name: str, text: str) -> float:
         return float(text)
     except ValueError:
         pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
+    moment = None
+    for spelling in (text, text.replace(" ", "+")):  # a "+" unescaped in a URL arrives as " "
+        try:
+            moment = datetime.fromisoformat(spelling)
+            break
+        except ValueError:
+            continue
     if moment is None or moment.tzinfo is None:
         raise BadRequest(
             f"{name}={text!r} is neither epoch seconds nor an RFC 3339 time with an offset "
@@ -119,15 +122,26 @@ class RangeQuery:
 
     @classmethod
     def parse(
-        cls, arguments: Mapping[str, str], buckets: TimeBuckets, segments: Mapping[str, Any]
+        cls,
+        arguments: Mapping[str, str],
+        buckets: TimeBuckets,
+        segments: Mapping[str, Any],
+        now: float,
     ) -> RangeQuery:
         if QUERY_FROM not in arguments or QUERY_TO not in arguments:
             raise BadRequest("a range needs both from and to", reasons.INVALID_RANGE)
         start, end = (parse_time(n, arguments[n]) for n in (QUERY_FROM, QUERY_TO))
         finest = buckets.finest
-        if not (0 <= start < end) or math.isinf(end):
+        if not (0 <= start < end):
             raise BadRequest(
                 f"from ({start}) must be before to ({end}), both at or after 1970",
+                reasons.INVALID_RANGE,
+            )
+        latest = now + buckets.levels[-1].seconds
+        if end > latest:  # no prediction is made there; and it bounds the buckets of a range
+            raise BadRequest(
+                f"to ({end}) is more than {format_duration(buckets.levels[-1].seconds)} after "
+                f"now ({int(now)})",
                 reasons.INVALID_RANGE,
             )
         if start % finest or end % finest:
@@ -189,10 +203,9 @@ class RangeDocuments:
     async def document(self, model: str, arguments: Mapping[str, str]) -> bytes:
         if model not in self.views.models():
             raise NotFound(f"no model named {model!r}", reasons.UNKNOWN_MODEL)
-        query = RangeQuery.parse(arguments, self.buckets, self.views.segments(model))
-        states = await self.reader.read_range(
-            model, query.segment, query.spans(self.buckets, self.clock())
-        )
+        now = self.clock()
+        query = RangeQuery.parse(arguments, self.buckets, self.views.segments(model), now)
+        states = await self.reader.read_range(model, query.segment, query.spans(self.buckets, now))
         steps = [
             {QUERY_FROM: s, QUERY_TO: e, **range_summary(state)}
             for (s, e), state in zip(query.steps(), states)
@@ -311,12 +324,11 @@ class WindowGauges:
             return
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._read())
-        reading = self._reading
-        try:
-            await asyncio.shield(reading)
-        finally:
-            if reading.done() and self._reading is reading:
-                self._reading = None
+            self._reading.add_done_callback(self._read_done)
+        await asyncio.shield(self._reading)  # a scrape given up does not cancel the read
+
+    def _read_done(self, _: asyncio.Task[None]) -> None:
+        self._reading = None
 
     async def _read(self) -> None:
         now, started = self.clock(), self.monotonic()

@@ -98,7 +98,7 @@ class ModelMetricsHandler(JsonErrorHandler):
         self.ranges = ranges
 
     async def get(self, name: str) -> None:
-        if self.get_argument(QUERY_FROM, None) is not None or self.get_argument(QUERY_TO, None):
+        if any(self.get_argument(key, None) is not None for key in (QUERY_FROM, QUERY_TO)):
             await self.range(name)
             return
         if name != self.service.model.name:
