@@ -16,6 +16,7 @@ from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON
 from adserver.errors import StartupError
 from adserver.exposition.collector import FeedbackCollector, build_registry
 from adserver.exposition.seldon_labels import seldon_default_labels
+from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
 from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
 from adserver.http.transport import HTTPTransport
@@ -29,8 +30,9 @@ from adserver.settings import Settings
 from adserver.state.buckets import TimeBuckets
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner
-from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state
-from adserver.state.store import StateStore
+from adserver.state.reads import BucketReader
+from adserver.state.sqlite.reader import SQLiteBucketReader
+from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state, state_path
 from adserver.state.view import MetricsState
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class Server:
     http: HTTPTransport
     sender: ReplySender | None
     lifecycle: Lifecycle
+    reader: BucketReader
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop every transport, let in-flight events finish and commit, then release everything."""
@@ -50,6 +53,7 @@ class Server:
         if self.sender is not None:
             await self.sender.close()
         await self.service.close()
+        await self.reader.close()
 
 
 def open_store(
@@ -59,10 +63,11 @@ def open_store(
     reserved_prefixes: tuple[str, ...] = (),
     kinds: Mapping[str, str] | None = None,
     segment_caps: Mapping[str, int] | None = None,
-) -> StateStore:
+) -> SQLiteStore:
     """The committer over the dialect ``--state`` names. ``memory`` runs the same store on an
     in-memory database: identical semantics, no file. ``states``: each model's prototype (the
-    server model's among them); ``kinds``: each configured model's kind, claimed in the file."""
+    server model's among them); ``kinds``: each configured model's kind, claimed in the file;
+    ``segment_caps``: the models' own segment caps (the others have ``--max_segments``)."""
     if settings.state not in ("sqlite", "memory"):
         raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
     try:
@@ -90,6 +95,16 @@ def open_store(
         segment_caps=dict(segment_caps or {}),
     )
     return SQLiteStore(states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets)
+
+
+def open_reader(settings: Settings, store: SQLiteStore) -> SQLiteBucketReader:
+    """Durable: its own thread and read-only connection to the state file; memory: inline on
+    the store's connection (the only one that sees the temporary database)."""
+    views = store.views
+    models = {model: views.total(model) for model in views.models()}
+    if settings.state == "sqlite":
+        return SQLiteBucketReader.durable(models, state_path(settings.state_dir))
+    return SQLiteBucketReader.inline(models, store.connection)
 
 
 def build_server(settings: Settings) -> Server:
@@ -141,6 +156,20 @@ def build_server(settings: Settings) -> Server:
         router=router,
     )
     connections = ConnectionStats()
+    buckets = store.buckets
+    try:
+        windows = parse_windows(settings.windows, buckets)
+    except ValueError as exc:
+        raise StartupError(f"--windows {settings.windows!r}: {exc}") from exc
+    reader = open_reader(settings, store)
+    gauges = WindowGauges(
+        reader,
+        buckets,
+        windows,
+        store.views.models,
+        settings.window_refresh_seconds,
+        off_loop=settings.state == "sqlite",
+    )
     collector = FeedbackCollector(
         settings.model_name,
         state,
@@ -152,7 +181,9 @@ def build_server(settings: Settings) -> Server:
     )
     app = make_app(
         service,
-        build_registry(collector),
+        build_registry(collector, gauges),
+        windows=gauges,
+        ranges=RangeDocuments(reader, buckets, store.views),
         protocol=settings.protocol,
         max_body_bytes=settings.max_body_bytes,
         max_body_bytes_in_flight=settings.max_body_bytes_in_flight,
@@ -171,7 +202,7 @@ def build_server(settings: Settings) -> Server:
     cap = connection_cap(settings.max_connections)
     transport = HTTPTransport(http, Listener(http, service.reject, cap, connections), app.bodies)
     lifecycle.register(transport)
-    return Server(settings, service, transport, sender, lifecycle)
+    return Server(settings, service, transport, sender, lifecycle, reader)
 
 
 async def serve(settings: Settings) -> None:

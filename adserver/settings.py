@@ -121,6 +121,16 @@ class Settings:
     max_segments: int = setting(
         100, "MAX_SEGMENTS", "most segments per model (a model's own max_segments overrides it)"
     )
+    windows: str = setting(
+        "1h,24h,7d",
+        "WINDOWS",
+        "sliding windows of prediction time exported as feedback_window_* gauges (empty: none)",
+    )
+    window_refresh_seconds: float = setting(
+        15.0,
+        "WINDOW_REFRESH_SECONDS",
+        "the window gauges are re-read from the time buckets at most this often (by a scrape)",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -140,6 +150,7 @@ class Settings:
             "body_timeout_seconds",
             "max_models",
             "max_segments",
+            "window_refresh_seconds",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN

@@ -44,9 +44,17 @@ def dashboard_targets(
 ) -> list[tuple[str, str, str]]:
     """(panel title, refId, PromQL) of every panel query, variables filled in.
 
-    `model` goes into `model=~"$model"`, so the default `.*` selects every model.
+    `model` goes into `model=~"$model"`, so the default `.*` selects every model; every
+    segment, the 1h window, and segments named canary and default are compared.
     """
-    variables = {"model": model, "__rate_interval": rate_interval}
+    variables = {
+        "model": model,
+        "__rate_interval": rate_interval,
+        "segment": ".*",
+        "window": "1h",
+        "canary": "canary",
+        "baseline": "default",
+    }
     return [
         (panel["title"], target["refId"], substitute(target["expr"], variables))
         for panel in iter_panels(load_dashboard(path))

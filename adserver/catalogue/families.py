@@ -53,6 +53,8 @@ REASON: Final = "reason"
 OUTCOME: Final = "outcome"
 KIND: Final = "kind"
 LE: Final = "le"  # a histogram bucket's bound
+SEGMENT: Final = "segment"  # a model's segment; "" = the model's totals
+WINDOW: Final = "window"  # a sliding window of prediction time (--windows)
 METHOD: Final = "method"  # Seldon's: the reply event type (--event_type)
 METHOD_DEFAULT: Final = "feedback"  # Seldon's method without an --event_type
 # Seldon's default metric labels (adserver/exposition/seldon_labels.py reads their values).
@@ -264,6 +266,45 @@ def positive_class(family: Family) -> Family:
     return replace(family, labels=labels, help=f"{family.help}; class 1 is positive")
 
 
+#: Sliding windows of prediction time (--windows), read from the time buckets: gauges by key.
+WINDOW_TOTALS: Final[dict[str, Family]] = {
+    "accuracy": ours(
+        "window_accuracy",
+        "gauge",
+        "accuracy of the window's predictions (no sample while none is labelled)",
+        SEGMENT,
+        WINDOW,
+    ),
+    "rows": ours("window_rows", "gauge", "labelled rows predicted in the window", SEGMENT, WINDOW),
+    "predictions": ours(
+        "window_predictions",
+        "gauge",
+        "prediction rows from payload loggers predicted in the window",
+        SEGMENT,
+        WINDOW,
+    ),
+    "label_coverage": ours(
+        "window_label_coverage",
+        "gauge",
+        "labelled share of the window's predictions: rows / max(predictions, rows)",
+        SEGMENT,
+        WINDOW,
+    ),
+}
+#: By the classification report's field, per class of the window's predictions.
+WINDOW_PER_CLASS: Final[dict[str, Family]] = {
+    name: ours(
+        f"window_{name}",
+        "gauge",
+        f"{name} per class of the window's predictions (no sample while none is labelled)",
+        SEGMENT,
+        WINDOW,
+        CLASS,
+    )
+    for name in ("precision", "recall", "f1")
+}
+
+
 # One value per model, by its key in the reply sender's and the listener's statistics.
 REPLIES: Final[dict[str, Family]] = {
     "sent": ours("reply_sent", "counter", "reply events delivered to the reply URL"),
@@ -312,4 +353,6 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     LABEL_DELAY,
     *REPLIES.values(),
     *CONNECTIONS.values(),
+    *WINDOW_TOTALS.values(),
+    *WINDOW_PER_CLASS.values(),
 )

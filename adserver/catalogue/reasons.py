@@ -95,6 +95,13 @@ INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
 # logger event for no model 200 and counted as ignored(UNKNOWN_MODEL)
 UNKNOWN_MODEL: Final = "unknown_model"
 
+# GET /v1/models/<name>/metrics over a range of prediction time
+INVALID_RANGE: Final = "invalid_range"
+INVALID_STEP: Final = "invalid_step"
+RANGE_NOT_KEPT: Final = "range_not_kept"
+TOO_MANY_STEPS: Final = "too_many_steps"
+UNKNOWN_SEGMENT: Final = "unknown_segment"
+
 # logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
 # (besides these, any values reason a built-in model gives a logged prediction)
 NOT_JSON: Final = "not_json"
@@ -170,6 +177,13 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         BODY_TIMEOUT,
     ),
     "compressed bodies": (UNSUPPORTED_CONTENT_ENCODING, INVALID_COMPRESSED_BODY),
+    "time ranges": (
+        INVALID_RANGE,
+        INVALID_STEP,
+        RANGE_NOT_KEPT,
+        TOO_MANY_STEPS,
+        UNKNOWN_SEGMENT,
+    ),
     "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA, OTHER_SERVICE),
 }
 

@@ -42,6 +42,12 @@ ROUTE_METRICS: Final = "/v1/metrics"
 ROUTE_PROTOCOL: Final = "/protocol"
 ROUTE_LIVE: Final = "/health/live"
 ROUTE_READY: Final = "/health/ready"
+ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
+# GET /v1/models/<name>/metrics over a range of prediction time (ends exclusive)
+QUERY_FROM: Final = "from"
+QUERY_TO: Final = "to"
+QUERY_STEP: Final = "step"
+QUERY_SEGMENT: Final = "segment"
 
 # Metric name prefix of the server's own families
 METRIC_PREFIX: Final = "feedback_"
@@ -95,7 +101,6 @@ SEGMENT_METADATA: Final = "metadata"  # metadata:<key>
 SEGMENT_TAG: Final = "tag"  # tag:<key>, from truth.meta.tags
 SEGMENT_KEYED: Final = (SEGMENT_ANNOTATION, SEGMENT_METADATA, SEGMENT_TAG)
 ROUTE_MODEL_EVENTS: Final = "/v1/models/"  # + <name>: events for one model
-ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
 HEADER_PREDICTION_TIME_SOURCE: Final = "Prediction-Time-Source"  # event | arrival
 EVENT_TIME_SOURCE: Final = "event"  # the feedback's ce-time
 ARRIVAL_TIME_SOURCE: Final = "arrival"  # it had none: the time it arrived

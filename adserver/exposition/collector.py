@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from adserver.catalogue import families
@@ -315,9 +316,11 @@ def histogram_family(
     return family
 
 
-def build_registry(collector: FeedbackCollector) -> CollectorRegistry:
+def build_registry(collector: FeedbackCollector, *others: Collector) -> CollectorRegistry:
+    """The server's families, then those of ``others`` (e.g. the window gauges)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for each in (collector, *others):
+        registry.register(each)
     ProcessCollector(registry=registry)
     return registry
 

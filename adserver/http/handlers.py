@@ -11,6 +11,10 @@ from prometheus_client import CollectorRegistry
 from adserver.catalogue.wire import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
+    QUERY_FROM,
+    QUERY_SEGMENT,
+    QUERY_STEP,
+    QUERY_TO,
     ROUTE_EVENTS,
     ROUTE_LIVE,
     ROUTE_METRICS,
@@ -20,6 +24,7 @@ from adserver.catalogue.wire import (
 )
 from adserver.errors import RequestError
 from adserver.exposition.encoder import Exposition
+from adserver.exposition.windows import RangeDocuments, WindowGauges
 from adserver.http.answers import json_error
 from adserver.http.events import BodyBudget, BodyDeadlines, EventsEndpoint, EventsRouter, log_access
 from adserver.ingest.lifecycle import Lifecycle
@@ -64,9 +69,12 @@ class MetricsHandler(JsonErrorHandler):
     summary plus the matrix, which orjson writes straight from numpy (no object per cell).
     """
 
-    def initialize(self, exposition: Exposition, service: FeedbackService) -> None:
+    def initialize(
+        self, exposition: Exposition, service: FeedbackService, windows: WindowGauges | None
+    ) -> None:
         self.exposition = exposition
         self.service = service
+        self.windows = windows
 
     async def get(self) -> None:
         accept = self.request.headers.get("Accept", "")
@@ -74,6 +82,8 @@ class MetricsHandler(JsonErrorHandler):
             self.set_header("Content-Type", CONTENT_TYPE_JSON)
             self.finish(self.service.document())
             return
+        if self.windows is not None:
+            await self.windows.refresh()  # at most every --window_refresh_seconds
         parts, content_type = await self.exposition.scrape(accept)
         self.set_header("Content-Type", content_type)
         self.set_header("Content-Length", sum(map(len, parts)))
@@ -86,23 +96,31 @@ class MetricsHandler(JsonErrorHandler):
 
 
 class ModelMetricsHandler(JsonErrorHandler):
-    """``GET /v1/models/<name>/metrics``: one model's JSON summary; 404 for an unknown name."""
+    """``GET /v1/models/<name>/metrics``: one model's summary; with ``from`` and ``to``, its
+    metrics over that range of prediction time. 404 for an unknown name; a bad range is a 400
+    that changes nothing."""
 
-    def initialize(self, service: FeedbackService) -> None:
+    def initialize(self, service: FeedbackService, ranges: RangeDocuments) -> None:
         self.service = service
+        self.ranges = ranges
 
     async def get(self, name: str) -> None:
+        name = urllib.parse.unquote(name)
+        arguments = {
+            key: self.get_argument(key)
+            for key in (QUERY_FROM, QUERY_TO, QUERY_STEP, QUERY_SEGMENT)
+            if self.get_argument(key, None) is not None
+        }
         try:
-            body = await self.summary(urllib.parse.unquote(name))
+            if QUERY_FROM in arguments or QUERY_TO in arguments:
+                body = await self.ranges.document(name, arguments)
+            else:
+                body = self.service.document(name)
         except RequestError as error:
             self.finish_error(error, json_error(error).status)
             return
         self.set_header("Content-Type", CONTENT_TYPE_JSON)
         self.finish(body)
-
-    async def summary(self, name: str) -> bytes:
-        """The model's all-time summary (a range query, ``from``/``to``, is answered here)."""
-        return self.service.document(name)
 
 
 class TextHandler(JsonErrorHandler):
@@ -141,6 +159,8 @@ def make_app(
     service: FeedbackService,
     registry: CollectorRegistry,
     *,
+    windows: WindowGauges | None,
+    ranges: RangeDocuments,
     protocol: str,
     max_body_bytes: int,
     max_body_bytes_in_flight: int,
@@ -153,9 +173,9 @@ def make_app(
             (
                 ROUTE_METRICS,
                 MetricsHandler,
-                {"exposition": Exposition(registry), "service": service},
+                {"exposition": Exposition(registry), "service": service, "windows": windows},
             ),
-            (ROUTE_MODEL_METRICS, ModelMetricsHandler, {"service": service}),
+            (ROUTE_MODEL_METRICS, ModelMetricsHandler, {"service": service, "ranges": ranges}),
             (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),

@@ -1,0 +1,161 @@
+"""Bucket reads in SQLite: SQL sums a span's buckets, Python folds only the summed rows.
+
+A span's rows are summed by ``GROUP BY`` inside SQLite, so what reaches Python is bounded by the
+caps (classes squared, segments, models), never by how many buckets or events a span holds, and
+it streams from the cursor into each statistic's ``load``. The queries name every column and
+filter on ``time_bucket IN (...)``, so they do not depend on the tables' primary-key order.
+
+Durable mode reads on its own thread with its own read-only connection (WAL: readers never wait
+for the writer, nor the writer for them), each read in one transaction so that every statistic
+of it comes from the same commit. Memory mode reads inline on the store's connection, where the
+commits run too (nothing can interleave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from adserver.state.reads import WindowFold, WindowKey, bucket_statistics, chunks, empty_like
+from adserver.state.view import MetricsState
+from cm_models.statistics import Statistic
+
+T = TypeVar("T")
+
+
+def summed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+    """The statement summing a statistic's values over buckets, by ``grouped_by`` and its keys."""
+    keys = [*grouped_by, *(name for name, _ in statistic.keys)]
+    values = ", ".join(f"SUM({name})" for name, _ in statistic.values)
+    if not keys:  # one sum; no row at all (rather than NULLs) where nothing matched
+        return f"SELECT {values} FROM {statistic.name} WHERE {where} HAVING COUNT(*) > 0"
+    group = ", ".join(keys)
+    return (
+        f"SELECT {group}, {values} FROM {statistic.name} WHERE {where} "
+        f"GROUP BY {group} ORDER BY {group}"
+    )
+
+
+def in_list(buckets: Sequence[int]) -> str:
+    return f"time_bucket IN ({', '.join('?' * len(buckets))})"
+
+
+class SQLiteBucketReader:
+    """:class:`~adserver.state.reads.BucketReader` over the statistic tables.
+
+    ``models`` are the models' all-time views by name (their classes and declared statistics
+    shape every state read; rows of another model are skipped).
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, MetricsState],
+        *,
+        path: Path | None = None,
+        connection: sqlite3.Connection | None = None,
+    ) -> None:
+        if (path is None) == (connection is None):
+            raise ValueError("a reader reads a state file (path) or a connection, not both")
+        self.models = models
+        self.path = path
+        self._connection = connection
+        self._thread: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def durable(cls, models: Mapping[str, MetricsState], path: Path) -> SQLiteBucketReader:
+        return cls(models, path=path)
+
+    @classmethod
+    def inline(
+        cls, models: Mapping[str, MetricsState], connection: sqlite3.Connection
+    ) -> SQLiteBucketReader:
+        return cls(models, connection=connection)
+
+    async def read_range(
+        self, model: str, segment: str | None, spans: Sequence[Sequence[int]]
+    ) -> list[MetricsState]:
+        return await self._run(lambda connection: self._range(connection, model, segment, spans))
+
+    async def read_windows(
+        self, spans: Sequence[Sequence[int]]
+    ) -> list[dict[WindowKey, MetricsState]]:
+        return await self._run(lambda connection: self._windows(connection, spans))
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._close)
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def _run(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        if self.path is None:
+            assert self._connection is not None
+            return read(self._connection)
+        if self._thread is None:  # made at the first read: a server nobody asks never has one
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bucket-reader")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._in_snapshot, read
+        )
+
+    def _in_snapshot(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """On the reader thread: one read transaction, so every statistic read agrees."""
+        if self._connection is None:
+            assert self.path is not None
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+        connection = self._connection
+        connection.execute("BEGIN")
+        try:
+            return read(connection)
+        finally:
+            connection.execute("COMMIT")
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _range(
+        self,
+        connection: sqlite3.Connection,
+        model: str,
+        segment: str | None,
+        spans: Sequence[Sequence[int]],
+    ) -> list[MetricsState]:
+        view = self.models[model]
+        where, fixed = "model = ?", [model]
+        if segment is not None:
+            where, fixed = "model = ? AND segment = ?", [model, segment]
+        states = []
+        for span in spans:
+            state = empty_like(view)
+            for statistic in bucket_statistics(view):
+                for part in chunks(span):
+                    query = summed(statistic, (), f"{where} AND {in_list(part)}")
+                    state.load(statistic.name, connection.execute(query, (*fixed, *part)))
+            states.append(state)
+        return states
+
+    def _windows(
+        self, connection: sqlite3.Connection, spans: Sequence[Sequence[int]]
+    ) -> list[dict[WindowKey, MetricsState]]:
+        statistics: dict[str, Statistic[Any, Any]] = {}
+        for view in self.models.values():  # a table per name, whichever models declare it
+            for statistic in bucket_statistics(view):
+                statistics.setdefault(statistic.name, statistic)
+        found = []
+        for span in spans:
+            fold = WindowFold(self.models)
+            for statistic in statistics.values():
+                for part in chunks(span):
+                    query = summed(statistic, ("model", "segment"), in_list(part))
+                    rows = connection.execute(query, tuple(part))
+                    for (model, segment), group in itertools.groupby(rows, key=lambda r: r[:2]):
+                        fold.add(statistic.name, model, segment, (row[2:] for row in group))
+            found.append(fold.states)
+        return found
