@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import (
 )
 
 from adserver.exposition import encoder as exposition_module
-from adserver.exposition.collector import FeedbackCollector
+from adserver.exposition.collector import FeedbackCollector, ModelSource
 from adserver.exposition.encoder import CachingEncoder, Exposition, Grid
 from adserver.state.view import Delta, MetricsState
 from cm_models.confusion import Cells
@@ -100,12 +100,16 @@ def server_state() -> MetricsState:
 
 @pytest.mark.parametrize("seldon_class_label", [True, False])
 def test_the_servers_families(seldon_class_label: bool) -> None:
-    collector = FeedbackCollector(
+    source = ModelSource(
         'model "x"\n',
         server_state(),
         has_confusion=True,
         seldon_class_label=seldon_class_label,
         seldon_labels={"deployment_name": TRICKY, "method": "feedback"},
+    )
+    collector = FeedbackCollector(
+        'model "x"\n',
+        [source],
         reply_stats=lambda: {
             "sent": 1,
             "failed": 0,

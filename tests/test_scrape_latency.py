@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from adserver.exposition.collector import FeedbackCollector, build_registry
+from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
 from adserver.exposition.encoder import CachingEncoder
 from adserver.state.view import Delta, MetricsState
 from cm_models.custom_metrics import CustomMetric
@@ -129,9 +129,10 @@ def custom_scrape_seconds(keys: int) -> float:
     state = MetricsState()
     metrics = [CustomMetric(f"key_{i}", "GAUGE", 1.0, (("team", "a"),)) for i in range(keys)]
     state.apply(Delta(metrics=tuple(metrics)))
-    collector = FeedbackCollector(
+    source = ModelSource(
         "model", state, has_confusion=False, seldon_class_label=False, seldon_labels={}
     )
+    collector = FeedbackCollector("model", [source])
     registry = build_registry(collector)
     encode, _ = CachingEncoder().choose("")
     seconds = []
