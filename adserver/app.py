@@ -14,8 +14,8 @@ import tornado.httpserver
 from adserver.catalogue.families import METHOD, METHOD_DEFAULT
 from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
 from adserver.errors import StartupError
-from adserver.exposition.collector import FeedbackCollector, build_registry
-from adserver.exposition.seldon_labels import seldon_default_labels
+from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
+from adserver.exposition.seldon_labels import configured_model_labels, seldon_default_labels
 from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
 from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
@@ -34,6 +34,7 @@ from adserver.state.reads import BucketReader
 from adserver.state.sqlite.reader import SQLiteBucketReader
 from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state, state_path
 from adserver.state.view import MetricsState
+from cm_models.protocol import FeedbackModel
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,36 @@ def open_reader(settings: Settings, store: SQLiteStore) -> SQLiteBucketReader:
     return SQLiteBucketReader.inline(models, store.connection)
 
 
+def model_sources(
+    store: SQLiteStore,
+    model: FeedbackModel,
+    models: Mapping[str, FeedbackModel],
+    seldon_labels: Mapping[str, str],
+) -> list[ModelSource]:
+    """Each model's part of a scrape, in the store's order of models.
+
+    With configured models, the server's own counts no rows (every event is routed to one of
+    them or to none), so it exports its counters only; their Seldon ``model_name`` is theirs.
+    """
+    sources = []
+    for name in store.views.models():
+        counting = models.get(name, None if models else model)  # None: it counts no rows
+        sources.append(
+            ModelSource(
+                name,
+                store.views.total(name),
+                has_confusion=counting is not None and counting.has_confusion,
+                seldon_class_label=(counting or model).seldon_class_label,
+                seldon_labels=(
+                    configured_model_labels(seldon_labels, name)
+                    if name in models
+                    else seldon_labels
+                ),
+            )
+        )
+    return sources
+
+
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
@@ -121,7 +152,6 @@ def build_server(settings: Settings) -> Server:
     )
     scorers = {settings.model_name: model, **models}
     states = {name: MetricsState(tuple(m.classes), m.statistics) for name, m in scorers.items()}
-    state = states[settings.model_name]
     joiner = Joiner(scorers, settings.join_ttl_seconds)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (
@@ -168,14 +198,11 @@ def build_server(settings: Settings) -> Server:
         windows,
         store.views.models,
         settings.window_refresh_seconds,
-        off_loop=settings.state == "sqlite",
     )
+    seldon = {**seldon_default_labels(), METHOD: settings.event_type or METHOD_DEFAULT}
     collector = FeedbackCollector(
         settings.model_name,
-        state,
-        has_confusion=model.has_confusion,
-        seldon_class_label=model.seldon_class_label,
-        seldon_labels={**seldon_default_labels(), METHOD: settings.event_type or METHOD_DEFAULT},
+        model_sources(store, model, models, seldon),
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,
     )

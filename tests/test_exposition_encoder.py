@@ -26,8 +26,8 @@ from prometheus_client.metrics_core import (
 )
 
 from adserver.exposition import encoder as exposition_module
-from adserver.exposition.collector import FeedbackCollector
-from adserver.exposition.encoder import CachingEncoder, Exposition, Grid
+from adserver.exposition.collector import FeedbackCollector, ModelSource
+from adserver.exposition.encoder import CachingEncoder, Exposition, Grid, Grids
 from adserver.state.view import Delta, MetricsState
 from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
@@ -100,12 +100,16 @@ def server_state() -> MetricsState:
 
 @pytest.mark.parametrize("seldon_class_label", [True, False])
 def test_the_servers_families(seldon_class_label: bool) -> None:
-    collector = FeedbackCollector(
+    source = ModelSource(
         'model "x"\n',
         server_state(),
         has_confusion=True,
         seldon_class_label=seldon_class_label,
         seldon_labels={"deployment_name": TRICKY, "method": "feedback"},
+    )
+    collector = FeedbackCollector(
+        'model "x"\n',
+        [source],
         reply_stats=lambda: {
             "sent": 1,
             "failed": 0,
@@ -116,6 +120,34 @@ def test_the_servers_families(seldon_class_label: bool) -> None:
         },
     )
     assert_same_as_library(registry_of(collector))
+
+
+def test_several_models_in_each_family() -> None:
+    """Every model's samples in one family each: a grid per model (one of them rendered sample
+    by sample, its label holding a placeholder), a binary model beside a class-labelled one, a
+    model without confusion."""
+    sources = [
+        ModelSource(
+            name,
+            server_state(),
+            has_confusion=confusion,
+            seldon_class_label=class_label,
+            seldon_labels={"model_name": name, "method": "feedback"},
+        )
+        for name, confusion, class_label in (
+            ("iris", True, True),
+            ("bin\x01ary", True, False),
+            ("plain", False, True),
+        )
+    ]
+    registry = registry_of(FeedbackCollector("server", sources))
+    assert_same_as_library(registry)
+    [cells] = [f for f in registry.collect() if f.name == "feedback_confusion_matrix"]
+    assert isinstance(cells.samples, Grids) and len(cells.samples.grids) == 2  # rendered in bulk
+    text = CachingEncoder().choose("")[0](registry).decode()
+    assert text.count("# TYPE feedback_confusion_matrix_total counter") == 1
+    assert 'model="bin\x01ary",prediction="0",truth="0"' in text
+    assert 'feedback_confusion_matrix_total{model="plain"' not in text
 
 
 def test_what_the_library_keeps() -> None:

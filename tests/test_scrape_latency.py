@@ -17,10 +17,12 @@ import time
 import numpy as np
 import pytest
 import requests
+from prometheus_client import CollectorRegistry
 
-from adserver.exposition.collector import FeedbackCollector, build_registry
-from adserver.exposition.encoder import CachingEncoder
+from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
+from adserver.exposition.encoder import CachingEncoder, Format, PrefixCache, render_chunks
 from adserver.state.view import Delta, MetricsState
+from cm_models.confusion import Cells
 from cm_models.custom_metrics import CustomMetric
 from tests.support.events import ce_headers, feedback
 from tests.support.http import post_json
@@ -129,9 +131,10 @@ def custom_scrape_seconds(keys: int) -> float:
     state = MetricsState()
     metrics = [CustomMetric(f"key_{i}", "GAUGE", 1.0, (("team", "a"),)) for i in range(keys)]
     state.apply(Delta(metrics=tuple(metrics)))
-    collector = FeedbackCollector(
+    source = ModelSource(
         "model", state, has_confusion=False, seldon_class_label=False, seldon_labels={}
     )
+    collector = FeedbackCollector("model", [source])
     registry = build_registry(collector)
     encode, _ = CachingEncoder().choose("")
     seconds = []
@@ -146,3 +149,39 @@ def test_custom_metrics_render_in_linear_time() -> None:
     small, large = custom_scrape_seconds(2_500), custom_scrape_seconds(20_000)
     print(f"\ncustom keys: 2,500 in {small:.3f} s, 20,000 in {large:.3f} s")
     assert large < 32 * small, (small, large)  # 8x the keys: linear is ~8x, quadratic 64x
+
+
+def longest_step(registry: CollectorRegistry, form: Format) -> tuple[float, float, int]:
+    """(longest step, whole render, cells) of one in-process render: a step is the work
+    between two chunks, as long as a scrape holds the IOLoop at once."""
+    cache, steps, cells = PrefixCache(form), [], 0
+    started = last = time.perf_counter()
+    for chunk in render_chunks(cache, registry):
+        now = time.perf_counter()
+        steps.append(now - last)
+        last = now
+        cells += chunk.count("feedback_confusion_matrix_total{")
+    return max(steps), time.perf_counter() - started, cells
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_a_scrape_of_100_models_stays_sliced(openmetrics: bool) -> None:
+    """100 models of 10 classes, every cell counted: each model's grid renders in bulk and
+    no family is one step; the best of three scrapes (after the first, which fills the prefix
+    cache) holds the IOLoop for a small part of the whole render at a time."""
+    models, classes = 100, 10
+    truth, predicted = np.divmod(np.arange(classes * classes), classes)
+    sources = []
+    for i in range(models):
+        state = MetricsState(range(classes))
+        state.apply(Delta(cells=Cells.from_labels(truth, predicted)))
+        labels = {"model_name": f"m{i}", "method": "feedback"}
+        sources.append(ModelSource(f"m{i}", state, True, i % 2 == 0, labels))
+    registry = build_registry(FeedbackCollector("server", sources))
+    form = Format(openmetrics=openmetrics, escaping="underscores")
+    longest_step(registry, form)
+    runs = [longest_step(registry, form) for _ in range(3)]
+    assert {cells for _, _, cells in runs} == {models * classes * classes}
+    step, whole, _ = min(runs, key=lambda run: run[0] / run[1])
+    print(f"\n100 models x 10 classes: {whole * 1000:.1f} ms, longest step {step * 1000:.2f} ms")
+    assert step < whole / 4, (step, whole)

@@ -345,7 +345,6 @@ def test_window_gauges_equal_scikit_learn_per_model_segment_and_window(stored) -
         windows,
         lambda: ["iris", "other"],
         15.0,
-        off_loop=False,
         clock=lambda: NOW,
         monotonic=monotonic,
     )
@@ -387,7 +386,7 @@ def test_window_gauges_are_reread_only_when_stale() -> None:
     reader = SQLiteBucketReader.inline(prototypes(), dialect.connection)
     monotonic = Clock()
     gauges = WindowGauges(
-        reader, BUCKETS, {"1h": HOUR}, lambda: ["iris"], 15.0, off_loop=True,
+        reader, BUCKETS, {"1h": HOUR}, lambda: ["iris"], 15.0,
         clock=lambda: NOW, monotonic=monotonic,
     )  # fmt: skip
     rows_1h = ("feedback_window_rows", (("model", "iris"), ("segment", ""), ("window", "1h")))

@@ -185,16 +185,14 @@ COUNTED: Final[dict[str, Family]] = {
         REASON,
         reason=EVICTION_REASONS,
     ),
+    SEGMENT_OVERFLOW: ours(
+        SEGMENT_OVERFLOW,
+        "counter",
+        "rows (scored and logged prediction rows) counted in the segment __overflow__: a new "
+        "segment beyond the model's max_segments, or a dimension value too long to name one",
+    ),
 }
 
-# Counted like COUNTED, but exported only for models with segment dimensions (the exposition of
-# a server without --models_config stays as it was).
-SEGMENT_OVERFLOW_ROWS: Final = ours(
-    SEGMENT_OVERFLOW,
-    "counter",
-    "rows (scored and logged prediction rows) counted in the segment __overflow__: a new "
-    "segment beyond the model's max_segments, or a dimension value too long to name one",
-)
 LABEL_COVERAGE: Final = ours(
     "label_coverage",
     "gauge",
@@ -348,7 +346,6 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     *PER_CLASS.values(),
     *AVERAGES.values(),
     *COUNTED.values(),
-    SEGMENT_OVERFLOW_ROWS,
     LABEL_COVERAGE,
     LABEL_DELAY,
     *REPLIES.values(),

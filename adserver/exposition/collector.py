@@ -4,15 +4,16 @@ Raw counts (confusion cells, one-vs-rest counters) are exported as counters, so 
 across replicas is exact; derived ratios are gauges for one replica's convenience.
 
 A scrape is rendered in slices between events (:mod:`adserver.exposition.encoder`), so the collector
-first takes a :class:`StateView`: copies of what events change, cheap and bounded by the caps
-(the dense matrix is one array copy, small beside a scrape). Every family is derived
-from that view, and families with many samples produce them lazily, a series at a time.
+first takes a :class:`StateView` of each model: copies of what events change, cheap and bounded
+by the caps (the dense matrix is one array copy, small beside a scrape). Every family is derived
+from those views, and families with many samples produce them lazily, a series at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
@@ -44,7 +45,7 @@ from adserver.catalogue.families import (
     MetricType,
     seldon_class,
 )
-from adserver.exposition.encoder import Grid
+from adserver.exposition.encoder import Grid, Grids
 from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
 from cm_models.formulas import ClassCounts, classification_report
 
@@ -132,135 +133,15 @@ class LazySamples(Generic[Item]):
             yield from self.expand(item)
 
 
-class FeedbackCollector:
-    """Reads :class:`MetricsState` (and reply statistics) once per scrape, into a StateView."""
+@dataclass(frozen=True)
+class ModelSource:
+    """One model's part of a scrape: its totals view, and how its families are labelled."""
 
-    def __init__(
-        self,
-        model_name: str,
-        state: MetricsState,
-        *,
-        has_confusion: bool,
-        seldon_class_label: bool,
-        seldon_labels: Mapping[str, str],
-        reply_stats: Callable[[], Mapping[str, int]] | None = None,
-        connection_stats: Callable[[], Mapping[str, int]] | None = None,
-    ) -> None:
-        self.model_name = model_name
-        self.state = state
-        self.has_confusion = has_confusion
-        self.seldon_class_label = seldon_class_label
-        self.seldon_labels = dict(seldon_labels)
-        self.reply_stats = reply_stats
-        self.connection_stats = connection_stats
-
-    def collect(self) -> Iterator[Metric]:
-        view = StateView.of(self.state)
-        replies = self.reply_stats() if self.reply_stats is not None else None
-        yield from self.server_counters(view)
-        yield from self.join_families(view)
-        if self.has_confusion:
-            yield from self.confusion_families(view)
-        yield from self.custom_families(view)
-        if replies is not None:
-            yield from self.reply_families(replies)
-        if self.connection_stats is not None:
-            yield from connection_families(self.model_name, self.connection_stats())
-
-    def server_counters(self, view: StateView) -> Iterator[Metric]:
-        for name, declared in families.COUNTED.items():
-            family = new(declared)
-            if len(declared.labels) > 1:  # the model's, and the state's label
-                for label, value in sorted(view.labelled(name).items()):
-                    family.add_metric((self.model_name, label), value)
-            else:
-                family.add_metric((self.model_name,), view.count(name))
-            yield family
-
-    def join_families(self, view: StateView) -> Iterator[Metric]:
-        """Trust signals of the late-label join: how much is labelled, and how late."""
-        # A scored row is a labelled prediction, however it came: with its response (Seldon's
-        # classic flow, where no logger reports predictions) or joined to a logged one.
-        scored = view.count(ROWS_ACCEPTED)
-        known = max(view.count(PREDICTED_ROWS), scored)
-        coverage = new(families.LABEL_COVERAGE)
-        coverage.add_metric((self.model_name,), scored / known if known else 0.0)
-        yield coverage
-        model = {MODEL: self.model_name}
-        yield histogram_family(families.LABEL_DELAY, [((), view.label_delay)], lambda _: model)
-
-    def confusion_families(self, view: StateView) -> Iterator[Metric]:
-        classes, matrix = view.classes, view.matrix
-        model = (self.model_name,)
-        declared = families.CONFUSION_MATRIX
-        cells = new(declared)
-        set_samples(
-            cells,
-            Grid(  # the encoder renders it in bulk
-                declared.sample,
-                {MODEL: self.model_name},
-                TRUTH,
-                classes,
-                PREDICTION,
-                classes,
-                matrix,
-            ),
-        )
-        yield cells
-        yield from self.seldon_families(ClassCounts.from_matrix(matrix), classes)
-        report = classification_report(matrix)
-        accuracy = new(families.ACCURACY)
-        accuracy.add_metric(model, report.accuracy)
-        yield accuracy
-        for name, declared in families.PER_CLASS.items():
-            family = new(declared)
-            samples = value_samples(
-                declared.sample,
-                lambda label: {MODEL: self.model_name, CLASS: label},
-                list(zip(classes, getattr(report, name).tolist())),
-            )
-            set_samples(family, samples)
-            yield family
-        for name, declared in families.AVERAGES.items():
-            family = new(declared)
-            for kind, values in report.averages.items():
-                family.add_metric((*model, kind), values[name])
-            yield family
-
-    def seldon_families(self, counts: ClassCounts, classes: list[str]) -> Iterator[Metric]:
-        """Seldon's counter names and labels, with real one-vs-rest true negatives.
-
-        The default labels are those given (the declared ones, as the app reads them).
-        """
-        for attribute, declared in families.SELDON_COUNTS.items():
-            values = getattr(counts, attribute).tolist()
-            if self.seldon_class_label:
-                family = new(declared)
-                samples: Iterable[Sample] = value_samples(
-                    declared.sample,
-                    lambda label: {CLASS: seldon_class(label), **self.seldon_labels},
-                    list(zip(classes, values)),
-                )
-            else:
-                declared = families.positive_class(declared)
-                family = new(declared)
-                positive = dict(zip(classes, values)).get(POSITIVE_CLASS, 0)
-                samples = [Sample(declared.sample, self.seldon_labels, positive)]
-            set_samples(family, samples)
-            yield family
-
-    def custom_families(self, view: StateView) -> Iterator[Metric]:
-        """One family per key, its series found by one grouping pass (linear in series)."""
-        grouped = view.custom_series()
-        for key, kind in sorted(view.custom_types.items()):
-            declared = families.custom(key, kind)
-            series = grouped.get(key, [])
-            if declared.kind == "histogram":
-                yield histogram_family(declared, series, self.custom_labels)
-                continue
-            family = new(declared)
-            set_samples(family, value_samples(declared.sample, self.custom_labels, series))
-            yield family
+    name: str  # the ``model`` label
+    state: MetricsState
+    has_confusion: bool
+    seldon_class_label: bool
+    seldon_labels: Mapping[str, str]  # the Seldon-compatible and custom families' labels
 
     def custom_labels(self, tags: Tags) -> dict[str, str]:
         """Seldon's merge order: user tags, then ``method`` and default labels override them.
@@ -269,8 +150,187 @@ class FeedbackCollector:
         """
         return {**dict(tags), **self.seldon_labels}
 
+
+#: A model and the view of it this scrape reads.
+Scraped = tuple[ModelSource, StateView]
+
+
+class FeedbackCollector:
+    """Reads every model's :class:`MetricsState` (and reply statistics) once per scrape.
+
+    Each family is yielded once (OpenMetrics forbids repeating its metadata), holding the
+    samples of every model in ``sources`` order.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        sources: Sequence[ModelSource],
+        *,
+        reply_stats: Callable[[], Mapping[str, int]] | None = None,
+        connection_stats: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        """``model_name`` labels the server's own families (replies, connections)."""
+        self.model_name = model_name
+        self.sources = tuple(sources)
+        self.reply_stats = reply_stats
+        self.connection_stats = connection_stats
+
+    def collect(self) -> Iterator[Metric]:
+        scraped = [(source, StateView.of(source.state)) for source in self.sources]
+        replies = self.reply_stats() if self.reply_stats is not None else None
+        yield from self.server_counters(scraped)
+        yield from self.join_families(scraped)
+        confused = [(source, view) for source, view in scraped if source.has_confusion]
+        if confused:
+            yield from self.confusion_families(confused)
+        yield from self.custom_families(scraped)
+        if replies is not None:
+            yield from self.reply_families(replies)
+        if self.connection_stats is not None:
+            yield from connection_families(self.model_name, self.connection_stats())
+
+    def server_counters(self, scraped: list[Scraped]) -> Iterator[Metric]:
+        for name, declared in families.COUNTED.items():
+            family = new(declared)
+            for source, view in scraped:
+                if len(declared.labels) > 1:  # the model's, and the state's label
+                    for label, value in sorted(view.labelled(name).items()):
+                        family.add_metric((source.name, label), value)
+                else:
+                    family.add_metric((source.name,), view.count(name))
+            yield family
+
+    def join_families(self, scraped: list[Scraped]) -> Iterator[Metric]:
+        """Trust signals of the late-label join: how much is labelled, and how late."""
+        coverage = new(families.LABEL_COVERAGE)
+        for source, view in scraped:
+            # A scored row is a labelled prediction, however it came: with its response
+            # (Seldon's classic flow, where no logger reports predictions) or joined to a
+            # logged one.
+            scored = view.count(ROWS_ACCEPTED)
+            known = max(view.count(PREDICTED_ROWS), scored)
+            coverage.add_metric((source.name,), scored / known if known else 0.0)
+        yield coverage
+        delays = [(source.name, view.label_delay) for source, view in scraped]
+        yield histogram_family(families.LABEL_DELAY, delays, lambda name: {MODEL: name})
+
+    def confusion_families(self, confused: list[Scraped]) -> Iterator[Metric]:
+        declared = families.CONFUSION_MATRIX
+        cells = new(declared)
+        grids = [  # the encoder renders each in bulk
+            Grid(
+                declared.sample,
+                {MODEL: source.name},
+                TRUTH,
+                view.classes,
+                PREDICTION,
+                view.classes,
+                view.matrix,
+            )
+            for source, view in confused
+        ]
+        set_samples(cells, Grids(grids))
+        yield cells
+        yield from self.seldon_families(
+            [
+                (source, view.classes, ClassCounts.from_matrix(view.matrix))
+                for source, view in confused
+            ]
+        )
+        reports = [
+            (source.name, view.classes, classification_report(view.matrix))
+            for source, view in confused
+        ]
+        accuracy = new(families.ACCURACY)
+        for model, _, report in reports:
+            accuracy.add_metric((model,), report.accuracy)
+        yield accuracy
+        for name, declared in families.PER_CLASS.items():
+            family = new(declared)
+            per_class = [
+                ((model, label), value)
+                for model, classes, report in reports
+                for label, value in zip(classes, getattr(report, name).tolist())
+            ]
+            samples = value_samples(
+                declared.sample, lambda key: {MODEL: key[0], CLASS: key[1]}, per_class
+            )
+            set_samples(family, samples)
+            yield family
+        for name, declared in families.AVERAGES.items():
+            family = new(declared)
+            for model, _, report in reports:
+                for kind, values in report.averages.items():
+                    family.add_metric((model, kind), values[name])
+            yield family
+
+    def seldon_families(
+        self, counts: list[tuple[ModelSource, list[str], ClassCounts]]
+    ) -> Iterator[Metric]:
+        """Seldon's counter names and labels, with real one-vs-rest true negatives.
+
+        Each model's samples carry its Seldon labels; a binary model's (Seldon's
+        ``BinaryMetrics``) only its positive class, without the ``class`` label. The family
+        is declared with ``class`` unless every model is binary.
+        """
+        class_labelled = any(source.seldon_class_label for source, _, _ in counts)
+        for attribute, declared in families.SELDON_COUNTS.items():
+            if not class_labelled:
+                declared = families.positive_class(declared)
+            family = new(declared)
+            set_samples(
+                family,
+                LazySamples(counts, partial(seldon_samples, declared.sample, attribute)),
+            )
+            yield family
+
+    def custom_families(self, scraped: list[Scraped]) -> Iterator[Metric]:
+        """One family per key, its series found by one grouping pass (linear in series).
+
+        The custom-metric catalog is the store's, shared by every model, so a key has one
+        type whichever models use it.
+        """
+        grouped = [(source, view.custom_series()) for source, view in scraped]
+        types: dict[str, MetricType] = {}
+        for _, view in scraped:
+            for key, kind in view.custom_types.items():
+                types.setdefault(key, kind)
+        for key, kind in sorted(types.items()):
+            declared = families.custom(key, kind)
+            series = [
+                ((source, tags), value)
+                for source, by_key in grouped
+                for tags, value in by_key.get(key, [])
+            ]
+            if declared.kind == "histogram":
+                yield histogram_family(declared, series, custom_labels)
+                continue
+            family = new(declared)
+            set_samples(family, value_samples(declared.sample, custom_labels, series))
+            yield family
+
     def reply_families(self, stats: Mapping[str, int]) -> Iterator[Metric]:
         return model_families(self.model_name, stats, families.REPLIES)
+
+
+def seldon_samples(
+    name: str, attribute: str, item: tuple[ModelSource, list[str], ClassCounts]
+) -> Iterator[Sample]:
+    """One model's samples of a Seldon counter (``attribute`` of its one-vs-rest counts)."""
+    source, classes, counts = item
+    values = getattr(counts, attribute).tolist()
+    if not source.seldon_class_label:
+        positive = dict(zip(classes, values)).get(POSITIVE_CLASS, 0)
+        yield Sample(name, dict(source.seldon_labels), positive)
+        return
+    for label, value in zip(classes, values):
+        yield Sample(name, {CLASS: seldon_class(label), **source.seldon_labels}, value)
+
+
+def custom_labels(key: tuple[ModelSource, Tags]) -> dict[str, str]:
+    source, tags = key
+    return source.custom_labels(tags)
 
 
 def set_samples(family: Metric, samples: Iterable[Sample]) -> None:

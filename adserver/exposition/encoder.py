@@ -7,8 +7,8 @@ event is served. Here:
 
 - each distinct (sample name, labels) prefix is rendered once, with the library's own escaping
   functions for the negotiated format and escaping scheme, and kept (up to a bound);
-- a :class:`Grid` (the confusion cells) is rendered from a line template, block of rows by block
-  of rows, never as one Python object per cell;
+- a :class:`Grid` (the confusion cells; :class:`Grids` for one per model) is rendered from a line
+  template, block of rows by block of rows, never as one Python object per cell;
 - rendering is a generator of chunks; :class:`Exposition` runs it on the IOLoop in slices of a
   few milliseconds, so events are served between slices, and runs one scrape at a time.
 
@@ -99,6 +99,17 @@ class Grid:
                     self.column_label: self.column_values[column],
                 }
                 yield Sample(self.name, labels, count)
+
+
+@dataclass(frozen=True)
+class Grids:
+    """Several grids of one family (each model's cells), rendered one after another."""
+
+    grids: Sequence[Grid]
+
+    def __iter__(self) -> Iterator[Sample]:
+        for grid in self.grids:
+            yield from grid
 
 
 class PrefixCache:
@@ -209,14 +220,25 @@ def render_chunks(cache: PrefixCache, registry: CollectorRegistry) -> Iterator[s
         if metric.type not in SIMPLE_TYPES or metric.unit:
             raise Unrendered(metric.name)
         yield cache.header(metric.name, metric.type, metric.documentation)
-        grid = metric.samples if isinstance(metric.samples, Grid) else None
-        template = cache.grid_template(grid) if grid is not None else None
-        if grid is not None and template is not None:
-            yield from grid_chunks(grid, template)
-        else:
+        grids = grids_of(metric.samples)
+        if grids is None:
             yield from sample_chunks(cache, metric.name, metric.samples)
+            continue
+        for grid in grids:
+            template = cache.grid_template(grid)
+            if template is not None:
+                yield from grid_chunks(grid, template)
+            else:
+                yield from sample_chunks(cache, metric.name, grid)
     if cache.form.openmetrics:
         yield "# EOF\n"
+
+
+def grids_of(samples: Iterable[Sample]) -> Sequence[Grid] | None:
+    """The grids a family's samples are made of, rendered in bulk (None: render sample-wise)."""
+    if isinstance(samples, Grid):
+        return [samples]
+    return samples.grids if isinstance(samples, Grids) else None
 
 
 def sample_chunks(cache: PrefixCache, family: str, samples: Iterable[Sample]) -> Iterator[str]:

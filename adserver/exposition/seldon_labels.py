@@ -59,3 +59,9 @@ def predictor_version(labels_json: str) -> str:
         return NOT_IMPLEMENTED
     version = labels.get("version") if isinstance(labels, dict) else None
     return str(version) if version is not None else NOT_IMPLEMENTED
+
+
+def configured_model_labels(labels: Mapping[str, str], model: str) -> dict[str, str]:
+    """A configured model's Seldon labels: ``model_name`` is the model's name (Seldon's is the
+    pod's predictive unit, one for the whole server), so two models' series never collide."""
+    return {**labels, MODEL_NAME: model}

@@ -293,7 +293,8 @@ def derive(
 class WindowGauges:
     """A Collector of ``feedback_window_*``: the last read of every window, re-read when a
     scrape finds it older than ``refresh_seconds`` (that scrape waits; concurrent ones share
-    the read). A failed read keeps the previous values and is retried by the next scrape."""
+    the read; the read and the derived metrics never hold the IOLoop). A failed read keeps the
+    previous values and is retried by the next scrape."""
 
     def __init__(
         self,
@@ -303,7 +304,6 @@ class WindowGauges:
         order: Callable[[], Sequence[str]],
         refresh_seconds: float,
         *,
-        off_loop: bool,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -312,7 +312,6 @@ class WindowGauges:
         self.windows = dict(windows)
         self.order = order
         self.refresh_seconds = refresh_seconds
-        self.off_loop = off_loop
         self.clock = clock
         self.monotonic = monotonic
         self.series: list[WindowSeries] = []
@@ -336,10 +335,7 @@ class WindowGauges:
         try:
             found = await self.reader.read_windows(spans)
             names, order = list(self.windows), list(self.order())
-            if self.off_loop:
-                self.series = await asyncio.to_thread(derive, found, names, order)
-            else:
-                self.series = derive(found, names, order)
+            self.series = await asyncio.to_thread(derive, found, names, order)
         except Exception:  # the rest of the scrape still serves; the next one retries
             log.exception("window gauges: reading the buckets failed")
             return

@@ -7,8 +7,12 @@ filter on ``time_bucket IN (...)``, so they do not depend on the tables' primary
 
 Durable mode reads on its own thread with its own read-only connection (WAL: readers never wait
 for the writer, nor the writer for them), each read in one transaction so that every statistic
-of it comes from the same commit. Memory mode reads inline on the store's connection, where the
-commits run too (nothing can interleave).
+of it comes from the same commit. Memory mode reads on the store's connection, on the IOLoop
+where its commits run too, in slices of :data:`ROWS_PER_SLICE` summed rows with the loop turning
+between them (a window over 1,000 classes is ~10^6 rows: one go would hold events up for a
+second). SQLite sums a statement's rows in its sorter before the first one is returned, so a
+commit between slices cannot change a statement's rows; it may land between two statements of
+one read (in memory mode a read is as of its slices, not of one commit).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +30,10 @@ from adserver.state.view import MetricsState
 from cm_models.statistics import Statistic
 
 T = TypeVar("T")
+Read = Generator[None, None, T]  # yields between slices of rows, returns what was read
+
+#: Summed rows folded between two turns of the IOLoop (memory mode).
+ROWS_PER_SLICE = 4096
 
 
 def summed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
@@ -92,17 +100,23 @@ class SQLiteBucketReader:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def _run(self, read: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, read: Callable[[sqlite3.Connection], Read[T]]) -> T:
         if self.path is None:
             assert self._connection is not None
-            return read(self._connection)
+            reading = read(self._connection)
+            try:
+                while True:
+                    next(reading)
+                    await asyncio.sleep(0)  # events commit between slices
+            except StopIteration as done:
+                return done.value
         if self._thread is None:  # made at the first read: a server nobody asks never has one
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bucket-reader")
         return await asyncio.get_running_loop().run_in_executor(
             self._thread, self._in_snapshot, read
         )
 
-    def _in_snapshot(self, read: Callable[[sqlite3.Connection], T]) -> T:
+    def _in_snapshot(self, read: Callable[[sqlite3.Connection], Read[T]]) -> T:
         """On the reader thread: one read transaction, so every statistic read agrees."""
         if self._connection is None:
             assert self.path is not None
@@ -111,7 +125,11 @@ class SQLiteBucketReader:
         connection = self._connection
         connection.execute("BEGIN")
         try:
-            return read(connection)
+            reading = read(connection)
+            while True:
+                next(reading)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
         finally:
             connection.execute("COMMIT")
 
@@ -126,7 +144,7 @@ class SQLiteBucketReader:
         model: str,
         segment: str | None,
         spans: Sequence[Sequence[int]],
-    ) -> list[MetricsState]:
+    ) -> Read[list[MetricsState]]:
         view = self.models[model]
         where, fixed = "model = ?", [model]
         if segment is not None:
@@ -137,13 +155,15 @@ class SQLiteBucketReader:
             for statistic in bucket_statistics(view):
                 for part in chunks(span):
                     query = summed(statistic, (), f"{where} AND {in_list(part)}")
-                    state.load(statistic.name, connection.execute(query, (*fixed, *part)))
+                    for rows in slices(connection.execute(query, (*fixed, *part))):
+                        state.load(statistic.name, rows)
+                        yield
             states.append(state)
         return states
 
     def _windows(
         self, connection: sqlite3.Connection, spans: Sequence[Sequence[int]]
-    ) -> list[dict[WindowKey, MetricsState]]:
+    ) -> Read[list[dict[WindowKey, MetricsState]]]:
         statistics: dict[str, Statistic[Any, Any]] = {}
         for view in self.models.values():  # a table per name, whichever models declare it
             for statistic in bucket_statistics(view):
@@ -154,8 +174,19 @@ class SQLiteBucketReader:
             for statistic in statistics.values():
                 for part in chunks(span):
                     query = summed(statistic, ("model", "segment"), in_list(part))
-                    rows = connection.execute(query, tuple(part))
-                    for (model, segment), group in itertools.groupby(rows, key=lambda r: r[:2]):
-                        fold.add(statistic.name, model, segment, (row[2:] for row in group))
+                    for rows in slices(connection.execute(query, tuple(part))):
+                        for (model, segment), group in itertools.groupby(rows, key=key_of):
+                            fold.add(statistic.name, model, segment, (row[2:] for row in group))
+                        yield
             found.append(fold.states)
         return found
+
+
+def slices(cursor: sqlite3.Cursor) -> Iterator[list[Any]]:
+    """A statement's rows, :data:`ROWS_PER_SLICE` at a time."""
+    while rows := cursor.fetchmany(ROWS_PER_SLICE):
+        yield rows
+
+
+def key_of(row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(row[:2])
