@@ -319,6 +319,11 @@ def seldon_extensions(item: Item) -> dict[str, str]:
     }
 
 
+def executor_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names as Go's net/http spells them (``Ce-Requestid``): names are case-blind."""
+    return {name.title() if name.startswith("ce-") else name: v for name, v in headers.items()}
+
+
 def seldon_source(item: Item) -> str:
     return f"http://{item.model.service}-default-0-{item.model.modelid}-7d9f-xk2p:8000/"
 
@@ -351,7 +356,7 @@ def logged_requests(item: Item, rng: random.Random) -> list[Request]:
                 **extensions,
             )
             role: Role = "request" if kind == SELDON_REQUEST_TYPE else "response"
-            found.append(Request("/", headers, dump(body), role, item.index))
+            found.append(Request("/", executor_headers(headers), dump(body), role, item.index))
         return found
     extensions = kserve_extensions(item)
     # curl -d without a Content-Type: KServe labels the JSON as form data on both events
@@ -387,7 +392,7 @@ def label_request(item: Item, rng: random.Random) -> Request:
             event_type=SELDON_FEEDBACK_TYPE,
             **seldon_extensions(item),
         )
-        return Request("/", headers, dump(body), "label", item.index)
+        return Request("/", executor_headers(headers), dump(body), "label", item.index)
     if model.peer == "kserve_v2" or rng.random() < 0.5:
         if rng.random() < 0.5:  # a plain POST: the id in a ce- header, no CloudEvent
             headers = {"Content-Type": "application/json", "ce-requestid": item.request_id}
@@ -416,7 +421,7 @@ def feedback_request(item: Item, rng: random.Random) -> Request:
             **seldon_extensions(item),
             **when,
         )
-        return Request("/", headers, dump(body), "feedback", item.index)
+        return Request("/", executor_headers(headers), dump(body), "feedback", item.index)
     if model.peer == "kserve_v2":  # no V2 body to match on: the path names the model
         if item.time_us is None:
             headers = {"Content-Type": "application/json"}
@@ -542,7 +547,7 @@ def generate(
     sent = interleave([item_requests(item, rng) for item in drawn], rng)
     for _ in range(int(len(sent) * noise)):
         position = rng.randrange(len(sent) + 1)
-        earlier = [r for r in sent[:position] if "ce-specversion" in r.headers]
+        earlier = [r for r in sent[:position] if "ce-specversion" in r.lower_headers()]
         if earlier and rng.random() < 0.7:
             again = rng.choice(earlier)
             extra = Request(again.path, again.headers, again.body, "redelivery", again.item)
