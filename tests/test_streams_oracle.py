@@ -41,6 +41,7 @@ from tests.support.streams import (
     generate,
     item_requests,
     streams,
+    truth_rows,
 )
 
 pytestmark = pytest.mark.unit
@@ -93,9 +94,7 @@ def test_every_request_decodes_and_scores_as_its_item_says(stream: Stream) -> No
             ), request
         elif kind == "response":
             rows = prediction_payload(event.payload())
-            truth = [[1 if j == t else 0 for j in range(3)] for t in item.truth]
-            truth = truth if item.model.kind == "one_hot" else list(item.truth)
-            assert observed(item.model, truth, rows) == cells(item.truth, item.predicted)
+            assert observed(item.model, truth_rows(item), rows) == cells(item.truth, item.predicted)
             assert event.attributes["time"].timestamp() == pytest.approx(item.time, abs=1e-6)
         else:
             assert kind == "request", request

@@ -39,7 +39,6 @@ FLOWS: tuple[Flow, ...] = ("direct", "logged_then_label", "label_then_logged", "
 Role = Literal["request", "response", "label", "feedback", "redelivery", "ignored"]
 
 KSERVE_SOURCE = "http://localhost:9081/"  # the agent's default: the same for every pod
-KSERVE_RECORDED = "2030-01-01T00:00:00Z"  # recordedtime: send time, never the prediction's
 OVERLONG = "x" * 65  # a segment value the server must not keep as a label value
 
 
@@ -299,7 +298,7 @@ def kserve_extensions(item: Item) -> dict[str, str]:
         "endpoint": item.prediction_values.get("endpoint") or "",
         # allow-listed request headers: a request id is here, and must never become a label
         "metadata": json.dumps({"X-Request-Id": [item.request_id]}),
-        "recordedtime": KSERVE_RECORDED,
+        "recordedtime": rfc3339((item.time_us or 0) + 9_000),  # sent after the prediction
     }
     extra = annotations(item.prediction_values)
     if extra:
