@@ -88,8 +88,11 @@ def run(
     cpu: int | None,
     request_timeout_s: int = 10,
     slack_s: float = 30.0,
+    spread: int = 0,
 ) -> WrkResult:
     """Drive `url` for `duration_s` with `connections` connections on one thread, pinned to `cpu`.
+
+    `spread` > 0 spreads the events over that many models and two endpoints (feedback.lua).
 
     The whole run is bounded: wrk is killed if it has not finished `slack_s` after its duration.
     """
@@ -109,6 +112,7 @@ def run(
             "--",
             str(payload),
             id_prefix,
+            str(spread),
         ],
         cpu,
     )
