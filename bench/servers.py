@@ -47,11 +47,12 @@ def tree_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident set size in MB from /proc/<pid>/status (VmRSS), None if unavailable."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident set size in MB from /proc/<pid>/status (VmRSS; VmHWM: its peak so far), None
+    if unavailable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         return None
