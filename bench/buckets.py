@@ -190,9 +190,13 @@ def fill_state(path: Path, shape: Shape, pat: Patterns, buckets: TimeBuckets, no
             "WHERE time_bucket = ? AND name = ? GROUP BY model",
             (EVENTS_ACCEPTED, ALL_TIME, ROWS_ACCEPTED),
         )
-        con.execute("INSERT INTO segments SELECT m.name, s.name FROM temp.models m, temp.segs s")
         con.execute(
-            "INSERT OR IGNORE INTO classes SELECT m.name, c.value FROM temp.models m, "
+            "INSERT INTO segments (model, segment) SELECT m.name, s.name FROM temp.models m, "
+            "temp.segs s"
+        )
+        con.execute(
+            "INSERT OR IGNORE INTO classes (model, class) SELECT m.name, c.value "
+            "FROM temp.models m, "
             "json_each(?) c",
             (json.dumps(list(range(shape.classes))),),
         )
@@ -408,7 +412,9 @@ def scrapes_under_trickle(
     thread = threading.Thread(target=trickle)
     thread.start()
     time.sleep(1.0)
+    t0 = time.perf_counter()
     t = probe.time_scrapes(base_url, args.scrapes, timeout_s=60.0)
+    scrapes_s = time.perf_counter() - t0
     thread.join()
     res = found["res"]
     if isinstance(res, Exception):
@@ -421,8 +427,11 @@ def scrapes_under_trickle(
         "max_ms": t.max_ms,
         "body_bytes": t.body_bytes,
         "samples": t.samples,
-        "during_trickle_s": duration,
+        "seconds": scrapes_s,
+        "trickle_s": duration,  # the trickle ran from 1 s before the scrapes for this long
     }
+    if scrapes_s + 1.0 > duration:
+        r.failures.append(f"the scrapes took {scrapes_s:.1f} s, past the {duration} s trickle")
     r.trickle = {
         "pause_ms": args.trickle_ms,
         "sent": res.sent,
