@@ -1,9 +1,15 @@
 -- feedback.lua: wrk script that POSTs binary-mode CloudEvents carrying a Seldon Feedback body.
 --
--- Usage: wrk -s bench/feedback.lua <url> -- <payload file> <id prefix>
+-- Usage: wrk -s bench/feedback.lua <url> -- <payload file> <id prefix> [models [pause ms]]
 --   payload file  JSON body written by bench/payloads.py (read once per thread)
 --   id prefix     makes every ce-id unique across runs: the server dedups on (ce-source, ce-id),
 --                 so a warm-up and a measured run against one server must never share an id.
+--   models        when > 0, request n goes to model n mod models and endpoint (n / models) mod 2:
+--                 ce-inferenceservicename = isvc-<n mod models> (bench/models.py matches model i
+--                 by isvc-<i>), ce-endpoint = default | canary, so every (model, endpoint)
+--                 segment gets the same share of the load.
+--   pause ms      when > 0, each connection waits that long before each request: a steady
+--                 trickle (latency is still timed from send to answer), not a closed loop.
 --
 -- Why a response() hook: wrk only counts status > 399 as errors; we count every non-2xx ourselves
 -- and also count requests *sent*, so the caller can bound the server's row count between
@@ -24,6 +30,12 @@ function init(args)
    body = f:read("*a")
    f:close()
    id_prefix = prefix .. "-" .. tostring(tid) .. "-"
+   models = tonumber(args[3] or "0")
+   endpoints = {"default", "canary"}
+   local pause_ms = tonumber(args[4] or "0")
+   if pause_ms > 0 then
+      delay = function() return pause_ms end  -- wrk looks for delay() after init()
+   end
    sent = 0
    ok = 0
    non2xx = 0
@@ -39,6 +51,10 @@ end
 function request()
    sent = sent + 1
    headers["ce-id"] = id_prefix .. sent
+   if models > 0 then
+      headers["ce-inferenceservicename"] = "isvc-" .. (sent % models)
+      headers["ce-endpoint"] = endpoints[math.floor(sent / models) % 2 + 1]
+   end
    return wrk.format("POST", "/", headers, body)
 end
 

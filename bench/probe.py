@@ -59,15 +59,21 @@ class Counts:
     events: int
 
 
-def counts(base_url: str, model: str = "bench", timeout_s: float = 5.0) -> Counts:
-    """Rows and events counted, from `/v1/metrics?format=json`, else from the text exposition."""
+def counts(base_url: str, model: str | None = "bench", timeout_s: float = 5.0) -> Counts:
+    """Rows and events counted, from `/v1/metrics?format=json`, else from the text exposition.
+
+    `model` None: summed over every model the server lists (a many-model server's load is
+    spread over its models, and the row checks hold for the sum)."""
     code, body = request(base_url + "/v1/metrics?format=json", timeout_s=timeout_s)
     if code == 200:
         try:
-            doc = json.loads(body)
-            m = doc["models"][model]
-            return Counts(rows=int(m["rows"]), events=int(m["events"]))
-        except (ValueError, KeyError, TypeError):
+            doc = json.loads(body)["models"]
+            chosen = doc.values() if model is None else [doc[model]]
+            return Counts(
+                rows=sum(int(m["rows"]) for m in chosen),
+                events=sum(int(m["events"]) for m in chosen),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass  # not the JSON form yet: fall back to the text exposition below
     code, body = request(base_url + "/v1/metrics", timeout_s=timeout_s)
     if code != 200:
@@ -75,7 +81,22 @@ def counts(base_url: str, model: str = "bench", timeout_s: float = 5.0) -> Count
     text = body.decode(errors="replace")
     rows = {m: float(v) for m, v in _ROWS_RE.findall(text)}
     events = {m: float(v) for m, v in _EVENTS_RE.findall(text)}
+    if model is None:
+        return Counts(rows=int(sum(rows.values())), events=int(sum(events.values())))
     return Counts(rows=int(rows.get(model, 0)), events=int(events.get(model, 0)))
+
+
+def segment_rows(base_url: str, timeout_s: float = 10.0) -> dict[str, dict[str, int]]:
+    """Rows counted per model and segment, from `/v1/metrics?format=json` (D8: every model's
+    summary has "segments" when it has dimensions); a model without segments maps to {}."""
+    code, body = request(base_url + "/v1/metrics?format=json", timeout_s=timeout_s)
+    if code != 200:
+        raise RuntimeError(f"GET /v1/metrics?format=json answered {code}")
+    models = json.loads(body)["models"]
+    return {
+        name: {seg: int(s["rows"]) for seg, s in summary.get("segments", {}).items()}
+        for name, summary in models.items()
+    }
 
 
 def counter(base_url: str, family: str, model: str = "bench", timeout_s: float = 10.0) -> int:
@@ -89,7 +110,7 @@ def counter(base_url: str, family: str, model: str = "bench", timeout_s: float =
 
 
 def stable_counts(
-    base_url: str, model: str = "bench", settle_s: float = 0.1, timeout_s: float = 10.0
+    base_url: str, model: str | None = "bench", settle_s: float = 0.1, timeout_s: float = 10.0
 ) -> Counts:
     """Counts once two reads `settle_s` apart agree.
 

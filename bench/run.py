@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import baseline as ab
 from bench import fill as fill_state
-from bench import machine, payloads, probe, report, servers, targets, wrk
+from bench import machine, models, payloads, probe, report, servers, targets, wrk
 from bench.results import BASE_SUFFIX, BenchResults, CaseResult, ScrapeResult, ServerResult
 
 ONE_HOT = "cm_models.multiclass_one_hot.MulticlassOneHot"
@@ -57,6 +57,7 @@ ALL_SERVERS = (
     "memory",
     "sqlite",
     "seed",
+    "seed-models",
     "memory-full",
     "sqlite-full",
     "replyce",
@@ -70,7 +71,9 @@ FULL_GRID: Grid = [(1, 1), (1, 16), (100, 1), (100, 16), (1000, 1), (1000, 16)]
 SQLITE_REJECT = ("sqlite", "--state", "state_dir", "unrecognized", "invalid choice")
 SMOKE_GRID: Grid = [(1, 1), (1, 16), (1000, 16)]
 AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the empty baseline
-DURABLE = ("sqlite", "seed")  # killed with -9 and restarted at the end: acked rows must survive
+DURABLE = ("sqlite", "seed", "seed-models")  # kill -9 and restart at the end: acked rows survive
+SPREAD_MODELS = 50  # seed-models: its models config's models, each with 2 endpoints (segments)
+MODELS_REJECT = ("models_config", "unrecognized", "invalid choice")  # before --models_config
 BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
 RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
 
@@ -177,8 +180,9 @@ class Variant:
     grid: Grid
     counted: bool = True
     may_reject: tuple[str, ...] = ()
-    model: str = "bench"
+    model: str | None = "bench"  # whose counts are checked (None: the sum over every model)
     tree: Path | None = None  # the --baseline export it runs from (None: this tree)
+    spread: int = 0  # > 0: the load is spread over that many models and 2 endpoints
 
     @property
     def plain(self) -> str:
@@ -224,12 +228,19 @@ class Runner:
 
     # -- one case -------------------------------------------------------------------------------
     def run_case(
-        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool, repeat: int = 0
+        self,
+        name: str,
+        m: servers.Managed,
+        rows: int,
+        conns: int,
+        counted: bool,
+        repeat: int = 0,
+        spread: int = 0,
     ) -> CaseResult:
         """Measure one case; rerun it (up to --retry-noisy times) if others used the CPU."""
         acked_rows = 0
         for attempt in range(self.retry_noisy + 1):
-            c = self.measure(name, m, rows, conns, counted)
+            c = self.measure(name, m, rows, conns, counted, spread)
             acked_rows += (c.ok + c.warmup_ok) * rows
             if (c.other_cpu_pct or 0) < machine.NOISY_PCT or attempt == self.retry_noisy:
                 break
@@ -244,9 +255,11 @@ class Runner:
         return c
 
     def measure(
-        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool
+        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool, spread: int = 0
     ) -> CaseResult:
-        """Warm up, measure, and (for our server) check rows counted against rows acknowledged."""
+        """Warm up, measure, and (for our server) check rows counted against rows acknowledged.
+
+        `spread`: the events go to that many models (and 2 endpoints); counts are their sum."""
         payload = self.payloads[rows]
         url = m.base_url + "/"
         tag = uuid.uuid4().hex[:8]
@@ -259,6 +272,7 @@ class Runner:
                 conns,
                 self.plan.warmup_s,
                 self.load_cpu,
+                spread=spread,
             )
             if self.plan.warmup_s > 0
             else None
@@ -272,6 +286,7 @@ class Runner:
             conns,
             self.plan.duration_s,
             self.load_cpu,
+            spread=spread,
         )
         other_pct = meter.other_pct()
         after = probe.stable_counts(m.base_url, m.model) if counted else None
@@ -329,7 +344,7 @@ class Runner:
         port: int,
         sr: ServerResult,
         may_reject: tuple[str, ...] = (),
-        model: str = "bench",
+        model: str | None = "bench",
         tree: Path | None = None,
     ) -> servers.Managed | None:
         """Start a server; a start failure is a failure unless its log names a rejected flag."""
@@ -410,7 +425,7 @@ class Runner:
                     if m is None or (rows, conns) not in v.grid or not self.check_alive(v.name, m):
                         continue
                     try:
-                        self.run_case(v.name, m, rows, conns, v.counted, repeat)
+                        self.run_case(v.name, m, rows, conns, v.counted, repeat, v.spread)
                     except (wrk.WrkError, OSError, RuntimeError) as exc:
                         self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
 
@@ -418,6 +433,9 @@ class Runner:
             sr = self.r.server(name)
             if sr and self.check_alive(name, m):
                 sr.rss_after_mb = servers.rss_mb(m.pid)
+        for v in variants:
+            if v.spread and v.name in started and started[v.name].alive():
+                self.check_spread(v, started[v.name])
         for server, sink in sinks.items():
             self.note_sink(server, sink)
         for v in variants:
@@ -479,6 +497,28 @@ class Runner:
                         lambda port: servers.seed_argv(port, self.state_dir(named("seed")), reply),
                         p.seed_grid,
                         model=servers.SEED_MODEL,
+                    )
+                )
+        if "seed-models" in p.servers:
+            # The seed's args plus a models config: the same load spread over its models.
+            sink = self.start_sink(named("seed-models"), 0.0, sinks)
+            if sink is not None:
+                config = models.write_config(
+                    self.work / f"models-{named('seed-models')}.yaml",
+                    [models.isvc(i) for i in range(SPREAD_MODELS)],
+                    ONE_HOT,
+                )
+                to_sink = f"http://{servers.HOST}:{sink.port}/"
+                out.append(
+                    Variant(
+                        named("seed-models"),
+                        lambda port: servers.seed_argv(
+                            port, self.state_dir(named("seed-models")), to_sink, config
+                        ),
+                        p.seed_grid,
+                        may_reject=MODELS_REJECT,
+                        model=None,
+                        spread=SPREAD_MODELS,
                     )
                 )
         bounds = {"max_ids": p.fill.ids, "max_rows": p.fill.rows}
@@ -590,6 +630,31 @@ class Runner:
             max_ids=max_ids,
             max_rows=max_rows,
         )
+
+    def check_spread(self, v: Variant, m: servers.Managed) -> None:
+        """Every model of the config counted rows in both endpoints' segments: the load really
+        was spread (the row checks alone hold for any split of the sum)."""
+        try:
+            found = probe.segment_rows(m.base_url)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            self.fail(f"{v.name}: cannot read the models' segments: {exc}")
+            return
+        per_segment = [
+            found.get(models.isvc(i), {}).get(endpoint, 0)
+            for i in range(v.spread)
+            for endpoint in models.ENDPOINTS
+        ]
+        note = (
+            f"rows per (model, endpoint) over {v.spread} models x {len(models.ENDPOINTS)}: "
+            f"min {min(per_segment)}, max {max(per_segment)}"
+        )
+        sr = self.r.server(v.name)
+        if sr:
+            sr.notes.append(note)
+        print(f"  {v.name}: {note}", flush=True)
+        if min(per_segment) == 0:
+            empty = sum(1 for n in per_segment if n == 0)
+            self.fail(f"{v.name}: {empty} (model, endpoint) segments counted no rows: {note}")
 
     def check_durable(self, v: Variant, m: servers.Managed) -> None:
         """kill -9 a durable server and restart it on the same dir: acked rows must survive."""

@@ -47,11 +47,12 @@ def tree_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident set size in MB from /proc/<pid>/status (VmRSS), None if unavailable."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident set size in MB from /proc/<pid>/status (VmRSS; VmHWM: its peak so far), None
+    if unavailable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         return None
@@ -113,9 +114,13 @@ def listening_argv(model_name: str, port: int, storage_uri: str) -> list[str]:
     ]
 
 
-def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
+def seed_argv(
+    port: int, state_dir: Path, reply_url: str, models_config: Path | None = None
+) -> list[str]:
     """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
-    `reply_url`), plus what a bench needs: a loopback address and a private state dir."""
+    `reply_url`), plus what a bench needs: a loopback address and a private state dir; and
+    `--models_config` when given (the many-model variant)."""
+    models = [] if models_config is None else ["--models_config", str(models_config)]
     return [
         *listening_argv(SEED_MODEL, port, "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"),
         "--state_dir",
@@ -126,6 +131,7 @@ def seed_argv(port: int, state_dir: Path, reply_url: str) -> list[str]:
         "io.seldon.serving.feedback.metrics",
         "--event_source",
         "io.seldon.serving.feedback",
+        *models,
         "MetricsServer",
     ]
 
@@ -171,7 +177,7 @@ class Managed:
     started_at: float
     start_to_ready_s: float | None = None
     rss_start_mb: float | None = None
-    model: str = "bench"  # the --model_name its counts are read under
+    model: str | None = "bench"  # the model its counts are read under (None: every model's sum)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -207,7 +213,7 @@ class ProcessSet:
         cpu: int | None,
         ready_path: str | None = "/v1/metrics",
         timeout_s: float = 30.0,
-        model: str = "bench",
+        model: str | None = "bench",
         tree: Path | None = None,
     ) -> Managed:
         """Start `argv` pinned to `cpu`; if `ready_path` is set, wait for the first 200 on it.

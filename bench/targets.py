@@ -31,6 +31,7 @@ def evaluate(r: BenchResults) -> list[Target]:
     sql1c16, sink1c16 = r.case("sqlite", 1, 16), r.case("sink200", 1, 16)
     dead1c16, reply1c16 = r.case("deadsink", 1, 16), r.case("replyce", 1, 16)
     seed1c16, seed1c1 = r.case("seed", 1, 16), r.case("seed", 1, 1)
+    models1c16, models1c1 = r.case("seed-models", 1, 16), r.case("seed-models", 1, 1)
     mem = r.server("memory")
     targets = [
         Target("single row c16 req/s vs floor", _ratio(_req(mem1c16), _req(floor1c16)), ">=", 0.8),
@@ -63,6 +64,13 @@ def evaluate(r: BenchResults) -> list[Target]:
             _ratio(_p99(seed1c1), _p99(mem1c1)),
             "<=",
             2.0,
+        ),
+        Target(
+            "many models (seed-models: seed + 50 models x 2 endpoints) single row c16 req/s "
+            "vs seed",
+            _ratio(_req(models1c16), _req(seed1c16)),
+            ">=",
+            0.9,
         ),
         *(
             Target(
@@ -138,6 +146,22 @@ def evaluate(r: BenchResults) -> list[Target]:
                 required=False,
             )
         )
+    targets += [
+        Target(
+            "many models (seed-models) single row c1 req/s vs seed",
+            _ratio(_req(models1c1), _req(seed1c1)),
+            ">=",
+            0.9,
+            required=False,
+        ),
+        Target(
+            "many models (seed-models) single row c1 p99 vs seed",
+            _ratio(_p99(models1c1), _p99(seed1c1)),
+            "<=",
+            1.5,
+            required=False,
+        ),
+    ]
     targets.append(
         Target(
             "default config (seed) single row c1 p99 vs durable without replies (sqlite)",

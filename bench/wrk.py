@@ -88,8 +88,13 @@ def run(
     cpu: int | None,
     request_timeout_s: int = 10,
     slack_s: float = 30.0,
+    spread: int = 0,
+    pause_ms: int = 0,
 ) -> WrkResult:
     """Drive `url` for `duration_s` with `connections` connections on one thread, pinned to `cpu`.
+
+    `spread` > 0 spreads the events over that many models and two endpoints (feedback.lua);
+    `pause_ms` > 0 makes each connection wait that long before each request (a trickle).
 
     The whole run is bounded: wrk is killed if it has not finished `slack_s` after its duration.
     """
@@ -109,6 +114,8 @@ def run(
             "--",
             str(payload),
             id_prefix,
+            str(spread),
+            str(pause_ms),
         ],
         cpu,
     )

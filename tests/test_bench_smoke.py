@@ -33,12 +33,14 @@ def _need_wrk() -> None:
         pytest.skip(msg)
 
 
-def run_bench(args: list[str], out: Path, timeout: float) -> tuple[dict[str, Any], str]:
-    """``python -m bench *args --json out``: its JSON document, and its output for messages.
+def run_bench(
+    args: list[str], out: Path, timeout: float, module: str = "bench"
+) -> tuple[dict[str, Any], str]:
+    """``python -m <module> *args --json out``: its JSON document, and its output for messages.
     Fails the test if the bench exits non-zero or reports a failed case."""
     _need_wrk()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *args, "--json", str(out)],
+        [sys.executable, "-m", module, *args, "--json", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -57,11 +59,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     """Every server starts, answers 2xx under load, and rows counted == rows acknowledged."""
     doc, log = run_bench(["--smoke"], tmp_path / "smoke.json", timeout=600)
     servers = {c["server"] for c in doc["cases"]}
-    assert {"floor", "memory", "seed", "memory-full", "sqlite-full"} <= servers, log
+    assert {"floor", "memory", "seed", "seed-models", "memory-full", "sqlite-full"} <= servers, log
     notes = {s["name"]: " ".join(s["notes"]) for s in doc["servers"]}
     for aged in ("memory-full", "sqlite-full"):  # filled through HTTP and checked before its cases
         assert "2000 ids, 2000 logged rows" in notes[aged], notes
     assert "kill -9 + restart" in notes["seed"] and "sink received" in notes["seed"], notes
+    spread = "rows per (model, endpoint) over 50 models x 2"  # the load reached every segment
+    assert spread in notes["seed-models"] and "kill -9 + restart" in notes["seed-models"], notes
     targets = {t["name"]: t for t in doc["targets"]}
     seed_p99 = "default config (seed) single row c1 p99 vs memory c1 p99"
     assert targets[seed_p99]["measured"] is not None, targets
@@ -95,3 +99,18 @@ def test_bench_baseline_ab(tmp_path: Path) -> None:
     table = md.read_text()
     for column in ("x floor req/s this", "x floor req/s baseline", "req/s this / baseline"):
         assert column in table, table
+
+
+@pytest.mark.e2e
+def test_bench_buckets_smoke(tmp_path: Path) -> None:
+    """`python -m bench.buckets --smoke`: the rows written straight into the state file read
+    back exactly through the server (by hour, by minute, per segment), window gauges appear,
+    and every trickle event during the scrapes is answered 2xx and counted."""
+    doc, log = run_bench(["--smoke"], tmp_path / "buckets.json", 300, module="bench.buckets")
+    assert doc["fill"]["minutes"] >= 119 and doc["fill"]["rows_written"]["cells"] > 0, log
+    assert doc["server"]["window_samples"] > 0, log
+    trickle = doc["trickle"]
+    assert trickle["ok"] > 0 and trickle["sent"] - trickle["ok"] <= 1, log  # 1 left in flight
+    assert trickle["ok"] <= trickle["rows_counted"] <= trickle["sent"], log
+    measured = {t["name"]: t["measured"] for t in doc["targets"]}
+    assert all(value is not None for value in measured.values()), measured
