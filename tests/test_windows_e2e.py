@@ -6,9 +6,6 @@ random models, segments, ranges and steps, ``GET /v1/models/<name>/metrics?from=
 must equal scikit-learn on exactly the rows predicted in each step (tests/support/oracle.py), and
 so must ``/v1/metrics?format=json`` per model and segment and the sliding-window gauges; the
 same after a restart (SQLite).
-
-Until the routes exist (the features are merged from several branches) the module skips: a
-probe starts a server and sees a plain 404 for ``/v1/models/<name>/metrics``.
 """
 
 from __future__ import annotations
@@ -38,28 +35,6 @@ WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 # The window gauge D9 names feedback_window_*{model, segment, window}: its accuracy member.
 WINDOW_ACCURACY = "feedback_window_accuracy"
 BUCKETS = TimeBuckets.parse(DEFAULT_BUCKETS)
-
-
-def has_model_routes() -> bool:
-    """Whether this server has ``/v1/models/<name>/metrics`` (a plain 404 if it has not; an
-    unknown model would be a JSON 404 naming ``unknown_model``)."""
-    server = start_server("--state", "memory")
-    try:
-        answer = requests.get(server.url + "/v1/models/model/metrics", timeout=5)
-        if answer.status_code != 404:
-            return True
-        try:
-            return answer.json().get("reason") == "unknown_model"
-        except ValueError:
-            return False
-    finally:
-        server.stop()
-        server.cleanup()
-
-
-pytestmark = pytest.mark.skipif(
-    not has_model_routes(), reason="the server has no /v1/models/<name>/metrics route yet"
-)
 
 
 def server_args(config: Path, state: str) -> list[str]:

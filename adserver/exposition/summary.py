@@ -6,11 +6,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import orjson
 
 from adserver.catalogue.families import EVENTS_ACCEPTED, PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.state.view import MetricsState
 from cm_models.formulas import PER_CLASS, classification_report
+
+
+def over_classes(state: MetricsState, classes: list[int]) -> tuple[list[int], np.ndarray]:
+    """A state's matrix over ``classes`` (a superset of its own: a segment's over its model's,
+    so every segment's matrix has the model's shape and order)."""
+    own, matrix = state.confusion.classes, state.confusion.matrix()
+    if own == classes:
+        return classes, matrix
+    index = {label: i for i, label in enumerate(classes)}
+    moved = [index[label] for label in own]
+    grown = np.zeros((len(classes),) * 2, dtype=matrix.dtype)
+    grown[np.ix_(moved, moved)] = matrix
+    return classes, grown
 
 
 def model_summary(state: MetricsState) -> dict[str, Any]:
@@ -24,9 +38,10 @@ def with_confusion_matrix(summary: dict[str, Any], matrix: Any) -> dict[str, Any
     return dict([classes, ("confusion_matrix", matrix), *rest])
 
 
-def derived_summary(state: MetricsState) -> dict[str, Any]:
-    classes = state.confusion.classes
-    report = classification_report(state.confusion.matrix())
+def derived_summary(state: MetricsState, classes: list[int] | None = None) -> dict[str, Any]:
+    """The summary of a state, over ``classes`` if given (see :func:`over_classes`)."""
+    classes, matrix = over_classes(state, state.confusion.classes if classes is None else classes)
+    report = classification_report(matrix)
     columns = zip(*(getattr(report, name).tolist() for name in PER_CLASS))
     per_class = {
         str(label): dict(zip(PER_CLASS, values)) for label, values in zip(classes, columns)
@@ -43,10 +58,11 @@ def derived_summary(state: MetricsState) -> dict[str, Any]:
 
 
 def coverage(rows: int, predictions: int) -> dict[str, Any]:
-    """Logged prediction rows, and the share of them labelled (null before any is logged;
-    feedback that carries its response counts rows no logger logged, so it is capped at 1)."""
-    share = min(1.0, rows / predictions) if predictions else None
-    return {"predictions": predictions, "label_coverage": share}
+    """Logged prediction rows, and the share of the known predictions labelled: rows over
+    max(predictions, rows), as ``feedback_label_coverage`` (feedback that carries its response
+    is a prediction no logger logged); null while nothing is known."""
+    known = max(rows, predictions)
+    return {"predictions": predictions, "label_coverage": rows / known if known else None}
 
 
 def models_document(models: Mapping[str, dict[str, Any]]) -> bytes:
@@ -83,8 +99,11 @@ class SummaryCache:
         summary = with_confusion_matrix(self.summary(), self.state.confusion.matrix())
         if segments is None:
             return summary
+        classes = self.state.confusion.classes
         each = {
-            name: with_confusion_matrix(derived_summary(state), state.confusion.matrix())
+            name: with_confusion_matrix(
+                derived_summary(state, classes), over_classes(state, classes)[1]
+            )
             for name, state in segments.items()
         }
         return {**summary, "segments": each}

@@ -77,14 +77,15 @@ def value_name(value: str | None) -> str:
 
 
 def segment_name(model: ModelSpec, *sides: Mapping[str, str | None]) -> str:
-    """The values joined by "/", per dimension the first side that knows it."""
+    """The values joined by "/", per dimension the first side that knows it; one value too long
+    (or with control characters) makes the whole name ``__overflow__``."""
     if not model.segment_by:
         return ""
     values = []
     for dimension in model.segment_by:
         known = [side[dimension] for side in sides if side.get(dimension) is not None]
         values.append(value_name(known[0] if known else None))
-    return "/".join(values)
+    return OVERFLOW if OVERFLOW in values else "/".join(values)
 
 
 class Oracle:
