@@ -395,12 +395,20 @@ def test_window_gauges_are_reread_only_when_stale() -> None:
         await asyncio.gather(gauges.refresh(), gauges.refresh())  # concurrent: one read
         return samples(gauges)
 
-    assert asyncio.run(scrape()) == {}  # nothing in any window: no family at all
-    write(dialect, [Row("iris", "default", 1, 1, NOW - 30)])
-    monotonic.now = 14.0
-    assert asyncio.run(scrape()) == {}  # still fresh
-    monotonic.now = 15.0
-    assert asyncio.run(scrape())[rows_1h] == 1
+    async def scenario() -> None:
+        assert await scrape() == {}  # the first read, waited for: nothing in any window
+        write(dialect, [Row("iris", "default", 1, 1, NOW - 30)])
+        monotonic.now = 14.0
+        assert await scrape() == {}  # still fresh: not read again
+        monotonic.now = 15.0
+        assert await scrape() == {}  # stale: read again in the background, old values served
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if samples(gauges):
+                break
+        assert samples(gauges)[rows_1h] == 1
+
+    asyncio.run(scenario())
     dialect.close()
 
 

@@ -9,7 +9,6 @@ import pytest
 import requests
 
 from adserver.catalogue import reasons
-from adserver.state.view import Delta
 from tests.support.events import feedback
 from tests.support.http import moved_samples, scrape, send_event, value
 from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory
@@ -79,10 +78,6 @@ def test_a_bad_range_is_a_json_error_that_changes_nothing(
     assert moved_samples(before, scrape(url)) == []
 
 
-@pytest.mark.skipif(
-    not hasattr(Delta, "split"),
-    reason="rows count in time buckets only once the committer splits deltas (state branch)",
-)
 def test_feedback_counts_under_its_own_time(servers: ServerFactory) -> None:
     """A feedback's rows count in the buckets of its ce-time: in the range and the 1h window."""
     url = servers("--storage_uri", MULTICLASS_NUMERIC, "--window_refresh_seconds", "1").url

@@ -11,6 +11,7 @@ so a late label changes a window's gauges, never a counter's past.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: Most steps in one range document (a day of minutes).
 MAX_STEPS = 1440
+#: How long the first scrape waits for the first read of the windows (a read of a big state
+#: takes seconds: it goes on in the background).
+REFRESH_WAIT_SECONDS = 0.5
 #: What a range summary keeps of the all-time one (events and micro averages are not per row).
 RANGE_KEYS = ("classes", "accuracy", "per_class", "macro", "weighted", "rows")
 
@@ -319,12 +323,17 @@ class WindowGauges:
         self._reading: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
+        """Re-read the windows if the last read is older than ``refresh_seconds``. Only a scrape
+        with no values yet waits for it, and at most :data:`REFRESH_WAIT_SECONDS`; the others
+        serve the previous values while it runs (a big state's read takes seconds)."""
         if not self.windows or self.monotonic() - self._read_at < self.refresh_seconds:
             return
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._read())
             self._reading.add_done_callback(self._read_done)
-        await asyncio.shield(self._reading)  # a scrape given up does not cancel the read
+        if self._read_at == -math.inf:
+            with contextlib.suppress(TimeoutError):  # shielded: a scrape never cancels a read
+                await asyncio.wait_for(asyncio.shield(self._reading), REFRESH_WAIT_SECONDS)
 
     def _read_done(self, _: asyncio.Task[None]) -> None:
         self._reading = None
