@@ -602,7 +602,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--scrapes", type=int, default=None, help="text scrapes timed (default 20)")
     parser.add_argument("--trickle-ms", type=int, default=20, help="pause between trickle events")
-    parser.add_argument("--window-refresh", type=int, default=15, help="--window_refresh_seconds (default: the server's)")
+    parser.add_argument(
+        "--window-refresh", type=int, default=15, help="--window_refresh_seconds (the default)"
+    )
     parser.add_argument("--start-timeout", type=float, default=600.0, help="s to first 200")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
