@@ -165,6 +165,26 @@ def test_three_inference_services_and_two_graph_nodes_count_apart(servers, tmp_p
         assert cells(found[model]) == counts, model
 
 
+def test_two_models_logging_one_ce_id_each_keep_their_prediction(servers, tmp_path) -> None:
+    """The KServe agent sends one ce-source from every pod and propagates the caller's Ce-Id: two
+    InferenceServices' responses with the same (source, id) are two predictions, not a
+    redelivery."""
+    server = servers("--models_config", config_file(tmp_path), "--state", "memory")
+    for model, prediction in (("iris", [1]), ("wine", [2])):
+        logged(
+            server.url,
+            KSERVE_RESPONSE_TYPE,
+            "shared-id",
+            {"predictions": prediction},
+            inferenceservicename=model,
+        )
+        answer = label(server.url, "shared-id", prediction, inferenceservicename=model)
+        assert answer.status_code == 200, answer.text
+    found = models_doc(server.url)
+    assert cells(found["iris"]) == Counter({(1, 1): 1})
+    assert cells(found["wine"]) == Counter({(2, 2): 1})
+
+
 def test_unknown_model_logger_is_ignored_and_feedback_refused(servers, tmp_path) -> None:
     path = config_file(tmp_path, CONFIG.replace('    segment_by: ["tag:region"]\n', ""))
     server = servers("--models_config", path, "--state", "memory", "--model_name", "srv")

@@ -323,8 +323,13 @@ class FeedbackService:
         request_id = event.attributes.get(key_attribute)
         if not request_id:
             raise BadRequest(f"logger event lacks ce-{key_attribute}", reasons.MISSING_REQUEST_ID)
-        # KServe reuses one ce-id for the request and the response event: the type tells them apart.
-        key = event.key and (event.key[0], f"{event.key[1]}|{event.attributes['type']}")
+        # KServe reuses one ce-id for the request and the response event: the type tells them
+        # apart. Every agent sends one ce-source and propagates the caller's Ce-Id, so two
+        # models' events may share (source, id): each model remembers its own.
+        key = event.key and (
+            event.key[0],
+            f"{target.join_id(event.key[1])}|{event.attributes['type']}",
+        )
         try:
             body = event.payload()
             extract = prediction_payload if kind == "response" else request_payload
@@ -337,7 +342,9 @@ class FeedbackService:
                 raise
             reason = getattr(exc, "reason", None) or str(exc)
             reason = reasons.NOT_JSON if reason == reasons.INVALID_JSON else reason
-            return Entry(Delta(counters=((LOGGER_EVENTS, ignored(reason), 1),)), key)
+            return Entry(
+                Delta(counters=((LOGGER_EVENTS, ignored(reason), 1),)), key, model=target.name
+            )
         operation = LoggedRows(
             target.join_id(str(request_id)),
             kind,
