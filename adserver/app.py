@@ -84,6 +84,7 @@ def open_store(
         settings.model_name,
         model_kind(settings.storage_uri),
         kinds,
+        str(buckets),
     )
     policy = CommitPolicy(
         retention=settings.dedup_retention_seconds,

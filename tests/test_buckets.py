@@ -49,6 +49,8 @@ def test_a_prediction_counts_once_per_kept_granularity(time: float) -> None:
 def test_nothing_before_1970_and_everything_distinct() -> None:
     assert BUCKETS.keys(-1.0, NOW) == ()
     assert BUCKETS.keys(float("nan"), NOW) == ()
+    assert BUCKETS.keys(NOW + DAY + 1, NOW) == () and BUCKETS.keys(float("inf"), NOW) == ()
+    assert len(BUCKETS.keys(NOW + DAY, NOW)) == 3  # a clock a little ahead still counts
     ranges = [BUCKETS.level_range(level) for level in range(3)]
     assert ranges[0][1] == ranges[1][0] and ranges[1][1] == ranges[2][0]
     for level, (lo, hi) in enumerate(ranges):

@@ -93,6 +93,18 @@ def test_second_server_on_one_state_dir_is_refused(servers: ServerFactory, tmp_p
     assert model_doc(second.url)["events"] == 2  # the lock went with the first process
 
 
+def test_a_state_file_keeps_its_time_buckets(servers: ServerFactory, tmp_path: Path) -> None:
+    """Stored buckets are read by the granularities that wrote them: other ones are refused
+    (they would read the rows as other times and never age them out)."""
+    first = servers("--state_dir", str(tmp_path), "--time_buckets", "1m=48h,1h=90d")
+    send_event(first.url, feedback([1], [1]))
+    assert first.stop() == 0
+    message = refused("--state_dir", str(tmp_path), "--time_buckets", "1m=48h,1d=730d")
+    assert "--time_buckets" in message and "'1m=2d,1h=90d'" in message
+    again = servers("--state_dir", str(tmp_path), "--time_buckets", "1m=2d,1h=90d")  # the same
+    assert model_doc(again.url)["events"] == 1
+
+
 def test_memory_mode_takes_no_lock(servers: ServerFactory, tmp_path: Path) -> None:
     for _ in range(2):
         servers("--state", "memory", "--state_dir", str(tmp_path))

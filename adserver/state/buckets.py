@@ -116,8 +116,10 @@ class TimeBuckets:
 
     def keys(self, time: float, now: float) -> tuple[int, ...]:
         """The buckets a prediction at ``time`` counts in: one per granularity still kept at its
-        age (none for a time before 1970, which no bucket holds)."""
-        if not time >= 0 or math.isinf(time):
+        age. None for a time before 1970 (no bucket holds it) or later than one coarsest bucket
+        (a day) after ``now``: a clock that far ahead would make buckets no read reaches (a
+        range ends at most that far ahead) and no sweep deletes for years."""
+        if not 0 <= time <= now + self.levels[-1].seconds:
             return ()
         found = []
         for level, granularity in enumerate(self.levels):

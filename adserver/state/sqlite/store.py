@@ -24,6 +24,7 @@ from adserver.state.sqlite.lock import hold_state_lock
 from adserver.state.sqlite.schema import (
     KEY_COLUMNS,
     SchemaError,
+    claim,
     create_statistic_table,
     migrate,
     primary_key,
@@ -181,11 +182,26 @@ class SQLiteDialect:
         model_name: str,
         model_kind: str | None = None,
         kinds: Mapping[str, str] | None = None,
+        time_buckets: str | None = None,
     ) -> SQLiteDialect:
         """The state file under ``state_dir`` (durable), or a temporary database for None;
-        ``kinds``: each configured model's kind, claimed in the file."""
+        ``kinds``: each configured model's kind, claimed in the file; ``time_buckets``: the
+        granularities, claimed too (a bucket is read by them: under others its rows would be
+        other times, and never age out)."""
         path = state_path(state_dir) if state_dir is not None else None
         connection = open_connection(path, model_name, model_kind, kinds)
+        if time_buckets is not None:
+            try:
+                claim(
+                    connection,
+                    "time_buckets",
+                    time_buckets,
+                    "--time_buckets",
+                    "use the same --time_buckets or another --state_dir",
+                )
+            except SchemaError as exc:
+                connection.close()
+                raise StateFileError(f"cannot use state file {path}: {exc}") from exc
         return cls(connection, durable=path is not None)
 
     def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
