@@ -38,7 +38,7 @@ NOW = 1_780_000_000.5
 THIS_MINUTE = int(NOW) // 60 * 60
 MINUTE, HOUR, DAY = 60, 3600, 86400
 CLASSES = {"iris": (0, 1, 2), "other": (0, 1)}
-SEGMENTS = {"iris": ("default", "canary"), "other": ("",)}
+SEGMENTS = {"iris": ("default", "canary"), "other": ("",), "wide": ()}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Views:
 
     def models(self) -> list[str]:
         return list(self.states)
+
+    def total(self, model: str) -> MetricsState:
+        return self.states[model]
 
     def segments(self, model: str) -> dict[str, MetricsState]:
         return {s: self.states[model] for s in SEGMENTS[model] if s}
@@ -419,3 +422,20 @@ def test_windows_are_whole_finest_buckets() -> None:
         with pytest.raises(ValueError):
             parse_windows(bad, BUCKETS)
     assert math.isclose(BUCKETS.window(HOUR, NOW)[0], THIS_MINUTE + MINUTE - HOUR)
+
+
+def test_a_range_of_more_cells_than_the_cap_is_refused() -> None:
+    """Every step has its model's dense matrix: steps x classes squared is capped, so one GET
+    cannot build gigabytes (1,000 classes: at most 2 steps)."""
+    dialect = open_dialect()
+    wide = {"wide": MetricsState(range(1000))}
+    reader = SQLiteBucketReader.inline(wide, dialect.connection)
+    documents = RangeDocuments(reader, BUCKETS, Views(wide), clock=lambda: NOW)
+    start = THIS_MINUTE - 3 * HOUR
+    arguments = {"from": str(start), "to": str(THIS_MINUTE), "step": "1h"}
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(documents.document("wide", arguments))
+    assert refused.value.reason == reasons.TOO_MANY_STEPS
+    two = {**arguments, "from": str(THIS_MINUTE - 2 * HOUR)}
+    assert len(orjson.loads(asyncio.run(documents.document("wide", two)))["steps"]) == 2
+    dialect.close()

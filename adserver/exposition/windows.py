@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 #: Most steps in one range document (a day of minutes).
 MAX_STEPS = 1440
+#: Most confusion cells in one range document (steps x classes squared): every step has its
+#: model's dense matrix, so 1,000 classes allow 2 steps, 100 classes 200 (about 16 MB of
+#: matrices and 10 MB of JSON at most).
+MAX_RANGE_CELLS = 2_000_000
 #: How long the first scrape waits for the first read of the windows (a read of a big state
 #: takes seconds: it goes on in the background).
 REFRESH_WAIT_SECONDS = 0.5
@@ -52,6 +56,8 @@ class ModelViews(Protocol):
     """The all-time views a range is checked against: the models and their segments."""
 
     def models(self) -> list[str]: ...
+
+    def total(self, model: str) -> MetricsState: ...
 
     def segments(self, model: str) -> Mapping[str, MetricsState]: ...
 
@@ -209,7 +215,20 @@ class RangeDocuments:
             raise NotFound(f"no model named {model!r}", reasons.UNKNOWN_MODEL)
         now = self.clock()
         query = RangeQuery.parse(arguments, self.buckets, self.views.segments(model), now)
+        classes = len(self.views.total(model).confusion.classes)
+        steps = len(query.steps())
+        if steps * classes**2 > MAX_RANGE_CELLS:
+            raise BadRequest(
+                f"{steps} steps of a matrix of {classes} classes are {steps * classes**2} cells, "
+                f"more than {MAX_RANGE_CELLS}: ask for a longer step or a shorter range",
+                reasons.TOO_MANY_STEPS,
+            )
         states = await self.reader.read_range(model, query.segment, query.spans(self.buckets, now))
+        # derived and encoded off the IOLoop: a document may be megabytes
+        return await asyncio.to_thread(self.encode, model, query, states)
+
+    @staticmethod
+    def encode(model: str, query: RangeQuery, states: list[MetricsState]) -> bytes:
         steps = [
             {QUERY_FROM: s, QUERY_TO: e, **range_summary(state)}
             for (s, e), state in zip(query.steps(), states)
