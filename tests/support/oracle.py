@@ -262,7 +262,7 @@ def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, An
         summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     summary["rows"] = rows
     summary["predictions"] = predictions
-    summary["label_coverage"] = rows / known if known else 0.0
+    summary["label_coverage"] = rows / known if known else None
     summary["label_delay"] = {
         "count": sum(n for _, n in delays),
         "sum": Between(sum(d.low * n for d, n in delays), sum(d.high * n for d, n in delays)),
