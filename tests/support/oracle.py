@@ -12,6 +12,7 @@ server's answer differs.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,14 @@ class Oracle:
         return document
 
 
+def one_matrix(truth: list[int], predicted: list[int], labels: list[int]) -> list[list[int]]:
+    """sklearn's matrix over ``labels``; a range may show one class only, which sklearn warns
+    of although the labels are given (its shape is right by construction)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return confusion_matrix(truth, predicted, labels=labels).tolist()
+
+
 def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, Any]:
     truth = [t for c in parts for t in c.truth]
     predicted = [p for c in parts for p in c.predicted]
@@ -231,9 +240,7 @@ def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, An
     summary: dict[str, Any] = {
         "classes": labels,
         "confusion_matrix": (
-            confusion_matrix(truth, predicted, labels=labels).tolist()
-            if rows
-            else [[0] * len(labels) for _ in labels]
+            one_matrix(truth, predicted, labels) if rows else [[0] * len(labels) for _ in labels]
         ),
         "accuracy": float(accuracy_score(truth, predicted)) if rows else 0.0,
     }
