@@ -4,8 +4,8 @@ A seeded stream of KServe V1/V2 logger events, Seldon executor events, labels (b
 their predictions, days late) and direct feedback for six models is posted over HTTP; then, for
 random models, segments, ranges and steps, ``GET /v1/models/<name>/metrics?from=&to=&step=``
 must equal scikit-learn on exactly the rows predicted in each step (tests/support/oracle.py), and
-so must ``/v1/metrics?format=json`` per model and segment and the sliding-window gauges; the
-same after a restart (SQLite).
+so must ``/v1/metrics?format=json`` per model and segment and the sliding-window gauges,
+after each half of the stream and, for SQLite, after a restart.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from tests.support.streams import MODELS, Request, Stream, generate
 SEED = int(os.environ.get("STREAMS_SEED", "13"))
 ITEMS = 60
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
-# The window gauge D9 names feedback_window_*{model, segment, window}: its accuracy member.
-WINDOW_ACCURACY = "feedback_window_accuracy"
+# The window gauges D9 names feedback_window_*{model, segment, window}.
+WINDOW_PREFIX = "feedback_window_"
 BUCKETS = TimeBuckets.parse(DEFAULT_BUCKETS)
 # Seconds the server's clock may run ahead of the test's ``now`` while the test reads (a
 # range at the edge of retention must not age out between the two).
@@ -217,6 +217,8 @@ def check_windows(url: str, oracle: Oracle, context: str) -> None:
 
 
 def window_gauge_difference(samples: dict, oracle: Oracle) -> str | None:
+    """The first window gauge (D9's members: accuracy, rows, predictions, label coverage) that
+    differs from the oracle's; a series with neither rows nor predictions has no sample."""
     now = time.time()
     end = int(now // BUCKETS.finest + 1) * BUCKETS.finest
     for name, seconds in WINDOWS.items():
@@ -225,16 +227,25 @@ def window_gauge_difference(samples: dict, oracle: Oracle) -> str | None:
             segments = [("", None), *((s, s) for s in sorted(oracle.segments(model.name)))]
             for label, segment in segments:
                 expected = oracle.summary(model.name, segment, start, end)
-                if not expected["rows"]:
-                    continue
-                key = (
-                    WINDOW_ACCURACY,
-                    frozenset({"model": model.name, "segment": label, "window": name}.items()),
-                )
-                got = samples.get(key)
-                if got is None or abs(got - expected["accuracy"]) > 1e-9:
-                    return f"{key}: expected {expected['accuracy']}, got {got}"
+                labels = frozenset({"model": model.name, "segment": label, "window": name}.items())
+                for member, want in window_members(expected).items():
+                    got = samples.get((WINDOW_PREFIX + member, labels))
+                    if (got is None) != (want is None) or (
+                        want is not None and abs(got - want) > 1e-9
+                    ):
+                        return f"{member}{dict(labels)}: expected {want}, got {got}"
     return None
+
+
+def window_members(expected: dict[str, Any]) -> dict[str, float | None]:
+    """A window's gauges from its range summary (None: no sample)."""
+    known = expected["rows"] or expected["predictions"]
+    return {
+        "accuracy": expected["accuracy"] if expected["rows"] else None,
+        "rows": expected["rows"] if known else None,
+        "predictions": expected["predictions"] if known else None,
+        "label_coverage": expected["label_coverage"],
+    }
 
 
 def check_refusals(url: str, oracle: Oracle, now: float) -> None:
