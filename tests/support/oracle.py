@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from adserver.state.view import DELAY_BUCKETS
 from tests.support.streams import Item, ModelSpec, Request, Stream
 
 MISSING = "__missing__"
@@ -270,11 +271,25 @@ def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, An
     summary["rows"] = rows
     summary["predictions"] = predictions
     summary["label_coverage"] = rows / known if known else None
+    count = sum(n for _, n in delays)
     summary["label_delay"] = {
-        "count": sum(n for _, n in delays),
+        "count": count,
         "sum": Between(sum(d.low * n for d, n in delays), sum(d.high * n for d, n in delays)),
+        "buckets": {**delay_buckets(delays), "+Inf": count},
     }
     return summary
+
+
+def delay_buckets(delays: Sequence[tuple[Between, int]]) -> dict[str, Between]:
+    """Cumulative rows by upper bound (Prometheus' ``le``): at least those surely below it, at
+    most those that may be (a delay is known within the clock readings around its label)."""
+    return {
+        repr(bound): Between(
+            sum(n for d, n in delays if d.high + SLACK <= bound),
+            sum(n for d, n in delays if d.low - SLACK <= bound),
+        )
+        for bound in DELAY_BUCKETS
+    }
 
 
 # ---- comparing ------------------------------------------------------------------------------
