@@ -23,9 +23,9 @@ import pytest
 import requests
 
 from adserver.state.buckets import DEFAULT_BUCKETS, NotKept, TimeBuckets, format_duration
-from tests.support.http import scrape
+from tests.support.http import scrape, value
 from tests.support.models_config import write_models_config
-from tests.support.oracle import Oracle, Sent, assert_matches
+from tests.support.oracle import OVERFLOW, Oracle, Sent, assert_matches
 from tests.support.processes import ServerProcess, start_server
 from tests.support.streams import MODELS, Request, Stream, generate
 
@@ -34,6 +34,7 @@ ITEMS = 60
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 # The window gauges D9 names feedback_window_*{model, segment, window}.
 WINDOW_PREFIX = "feedback_window_"
+SEGMENT_OVERFLOW_ROWS = "feedback_segment_overflow_rows_total"
 BUCKETS = TimeBuckets.parse(DEFAULT_BUCKETS)
 # Seconds the server's clock may run ahead of the test's ``now`` while the test reads (a
 # range at the edge of retention must not age out between the two).
@@ -109,6 +110,12 @@ def check_documents(url: str, oracle: Oracle, context: str) -> None:
         assert_matches(
             {"models": {model.name: expected}}, one.json(), f"{context}: {model.name} alone"
         )
+    samples = scrape(url)
+    for model in MODELS:  # rows and logged predictions beyond a cap are counted
+        overflow = oracle.select(model.name, OVERFLOW)
+        rows = sum(len(c.truth) + c.predictions for c in overflow)
+        found = value(samples, SEGMENT_OVERFLOW_ROWS, model=model.name)
+        assert found == rows, (context, model.name, found, rows)
 
 
 def random_range(
