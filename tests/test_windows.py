@@ -115,6 +115,8 @@ def check_summary(summary: dict[str, Any], rows: list[Row], model: str, segment,
     matrix, scores, labelled, waiting = expected(rows, model, segment, start, end)
     assert summary["rows"] == labelled
     assert summary["predictions"] == waiting
+    known = max(labelled, waiting)  # null for an empty span: nothing known, not unlabelled
+    assert summary["label_coverage"] == (labelled / known if known else None)
     assert summary["label_delay"]["count"] == labelled
     assert summary["classes"] == list(CLASSES[model])
     if matrix is None:

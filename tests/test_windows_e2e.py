@@ -4,8 +4,8 @@ A seeded stream of KServe V1/V2 logger events, Seldon executor events, labels (b
 their predictions, days late) and direct feedback for six models is posted over HTTP; then, for
 random models, segments, ranges and steps, ``GET /v1/models/<name>/metrics?from=&to=&step=``
 must equal scikit-learn on exactly the rows predicted in each step (tests/support/oracle.py), and
-so must ``/v1/metrics?format=json`` per model and segment and the sliding-window gauges; the
-same after a restart (SQLite).
+so must ``/v1/metrics?format=json`` per model and segment and the sliding-window gauges,
+after each half of the stream and, for SQLite, after a restart.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,22 @@ import pytest
 import requests
 
 from adserver.state.buckets import DEFAULT_BUCKETS, NotKept, TimeBuckets, format_duration
-from tests.support.http import scrape
+from tests.support.http import scrape, value
 from tests.support.models_config import write_models_config
-from tests.support.oracle import Oracle, Sent, assert_matches
+from tests.support.oracle import OVERFLOW, Oracle, Sent, assert_matches
 from tests.support.processes import ServerProcess, start_server
-from tests.support.streams import MODELS, Stream, generate
+from tests.support.streams import MODELS, Request, Stream, generate
 
 SEED = int(os.environ.get("STREAMS_SEED", "13"))
 ITEMS = 60
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
-# The window gauge D9 names feedback_window_*{model, segment, window}: its accuracy member.
-WINDOW_ACCURACY = "feedback_window_accuracy"
+# The window gauges D9 names feedback_window_*{model, segment, window}.
+WINDOW_PREFIX = "feedback_window_"
+SEGMENT_OVERFLOW_ROWS = "feedback_segment_overflow_rows_total"
 BUCKETS = TimeBuckets.parse(DEFAULT_BUCKETS)
+# Seconds the server's clock may run ahead of the test's ``now`` while the test reads (a
+# range at the edge of retention must not age out between the two).
+CLOCK_MARGIN = 300
 
 
 def server_args(config: Path, state: str) -> list[str]:
@@ -57,11 +61,12 @@ def config(tmp_path: Path) -> Path:
     return write_models_config(tmp_path / "models.yaml")
 
 
-def post_stream(url: str, stream: Stream) -> list[Sent]:
-    """Send every request in order, as its peer would; each must get the answer it expects."""
+def post_stream(url: str, stream: Stream, part: Sequence[Request]) -> list[Sent]:
+    """Send a part of the stream's requests in order, as their peers would; each must get the
+    answer it expects."""
     sent = []
     with requests.Session() as session:
-        for request in stream.requests:
+        for request in part:
             before = time.time()
             answer = session.post(
                 url + request.path, data=request.body, headers=dict(request.headers), timeout=10
@@ -105,13 +110,22 @@ def check_documents(url: str, oracle: Oracle, context: str) -> None:
         assert_matches(
             {"models": {model.name: expected}}, one.json(), f"{context}: {model.name} alone"
         )
+    samples = scrape(url)
+    for model in MODELS:  # rows and logged predictions beyond a cap are counted
+        overflow = oracle.select(model.name, OVERFLOW)
+        rows = sum(len(c.truth) + c.predictions for c in overflow)
+        found = value(samples, SEGMENT_OVERFLOW_ROWS, model=model.name)
+        assert found == rows, (context, model.name, found, rows)
 
 
-def random_range(oracle: Oracle, model: str, rng: random.Random, now: float) -> tuple[int, ...]:
-    """(start, end, step): around a counted row or anywhere kept, aligned to a granularity."""
+def random_range(
+    oracle: Oracle, model: str, segment: str | None, rng: random.Random, now: float
+) -> tuple[int, ...]:
+    """(start, end, step): around a row of the model's segment (or totals) or anywhere kept,
+    aligned to a granularity."""
     level = rng.randrange(len(BUCKETS.levels))
     size = BUCKETS.levels[level].seconds
-    rows = [c.start for c in oracle.select(model) if c.start == c.end]
+    rows = [c.start for c in oracle.select(model, segment)]
     if rows and rng.random() < 0.7:
         anchor = rng.choice(rows)
     else:
@@ -123,11 +137,14 @@ def random_range(oracle: Oracle, model: str, rng: random.Random, now: float) -> 
 
 
 def coverable(start: int, end: int, now: float) -> bool:
+    """Whether the server reads the range, though its clock is later than ``now``: still kept
+    CLOCK_MARGIN later, and not too far ahead (a bucket still filling is fine: every row is
+    sent before a read, and ``ambiguous`` skips an edge that may cut an arrival time)."""
     try:
-        BUCKETS.cover(start, end, now)
+        BUCKETS.cover(start, end, now + CLOCK_MARGIN)
     except NotKept:
         return False
-    return end <= (now // BUCKETS.finest) * BUCKETS.finest  # no bucket still filling
+    return end <= now + BUCKETS.levels[-1].seconds
 
 
 def check_range(
@@ -170,15 +187,15 @@ def check_ranges(url: str, oracle: Oracle, now: float, rng: random.Random, conte
     checked = 0
     for _ in range(60):
         model = rng.choice(MODELS).name
-        span = random_range(oracle, model, rng, now)
+        segments = sorted(oracle.segments(model))
+        segment = rng.choice([None, *segments]) if segments else None
+        span = random_range(oracle, model, segment, rng, now)
         start, end, step = span
         edges = range(start, end + 1, step)
         if not coverable(start, end, now) or any(
             oracle.ambiguous(model, low, high) for low, high in itertools.pairwise(edges)
         ):
             continue
-        segments = sorted(oracle.segments(model))
-        segment = rng.choice([None, *segments]) if segments else None
         check_range(url, oracle, model, segment, span, rng, context)
         checked += 1
     return checked
@@ -207,6 +224,8 @@ def check_windows(url: str, oracle: Oracle, context: str) -> None:
 
 
 def window_gauge_difference(samples: dict, oracle: Oracle) -> str | None:
+    """The first window gauge (D9's members: accuracy, rows, predictions, label coverage) that
+    differs from the oracle's; a series with neither rows nor predictions has no sample."""
     now = time.time()
     end = int(now // BUCKETS.finest + 1) * BUCKETS.finest
     for name, seconds in WINDOWS.items():
@@ -215,16 +234,25 @@ def window_gauge_difference(samples: dict, oracle: Oracle) -> str | None:
             segments = [("", None), *((s, s) for s in sorted(oracle.segments(model.name)))]
             for label, segment in segments:
                 expected = oracle.summary(model.name, segment, start, end)
-                if not expected["rows"]:
-                    continue
-                key = (
-                    WINDOW_ACCURACY,
-                    frozenset({"model": model.name, "segment": label, "window": name}.items()),
-                )
-                got = samples.get(key)
-                if got is None or abs(got - expected["accuracy"]) > 1e-9:
-                    return f"{key}: expected {expected['accuracy']}, got {got}"
+                labels = frozenset({"model": model.name, "segment": label, "window": name}.items())
+                for member, want in window_members(expected).items():
+                    got = samples.get((WINDOW_PREFIX + member, labels))
+                    if (got is None) != (want is None) or (
+                        want is not None and abs(got - want) > 1e-9
+                    ):
+                        return f"{member}{dict(labels)}: expected {want}, got {got}"
     return None
+
+
+def window_members(expected: dict[str, Any]) -> dict[str, float | None]:
+    """A window's gauges from its range summary (None: no sample)."""
+    known = expected["rows"] or expected["predictions"]
+    return {
+        "accuracy": expected["accuracy"] if expected["rows"] else None,
+        "rows": expected["rows"] if known else None,
+        "predictions": expected["predictions"] if known else None,
+        "label_coverage": expected["label_coverage"],
+    }
 
 
 def check_refusals(url: str, oracle: Oracle, now: float) -> None:
@@ -269,12 +297,16 @@ def test_windows_segments_and_models_equal_the_oracle(
     owned.append(server)
     now = time.time()
     stream = generate(SEED, ITEMS, now=now)
-    oracle = Oracle(stream, post_stream(server.url, stream))
     rng = random.Random(SEED)
-    context = f"seed {SEED}, {state}"
-    check_documents(server.url, oracle, context)
-    assert check_ranges(server.url, oracle, now, rng, context) >= 10
-    check_windows(server.url, oracle, context)
+    half = len(stream.requests) // 2
+    sent: list[Sent] = []
+    for part in (stream.requests[:half], stream.requests[half:]):  # checked after updates too
+        sent += post_stream(server.url, stream, part)
+        oracle = Oracle(stream, sent)
+        context = f"seed {SEED}, {state}, after {len(sent)} requests"
+        check_documents(server.url, oracle, context)
+        assert check_ranges(server.url, oracle, now, rng, context) >= 10
+        check_windows(server.url, oracle, context)
     check_refusals(server.url, oracle, now)
     if state == "sqlite":
         server.stop()

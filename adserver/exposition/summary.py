@@ -58,11 +58,16 @@ def derived_summary(state: MetricsState, classes: list[int] | None = None) -> di
 
 
 def coverage(rows: int, predictions: int) -> dict[str, Any]:
-    """Logged prediction rows, and the share of the known predictions labelled: rows over
-    max(predictions, rows), as ``feedback_label_coverage`` (feedback that carries its response
-    is a prediction no logger logged); null while nothing is known."""
+    """Logged prediction rows, and the share of the known predictions labelled."""
+    return {"predictions": predictions, "label_coverage": label_coverage(rows, predictions)}
+
+
+def label_coverage(rows: int, predictions: int) -> float | None:
+    """Rows over max(predictions, rows), as ``feedback_label_coverage`` (feedback that carries
+    its response is a prediction no logger logged); None while nothing is known, so an empty
+    span is not mistaken for an unlabelled one."""
     known = max(rows, predictions)
-    return {"predictions": predictions, "label_coverage": rows / known if known else None}
+    return rows / known if known else None
 
 
 def models_document(models: Mapping[str, dict[str, Any]]) -> bytes:

@@ -30,7 +30,7 @@ from adserver.catalogue.families import CLASS, MODEL, PREDICTED_ROWS, ROWS_ACCEP
 from adserver.catalogue.wire import QUERY_FROM, QUERY_SEGMENT, QUERY_STEP, QUERY_TO
 from adserver.errors import BadRequest, NotFound
 from adserver.exposition.collector import LazySamples, new, set_samples
-from adserver.exposition.summary import derived_summary, with_confusion_matrix
+from adserver.exposition.summary import derived_summary, label_coverage, with_confusion_matrix
 from adserver.state.buckets import NotKept, TimeBuckets, format_duration, parse_duration
 from adserver.state.reads import BucketReader, WindowKey
 from adserver.state.view import MetricsState
@@ -49,7 +49,16 @@ MAX_RANGE_CELLS = 2_000_000
 #: takes seconds: it goes on in the background).
 REFRESH_WAIT_SECONDS = 0.5
 #: What a range summary keeps of the all-time one (events and micro averages are not per row).
-RANGE_KEYS = ("classes", "accuracy", "per_class", "macro", "weighted", "rows")
+RANGE_KEYS = (
+    "classes",
+    "accuracy",
+    "per_class",
+    "macro",
+    "weighted",
+    "rows",
+    "predictions",
+    "label_coverage",
+)
 
 
 class ModelViews(Protocol):
@@ -62,13 +71,6 @@ class ModelViews(Protocol):
     def segments(self, model: str) -> Mapping[str, MetricsState]: ...
 
 
-def label_coverage(state: MetricsState) -> float:
-    """Labelled share of the predictions known (as ``feedback_label_coverage``)."""
-    scored = state.count(ROWS_ACCEPTED)
-    known = max(state.count(PREDICTED_ROWS), scored)
-    return scored / known if known else 0.0
-
-
 def range_summary(state: MetricsState) -> dict[str, Any]:
     """One span's metrics: the all-time summary's per-row keys, predictions, label coverage and
     the label-delay histogram (cumulative counts by upper bound, as Prometheus has them)."""
@@ -76,15 +78,11 @@ def range_summary(state: MetricsState) -> dict[str, Any]:
     summary = {key: derived[key] for key in RANGE_KEYS}
     delay = state.label_delay
     bounds = [*(repr(b) for b in delay.bounds), "+Inf"]
-    summary.update(
-        predictions=state.count(PREDICTED_ROWS),
-        label_coverage=label_coverage(state),
-        label_delay={
-            "count": delay.count,
-            "sum": delay.total,
-            "buckets": dict(zip(bounds, [*delay.buckets.tolist(), delay.count])),
-        },
-    )
+    summary["label_delay"] = {
+        "count": delay.count,
+        "sum": delay.total,
+        "buckets": dict(zip(bounds, [*delay.buckets.tolist(), delay.count])),
+    }
     return with_confusion_matrix(summary, state.confusion.matrix())
 
 
@@ -269,7 +267,7 @@ class WindowSeries:
     window: str
     rows: int
     predictions: int
-    coverage: float
+    coverage: float | None
     accuracy: float | None
     classes: list[str]
     per_class: dict[str, list[float]]  # by report field: a value per class
@@ -288,7 +286,7 @@ def derive(
     keyed.sort(key=lambda item: (rank.get(item[0][0], len(rank)), item[0], windows.index(item[1])))
     series = []
     for (model, segment), window, state in keyed:
-        rows = state.count(ROWS_ACCEPTED)
+        rows, predictions = state.count(ROWS_ACCEPTED), state.count(PREDICTED_ROWS)
         matrix = state.confusion.matrix()
         labelled = rows > 0 and int(matrix.sum()) > 0
         report = classification_report(matrix) if labelled else None
@@ -298,8 +296,8 @@ def derive(
                 segment,
                 window,
                 rows,
-                state.count(PREDICTED_ROWS),
-                label_coverage(state),
+                predictions,
+                label_coverage(rows, predictions),
                 report.accuracy if report is not None else None,
                 [str(c) for c in state.confusion.classes] if report is not None else [],
                 {

@@ -12,6 +12,7 @@ server's answer differs.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from adserver.state.view import DELAY_BUCKETS
 from tests.support.streams import Item, ModelSpec, Request, Stream
 
 MISSING = "__missing__"
@@ -221,6 +223,14 @@ class Oracle:
         return document
 
 
+def one_matrix(truth: list[int], predicted: list[int], labels: list[int]) -> list[list[int]]:
+    """sklearn's matrix over ``labels``; a range may show one class only, which sklearn warns
+    of although the labels are given (its shape is right by construction)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return confusion_matrix(truth, predicted, labels=labels).tolist()
+
+
 def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, Any]:
     truth = [t for c in parts for t in c.truth]
     predicted = [p for c in parts for p in c.predicted]
@@ -231,9 +241,7 @@ def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, An
     summary: dict[str, Any] = {
         "classes": labels,
         "confusion_matrix": (
-            confusion_matrix(truth, predicted, labels=labels).tolist()
-            if rows
-            else [[0] * len(labels) for _ in labels]
+            one_matrix(truth, predicted, labels) if rows else [[0] * len(labels) for _ in labels]
         ),
         "accuracy": float(accuracy_score(truth, predicted)) if rows else 0.0,
     }
@@ -262,12 +270,26 @@ def sklearn_summary(parts: Sequence[Counted], labels: list[int]) -> dict[str, An
         summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     summary["rows"] = rows
     summary["predictions"] = predictions
-    summary["label_coverage"] = rows / known if known else 0.0
+    summary["label_coverage"] = rows / known if known else None
+    count = sum(n for _, n in delays)
     summary["label_delay"] = {
-        "count": sum(n for _, n in delays),
+        "count": count,
         "sum": Between(sum(d.low * n for d, n in delays), sum(d.high * n for d, n in delays)),
+        "buckets": {**delay_buckets(delays), "+Inf": count},
     }
     return summary
+
+
+def delay_buckets(delays: Sequence[tuple[Between, int]]) -> dict[str, Between]:
+    """Cumulative rows by upper bound (Prometheus' ``le``): at least those surely below it, at
+    most those that may be (a delay is known within the clock readings around its label)."""
+    return {
+        repr(bound): Between(
+            sum(n for d, n in delays if d.high + SLACK <= bound),
+            sum(n for d, n in delays if d.low - SLACK <= bound),
+        )
+        for bound in DELAY_BUCKETS
+    }
 
 
 # ---- comparing ------------------------------------------------------------------------------

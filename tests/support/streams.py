@@ -21,6 +21,7 @@ from typing import Any, Literal
 from hypothesis import strategies as st
 
 from adserver.catalogue.wire import (
+    BODY_MODEL_VERSION,
     KSERVE_REQUEST_TYPE,
     KSERVE_RESPONSE_TYPE,
     SELDON_FEEDBACK_TYPE,
@@ -487,8 +488,10 @@ def draw_item(
             label_values[dimension] = value  # tags ride on the truth
         else:
             prediction_values[dimension] = value
-    if flow == "direct":  # one event carries both
+    if flow == "direct":  # one event carries both, but no V2 body to tell a model_version
         prediction_values = {**prediction_values, **label_values}
+        if BODY_MODEL_VERSION in prediction_values:
+            prediction_values[BODY_MODEL_VERSION] = None
     scores = tuple(draw_scores(model, p, rng) for p in predicted)
     return Item(
         index,
