@@ -46,6 +46,7 @@ from adserver.catalogue.families import (
     seldon_class,
 )
 from adserver.exposition.encoder import Grid, Grids
+from adserver.exposition.summary import label_coverage
 from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
 from cm_models.formulas import ClassCounts, classification_report
 
@@ -208,9 +209,8 @@ class FeedbackCollector:
             # A scored row is a labelled prediction, however it came: with its response
             # (Seldon's classic flow, where no logger reports predictions) or joined to a
             # logged one.
-            scored = view.count(ROWS_ACCEPTED)
-            known = max(view.count(PREDICTED_ROWS), scored)
-            coverage.add_metric((source.name,), scored / known if known else 0.0)
+            share = label_coverage(view.count(ROWS_ACCEPTED), view.count(PREDICTED_ROWS))
+            coverage.add_metric((source.name,), share or 0.0)  # a gauge has no null
         yield coverage
         delays = [(source.name, view.label_delay) for source, view in scraped]
         yield histogram_family(families.LABEL_DELAY, delays, lambda name: {MODEL: name})

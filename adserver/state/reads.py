@@ -54,9 +54,9 @@ def bucket_statistics(view: MetricsState) -> list[Statistic[Any, Any]]:
     return [*(view.statistics[name] for name in ROW_STATISTICS), *own]
 
 
-def chunks(buckets: Sequence[int]) -> Iterator[Sequence[int]]:
-    for start in range(0, len(buckets), IN_CHUNK):
-        yield buckets[start : start + IN_CHUNK]
+def chunks(buckets: Sequence[int], size: int = IN_CHUNK) -> Iterator[Sequence[int]]:
+    for start in range(0, len(buckets), size):
+        yield buckets[start : start + size]
 
 
 class WindowFold:
