@@ -24,7 +24,7 @@ from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.routing import Route, Router
 from adserver.ingest.service import FeedbackService, ReplyConfig
 from adserver.loader import load_model, model_kind
-from adserver.models_config import load_models_config
+from adserver.models_config import load_configured_models, load_models_config
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
 from adserver.state.buckets import TimeBuckets
@@ -145,7 +145,7 @@ def build_server(settings: Settings) -> Server:
     configured = (
         load_models_config(settings.models_config, settings) if settings.models_config else []
     )
-    models = {config.name: load_model(config.settings(settings)) for config in configured}
+    models = load_configured_models(configured, settings)
     router = (
         Router([Route(c.name, c.match, c.segment_by, c.default) for c in configured])
         if configured

@@ -16,8 +16,9 @@ import yaml  # type: ignore[import-untyped]
 
 from adserver.catalogue.wire import MATCH_BODY, MATCH_EXTENSIONS, SEGMENT_FIELDS, SEGMENT_KEYED
 from adserver.errors import StartupError
-from adserver.loader import ModelLoadError, resolve_class
+from adserver.loader import ModelLoadError, load_model, resolve_class
 from adserver.settings import Settings
+from cm_models.protocol import FeedbackModel
 
 #: A model's name is the ``model`` label of its series.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -44,6 +45,7 @@ class ModelConfig:
     match: Mapping[str, str] = field(default_factory=dict)
     segment_by: tuple[str, ...] = ()
     max_segments: int | None = None  # None: --max_segments
+    where: str = ""  # "<file>:line <n>" of its entry, for the errors of loading it
 
     def settings(self, server: Settings) -> Settings:
         """The server's settings as this model's loader sees them (its name, class, classes)."""
@@ -84,6 +86,20 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_configured_models(
+    configured: list[ModelConfig], settings: Settings
+) -> dict[str, FeedbackModel]:
+    """Each configured model, built now: one that cannot be (e.g. classes its class refuses)
+    fails start-up naming its entry's line."""
+    models = {}
+    for config in configured:
+        try:
+            models[config.name] = load_model(config.settings(settings))
+        except ModelLoadError as exc:
+            raise ModelsConfigError(f"{config.where}: model {config.name!r}: {exc}") from exc
+    return models
 
 
 def load_models_config(path: str, settings: Settings) -> list[ModelConfig]:
@@ -162,6 +178,7 @@ class _Parser:
             match=self.match(item),
             segment_by=self.segment_by(item),
             max_segments=self.max_segments(item),
+            where=f"{self.path}:line {item.line}",
         )
 
     def classes(self, item: _Mapping) -> tuple[int, ...]:

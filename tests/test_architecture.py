@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "http": {"catalogue", "wire", "exposition", "ingest", "tornado"},
     "settings": {"catalogue"},
     "loader": {"cm_models", "settings"},
-    "models_config": {"catalogue", "loader", "settings"},
+    "models_config": {"catalogue", "cm_models", "loader", "settings"},
     "errors": set(),
     "logs": set(),
     "__main__": {"app", "settings"},

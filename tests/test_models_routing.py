@@ -250,6 +250,9 @@ def test_one_model_answers_its_name_on_the_path(servers) -> None:
         ("models:\n  - name: a\n    storage_uri: NoSuchModel\n", 3, "unknown model"),
         ("models:\n  - name: a\n    storage_uri: [unclosed\n", 4, "not valid YAML"),
         ("models:\n  - name: a b\n    storage_uri: MultiClassNumeric\n", 2, "is not"),
+        ("models:\n  - name: a\n    storage_uri: MultiClassNumeric\n"
+         "  - name: b\n    storage_uri: BinaryMetrics\n    classes: [0, 1, 2, 3]\n", 4,
+         "cannot configure BinaryMetrics"),
     ],
 )  # fmt: skip
 def test_a_bad_config_exits_2_naming_the_line(tmp_path, text: str, line: int, says: str) -> None:
