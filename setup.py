@@ -16,6 +16,7 @@ setup(
         "orjson>=3.9",
         "pysimdjson>=6.0",
         "pyyaml>=6",  # --models_config
+        "PyJWT[crypto]>=2.8",  # --auth oidc: JWT signatures (RSA, EC) through cryptography
         "python-json-logger>=3.1",
     ],
     extras_require={
