@@ -19,6 +19,7 @@ from adserver.exposition.seldon_labels import configured_model_labels, seldon_de
 from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
 from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
+from adserver.http.tls import ServerTLS
 from adserver.http.transport import HTTPTransport
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.routing import Route, Router
@@ -228,7 +229,12 @@ def build_server(settings: Settings) -> Server:
         idle_connection_timeout=settings.idle_timeout_seconds,
     )
     cap = connection_cap(settings.max_connections)
-    transport = HTTPTransport(http, Listener(http, service.reject, cap, connections), app.bodies)
+    tls = None
+    if settings.tls_cert_file:
+        tls = ServerTLS(settings.tls_cert_file, settings.tls_key_file)
+    transport = HTTPTransport(
+        http, Listener(http, service.reject, cap, connections, tls), app.bodies
+    )
     lifecycle.register(transport)
     return Server(settings, service, transport, sender, lifecycle, reader)
 
@@ -256,6 +262,7 @@ async def serve(settings: Settings) -> None:
             "storage_uri": settings.storage_uri,
             "state": settings.state,
             "max_connections": server.http.listener.max_connections,
+            "tls": bool(settings.tls_cert_file),
         },
     )
     stop = asyncio.Event()

@@ -31,6 +31,14 @@ class Settings:
     model_name: str = setting("model", "MODEL_NAME", "name of the model in metric labels")
     http_port: int = setting(8080, "HTTP_PORT", "port to listen on")
     http_host: str = setting("0.0.0.0", "HTTP_HOST", "address to listen on")
+    tls_cert_file: str = setting(
+        "",
+        "TLS_CERT_FILE",
+        "serve HTTPS with this PEM certificate chain (with --tls_key_file; re-read when changed)",
+    )
+    tls_key_file: str = setting(
+        "", "TLS_KEY_FILE", "the PEM private key of --tls_cert_file (re-read when changed)"
+    )
     protocol: str = setting(PROTOCOL_SELDON_FEEDBACK, "PROTOCOL", "wire protocol of POST /")
     storage_uri: str = setting(
         DEFAULT_MODEL,
@@ -161,6 +169,8 @@ class Settings:
             raise ValueError("--reply_retries must be 0 or more")
         if self.max_connections < 0:
             raise ValueError("--max_connections must be 0 (derived from the fd limit) or positive")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls_cert_file and --tls_key_file go together: set both or neither")
         if not 0 <= self.http_port <= 65535:
             raise ValueError("--http_port must be a port number")
         if len(set(self.classes)) > self.max_classes:

@@ -33,7 +33,7 @@ REJECTED = "feedback_events_rejected_total"
 
 
 def address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
+    host, port = url.partition("://")[2].split(":")
     return host, int(port)
 
 

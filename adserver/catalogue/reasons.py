@@ -72,6 +72,7 @@ CONTENT_LENGTH_WITH_TRANSFER_ENCODING: Final = "content_length_with_transfer_enc
 UNSUPPORTED_TRANSFER_ENCODING: Final = "unsupported_transfer_encoding"
 MALFORMED_CHUNKED_BODY: Final = "malformed_chunked_body"
 BODY_TIMEOUT: Final = "body_timeout"  # 408
+TLS_REQUIRED: Final = "tls_required"  # plain HTTP to the port of --tls_cert_file
 
 # compressed bodies
 UNSUPPORTED_CONTENT_ENCODING: Final = "unsupported_content_encoding"  # 415
@@ -175,6 +176,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         UNSUPPORTED_TRANSFER_ENCODING,
         MALFORMED_CHUNKED_BODY,
         BODY_TIMEOUT,
+        TLS_REQUIRED,
     ),
     "compressed bodies": (UNSUPPORTED_CONTENT_ENCODING, INVALID_COMPRESSED_BODY),
     "time ranges": (

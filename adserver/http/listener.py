@@ -11,6 +11,11 @@ Tornado answers a request it cannot parse (a control character in a header, a ma
 line or chunked body) with a bare ``400 Bad Request`` and no body, and closes a connection whose
 request head is too large without any answer. :class:`GuardedStream` turns both into JSON
 answers counted as rejected events.
+
+With TLS (``--tls_cert_file``), accepted sockets are wrapped server-side with the current context
+(:mod:`adserver.http.tls`) and served by :class:`GuardedTLSStream`; a plain HTTP request to the
+TLS port gets a plain-text JSON 400. Connections over the cap are closed without a handshake: a
+flood over the cap must not get the CPU a handshake costs.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +34,12 @@ from typing import Any
 import tornado.httpserver
 import tornado.ioloop
 import tornado.netutil
-from tornado.iostream import IOStream, UnsatisfiableReadError
+from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
 
 from adserver.catalogue import reasons
 from adserver.errors import BadRequest, HeadersTooLarge, RequestError, Unavailable
 from adserver.http.events import answer_and_close, closing_answer
+from adserver.http.tls import ServerTLS
 from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,10 @@ UNLIMITED_FDS_CAP = 65536
 # Connections answered before their request was read that may linger at once (until their
 # client closes, at most LINGER_SECONDS): 503s over the cap, and Tornado's refusals.
 MAX_LINGERING = 32
+# What Tornado logs for every failed TLS handshake (iostream.SSLIOStream, 6.4 to 6.6).
+TORNADO_HANDSHAKE_ERROR = "SSL Error on %s %s: %s"
+# OpenSSL's reason for a plain HTTP request where a TLS ClientHello was expected.
+OPENSSL_HTTP_REQUEST = "HTTP_REQUEST"
 
 Reject = Callable[[str], Awaitable[None]]
 
@@ -87,8 +99,10 @@ class Listener:
         reject: Reject,
         max_connections: int,
         stats: ConnectionStats,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.http = http
+        self.tls = tls
         self.reject = reject
         self.max_connections = max_connections
         self.stats = stats
@@ -112,6 +126,11 @@ class Listener:
                 reasons.TOO_MANY_CONNECTIONS,
             )
         )
+        self.handshake_failed = ThrottledWarning(
+            log, "TLS handshakes failed (clients that do not trust the certificate, scanners)"
+        )
+        if tls is not None:
+            logging.getLogger("tornado.general").addFilter(self.quiet_handshake_errors)
 
     def listen(self, port: int, address: str) -> None:
         self.io_loop = tornado.ioloop.IOLoop.current()
@@ -145,8 +164,32 @@ class Listener:
             if self.stats.open >= self.max_connections:
                 self.refuse(connection)
                 continue
-            self.stats.open += 1
-            self.http.handle_stream(GuardedStream(connection, self), address)
+            stream = self.stream(connection)
+            if stream is not None:
+                self.stats.open += 1
+                self.http.handle_stream(stream, address)
+
+    def stream(self, connection: socket.socket) -> GuardedStream | None:
+        """The connection's stream; with TLS, the handshake starts on the next IOLoop turn."""
+        if self.tls is None:
+            return GuardedStream(connection, self)
+        context = self.tls.context()
+        try:
+            wrapped = context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        except OSError:  # the client is already gone
+            connection.close()
+            return None
+        return GuardedTLSStream(wrapped, self, ssl_options=context)
+
+    def quiet_handshake_errors(self, record: logging.LogRecord) -> bool:
+        """Tornado warns once per failed handshake, which anyone reaching the port can repeat:
+        one throttled warning instead."""
+        if record.msg != TORNADO_HANDSHAKE_ERROR:
+            return True
+        self.handshake_failed.note(detail=record.getMessage())
+        return False
 
     def pause(self, sock: socket.socket, error: OSError) -> None:
         """Stop reading the socket for a while: it stays readable, so retrying now would spin."""
@@ -164,7 +207,10 @@ class Listener:
         """503 without reading the request: the cap keeps fds for the connections open."""
         self.stats.refused += 1
         self.over_cap.note(detail=f"{self.stats.open} open")
-        self.close_with(connection, self.too_many)
+        if self.tls is None:
+            self.close_with(connection, self.too_many)
+        else:
+            connection.close()
 
     def close_with(self, connection: socket.socket, answer: bytes) -> None:
         """Answer a connection whose request is not read, and close it (see answer_and_close).
@@ -248,9 +294,45 @@ class GuardedStream(IOStream):
                 )
             if self.final is not None:
                 with contextlib.suppress(OSError):  # no fd left for the duplicate, or gone
-                    self.listener.close_with(self.socket.dup(), self.final)
+                    self.listener.close_with(*self.hand_over(self.final))
         super().close(exc_info)
+
+    def hand_over(self, answer: bytes) -> tuple[socket.socket, bytes]:
+        """A duplicate of the socket to linger on, and the answer still to write on it."""
+        return self.socket.dup(), answer
 
     def answer(self, error: RequestError) -> bytes:
         self.listener.count(error.reason)
         return closing_answer(error)
+
+
+class GuardedTLSStream(GuardedStream, SSLIOStream):
+    """The same over TLS; a plain HTTP request, which fails the handshake, is answered in plain
+    text (as Go's servers do), so its sender learns what is wrong."""
+
+    def close(self, exc_info: Any = False) -> None:
+        if (
+            isinstance(exc_info, ssl.SSLError)
+            and exc_info.reason == OPENSSL_HTTP_REQUEST
+            and not self.closed()
+        ):
+            self.final = self.answer(
+                BadRequest(
+                    "this port serves HTTPS: send the request over TLS", reasons.TLS_REQUIRED
+                )
+            )
+        super().close(exc_info)
+
+    def hand_over(self, answer: bytes) -> tuple[socket.socket, bytes]:
+        """A TLS session cannot be duplicated: after a handshake the answer is encrypted here, at
+        once (one small record, which the socket's buffer takes), and the duplicate of the bare
+        socket only lingers."""
+        raw = socket.socket(fileno=os.dup(self.socket.fileno()))
+        if self._ssl_accepting:
+            return raw, answer
+        try:
+            self.socket.send(answer)
+        except OSError:
+            raw.close()
+            raise
+        return raw, b""

@@ -107,14 +107,20 @@ def launch(
     return process, Path(name)
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], stderr: Path, timeout: float) -> None:
+def wait_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    stderr: Path,
+    timeout: float,
+    verify: str | bool = True,
+) -> None:
     """Poll ``/health/ready`` until 200; fail with the server's stderr if it dies or hangs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}: {stderr.read_text()}")
         with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/health/ready", timeout=0.5).status_code == 200:
+            if requests.get(url + "/health/ready", timeout=0.5, verify=verify).status_code == 200:
                 return
         time.sleep(0.03)
     process.kill()
@@ -123,9 +129,11 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], stderr: Path, timeout
 
 
 def start_server(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 10.0
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 10.0, ca: Path | None = None
 ) -> ServerProcess:
     """A ready server on a free loopback port; ``args`` are extra flags before ``MetricsServer``.
+
+    ``ca``: the server serves HTTPS (``args`` name its certificate) and is verified against it.
 
     Unless the caller chooses one, the server keeps its (default, durable) state in a fresh
     temporary directory, so servers never share or leave state behind.
@@ -140,9 +148,9 @@ def start_server(
         state_dir = Path(tempfile.mkdtemp(prefix="adserver-state-"))
         env["STATE_DIR"] = str(state_dir)
     process, stderr = launch(argv, env)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, stderr, timeout)
+        wait_ready(url, process, stderr, timeout, str(ca) if ca else True)
     except RuntimeError:
         ServerProcess(url, process, stderr, state_dir).cleanup()
         raise
@@ -155,8 +163,10 @@ class ServerFactory:
 
     started: list[ServerProcess] = field(default_factory=list)
 
-    def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> ServerProcess:
-        server = start_server(*args, env=env)
+    def __call__(
+        self, *args: str, env: Mapping[str, str] | None = None, ca: Path | None = None
+    ) -> ServerProcess:
+        server = start_server(*args, env=env, ca=ca)
         self.started.append(server)
         return server
 
