@@ -407,3 +407,23 @@ def test_manifest_flags_are_documented_settings(name: str) -> None:
     flags = [a for a in container(name)["args"] if a.startswith("--")]
     documented = {key for key, _ in parse_env_file(CONFIG / "example-settings.env")}
     assert {f[2:].upper() for f in flags} <= documented
+
+
+@pytest.mark.parametrize("name", ["multiclass-model-metrics-tokens",
+                                  "multiclass-model-metrics-scrape-token",
+                                  "multiclass-model-metrics-tls"])  # fmt: skip
+def test_auth_secrets_validate(name: str) -> None:
+    docs = [d for d in load("auth.yaml") if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+    assert len(docs) == 1
+    validate(docs[0])
+
+
+def test_event_policy_admits_the_broker_to_the_knative_service() -> None:
+    policy = one("auth.yaml", "EventPolicy")
+    service = one("knative-service.yaml", "Service")
+    (target,) = policy["spec"]["to"]
+    assert target["ref"]["name"] == service["metadata"]["name"]
+    assert target["ref"]["kind"] == "Service"
+    assert policy["metadata"]["namespace"] == service["metadata"]["namespace"]
+    brokers = {t["spec"]["broker"] for t in load("trigger.yaml")}
+    assert {s["ref"]["name"] for s in policy["spec"]["from"]} == brokers
