@@ -17,8 +17,10 @@ from adserver.errors import StartupError
 from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
 from adserver.exposition.seldon_labels import configured_model_labels, seldon_default_labels
 from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
+from adserver.http.auth import Authenticator, TokenFile
 from adserver.http.handlers import make_app
 from adserver.http.listener import MAX_HEADER_BYTES, ConnectionStats, Listener, connection_cap
+from adserver.http.oidc import OIDCVerifier, Subjects
 from adserver.http.tls import ServerTLS
 from adserver.http.transport import HTTPTransport
 from adserver.ingest.lifecycle import Lifecycle
@@ -48,10 +50,13 @@ class Server:
     sender: ReplySender | None
     lifecycle: Lifecycle
     reader: BucketReader
+    issuer: OIDCVerifier | None = None  # --auth oidc: its keys are fetched once serving
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop every transport, let in-flight events finish and commit, then release everything."""
         await self.lifecycle.drain(seconds)
+        if self.issuer is not None:
+            self.issuer.close()
         if self.sender is not None:
             await self.sender.close()
         await self.service.close()
@@ -140,6 +145,27 @@ def model_sources(
     return sources
 
 
+def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
+    if settings.auth != "oidc":
+        return None
+    return OIDCVerifier(
+        settings.oidc_issuer,
+        settings.oidc_audience,
+        Subjects.parse(settings.oidc_subjects),
+        settings.oidc_ca_file,
+        settings.oidc_token_file,
+    )
+
+
+def authenticator(settings: Settings, issuer: OIDCVerifier | None) -> Authenticator | None:
+    """Who may send (``--auth``): None lets anyone, as before there was a choice."""
+    if issuer is not None:
+        return Authenticator(issuer)
+    if settings.auth == "token":
+        return Authenticator(TokenFile(settings.auth_token_file))
+    return None
+
+
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
@@ -202,11 +228,14 @@ def build_server(settings: Settings) -> Server:
         settings.window_refresh_seconds,
     )
     seldon = {**seldon_default_labels(), METHOD: settings.event_type or METHOD_DEFAULT}
+    issuer = oidc_verifier(settings)
+    auth = authenticator(settings, issuer)
     collector = FeedbackCollector(
         settings.model_name,
         model_sources(store, model, models, seldon),
         reply_stats=sender.snapshot if sender is not None else None,
         connection_stats=connections.snapshot,
+        auth_stats=auth.snapshot if auth is not None else None,
     )
     app = make_app(
         service,
@@ -217,6 +246,8 @@ def build_server(settings: Settings) -> Server:
         max_body_bytes=settings.max_body_bytes,
         max_body_bytes_in_flight=settings.max_body_bytes_in_flight,
         body_timeout_seconds=settings.body_timeout_seconds,
+        auth=auth,
+        auth_reads=settings.auth_reads,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
     # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an
@@ -236,7 +267,7 @@ def build_server(settings: Settings) -> Server:
         http, Listener(http, service.reject, cap, connections, tls), app.bodies
     )
     lifecycle.register(transport)
-    return Server(settings, service, transport, sender, lifecycle, reader)
+    return Server(settings, service, transport, sender, lifecycle, reader, issuer)
 
 
 async def serve(settings: Settings) -> None:
@@ -247,6 +278,8 @@ async def serve(settings: Settings) -> None:
     server.http.start(settings.http_port, settings.http_host)
     if server.sender is not None:
         server.sender.start()
+    if server.issuer is not None:
+        server.issuer.start()
     if settings.elasticsearch_uri:
         log.warning(
             "--elasticsearch_uri is accepted but unsupported: send payload-logger events to this "

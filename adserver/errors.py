@@ -20,6 +20,8 @@ class ErrorKind(enum.Enum):
     TOO_SLOW = "too_slow"  # the input did not arrive in time
     UNSUPPORTED_ENCODING = "unsupported_encoding"  # the input is in an encoding not read
     HEAD_TOO_LARGE = "head_too_large"  # the transport's own envelope is over its cap
+    UNAUTHENTICATED = "unauthenticated"  # no credentials, or ones that do not prove a sender
+    FORBIDDEN = "forbidden"  # a proven sender that is not allowed
     UNAVAILABLE = "unavailable"  # a transient fault: a retry may succeed
     INTERNAL = "internal"  # a bug or an unexpected fault
 
@@ -71,6 +73,18 @@ class UnsupportedEncoding(RequestError):
 
 class HeadersTooLarge(RequestError):
     kind = ErrorKind.HEAD_TOO_LARGE
+
+
+class Unauthenticated(RequestError):
+    """The request does not prove who sent it: nothing of it is read."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class Forbidden(RequestError):
+    """The sender is proven, but not one of those allowed."""
+
+    kind = ErrorKind.FORBIDDEN
 
 
 class Unavailable(RequestError):

@@ -15,6 +15,7 @@ from typing import Any
 
 from adserver.catalogue.wire import PROTOCOL_SELDON_FEEDBACK, SUBCOMMAND
 
+AUTH_MODES = ("none", "token", "oidc")
 DEFAULT_MODEL = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
 
 
@@ -139,6 +140,34 @@ class Settings:
         "WINDOW_REFRESH_SECONDS",
         "the window gauges are re-read from the time buckets at most this often (by a scrape)",
     )
+    auth: str = setting(
+        "none", "AUTH", "who may POST events: none, token (--auth_token_file) or oidc (a JWT)"
+    )
+    auth_reads: bool = setting(
+        False, "AUTH_READS", "GET /v1/metrics, /v1/models/<name>/metrics and /protocol need --auth"
+    )
+    auth_token_file: str = setting(
+        "", "AUTH_TOKEN_FILE", "--auth token: the bearer tokens accepted, one a line (re-read)"
+    )
+    oidc_issuer: str = setting(
+        "https://kubernetes.default.svc", "OIDC_ISSUER", "--auth oidc: the tokens' issuer (https)"
+    )
+    oidc_audience: str = setting("", "OIDC_AUDIENCE", "--auth oidc: the audience tokens must name")
+    oidc_subjects: str = setting(
+        "",
+        "OIDC_SUBJECTS",
+        "--auth oidc: comma-separated subjects allowed, or prefixes ending in * (empty: any)",
+    )
+    oidc_ca_file: str = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "OIDC_CA_FILE",
+        "--auth oidc: the CA certificates trusted for the issuer's HTTPS",
+    )
+    oidc_token_file: str = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "OIDC_TOKEN_FILE",
+        "--auth oidc: a bearer token for the issuer's discovery and keys, if the file exists",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -178,8 +207,23 @@ class Settings:
                 f"--classes lists {len(set(self.classes))} classes, more than --max_classes "
                 f"({self.max_classes})"
             )
+        self.check_auth()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("--log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+    def check_auth(self) -> None:
+        """What --auth needs that can be told without reading a file."""
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"--auth must be one of {', '.join(AUTH_MODES)}")
+        if self.auth == "token" and not self.auth_token_file:
+            raise ValueError("--auth token needs --auth_token_file")
+        if self.auth == "oidc":
+            if not self.oidc_audience:
+                raise ValueError("--auth oidc needs --oidc_audience")
+            if not self.oidc_issuer.startswith("https://"):
+                raise ValueError("--oidc_issuer must be an https:// URL")
+        if self.auth_reads and self.auth == "none":
+            raise ValueError("--auth_reads needs --auth token or oidc")
 
     @property
     def replies_enabled(self) -> bool:

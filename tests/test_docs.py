@@ -114,6 +114,7 @@ def test_the_readme_reason_table_is_the_catalogue() -> None:
 ERRORS = {"BadRequest", "InvalidFeedback", "PayloadTooLarge", "Unavailable", "RequestError"}
 ERRORS |= {"InternalError", "Unscorable", "reject"}
 ERRORS |= {"HeadersTooLarge", "UnsupportedEncoding", "RequestTimeout"}
+ERRORS |= {"Unauthenticated", "Forbidden"}
 
 
 def calls(tree: ast.AST) -> Iterator[tuple[str, ast.Call]]:

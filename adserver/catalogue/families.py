@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
+from adserver.catalogue.reasons import AUTH
 from adserver.catalogue.wire import METRIC_PREFIX, SELDON_METRIC_PREFIX
 
 Kind = Literal["counter", "gauge", "histogram"]
@@ -330,6 +331,15 @@ CONNECTIONS: Final[dict[str, Family]] = {
     ),
 }
 
+#: Requests refused by --auth before their body was read (process-local, like the connections).
+AUTH_REFUSED: Final = ours(
+    "auth_refused",
+    "counter",
+    "requests refused by --auth before their body was read, by reason",
+    REASON,
+    reason=AUTH,
+)
+
 
 def custom(key: str, metric_type: MetricType) -> Family:
     """The family of a custom metric key (its labels are the sender's tags and Seldon's)."""
@@ -350,6 +360,7 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     LABEL_DELAY,
     *REPLIES.values(),
     *CONNECTIONS.values(),
+    AUTH_REFUSED,
     *WINDOW_TOTALS.values(),
     *WINDOW_PER_CLASS.values(),
 )

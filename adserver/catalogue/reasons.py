@@ -86,6 +86,13 @@ TOO_MANY_CONNECTIONS: Final = "too_many_connections"  # over --max_connections
 BODIES_IN_FLIGHT: Final = "bodies_in_flight"  # over --max_body_bytes_in_flight
 OUT_OF_MEMORY: Final = "out_of_memory"  # a MemoryError while counting an event
 
+# auth (--auth): refused before the body is read, counted in feedback_auth_refused_total
+MISSING_TOKEN: Final = "missing_token"  # 401: no Authorization, or not a bearer token
+INVALID_TOKEN: Final = "invalid_token"  # 401: a token that proves nothing
+FORBIDDEN_SUBJECT: Final = "forbidden_subject"  # 403: a valid token of a sender not allowed
+ISSUER_UNAVAILABLE: Final = "issuer_unavailable"  # 503: the OIDC issuer's keys are not known yet
+AUTH: Final = (MISSING_TOKEN, INVALID_TOKEN, FORBIDDEN_SUBJECT, ISSUER_UNAVAILABLE)
+
 # routes and faults (adserver/http/handlers.py derives Tornado's from its reason phrase)
 NOT_FOUND: Final = "not_found"
 METHOD_NOT_ALLOWED: Final = "method_not_allowed"
@@ -166,6 +173,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         BODIES_IN_FLIGHT,
         OUT_OF_MEMORY,
     ),
+    "auth": AUTH,
     "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
     "many models": (UNKNOWN_MODEL,),
     "HTTP framing": (

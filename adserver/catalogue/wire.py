@@ -104,3 +104,9 @@ ROUTE_MODEL_EVENTS: Final = "/v1/models/"  # + <name>: events for one model
 HEADER_PREDICTION_TIME_SOURCE: Final = "Prediction-Time-Source"  # event | arrival
 EVENT_TIME_SOURCE: Final = "event"  # the feedback's ce-time
 ARRIVAL_TIME_SOURCE: Final = "arrival"  # it had none: the time it arrived
+
+# Authentication (--auth): RFC 6750 bearer tokens; OpenID Connect discovery
+HEADER_AUTHORIZATION: Final = "Authorization"
+HEADER_WWW_AUTHENTICATE: Final = "WWW-Authenticate"
+BEARER: Final = "Bearer"
+OIDC_DISCOVERY_PATH: Final = "/.well-known/openid-configuration"

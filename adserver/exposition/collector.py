@@ -170,12 +170,14 @@ class FeedbackCollector:
         *,
         reply_stats: Callable[[], Mapping[str, int]] | None = None,
         connection_stats: Callable[[], Mapping[str, int]] | None = None,
+        auth_stats: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
-        """``model_name`` labels the server's own families (replies, connections)."""
+        """``model_name`` labels the server's own families (replies, connections, auth)."""
         self.model_name = model_name
         self.sources = tuple(sources)
         self.reply_stats = reply_stats
         self.connection_stats = connection_stats
+        self.auth_stats = auth_stats
 
     def collect(self) -> Iterator[Metric]:
         scraped = [(source, StateView.of(source.state)) for source in self.sources]
@@ -190,6 +192,8 @@ class FeedbackCollector:
             yield from self.reply_families(replies)
         if self.connection_stats is not None:
             yield from connection_families(self.model_name, self.connection_stats())
+        if self.auth_stats is not None:
+            yield auth_family(self.model_name, self.auth_stats())
 
     def server_counters(self, scraped: list[Scraped]) -> Iterator[Metric]:
         for name, declared in families.COUNTED.items():
@@ -388,6 +392,14 @@ def build_registry(collector: FeedbackCollector, *others: Collector) -> Collecto
 def connection_families(model_name: str, stats: Mapping[str, int]) -> Iterator[Metric]:
     """The HTTP listener's connections (this process's, since it started)."""
     return model_families(model_name, stats, families.CONNECTIONS)
+
+
+def auth_family(model_name: str, refused: Mapping[str, int]) -> Metric:
+    """Requests --auth refused, by reason (this process's, since it started)."""
+    family = new(families.AUTH_REFUSED)
+    for reason, count in refused.items():
+        family.add_metric((model_name, reason), count)
+    return family
 
 
 def model_families(

@@ -12,7 +12,13 @@ from typing import Final, NamedTuple
 
 import orjson
 
-from adserver.catalogue.wire import CONTENT_TYPE_JSON, HEADER_PREDICTION_TIME_SOURCE
+from adserver.catalogue import reasons
+from adserver.catalogue.wire import (
+    BEARER,
+    CONTENT_TYPE_JSON,
+    HEADER_PREDICTION_TIME_SOURCE,
+    HEADER_WWW_AUTHENTICATE,
+)
 from adserver.errors import ErrorKind, RequestError
 from adserver.ingest.service import Outcome
 
@@ -21,6 +27,8 @@ from adserver.ingest.service import Outcome
 STATUS: Final[Mapping[ErrorKind, int]] = {
     ErrorKind.INVALID: 400,
     ErrorKind.UNKNOWN_TARGET: 404,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
     ErrorKind.TOO_SLOW: 408,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED_ENCODING: 415,
@@ -37,10 +45,15 @@ class Answer(NamedTuple):
 
 
 def json_error(error: RequestError) -> Answer:
-    """Status, headers and body of every error answer the server gives (both route layers)."""
-    return Answer(
-        STATUS[error.kind], {"Content-Type": CONTENT_TYPE_JSON}, orjson.dumps(error.body())
-    )
+    """Status, headers and body of every error answer the server gives (both route layers).
+
+    A 401 names the scheme it wants (RFC 6750), and says when the token sent was not valid.
+    """
+    headers = {"Content-Type": CONTENT_TYPE_JSON}
+    if error.kind is ErrorKind.UNAUTHENTICATED:
+        sent = error.reason == reasons.INVALID_TOKEN
+        headers[HEADER_WWW_AUTHENTICATE] = f'{BEARER} error="{error.reason}"' if sent else BEARER
+    return Answer(STATUS[error.kind], headers, orjson.dumps(error.body()))
 
 
 def outcome_answer(outcome: Outcome) -> Answer:

@@ -33,7 +33,7 @@ from tornado.httputil import HTTPConnection, HTTPHeaders, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
 
 from adserver.catalogue import reasons
-from adserver.catalogue.wire import ROUTE_EVENTS, ROUTE_MODEL_EVENTS
+from adserver.catalogue.wire import HEADER_AUTHORIZATION, ROUTE_EVENTS, ROUTE_MODEL_EVENTS
 from adserver.errors import (
     BadRequest,
     InternalError,
@@ -43,7 +43,8 @@ from adserver.errors import (
     Unavailable,
     UnsupportedEncoding,
 )
-from adserver.http.answers import Answer, json_error, outcome_answer
+from adserver.http.answers import STATUS, Answer, json_error, outcome_answer
+from adserver.http.auth import Authenticator
 from adserver.http.eager import start_eagerly
 from adserver.ingest.service import FeedbackService
 
@@ -78,6 +79,7 @@ class EventsEndpoint:
     service: FeedbackService
     max_body_bytes: int
     budget: BodyBudget
+    auth: Authenticator | None = None  # None: --auth none, anyone may send
 
 
 # Content-Encoding -> zlib's wbits (gzip framing, or the zlib framing HTTP calls "deflate").
@@ -313,6 +315,29 @@ class EventsDelegate(tornado.httputil.HTTPMessageDelegate):
         start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
         headers: HTTPHeaders,
     ) -> Awaitable[None] | None:
+        auth = self.endpoint.auth
+        if auth is not None:
+            return self.authorized(auth, headers)
+        return self.head(headers)
+
+    async def authorized(self, auth: Authenticator, headers: HTTPHeaders) -> None:
+        """Who sent it is checked first: a refused sender's body is never read, and nothing it
+        sent is counted but the refusal (feedback_auth_refused_total, not as a rejected event).
+        """
+        try:
+            await auth.check(headers.get(HEADER_AUTHORIZATION))
+        except RequestError as error:
+            self.refused = True
+            answer = closing_answer(error)
+            log_access(STATUS[error.kind], "POST", ROUTE_EVENTS, time.monotonic() - self.started)
+            await answer_and_close(self.connection.detach(), answer)
+            return
+        reading = self.head(headers)
+        if reading is not None:
+            await reading
+
+    def head(self, headers: HTTPHeaders) -> Awaitable[None] | None:
+        """Frame the body, and take its room in the budget, from the request's head."""
         self.headers = lowered = {name.lower(): value for name, value in headers.get_all()}
         declared = headers.get("Content-Length")
         error = framing_error(declared, lowered.get("transfer-encoding"))

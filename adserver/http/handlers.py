@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from adserver.catalogue.wire import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
+    HEADER_AUTHORIZATION,
     QUERY_FROM,
     QUERY_SEGMENT,
     QUERY_STEP,
@@ -26,6 +27,7 @@ from adserver.errors import RequestError
 from adserver.exposition.encoder import Exposition
 from adserver.exposition.windows import RangeDocuments, WindowGauges
 from adserver.http.answers import json_error
+from adserver.http.auth import Authenticator
 from adserver.http.events import BodyBudget, BodyDeadlines, EventsEndpoint, EventsRouter, log_access
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService
@@ -54,6 +56,23 @@ class JsonErrorHandler(tornado.web.RequestHandler):
         self.finish(body)
 
 
+#: The application setting holding the Authenticator of reads (absent: reads are open).
+READ_AUTH = "read_auth"
+
+
+class ReadHandler(JsonErrorHandler):
+    """A read that --auth_reads protects (health endpoints stay open: they are no reads)."""
+
+    async def prepare(self) -> None:
+        auth: Authenticator | None = self.settings.get(READ_AUTH)
+        if auth is None:
+            return
+        try:
+            await auth.check(self.request.headers.get(HEADER_AUTHORIZATION))
+        except RequestError as error:
+            self.finish_error(error, json_error(error).status)
+
+
 class EventsHandler(JsonErrorHandler):
     """``/`` for every method but POST (which :class:`EventsRouter` serves): OPTIONS, else 405."""
 
@@ -62,7 +81,7 @@ class EventsHandler(JsonErrorHandler):
         self.set_status(200)
 
 
-class MetricsHandler(JsonErrorHandler):
+class MetricsHandler(ReadHandler):
     """``GET /v1/metrics``: Prometheus text/OpenMetrics by negotiation, or JSON on request.
 
     Prometheus formats render in slices between events (:class:`Exposition`); JSON is the cached
@@ -95,7 +114,7 @@ class MetricsHandler(JsonErrorHandler):
         self.finish()
 
 
-class ModelMetricsHandler(JsonErrorHandler):
+class ModelMetricsHandler(ReadHandler):
     """``GET /v1/models/<name>/metrics``: one model's summary; with ``from`` and ``to``, its
     metrics over that range of prediction time. 404 for an unknown name; a bad range is a 400
     that changes nothing."""
@@ -132,6 +151,10 @@ class TextHandler(JsonErrorHandler):
         self.finish(self.text)
 
 
+class ProtocolHandler(ReadHandler, TextHandler):
+    """``GET /protocol``: a read, unlike the health endpoints' text."""
+
+
 class ReadyHandler(JsonErrorHandler):
     """Ready while the server accepts events; a draining server is not ready."""
 
@@ -165,8 +188,13 @@ def make_app(
     max_body_bytes: int,
     max_body_bytes_in_flight: int,
     body_timeout_seconds: float,
+    auth: Authenticator | None = None,
+    auth_reads: bool = False,
 ) -> EventsRouter:
-    """The web application, with ``POST /`` served below it (see :mod:`adserver.http.events`)."""
+    """The web application, with ``POST /`` served below it (see :mod:`adserver.http.events`).
+
+    ``auth`` checks who may POST events, and with ``auth_reads`` who may read metrics too.
+    """
     app = tornado.web.Application(
         [
             (ROUTE_EVENTS, EventsHandler),
@@ -176,15 +204,16 @@ def make_app(
                 {"exposition": Exposition(registry), "service": service, "windows": windows},
             ),
             (ROUTE_MODEL_METRICS, ModelMetricsHandler, {"service": service, "ranges": ranges}),
-            (ROUTE_PROTOCOL, TextHandler, {"text": protocol}),
+            (ROUTE_PROTOCOL, ProtocolHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),
         ],
         default_handler_class=NotFoundHandler,
         log_function=quiet_log,
     )
+    app.settings[READ_AUTH] = auth if auth_reads else None
     return EventsRouter(
         app,
-        EventsEndpoint(service, max_body_bytes, BodyBudget(limit=max_body_bytes_in_flight)),
+        EventsEndpoint(service, max_body_bytes, BodyBudget(limit=max_body_bytes_in_flight), auth),
         BodyDeadlines(body_timeout_seconds, service),
     )
