@@ -1,6 +1,7 @@
 -- feedback.lua: wrk script that POSTs binary-mode CloudEvents carrying a Seldon Feedback body.
 --
--- Usage: wrk -s bench/feedback.lua <url> -- <payload file> <id prefix> [models [pause ms]]
+-- Usage: wrk -s bench/feedback.lua <url> -- <payload file> <id prefix> [models [pause ms
+--        [token file]]]
 --   payload file  JSON body written by bench/payloads.py (read once per thread)
 --   id prefix     makes every ce-id unique across runs: the server dedups on (ce-source, ce-id),
 --                 so a warm-up and a measured run against one server must never share an id.
@@ -10,6 +11,9 @@
 --                 segment gets the same share of the load.
 --   pause ms      when > 0, each connection waits that long before each request: a steady
 --                 trickle (latency is still timed from send to answer), not a closed loop.
+--   token file    when given (not ""), every request carries "Authorization: Bearer <its
+--                 content, whitespace trimmed>" (the --auth variants); a path, not the token,
+--                 so the token never shows in a process list.
 --
 -- Why a response() hook: wrk only counts status > 399 as errors; we count every non-2xx ourselves
 -- and also count requests *sent*, so the caller can bound the server's row count between
@@ -46,6 +50,13 @@ function init(args)
       ["ce-source"] = "bench",
       ["content-type"] = "application/json",
    }
+   local token_path = args[5] or ""
+   if token_path ~= "" then
+      local t = assert(io.open(token_path, "rb"), "cannot open token " .. token_path)
+      local token = t:read("*a"):gsub("^%s+", ""):gsub("%s+$", "")
+      t:close()
+      headers["authorization"] = "Bearer " .. token
+   end
 end
 
 function request()

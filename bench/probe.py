@@ -129,9 +129,15 @@ def stable_counts(
 
 
 def post_event(
-    base_url: str, body: bytes, ce_id: str, source: str = "bench", timeout_s: float = 5.0
+    base_url: str,
+    body: bytes,
+    ce_id: str,
+    source: str = "bench",
+    timeout_s: float = 5.0,
+    token: str | None = None,
 ) -> int:
-    """POST one binary-mode feedback CloudEvent; returns the HTTP status."""
+    """POST one binary-mode feedback CloudEvent (with `token` as a bearer token); returns the
+    HTTP status."""
     headers = {
         "ce-specversion": "1.0",
         "ce-type": "io.seldon.serving.feedback",
@@ -139,6 +145,8 @@ def post_event(
         "ce-id": ce_id,
         "content-type": "application/json",
     }
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
     return request(base_url + "/", "POST", body, headers, timeout_s)[0]
 
 

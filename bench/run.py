@@ -15,14 +15,15 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench import auth, machine, models, payloads, probe, report, servers, targets, wrk
 from bench import baseline as ab
 from bench import fill as fill_state
-from bench import machine, models, payloads, probe, report, servers, targets, wrk
 from bench.results import BASE_SUFFIX, BenchResults, CaseResult, ScrapeResult, ServerResult
 
 ONE_HOT = "cm_models.multiclass_one_hot.MulticlassOneHot"
@@ -58,6 +59,8 @@ ALL_SERVERS = (
     "sqlite",
     "seed",
     "seed-models",
+    "seed-token",
+    "seed-oidc",
     "memory-full",
     "sqlite-full",
     "replyce",
@@ -71,9 +74,17 @@ FULL_GRID: Grid = [(1, 1), (1, 16), (100, 1), (100, 16), (1000, 1), (1000, 16)]
 SQLITE_REJECT = ("sqlite", "--state", "state_dir", "unrecognized", "invalid choice")
 SMOKE_GRID: Grid = [(1, 1), (1, 16), (1000, 16)]
 AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the empty baseline
-DURABLE = ("sqlite", "seed", "seed-models")  # kill -9 and restart at the end: acked rows survive
+DURABLE = (
+    "sqlite",
+    "seed",
+    "seed-models",
+    "seed-token",
+    "seed-oidc",
+)  # kill -9 and restart at the end: acked rows survive
 SPREAD_MODELS = 50  # seed-models: its models config's models, each with 2 endpoints (segments)
 MODELS_REJECT = ("models_config", "unrecognized", "invalid choice")  # before --models_config
+AUTH_REJECT = ("unrecognized", "invalid choice")  # before --auth (argparse's words, not a config's)
+AUTH_READY_S = 10.0  # an OIDC server answers 503 until it has fetched the issuer's keys
 BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
 RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
 
@@ -183,6 +194,7 @@ class Variant:
     model: str | None = "bench"  # whose counts are checked (None: the sum over every model)
     tree: Path | None = None  # the --baseline export it runs from (None: this tree)
     spread: int = 0  # > 0: the load is spread over that many models and 2 endpoints
+    token_file: Path | None = None  # every request carries its token (the --auth variants)
 
     @property
     def plain(self) -> str:
@@ -221,6 +233,7 @@ class Runner:
         self.server_cpu, self.load_cpu = server_cpu, load_cpu
         self.r = results
         self.payloads = payloads.write_payloads(work / "payloads")
+        self._issuer: auth.Issuer | None = None
 
     def fail(self, msg: str) -> None:
         print(f"FAIL: {msg}", file=sys.stderr, flush=True)
@@ -236,11 +249,12 @@ class Runner:
         counted: bool,
         repeat: int = 0,
         spread: int = 0,
+        token_file: Path | None = None,
     ) -> CaseResult:
         """Measure one case; rerun it (up to --retry-noisy times) if others used the CPU."""
         acked_rows = 0
         for attempt in range(self.retry_noisy + 1):
-            c = self.measure(name, m, rows, conns, counted, spread)
+            c = self.measure(name, m, rows, conns, counted, spread, token_file)
             acked_rows += (c.ok + c.warmup_ok) * rows
             if (c.other_cpu_pct or 0) < machine.NOISY_PCT or attempt == self.retry_noisy:
                 break
@@ -255,11 +269,19 @@ class Runner:
         return c
 
     def measure(
-        self, name: str, m: servers.Managed, rows: int, conns: int, counted: bool, spread: int = 0
+        self,
+        name: str,
+        m: servers.Managed,
+        rows: int,
+        conns: int,
+        counted: bool,
+        spread: int = 0,
+        token_file: Path | None = None,
     ) -> CaseResult:
         """Warm up, measure, and (for our server) check rows counted against rows acknowledged.
 
-        `spread`: the events go to that many models (and 2 endpoints); counts are their sum."""
+        `spread`: the events go to that many models (and 2 endpoints); counts are their sum.
+        `token_file`: every request carries its bearer token."""
         payload = self.payloads[rows]
         url = m.base_url + "/"
         tag = uuid.uuid4().hex[:8]
@@ -273,6 +295,7 @@ class Runner:
                 self.plan.warmup_s,
                 self.load_cpu,
                 spread=spread,
+                token_file=token_file,
             )
             if self.plan.warmup_s > 0
             else None
@@ -287,6 +310,7 @@ class Runner:
             self.plan.duration_s,
             self.load_cpu,
             spread=spread,
+            token_file=token_file,
         )
         other_pct = meter.other_pct()
         after = probe.stable_counts(m.base_url, m.model) if counted else None
@@ -413,6 +437,8 @@ class Runner:
         for v in variants:
             if v.plain in AGED and v.name in started and not self.age(v.name, started[v.name]):
                 self.ps.stop(started.pop(v.name))
+            if v.token_file and v.name in started and not self.check_auth(v, started[v.name]):
+                self.ps.stop(started.pop(v.name))
 
         cases = sorted({case for v in variants for case in v.grid}, key=CASE_ORDER.index)
         runs = p.repeats * sum(len(v.grid) for v in variants if v.name in started)
@@ -425,7 +451,9 @@ class Runner:
                     if m is None or (rows, conns) not in v.grid or not self.check_alive(v.name, m):
                         continue
                     try:
-                        self.run_case(v.name, m, rows, conns, v.counted, repeat, v.spread)
+                        self.run_case(
+                            v.name, m, rows, conns, v.counted, repeat, v.spread, v.token_file
+                        )
                     except (wrk.WrkError, OSError, RuntimeError) as exc:
                         self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
 
@@ -448,6 +476,12 @@ class Runner:
                 self.ps.stop(m)
         for sink in sinks.values():
             self.ps.stop(sink)
+        if self._issuer is not None:  # after the restarts, which fetch the keys again
+            for v in variants:
+                sr = self.r.server(v.name)
+                if v.plain == "seed-oidc" and v.name in started and sr:
+                    sr.notes.append(self._issuer.served.note())
+            self._issuer.close()
         if "scrape" in p.servers:
             self.run_scrape()
 
@@ -521,6 +555,46 @@ class Runner:
                         spread=SPREAD_MODELS,
                     )
                 )
+        if "seed-token" in p.servers:
+            # The seed's args plus --auth token: every request carries a bearer token.
+            token_sink = self.start_sink(named("seed-token"), 0.0, sinks)
+            if token_sink is not None:
+                accepted, sent = auth.write_tokens(self.work, named("seed-token"))
+                token_reply = f"http://{servers.HOST}:{token_sink.port}/"
+                token_flags = ["--auth", "token", "--auth_token_file", str(accepted)]
+                out.append(
+                    Variant(
+                        named("seed-token"),
+                        lambda port: servers.seed_argv(
+                            port, self.state_dir(named("seed-token")), token_reply, auth=token_flags
+                        ),
+                        p.seed_grid,
+                        may_reject=AUTH_REJECT,
+                        model=servers.SEED_MODEL,
+                        token_file=sent,
+                    )
+                )
+        if "seed-oidc" in p.servers:
+            # The seed's args plus --auth oidc against the bench's issuer: one RS256 token.
+            oidc_sink = self.start_sink(named("seed-oidc"), 0.0, sinks)
+            if oidc_sink is not None:
+                issuer = self.issuer()
+                oidc_reply = f"http://{servers.HOST}:{oidc_sink.port}/"
+                out.append(
+                    Variant(
+                        named("seed-oidc"),
+                        lambda port: servers.seed_argv(
+                            port,
+                            self.state_dir(named("seed-oidc")),
+                            oidc_reply,
+                            auth=issuer.server_flags(),
+                        ),
+                        p.seed_grid,
+                        may_reject=AUTH_REJECT,
+                        model=servers.SEED_MODEL,
+                        token_file=issuer.token_file,
+                    )
+                )
         bounds = {"max_ids": p.fill.ids, "max_rows": p.fill.rows}
         if "memory-full" in p.servers:
             out.append(
@@ -587,6 +661,45 @@ class Runner:
             return None
         sinks[server] = sink
         return sink
+
+    def issuer(self) -> auth.Issuer:
+        """The OIDC issuer of `seed-oidc` (and its --baseline twin), started once."""
+        if self._issuer is None:
+            self._issuer = auth.Issuer(self.work / "issuer")
+            print(f"issuer: {self._issuer.url}", flush=True)
+        return self._issuer
+
+    def check_auth(self, v: Variant, m: servers.Managed) -> bool:
+        """Auth is really on before any case is measured: an event without a token answers
+        401, one with the variant's token 2xx (an OIDC server answers 503 until it has the
+        issuer's keys: retried for AUTH_READY_S). False (a failure) otherwise."""
+        assert v.token_file is not None
+        token = v.token_file.read_text().strip()
+        body = self.payloads[1].path.read_bytes()
+        tag = uuid.uuid4().hex[:8]
+        refused = probe.post_event(m.base_url, body, f"auth-{tag}-none")
+        if refused != 401:
+            self.fail(f"{v.name}: an event without a token answered {refused}, not 401")
+            return False
+        started, deadline = time.perf_counter(), time.monotonic() + AUTH_READY_S
+        code = probe.post_event(m.base_url, body, f"auth-{tag}-0", token=token)
+        attempt = 0
+        while code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            attempt += 1
+            code = probe.post_event(m.base_url, body, f"auth-{tag}-{attempt}", token=token)
+        if not 200 <= code < 300:
+            self.fail(f"{v.name}: an event with the bench's token answered {code}")
+            return False
+        note = (
+            f"auth on: 401 without a token, 2xx with it "
+            f"(after {time.perf_counter() - started:.2f} s)"
+        )
+        sr = self.r.server(v.name)
+        if sr:
+            sr.notes.append(note)
+        print(f"  {v.name}: {note}", flush=True)
+        return True
 
     def age(self, name: str, m: servers.Managed) -> bool:
         """Fill a state-age server's tables to their bounds; False (a failure) if that fails."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,11 +116,16 @@ def listening_argv(model_name: str, port: int, storage_uri: str) -> list[str]:
 
 
 def seed_argv(
-    port: int, state_dir: Path, reply_url: str, models_config: Path | None = None
+    port: int,
+    state_dir: Path,
+    reply_url: str,
+    models_config: Path | None = None,
+    auth: Sequence[str] = (),
 ) -> list[str]:
     """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
     `reply_url`), plus what a bench needs: a loopback address and a private state dir; and
-    `--models_config` when given (the many-model variant)."""
+    `--models_config` when given (the many-model variant), `auth` (the --auth flags of the
+    seed-token and seed-oidc variants)."""
     models = [] if models_config is None else ["--models_config", str(models_config)]
     return [
         *listening_argv(SEED_MODEL, port, "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"),
@@ -132,6 +138,7 @@ def seed_argv(
         "--event_source",
         "io.seldon.serving.feedback",
         *models,
+        *auth,
         "MetricsServer",
     ]
 

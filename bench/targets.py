@@ -23,6 +23,13 @@ def _p99(c: CaseResult | None) -> float | None:
     return c.p99_ms if c else None
 
 
+# The issue's bar: checking who sends costs at most 10% of the seed's throughput.
+AUTH = (
+    ("seed-token", "token auth (seed-token: seed + --auth token)"),
+    ("seed-oidc", "OIDC auth (seed-oidc: seed + --auth oidc, one RS256 token)"),
+)
+
+
 def evaluate(r: BenchResults) -> list[Target]:
     """Compute every target that the run has the figures for (others report measured=None)."""
     floor1c16, mem1c16 = r.case("floor", 1, 16), r.case("memory", 1, 16)
@@ -71,6 +78,15 @@ def evaluate(r: BenchResults) -> list[Target]:
             _ratio(_req(models1c16), _req(seed1c16)),
             ">=",
             0.9,
+        ),
+        *(
+            Target(
+                f"{what} single row c16 req/s vs seed",
+                _ratio(_req(r.case(server, 1, 16)), _req(seed1c16)),
+                ">=",
+                0.9,
+            )
+            for server, what in AUTH
         ),
         *(
             Target(
@@ -161,6 +177,16 @@ def evaluate(r: BenchResults) -> list[Target]:
             1.5,
             required=False,
         ),
+    ]
+    targets += [
+        Target(
+            f"{what} single row c1 p99 vs seed",
+            _ratio(_p99(r.case(server, 1, 1)), _p99(seed1c1)),
+            "<=",
+            1.5,
+            required=False,
+        )
+        for server, what in AUTH
     ]
     targets.append(
         Target(

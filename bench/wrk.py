@@ -90,11 +90,13 @@ def run(
     slack_s: float = 30.0,
     spread: int = 0,
     pause_ms: int = 0,
+    token_file: Path | None = None,
 ) -> WrkResult:
     """Drive `url` for `duration_s` with `connections` connections on one thread, pinned to `cpu`.
 
     `spread` > 0 spreads the events over that many models and two endpoints (feedback.lua);
-    `pause_ms` > 0 makes each connection wait that long before each request (a trickle).
+    `pause_ms` > 0 makes each connection wait that long before each request (a trickle);
+    `token_file`: every request carries its token as `Authorization: Bearer`.
 
     The whole run is bounded: wrk is killed if it has not finished `slack_s` after its duration.
     """
@@ -116,6 +118,7 @@ def run(
             id_prefix,
             str(spread),
             str(pause_ms),
+            str(token_file or ""),
         ],
         cpu,
     )

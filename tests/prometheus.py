@@ -51,18 +51,22 @@ def require_program(name: str, install: str = "apt-get install prometheus") -> s
     return require(name, shutil.which(name), install)
 
 
-def config(targets: Iterable[str], rules: Path) -> dict[str, Any]:
+def job(targets: Iterable[str], name: str = JOB, **options: Any) -> dict[str, Any]:
+    """One scrape job of ``targets`` at ``/v1/metrics``; ``options`` such as ``authorization``."""
+    return {
+        "job_name": name,
+        "metrics_path": "/v1/metrics",
+        "static_configs": [{"targets": list(targets)}],
+        **options,
+    }
+
+
+def config(jobs: list[dict[str, Any]], rules: Path) -> dict[str, Any]:
     """Scrape every second at ``/v1/metrics`` and evaluate the rules every second."""
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
-        "scrape_configs": [
-            {
-                "job_name": JOB,
-                "metrics_path": "/v1/metrics",
-                "static_configs": [{"targets": list(targets)}],
-            }
-        ],
+        "scrape_configs": jobs,
     }
 
 
@@ -112,7 +116,7 @@ class Prometheus:
         """Health and last scrape error of every target: what to read when a wait times out."""
         answer = requests.get(self.url + "/api/v1/targets", timeout=5).json()
         return [
-            {k: t.get(k) for k in ("scrapeUrl", "health", "lastError")}
+            {k: t.get(k) for k in ("scrapePool", "scrapeUrl", "health", "lastError")}
             for t in answer["data"]["activeTargets"]
         ]
 
@@ -163,11 +167,15 @@ def wait_ready(prometheus: Prometheus, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def run_prometheus(targets: Iterable[str], rules: Path = RULES) -> Iterator[Prometheus]:
-    """A ready Prometheus scraping ``targets`` (``host:port``), stopped and removed on exit."""
+def run_prometheus(
+    targets: Iterable[str] = (), rules: Path = RULES, jobs: list[dict[str, Any]] | None = None
+) -> Iterator[Prometheus]:
+    """A ready Prometheus scraping ``targets`` (``host:port``) in one job, or ``jobs`` when
+    given; stopped and removed on exit."""
     binary = require_program("prometheus")
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-e2e-"))
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config(targets, rules)))
+    scrape = jobs if jobs is not None else [job(targets)]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config(scrape, rules)))
     port = free_port()
     with (workdir / "prometheus.log").open("wb") as log:
         process = subprocess.Popen(

@@ -66,6 +66,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "kill -9 + restart" in notes["seed"] and "sink received" in notes["seed"], notes
     spread = "rows per (model, endpoint) over 50 models x 2"  # the load reached every segment
     assert spread in notes["seed-models"] and "kill -9 + restart" in notes["seed-models"], notes
+    statuses = {s["name"]: s["status"] for s in doc["servers"]}
+    for guarded in ("seed-token", "seed-oidc"):  # skipped only by a server without --auth
+        if not statuses[guarded].startswith("skipped"):
+            assert "auth on: 401 without a token, 2xx with it" in notes[guarded], notes
+            assert guarded in servers and "kill -9 + restart" in notes[guarded], notes
+    assert "issuer served" in notes["seed-oidc"] or statuses["seed-oidc"].startswith("skipped")
     targets = {t["name"]: t for t in doc["targets"]}
     seed_p99 = "default config (seed) single row c1 p99 vs memory c1 p99"
     assert targets[seed_p99]["measured"] is not None, targets
