@@ -8,6 +8,8 @@ setup(
     description="Stateful feedback-metrics server, a drop-in for Seldon's MetricsServer",
     python_requires=">=3.11",
     packages=find_packages(include=["adserver", "adserver.*", "cm_models", "cm_models.*"]),
+    # the dashboard's page, script, styles and vendored uPlot (adserver/http/static.py's FILES)
+    package_data={"adserver.http": ["dashboard/*"]},
     install_requires=[
         "tornado>=6.5",  # 6.5 refuses control characters in header values
         "cloudevents>=2.2,<3",

@@ -248,6 +248,7 @@ def build_server(settings: Settings) -> Server:
         body_timeout_seconds=settings.body_timeout_seconds,
         auth=auth,
         auth_reads=settings.auth_reads,
+        dashboard=settings.dashboard,
     )
     # No xheaders: nothing uses the client address, and validating X-Forwarded-For costs a
     # getaddrinfo call per request. The idle timeout is Tornado's header timeout: it bounds an

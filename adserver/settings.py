@@ -140,6 +140,9 @@ class Settings:
         "WINDOW_REFRESH_SECONDS",
         "the window gauges are re-read from the time buckets at most this often (by a scrape)",
     )
+    dashboard: bool = setting(
+        True, "DASHBOARD", "serve the read-only page GET /dashboard; a browser's GET / goes there"
+    )
     auth: str = setting(
         "none", "AUTH", "who may POST events: none, token (--auth_token_file) or oidc (a JWT)"
     )
@@ -256,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Feedback-metrics server (drop-in for Seldon's MetricsServer).",
     )
     for item in dataclasses.fields(Settings):
-        how: dict[str, Any] = (
-            {"action": "store_true"} if item.type == "bool" else {"type": _parser_type(item.type)}
-        )
+        how: dict[str, Any] = {"type": _parser_type(item.type)}
+        if item.type == "bool":
+            # Off by default: a bare switch, which never takes the next argument (MetricsServer).
+            # On by default: it takes a value, or no switch could turn it off (--dashboard false).
+            how = {"nargs": "?", "const": True, **how} if item.default else {"action": "store_true"}
         parser.add_argument(
             f"--{item.name}",
             default=argparse.SUPPRESS,

@@ -43,6 +43,10 @@ ROUTE_PROTOCOL: Final = "/protocol"
 ROUTE_LIVE: Final = "/health/live"
 ROUTE_READY: Final = "/health/ready"
 ROUTE_MODEL_METRICS: Final = r"/v1/models/([^/]+)/metrics"
+ROUTE_DASHBOARD: Final = "/dashboard"
+ROUTE_DASHBOARD_FILE: Final = r"/dashboard/([^/]+)"  # one of the page's fixed files
+# Where a browser's GET / goes: relative, so it stays below any path prefix of a proxy
+DASHBOARD_REDIRECT: Final = "dashboard"
 # GET /v1/models/<name>/metrics over a range of prediction time (ends exclusive)
 QUERY_FROM: Final = "from"
 QUERY_TO: Final = "to"

@@ -11,11 +11,14 @@ from prometheus_client import CollectorRegistry
 from adserver.catalogue.wire import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
+    DASHBOARD_REDIRECT,
     HEADER_AUTHORIZATION,
     QUERY_FROM,
     QUERY_SEGMENT,
     QUERY_STEP,
     QUERY_TO,
+    ROUTE_DASHBOARD,
+    ROUTE_DASHBOARD_FILE,
     ROUTE_EVENTS,
     ROUTE_LIVE,
     ROUTE_METRICS,
@@ -29,6 +32,7 @@ from adserver.exposition.windows import RangeDocuments, WindowGauges
 from adserver.http.answers import json_error
 from adserver.http.auth import Authenticator
 from adserver.http.events import BodyBudget, BodyDeadlines, EventsEndpoint, EventsRouter, log_access
+from adserver.http.static import CONTENT_SECURITY_POLICY, INDEX, StaticFile, load_dashboard
 from adserver.ingest.lifecycle import Lifecycle
 from adserver.ingest.service import FeedbackService
 
@@ -74,7 +78,16 @@ class ReadHandler(JsonErrorHandler):
 
 
 class EventsHandler(JsonErrorHandler):
-    """``/`` for every method but POST (which :class:`EventsRouter` serves): OPTIONS, else 405."""
+    """``/`` for every method but POST (which :class:`EventsRouter` serves): OPTIONS, a browser's
+    GET to the dashboard (when it is served), else 405."""
+
+    def initialize(self, dashboard: bool) -> None:
+        self.dashboard = dashboard
+
+    def get(self) -> None:
+        if not (self.dashboard and "text/html" in self.request.headers.get("Accept", "")):
+            raise tornado.web.HTTPError(405)  # as for any method / does not take
+        self.redirect(DASHBOARD_REDIRECT)  # relative: below a proxy's path prefix too
 
     def options(self) -> None:
         self.set_header("Allow", "POST, OPTIONS")
@@ -142,6 +155,25 @@ class ModelMetricsHandler(ReadHandler):
         self.finish(body)
 
 
+class DashboardHandler(ReadHandler):
+    """``GET /dashboard`` and its files, from memory: only the fixed list, anything else 404.
+    Browsers revalidate every time (``no-cache`` with the ETag Tornado computes: a 304 when
+    unchanged), so an upgraded server never runs against a cached page of the previous one."""
+
+    def initialize(self, files: dict[str, StaticFile]) -> None:
+        self.files = files
+
+    def get(self, name: str = INDEX) -> None:
+        found = self.files.get(name)
+        if found is None:
+            raise tornado.web.HTTPError(404)
+        self.set_header("Content-Type", found.content_type)
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.finish(found.body)
+
+
 class TextHandler(JsonErrorHandler):
     def initialize(self, text: str) -> None:
         self.text = text
@@ -190,14 +222,20 @@ def make_app(
     body_timeout_seconds: float,
     auth: Authenticator | None = None,
     auth_reads: bool = False,
+    dashboard: bool = True,
 ) -> EventsRouter:
     """The web application, with ``POST /`` served below it (see :mod:`adserver.http.events`).
 
-    ``auth`` checks who may POST events, and with ``auth_reads`` who may read metrics too.
+    ``auth`` checks who may POST events, and with ``auth_reads`` who may read metrics (and the
+    dashboard) too.
     """
+    pages: list[tornado.web.URLSpec | tuple[Any, ...]] = []
+    if dashboard:
+        files = {"files": load_dashboard()}
+        pages = [(ROUTE_DASHBOARD, DashboardHandler, files), (ROUTE_DASHBOARD_FILE, DashboardHandler, files)]
     app = tornado.web.Application(
         [
-            (ROUTE_EVENTS, EventsHandler),
+            (ROUTE_EVENTS, EventsHandler, {"dashboard": dashboard}),
             (
                 ROUTE_METRICS,
                 MetricsHandler,
@@ -207,6 +245,7 @@ def make_app(
             (ROUTE_PROTOCOL, ProtocolHandler, {"text": protocol}),
             (ROUTE_LIVE, TextHandler, {"text": "ok"}),
             (ROUTE_READY, ReadyHandler, {"lifecycle": service.lifecycle}),
+            *pages,
         ],
         default_handler_class=NotFoundHandler,
         log_function=quiet_log,
