@@ -232,7 +232,10 @@ def make_app(
     pages: list[tornado.web.URLSpec | tuple[Any, ...]] = []
     if dashboard:
         files = {"files": load_dashboard()}
-        pages = [(ROUTE_DASHBOARD, DashboardHandler, files), (ROUTE_DASHBOARD_FILE, DashboardHandler, files)]
+        pages = [
+            (ROUTE_DASHBOARD, DashboardHandler, files),
+            (ROUTE_DASHBOARD_FILE, DashboardHandler, files),
+        ]
     app = tornado.web.Application(
         [
             (ROUTE_EVENTS, EventsHandler, {"dashboard": dashboard}),

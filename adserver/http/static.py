@@ -33,6 +33,4 @@ class StaticFile:
 
 def load_dashboard(directory: Path = DASHBOARD_DIR) -> dict[str, StaticFile]:
     """Every file of :data:`FILES` (a missing one fails start-up, not a request)."""
-    return {
-        name: StaticFile((directory / name).read_bytes(), kind) for name, kind in FILES.items()
-    }
+    return {name: StaticFile((directory / name).read_bytes(), kind) for name, kind in FILES.items()}
