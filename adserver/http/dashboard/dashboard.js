@@ -351,7 +351,7 @@
   if (RANGES[query.get("range")] || query.get("range") === "custom") $("range").value = query.get("range");
   const now = Date.now() / 1000;
   $("from").value = localInput(now - 3600);
-  $("to").value = localInput(now);
+  $("to").value = localInput(now + 60); // the input drops seconds: keep this minute in range
   $("custom-range").hidden = $("range").value !== "custom";
   for (const id of ["model", "segment", "range", "from", "to"]) $(id).addEventListener("change", changed);
   $("controls").addEventListener("submit", (event) => event.preventDefault());
