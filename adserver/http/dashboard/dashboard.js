@@ -7,6 +7,7 @@
   const RANGES = { "1h": [3600, 60], "24h": [86400, 3600], "7d": [604800, 3600] };
   const STEPS = [60, 3600, 86400]; // a custom range takes the finest that fits
   const MAX_STEPS = 1440;
+  const MAX_MATRIX_CLASSES = 60; // 3,600 cells: a model of 1,000 classes would make a million
   const DASH = "\u2014";
   const $ = (id) => document.getElementById(id);
   const query = new URLSearchParams(location.search);
@@ -153,6 +154,20 @@
 
     const classes = summary.classes.map(String);
     const matrix = summary.confusion_matrix;
+    if (classes.length > MAX_MATRIX_CLASSES) {
+      // a million cells would stall the tab: the counts stay in the JSON API
+      $("confusion").tHead.replaceChildren();
+      $("confusion").tBodies[0].replaceChildren(
+        row([
+          cell(
+            "td",
+            `${classes.length} classes: more than ${MAX_MATRIX_CLASSES} are not drawn here; ` +
+              "the matrix is in v1/models/<name>/metrics",
+          ),
+        ]),
+      );
+      return;
+    }
     const most = matrix.reduce((m, r) => r.reduce((n, v) => Math.max(n, v), m), 1);
     const head = row([cell("th", "truth \\ prediction", { scope: "col" })]);
     head.append(...classes.map((c) => cell("th", c, { scope: "col" })));
