@@ -26,7 +26,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
@@ -140,21 +139,12 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 
 
 class Page:
-    """The dashboard loaded in ``driver``: reading the DOM contract's elements."""
+    """The dashboard loaded in ``driver``: its status, its choices, its viewport."""
 
     def __init__(self, driver: WebDriver) -> None:
         self.driver = driver
 
-    def one(self, css: str) -> WebElement:
-        return self.driver.find_element(By.CSS_SELECTOR, css)
-
-    def all(self, css: str) -> list[WebElement]:
-        return self.driver.find_elements(By.CSS_SELECTOR, css)
-
-    def text(self, css: str) -> str:
-        return str(self.one(css).get_attribute("textContent") or "").strip()
-
-    def wait(self, what: Any, timeout: float = 10.0, message: str = "") -> Any:
+    def wait(self, what: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
         return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
             lambda _: what(), message
         )
@@ -183,7 +173,7 @@ class Page:
     def choose(self, select: str, value: str) -> None:
         """Pick an option and wait for the page to redraw with it."""
         updated = self.live()
-        Select(self.one(select)).select_by_value(value)
+        Select(self.driver.find_element(By.CSS_SELECTOR, select)).select_by_value(value)
         self.refreshed_after(updated)
 
     def set_viewport(self, width: int, height: int) -> None:
