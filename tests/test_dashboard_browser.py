@@ -48,7 +48,6 @@ PHONE = (390, 844)
 INTERVAL = 1  # seconds between the page's polls (?interval=)
 PREFIX = "/metrics-server"  # what an ingress strips before the server sees the path
 
-INVALID_JSON = reasons.INVALID_JSON
 CONFIG = """\
 models:
   - name: iris
@@ -232,7 +231,7 @@ return {
     [...r.querySelectorAll("td[data-truth][data-prediction]")].map((c) =>
       [c.dataset.truth, c.dataset.prediction, c.textContent.trim()])),
   rejected: Object.fromEntries([...document.querySelectorAll("table#rejected tr[data-reason]")]
-    .map((r) => [r.dataset.reason, r.textContent.trim()])),
+    .map((r) => [r.dataset.reason, r.querySelector("td:last-child")?.textContent.trim()])),
   segments: [...document.querySelectorAll("select#segment option")].map((o) => o.value),
 };
 """
@@ -309,11 +308,28 @@ def test_the_numbers_shown_are_the_json_apis(driver: WebDriver, server: str) -> 
     accepted = prometheus(samples, "feedback_events_accepted_total", model="iris")
     duplicate = prometheus(samples, "feedback_events_duplicate_total", model="iris")
     assert (seen["accepted"], seen["duplicate"]) == (str(accepted), str(duplicate)) == ("4", "1")
-    assert INVALID_JSON in seen["rejected"]
-    for reason, text in seen["rejected"].items():
-        count = prometheus(samples, "feedback_events_rejected_total", reason=reason)
-        assert str(count) in text.split(), (reason, text)
     assert seen["labelDelay"] and seen["replyHealth"]
+    assert_no_console_errors(driver)
+
+
+def test_refusals_are_shown_by_reason(driver: WebDriver, server: str) -> None:
+    """Under the model that counted the refusal (one that names none: the default model)."""
+    samples = scrape(server)
+    counted = {
+        (dict(labels)["model"], dict(labels)["reason"]): int(count)
+        for (name, labels), count in samples.items()
+        if name == "feedback_events_rejected_total" and count
+    }
+    [(model, reason)] = counted
+    assert reason == reasons.INVALID_JSON
+    page = open_dashboard(driver, server + "/dashboard")
+    page.choose("select#model", model)
+
+    def shows_the_refusal() -> None:
+        rejected = shown(page)["rejected"]
+        assert rejected.get(reason) == str(counted[model, reason])
+
+    eventually(shows_the_refusal)
     assert_no_console_errors(driver)
 
 
