@@ -395,6 +395,27 @@ def test_a_new_event_appears_without_reload(driver: WebDriver, server: str) -> N
     assert_no_console_errors(driver)
 
 
+#: Tells the page its tab is hidden (or shown again), as the browser does on a tab switch.
+VISIBILITY = """
+Object.defineProperty(document, "hidden", {value: arguments[0], configurable: true});
+Object.defineProperty(document, "visibilityState",
+  {value: arguments[0] ? "hidden" : "visible", configurable: true});
+document.dispatchEvent(new Event("visibilitychange"));
+"""
+
+
+def test_a_hidden_tab_pauses_and_a_shown_one_resumes(driver: WebDriver, server: str) -> None:
+    page = open_dashboard(driver, server + "/dashboard")
+    driver.execute_script(VISIBILITY, True)
+    page.wait(lambda: page.status()[0] == "paused", 2 * INTERVAL + 1, "not paused")
+    paused = page.status()[1]
+    time.sleep(3 * INTERVAL)
+    assert page.status() == ("paused", paused)  # no poll while hidden
+    driver.execute_script(VISIBILITY, False)
+    page.refreshed_after(paused, 2 * INTERVAL + 1)
+    assert_no_console_errors(driver)
+
+
 def test_no_request_leaves_the_origin(driver: WebDriver, server: str) -> None:
     page = open_dashboard(driver, server + "/dashboard")
     page.choose("select#model", "iris")
@@ -402,6 +423,7 @@ def test_no_request_leaves_the_origin(driver: WebDriver, server: str) -> None:
     urls = requested(driver)
     assert any("/v1/metrics" in u for u in urls) and any("/dashboard" in u for u in urls)
     assert [u for u in urls if not u.startswith((server + "/", "data:"))] == []
+    assert_no_console_errors(driver)  # a request the CSP refused is a console error
 
 
 class PrefixProxy(BaseHTTPRequestHandler):
