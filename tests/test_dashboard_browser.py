@@ -348,8 +348,23 @@ def test_choosing_the_model_and_the_segment_updates_the_tables(
     assert_no_console_errors(driver)
 
 
+#: A custom range: the last ``arguments[0]`` hours to the next whole minute, typed into the
+#: datetime-local inputs (local time, minutes) as a person would, then "change".
+CUSTOM = """
+const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000)
+  .toISOString().slice(0, 16);
+const to = Math.ceil(Date.now() / 60000) * 60000;
+for (const [id, ms] of [["from", to - arguments[0] * 3600000], ["to", to]]) {
+  const input = document.querySelector("input#" + id);
+  input.value = local(ms);
+  input.dispatchEvent(new Event("change", {bubbles: true}));
+}
+"""
+
+
 @pytest.mark.parametrize(
-    ("chosen", "steps", "seconds", "hours"), [("1h", 60, 60, 1), ("24h", 24, 3600, 24)]
+    ("chosen", "steps", "seconds", "hours"),
+    [("1h", 60, 60, 1), ("24h", 24, 3600, 24), ("7d", 168, 3600, 168), ("custom", 360, 60, 6)],
 )
 def test_the_chart_draws_every_step_of_the_range(
     driver: WebDriver, server: str, chosen: str, steps: int, seconds: int, hours: int
@@ -360,6 +375,9 @@ def test_the_chart_draws_every_step_of_the_range(
     asked: list[str] = []
     requested(driver)
     page.choose("select#range", chosen)
+    if chosen == "custom":
+        driver.execute_script(CUSTOM, hours)
+        page.refreshed_after(page.live())
 
     def draws_the_last_answer() -> None:
         asked.extend(u for u in requested(driver) if "/v1/models/iris/metrics?" in u)
