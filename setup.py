@@ -27,6 +27,7 @@ setup(
             "hypothesis>=6.100",
             "scikit-learn>=1.4",
             "requests>=2.31",
+            "selenium>=4.11",  # tests/test_dashboard_browser.py drives Debian's chromium
             "pyyaml>=6",
             "kubernetes-validate>=1.28",
             "ruff>=0.6",
