@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
-import os
-import time
 from typing import Protocol
 
 from adserver.catalogue import reasons
 from adserver.catalogue.reasons import AUTH
 from adserver.catalogue.wire import BEARER
 from adserver.errors import RequestError, StartupError, Unauthenticated
+from adserver.http.watched import WatchedFiles
 from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)
@@ -71,57 +69,37 @@ def parse_tokens(text: str) -> tuple[bytes, ...]:
 
 
 class TokenFile:
-    """The tokens of ``--auth_token_file``, re-read when the file changes.
-
-    A mounted Secret changes by an atomic swap of its ``..data`` symlink: the path resolves to
-    a new file whose mtime may be older than the old one's, so the file is known by its resolved
-    path, mtime and size together. It is looked at most once a second; a file that cannot be
-    read keeps the tokens last read (and warns), so a rotation never locks every sender out.
-    """
+    """The tokens of ``--auth_token_file``, re-read when the file changes (at most once a
+    second, :class:`~adserver.http.watched.WatchedFiles`); a file that cannot be read keeps
+    the tokens last read, and warns without a word of its content."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.seen: tuple[str, int, int] | None = None
-        self.tokens: tuple[bytes, ...] = ()
-        self.checked = -math.inf
-        self.unreadable = ThrottledWarning(log, "cannot read --auth_token_file: kept its tokens")
         try:
-            self.reload()
+            self.watched = WatchedFiles(
+                (path,),
+                self.read,
+                check_seconds=TOKEN_FILE_CHECK_SECONDS,
+                errors=(OSError, UnicodeDecodeError),
+                warning=ThrottledWarning(log, "cannot read --auth_token_file: kept its tokens"),
+                detail=lambda exc: type(exc).__name__,
+            )
         except OSError as exc:
             raise StartupError(f"--auth_token_file {path!r}: {exc.strerror or exc}") from exc
-        if not self.tokens:
+        if not self.watched.value:
             log.warning("--auth_token_file holds no token: every request is refused")
 
-    def identity(self) -> tuple[str, int, int]:
-        resolved = os.path.realpath(self.path)
-        status = os.stat(resolved)
-        return resolved, status.st_mtime_ns, status.st_size
-
-    def reload(self) -> None:
-        """Read the file if it is not the one read last."""
-        identity = self.identity()
-        if identity != self.seen:
-            with open(identity[0], encoding="utf-8") as file:
-                self.tokens = parse_tokens(file.read())
-            self.seen = identity
-            log.info("bearer tokens read", extra={"tokens": len(self.tokens)})
-
-    def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self.checked < TOKEN_FILE_CHECK_SECONDS:
-            return
-        self.checked = now
-        try:
-            self.reload()
-        except (OSError, UnicodeDecodeError) as exc:
-            self.unreadable.note(error=type(exc).__name__)
+    def read(self) -> tuple[bytes, ...]:
+        with open(self.path, encoding="utf-8") as file:
+            tokens = parse_tokens(file.read())
+        log.info("bearer tokens read", extra={"tokens": len(tokens)})
+        return tokens
 
     async def verify(self, token: str) -> None:
         """Every known token is compared, each in constant time."""
-        self.refresh()
         given = token.encode()
         matched = False
-        for known in self.tokens:
+        for known in self.watched.current():
             matched |= hmac.compare_digest(given, known)
         if not matched:
             raise Unauthenticated(

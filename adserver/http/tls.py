@@ -1,8 +1,7 @@
 """HTTPS: the server's certificate and key as an ``ssl.SSLContext``, re-loaded when they change.
 
-A mounted Secret (cert-manager's, or Knative's own) is rotated by swapping the ``..data``
-symlink, so the files are compared by their resolved path, inode, mtime and size, at most once
-every :data:`CHECK_SECONDS`, by the accept loop: new connections get the new certificate, open
+The files are looked at at most once every :data:`CHECK_SECONDS`, by the accept loop
+(:class:`~adserver.http.watched.WatchedFiles`): new connections get the new certificate, open
 ones keep theirs. A pair that does not load (e.g. the certificate written, its key not yet) keeps
 the old context and is tried again at the next check.
 """
@@ -20,27 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from adserver.errors import StartupError
+from adserver.http.watched import WatchedFiles
 from adserver.logs import ThrottledWarning
 
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 5.0
 
-# (resolved path, inode, mtime in ns, size) of each file.
-Signature = tuple[tuple[str, int, int, int], ...]
-
 
 class TLSFileError(Exception):
     """The certificate or key cannot be loaded; the message names the file and the flag."""
-
-
-def signature(paths: tuple[str, ...]) -> Signature:
-    stats = []
-    for path in paths:
-        real = os.path.realpath(path)
-        info = os.stat(real)
-        stats.append((real, info.st_ino, info.st_mtime_ns, info.st_size))
-    return tuple(stats)
 
 
 def diagnose(cert_file: str, key_file: str) -> str:
@@ -83,35 +71,23 @@ class ServerTLS:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load the pair now: a pair that cannot be loaded fails start-up, naming the file."""
-        self.files = (cert_file, key_file)
-        self.check_seconds = check_seconds
-        self.clock = clock
         try:
-            self.current = server_context(cert_file, key_file)
-            self.loaded = signature(self.files)
+            self.watched = WatchedFiles(
+                (cert_file, key_file),
+                lambda: server_context(cert_file, key_file),
+                check_seconds=check_seconds,
+                errors=(OSError, TLSFileError),
+                warning=ThrottledWarning(
+                    log,
+                    "the changed TLS certificate or key cannot be loaded: "
+                    "still serving the old one",
+                ),
+                reloaded="TLS certificate re-loaded",
+                clock=clock,
+            )
         except (OSError, TLSFileError) as exc:
             raise StartupError(str(exc)) from exc
-        self.checked = clock()
-        self.failed = ThrottledWarning(
-            log, "the changed TLS certificate or key cannot be loaded: still serving the old one"
-        )
 
     def context(self) -> ssl.SSLContext:
         """The context for a new connection: one clock read, two ``stat`` calls a check."""
-        now = self.clock()
-        if now - self.checked >= self.check_seconds:
-            self.checked = now
-            self.reload()
-        return self.current
-
-    def reload(self) -> None:
-        try:
-            seen = signature(self.files)
-            if seen == self.loaded:
-                return
-            self.current = server_context(*self.files)
-        except (OSError, TLSFileError) as exc:
-            self.failed.note(detail=str(exc))
-            return
-        self.loaded = seen
-        log.info("TLS certificate re-loaded", extra={"cert_file": self.files[0]})
+        return self.watched.current()
