@@ -6,7 +6,7 @@ summed across replicas and applied here: counts add, nothing else is kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +96,14 @@ class ConfusionMatrix:
         old = self.classes
         self.classes = sorted([*old, *new])
         self._index = {label: i for i, label in enumerate(self.classes)}
-        moved = [self._index[c] for c in old]
-        grown = np.zeros((len(self.classes),) * 2, dtype=np.int64)
-        grown[np.ix_(moved, moved)] = self._counts
-        self._counts = grown
+        self._counts = embedded(self._counts, old, self.classes)
+
+
+def embedded(matrix: np.ndarray, old: Sequence[int], classes: Sequence[int]) -> np.ndarray:
+    """``matrix`` (rows and columns in ``old`` order) placed in a matrix over ``classes``, a
+    superset of ``old``: the others' rows and columns are zero."""
+    index = {label: i for i, label in enumerate(classes)}
+    moved = [index[label] for label in old]
+    grown = np.zeros((len(classes),) * 2, dtype=matrix.dtype)
+    grown[np.ix_(moved, moved)] = matrix
+    return grown

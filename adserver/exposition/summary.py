@@ -11,6 +11,7 @@ import orjson
 
 from adserver.catalogue.families import EVENTS_ACCEPTED, PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.state.view import MetricsState
+from cm_models.confusion import embedded
 from cm_models.formulas import PER_CLASS, classification_report
 
 
@@ -20,11 +21,7 @@ def over_classes(state: MetricsState, classes: list[int]) -> tuple[list[int], np
     own, matrix = state.confusion.classes, state.confusion.matrix()
     if own == classes:
         return classes, matrix
-    index = {label: i for i, label in enumerate(classes)}
-    moved = [index[label] for label in own]
-    grown = np.zeros((len(classes),) * 2, dtype=matrix.dtype)
-    grown[np.ix_(moved, moved)] = matrix
-    return classes, grown
+    return classes, embedded(matrix, own, classes)
 
 
 def model_summary(state: MetricsState) -> dict[str, Any]:
