@@ -239,6 +239,13 @@ class Runner:
         print(f"FAIL: {msg}", file=sys.stderr, flush=True)
         self.r.failures.append(msg)
 
+    def note(self, name: str, note: str) -> None:
+        """A finding about one server: in its results, and on the console now."""
+        sr = self.r.server(name)
+        if sr:
+            sr.notes.append(note)
+        print(f"  {name}: {note}", flush=True)
+
     # -- one case -------------------------------------------------------------------------------
     def run_case(
         self,
@@ -695,10 +702,7 @@ class Runner:
             f"auth on: 401 without a token, 2xx with it "
             f"(after {time.perf_counter() - started:.2f} s)"
         )
-        sr = self.r.server(v.name)
-        if sr:
-            sr.notes.append(note)
-        print(f"  {v.name}: {note}", flush=True)
+        self.note(v.name, note)
         return True
 
     def age(self, name: str, m: servers.Managed) -> bool:
@@ -761,10 +765,7 @@ class Runner:
             f"rows per (model, endpoint) over {v.spread} models x {len(models.ENDPOINTS)}: "
             f"min {min(per_segment)}, max {max(per_segment)}"
         )
-        sr = self.r.server(v.name)
-        if sr:
-            sr.notes.append(note)
-        print(f"  {v.name}: {note}", flush=True)
+        self.note(v.name, note)
         if min(per_segment) == 0:
             empty = sum(1 for n in per_segment if n == 0)
             self.fail(f"{v.name}: {empty} (model, endpoint) segments counted no rows: {note}")
@@ -772,7 +773,6 @@ class Runner:
     def check_durable(self, v: Variant, m: servers.Managed) -> None:
         """kill -9 a durable server and restart it on the same dir: acked rows must survive."""
         name = v.name
-        sr = self.r.server(name)
         acked = sum(c.acked_rows_all for c in self.r.cases if c.server == name)
         try:
             before = probe.stable_counts(m.base_url, m.model)
@@ -802,9 +802,7 @@ class Runner:
             f"kill -9 + restart: {after.rows} rows after, {before.rows} before, {acked} "
             f"acked; restart to first 200 {m2.start_to_ready_s:.3f} s"
         )
-        if sr:
-            sr.notes.append(note)
-        print(f"  {name} {note}", flush=True)
+        self.note(name, note)
         if after.rows < acked:
             self.fail(f"{name} lost acknowledged rows over kill -9: {note}")
         elif after.rows > before.rows:
