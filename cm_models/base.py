@@ -12,6 +12,7 @@ import numpy as np
 from adserver.catalogue import reasons
 from cm_models.confusion import CLASS_ID_MAX, CLASS_ID_MIN, Cells
 from cm_models.custom_metrics import CustomMetric
+from cm_models.sections import Section
 from cm_models.statistics import Statistic
 
 
@@ -26,16 +27,18 @@ class InvalidFeedback(ValueError):
 @dataclass(frozen=True)
 class Observation:
     """What one event adds to the state: confusion-matrix cells, custom metrics, and the items
-    of the statistics the model declares (``updates``, by statistic name)."""
+    of the statistics the model declares (``updates``, by statistic name). ``scored_rows``
+    counts the rows of a model without cells (a regressor)."""
 
     cells: Cells | None = None
     metrics: Sequence[CustomMetric] = field(default_factory=tuple)
     metric_problems: Sequence[str] = field(default_factory=tuple)
     updates: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    scored_rows: int = 0
 
     @property
     def rows(self) -> int:
-        return self.cells.rows if self.cells is not None else 0
+        return self.cells.rows if self.cells is not None else self.scored_rows
 
 
 #: numpy's limit on an array's dimensions.
@@ -136,6 +139,8 @@ class MetricModel(ABC):
     thread_safe = True
     #: Statistics kept beside the confusion matrix; :meth:`observe` fills their ``updates``.
     statistics: tuple[Statistic[Any, Any], ...] = ()
+    #: What is derived from them on read (summary keys).
+    sections: tuple[Section, ...] = ()
 
     def __init__(
         self, name: str = "model", classes: Iterable[int] = (), **_options: object

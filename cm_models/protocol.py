@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cm_models.base import Observation
+from cm_models.sections import Section
 from cm_models.statistics import Statistic
 
 
@@ -56,6 +57,11 @@ class FeedbackModel(Protocol):
     def statistics(self) -> Sequence[Statistic[Any, Any]]:
         """Statistics kept beside the confusion matrix (declared, additive); the observations
         fill their ``updates``."""
+        ...
+
+    @property
+    def sections(self) -> Sequence[Section]:
+        """Metrics derived on read from those statistics, each a key of the model's summaries."""
         ...
 
     def rows(self, values: object, what: str) -> np.ndarray | list[object]:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, Observation, first_axis_rows, nested_array
 from cm_models.custom_metrics import parse_metrics
+from cm_models.sections import Section
 from cm_models.statistics import Statistic
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class SeldonMetricsAdapter:
     numeric_rows = False  # a user's model may take any data
     thread_safe = False
     statistics: tuple[Statistic[Any, Any], ...] = ()  # its metrics are custom metrics
+    sections: tuple[Section, ...] = ()
 
     def __init__(self, user_model: SeldonStyle, name: str) -> None:
         self.user_model = user_model

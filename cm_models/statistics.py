@@ -6,6 +6,13 @@ merge (``sum``, or ``last`` for Seldon's gauges). That is all a store needs: it 
 writes a delta's rows with that merge, and loads them back; merging replicas or windows is loading
 more rows. Every statistic is kept per :class:`StateKey` (model, segment, time bucket).
 
+Two value kinds go beyond plain numbers: a ``vector`` column is a fixed-width array of float64
+(a histogram's counts, say) that merges element by element, so one row holds what would be
+hundreds; and the ``moments`` merge keeps (count, mean, M2) of a quantity, merged by Chan's
+formula, where sums of squares of raw values would cancel catastrophically (values around 1e9).
+Both combine two spans into their union exactly as ``sum`` does, so they count in time buckets,
+segments and replicas (:attr:`Statistic.mergeable`).
+
 This module imports nothing from the models, so a user's model can declare its own statistics.
 """
 
@@ -16,8 +23,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
-Merge = Literal["sum", "last"]
-ColumnType = Literal["int", "real", "text"]
+import numpy as np
+
+Merge = Literal["sum", "last", "moments"]
+ColumnType = Literal["int", "real", "text", "vector"]
 Column = tuple[str, ColumnType]
 Row = tuple[Any, ...]  # key columns, then value columns (ints, floats, strings)
 
@@ -30,6 +39,26 @@ ALL_TIME = -(2**63)
 DEFAULT_SEGMENT = ""
 
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: Merges under which two spans' values combine into their union's: such a statistic counts in
+#: time buckets (a window sums its buckets) and across replicas; ``last`` (a gauge) does not.
+MERGEABLE: frozenset[Merge] = frozenset(("sum", "moments"))
+#: The values of a ``moments`` statistic, in this order.
+MOMENT_VALUES: tuple[Column, ...] = (("count", "int"), ("mean", "real"), ("m2", "real"))
+#: How a vector value travels in rows and is stored: little-endian float64, ``width`` of them.
+VECTOR_DTYPE = np.dtype("<f8")
+
+
+def vector_bytes(values: np.ndarray) -> bytes:
+    """A vector value as rows carry it (counts up to 2**53 are exact in float64)."""
+    return np.ascontiguousarray(values, dtype=VECTOR_DTYPE).tobytes()
+
+
+def vector_array(stored: bytes | np.ndarray) -> np.ndarray:
+    """A vector value of a row (bytes) or of an accumulator (already an array), as an array."""
+    if isinstance(stored, np.ndarray):
+        return stored
+    return np.frombuffer(stored, dtype=VECTOR_DTYPE)
 
 
 class StateKey(NamedTuple):
@@ -53,16 +82,34 @@ class Statistic(ABC, Generic[Item, Acc]):
         keys: Sequence[Column],
         values: Sequence[Column],
         merge: Merge = "sum",
+        *,
+        width: int = 0,
     ) -> None:
+        """``width``: the length of every ``vector`` value column (and only for those)."""
         for column in (name, *(c for c, _ in (*keys, *values))):
             if not _IDENTIFIER.match(column):
                 raise ValueError(f"statistic {name!r}: {column!r} is not a lower-case identifier")
         if not values:
             raise ValueError(f"statistic {name!r} declares no values")
+        if any(kind == "vector" for _, kind in keys):
+            raise ValueError(f"statistic {name!r}: a key cannot be a vector")
+        vectors = any(kind == "vector" for _, kind in values)
+        if vectors != (width > 0):
+            raise ValueError(f"statistic {name!r}: vector values need a width > 0, others none")
+        if vectors and merge != "sum":
+            raise ValueError(f"statistic {name!r}: vectors merge by sum")
+        if merge == "moments" and tuple(values) != MOMENT_VALUES:
+            raise ValueError(f"statistic {name!r}: moments' values are {MOMENT_VALUES}")
         self.name = name
         self.keys = tuple(keys)
         self.values = tuple(values)
         self.merge = merge
+        self.width = width
+
+    @property
+    def mergeable(self) -> bool:
+        """Two spans' values combine into their union's (see :data:`MERGEABLE`)."""
+        return self.merge in MERGEABLE
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -88,7 +135,61 @@ class Sums(Statistic[Row, dict[Row, Row]]):
     """The plain declared statistic: items are rows, kept as ``{key: values}``.
 
     ``Sums("squared_error", keys=[("truth", "int")], values=[("sum", "real"), ("rows", "int")])``
+
+    A ``vector`` value is ``bytes`` in rows (:func:`vector_bytes`) and a float64 array in the
+    accumulator.
     """
+
+    def empty(self) -> dict[Row, Row]:
+        return {}
+
+    def rows(self, items: Sequence[Row]) -> Iterable[Row]:
+        return items
+
+    def load(self, acc: dict[Row, Row], rows: Iterable[Row]) -> None:
+        width = len(self.keys)
+        vectors = [i for i, (_, kind) in enumerate(self.values) if kind == "vector"]
+        for row in rows:
+            key, values = row[:width], row[width:]
+            if vectors:
+                values = tuple(
+                    vector_array(v) if i in vectors else v for i, v in enumerate(values)
+                )
+            old = acc.get(key)
+            if old is not None and self.merge == "sum":
+                values = tuple(a + b for a, b in zip(old, values))
+            acc[key] = values
+
+
+def moments_of(values: np.ndarray) -> Row:
+    """(count, mean, M2) of a batch: M2 is the sum of squared deviations from its own mean."""
+    count = int(values.size)
+    mean = float(values.mean())
+    return count, mean, float(np.square(values - mean).sum())
+
+
+def combined_moments(first: Row, second: Row) -> Row:
+    """Chan, Golub and LeVeque's pairwise update: the moments of two spans' union."""
+    n_a, mean_a, m2_a = first
+    n_b, mean_b, m2_b = second
+    if not n_a:
+        return second
+    if not n_b:
+        return first
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
+class Moments(Statistic[Row, dict[Row, Row]]):
+    """(count, mean, M2) per key, merged by :func:`combined_moments`: a variance that stays
+    exact when the values sit far from zero (a store merges the same way, in its own SQL).
+
+    ``Moments("truth_moments")``; items are rows of the keys then :func:`moments_of`.
+    """
+
+    def __init__(self, name: str, keys: Sequence[Column] = ()) -> None:
+        super().__init__(name, keys, MOMENT_VALUES, "moments")
 
     def empty(self) -> dict[Row, Row]:
         return {}
@@ -101,6 +202,4 @@ class Sums(Statistic[Row, dict[Row, Row]]):
         for row in rows:
             key, values = row[:width], row[width:]
             old = acc.get(key)
-            if old is not None and self.merge == "sum":
-                values = tuple(a + b for a, b in zip(old, values))
-            acc[key] = values
+            acc[key] = values if old is None else combined_moments(old, values)

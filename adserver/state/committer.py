@@ -239,9 +239,9 @@ class Committer(StateStore, Generic[D]):
         self.server_model = server_model
         self.views = KeyedState(states, server_model)
         self._declared = {m: frozenset(state.statistics) for m, state in states.items()}
-        # Only additive statistics count in time buckets (a window sums its buckets).
+        # Only mergeable statistics count in time buckets (a window merges its buckets).
         self._summed = {
-            m: frozenset(n for n, st in state.statistics.items() if st.merge == "sum")
+            m: frozenset(n for n, st in state.statistics.items() if st.mergeable)
             for m, state in states.items()
         }
         dialect.prepare(every_statistic(states))

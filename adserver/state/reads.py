@@ -44,13 +44,13 @@ class BucketReader(Protocol):
 def empty_like(view: MetricsState) -> MetricsState:
     """An empty state with a model's classes as they are now (so every span of one read has the
     same matrix axes as the model's all-time view) and its declared statistics."""
-    return MetricsState(tuple(view.confusion.classes), view.declared)
+    return MetricsState(tuple(view.confusion.classes), view.declared, view.sections)
 
 
 def bucket_statistics(view: MetricsState) -> list[Statistic[Any, Any]]:
     """The statistics a bucket of this model holds: the row part's (gauges, merged by ``last``,
     and the per-event counters live only in all-time rows)."""
-    own = [s for s in view.declared if s.merge == "sum"]
+    own = [s for s in view.declared if s.mergeable]
     return [*(view.statistics[name] for name in ROW_STATISTICS), *own]
 
 

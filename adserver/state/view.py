@@ -20,6 +20,7 @@ from adserver.catalogue.families import PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.errors import StartupError
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
+from cm_models.sections import Section
 from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, Merge, Row, StateKey, Statistic
 
 # Seldon's timer buckets: 50 log-spaced bounds from 1 ms to 30 s (values arrive in ms).
@@ -385,16 +386,19 @@ class CustomMetricsState:
 class MetricsState:
     """Everything ``/v1/metrics`` shows for one key, rebuilt from deltas after a restart.
 
-    ``statistics`` are a model's own, kept beside the built-in ones (in :attr:`tables`).
+    ``statistics`` are a model's own, kept beside the built-in ones (in :attr:`tables`);
+    ``sections`` derive the model's own summary keys from them (:meth:`derived`).
     """
 
     def __init__(
         self,
         classes: Iterable[int] = (),
         statistics: Sequence[Statistic[Any, Any]] = (),
+        sections: Sequence[Section] = (),
     ) -> None:
         self.classes = tuple(classes)  # known up front: every key's matrix starts with them
         self.declared = tuple(statistics)
+        self.sections = tuple(sections)
         every = (*BUILTIN_STATISTICS, *statistics)
         self.statistics = {s.name: s for s in every}
         if len(self.statistics) < len(every):  # their tables and deltas would mix
@@ -414,7 +418,7 @@ class MetricsState:
 
     def like(self) -> MetricsState:
         """An empty state with the same classes and statistics (for another key)."""
-        return MetricsState(self.classes, self.declared)
+        return MetricsState(self.classes, self.declared, self.sections)
 
     def apply(self, delta: Delta) -> None:
         self.version += 1
@@ -434,6 +438,10 @@ class MetricsState:
     def labelled(self, name: str) -> dict[str, int]:
         """Values of a counter by label, e.g. rejections by reason."""
         return {label: value for (key, label), value in self.counters.items() if key == name}
+
+    def derived(self) -> dict[str, dict[str, Any]]:
+        """The model's own summary keys, by section name, derived from this span's tables."""
+        return {section.name: section.derive(self.tables) for section in self.sections}
 
 
 class KeyedState:
