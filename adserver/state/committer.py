@@ -52,7 +52,14 @@ from adserver.state.view import (
 )
 from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import MetricCatalog
-from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, Row, StateKey, Statistic
+from cm_models.statistics import (
+    ALL_TIME,
+    DEFAULT_SEGMENT,
+    VECTOR_DTYPE,
+    Row,
+    StateKey,
+    Statistic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +112,13 @@ class Dialect(Protocol):
     #: The exceptions that mean a transient fault (the client retries on 503).
     errors: tuple[type[Exception], ...]
 
-    def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
-        """Make (or check) each statistic's table."""
+    def prepare(
+        self,
+        statistics: Iterable[Statistic[Any, Any]],
+        owners: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Make (or check) each statistic's table, and the width of its vectors; ``owners``:
+        the models that declare each statistic (by name), which a refusal names."""
 
     def load(self, statistic: Statistic[Any, Any]) -> Iterator[tuple[StateKey, list[Row]]]:
         """Every stored row of a statistic, by key."""
@@ -244,7 +256,7 @@ class Committer(StateStore, Generic[D]):
             m: frozenset(n for n, st in state.statistics.items() if st.mergeable)
             for m, state in states.items()
         }
-        dialect.prepare(every_statistic(states))
+        dialect.prepare(every_statistic(states), owners(states))
         load_views(dialect, self.views)
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
         # decides custom metric types and classes in commit order, identically in any mode.
@@ -592,16 +604,54 @@ def every_statistic(states: Mapping[str, MetricsState]) -> list[Statistic[Any, A
     for model, state in states.items():
         for name, statistic in state.statistics.items():
             known = found.setdefault(name, statistic)
-            if (known.keys, known.values, known.merge) != (
+            if (known.keys, known.values, known.merge, known.width) != (
                 statistic.keys,
                 statistic.values,
                 statistic.merge,
+                statistic.width,
             ):
                 raise StartupError(
                     f"model {model!r} declares a statistic {name!r} unlike another model's of "
                     "that name: rename one of them"
                 )
     return list(found.values())
+
+
+def owners(states: Mapping[str, MetricsState]) -> dict[str, list[str]]:
+    """The models that declare each statistic, by its name."""
+    found: dict[str, list[str]] = {}
+    for model, state in states.items():
+        for name in state.statistics:
+            found.setdefault(name, []).append(model)
+    return found
+
+
+def statistic_rows(statistic: Statistic[Any, Any], items: Sequence[Any]) -> list[Row]:
+    """A delta's rows of a statistic for a dialect to write, every vector value checked to be
+    ``width`` float64 bytes: a table adds vectors element by element, so one of another length
+    (a model's bug) would fail its statement, or be stored and fail every read after."""
+    rows = list(statistic.rows(items))
+    first = len(statistic.keys)
+    vectors = [first + i for i, (_, kind) in enumerate(statistic.values) if kind == "vector"]
+    if not vectors:
+        return rows
+    size = statistic.width * VECTOR_DTYPE.itemsize
+    wrong = [
+        row[i]
+        for row in rows
+        for i in vectors
+        if not isinstance(row[i], bytes) or len(row[i]) != size
+    ]
+    if wrong:
+        found = wrong[0]
+        what = f"{len(found)} bytes" if isinstance(found, bytes) else type(found).__name__
+        log.error("a model's observation has a vector of %s for %r", what, statistic.name)
+        raise InternalError(
+            f"the model's statistic {statistic.name!r} has vectors of {statistic.width} float64 "
+            f"({size} bytes), but its observation has one of {what}",
+            reasons.INTERNAL_SERVER_ERROR,
+        )
+    return rows
 
 
 def load_views(dialect: Dialect, views: KeyedState) -> None:

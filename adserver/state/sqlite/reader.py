@@ -1,9 +1,12 @@
 """Bucket reads in SQLite: SQL sums a span's buckets, Python folds only the summed rows.
 
-A span's rows are summed by ``GROUP BY`` inside SQLite, so what reaches Python is bounded by the
-caps (classes squared, segments, models), never by how many buckets or events a span holds, and
-it streams from the cursor into each statistic's ``load``. The queries name every column and
-filter on ``time_bucket IN (...)``, so they do not depend on the tables' primary-key order.
+A span's rows are summed by ``GROUP BY`` inside SQLite (vectors by the ``vector_sum`` aggregate),
+so what reaches Python is bounded by the caps (classes squared, segments, models), never by how
+many buckets or events a span holds, and it streams from the cursor into each statistic's
+``load``. A ``moments`` statistic cannot be summed: its rows are listed and folded by its
+``load`` (Chan's update), at most a row per bucket of the span for each of its keys. The
+queries name every column and filter on ``time_bucket IN (...)``, so they do not depend on the
+tables' primary-key order.
 
 Durable mode reads on its own thread with its own read-only connection (WAL: readers never wait
 for the writer, nor the writer for them), each read in one transaction so that every statistic
@@ -33,6 +36,7 @@ from adserver.state.reads import (
     chunks,
     empty_like,
 )
+from adserver.state.sqlite.functions import VECTOR_SUM, register
 from adserver.state.view import MetricsState
 from cm_models.statistics import Statistic
 
@@ -47,10 +51,21 @@ ROWS_PER_SLICE = 4096
 INLINE_BUCKETS = 8
 
 
+def spanned(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+    """The statement reading a statistic's rows over buckets, ordered by ``grouped_by`` and its
+    keys: :func:`summed`, or :func:`listed` for moments."""
+    if statistic.merge == "moments":
+        return listed(statistic, grouped_by, where)
+    return summed(statistic, grouped_by, where)
+
+
 def summed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
     """The statement summing a statistic's values over buckets, by ``grouped_by`` and its keys."""
     keys = [*grouped_by, *(name for name, _ in statistic.keys)]
-    values = ", ".join(f"SUM({name})" for name, _ in statistic.values)
+    values = ", ".join(
+        f"{VECTOR_SUM}({name})" if kind == "vector" else f"SUM({name})"
+        for name, kind in statistic.values
+    )
     if not keys:  # one sum; no row at all (rather than NULLs) where nothing matched
         return f"SELECT {values} FROM {statistic.name} WHERE {where} HAVING COUNT(*) > 0"
     group = ", ".join(keys)
@@ -58,6 +73,15 @@ def summed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str
         f"SELECT {group}, {values} FROM {statistic.name} WHERE {where} "
         f"GROUP BY {group} ORDER BY {group}"
     )
+
+
+def listed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+    """The statement listing a statistic's rows over buckets, by ``grouped_by`` and its keys
+    (then in the table's order, so a fold is the same at every read)."""
+    keys = [*grouped_by, *(name for name, _ in statistic.keys)]
+    order = ", ".join(dict.fromkeys([*keys, "time_bucket", "model", "segment"]))
+    columns = ", ".join([*keys, *(name for name, _ in statistic.values)])
+    return f"SELECT {columns} FROM {statistic.name} WHERE {where} ORDER BY {order}"
 
 
 def in_list(buckets: Sequence[int]) -> str:
@@ -133,7 +157,7 @@ class SQLiteBucketReader:
         if self._connection is None:
             assert self.path is not None
             uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            self._connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._connection = register(sqlite3.connect(uri, uri=True, isolation_level=None))
         connection = self._connection
         connection.execute("BEGIN")
         try:
@@ -166,7 +190,7 @@ class SQLiteBucketReader:
             state = empty_like(view)
             for statistic in bucket_statistics(view):
                 for part in chunks(span, self._chunk):
-                    query = summed(statistic, (), f"{where} AND {in_list(part)}")
+                    query = spanned(statistic, (), f"{where} AND {in_list(part)}")
                     for rows in slices(connection.execute(query, (*fixed, *part))):
                         state.load(statistic.name, rows)
                         yield
@@ -185,7 +209,7 @@ class SQLiteBucketReader:
             fold = WindowFold(self.models)
             for statistic in statistics.values():
                 for part in chunks(span, self._chunk):
-                    query = summed(statistic, ("model", "segment"), in_list(part))
+                    query = spanned(statistic, ("model", "segment"), in_list(part))
                     for rows in slices(connection.execute(query, tuple(part))):
                         for (model, segment), group in itertools.groupby(rows, key=key_of):
                             fold.add(statistic.name, model, segment, (row[2:] for row in group))

@@ -239,7 +239,12 @@ def keyed_counts(connection: sqlite3.Connection) -> None:
         connection.execute(f"DROP TABLE v3_{table}")
 
 
-SQL_TYPES: dict[ColumnType, str] = {"int": "INTEGER", "real": "REAL", "text": "TEXT"}
+SQL_TYPES: dict[ColumnType, str] = {
+    "int": "INTEGER",
+    "real": "REAL",
+    "text": "TEXT",
+    "vector": "BLOB",  # float64 values, added by functions.py's SQL functions
+}
 
 
 def statistic_columns(statistic: Statistic[Any, Any]) -> list[tuple[str, str]]:
@@ -377,10 +382,15 @@ def migrate(
             )
 
 
+def claimed(connection: sqlite3.Connection, key: str, value: str) -> str:
+    """Record ``value`` under ``key`` if the file has none yet; the value the file holds."""
+    connection.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+    return str(connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+
 def claim(connection: sqlite3.Connection, key: str, value: str, what: str, instead: str) -> None:
     """Record ``value`` under ``key`` if the file has none yet; refuse the file if it differs."""
-    connection.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
-    stored = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+    stored = claimed(connection, key, value)
     if stored != value:
         raise SchemaError(
             f"the state file belongs to {what} {stored!r}, not {value!r}: {instead}, or "

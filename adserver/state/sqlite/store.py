@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from adserver.errors import StartupError
-from adserver.state.committer import PURGE_BATCH, Committer, RowCounts
+from adserver.state.committer import PURGE_BATCH, Committer, RowCounts, statistic_rows
+from adserver.state.sqlite.functions import VECTOR_ADD, register
 from adserver.state.sqlite.join_tables import SQLJoinTables
 from adserver.state.sqlite.lock import hold_state_lock
 from adserver.state.sqlite.schema import (
     KEY_COLUMNS,
     SchemaError,
     claim,
+    claimed,
     create_statistic_table,
     migrate,
     primary_key,
@@ -90,7 +92,7 @@ def open_connection(
     SQLite would take it for a new database and start from zero without a word.
     """
     if path is None:
-        connection = sqlite3.connect("", isolation_level=None)
+        connection = register(sqlite3.connect("", isolation_level=None))
         connection.execute("PRAGMA journal_mode=MEMORY")  # nothing to recover after a crash
         connection.execute("PRAGMA synchronous=OFF")
         create_spill_file(connection)
@@ -118,7 +120,7 @@ def open_connection(
 
 
 def connect_durable(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection = register(sqlite3.connect(path, check_same_thread=False, isolation_level=None))
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     return connection
@@ -204,24 +206,47 @@ class SQLiteDialect:
                 raise StateFileError(f"cannot use state file {path}: {exc}") from exc
         return cls(connection, durable=path is not None)
 
-    def prepare(self, statistics: Iterable[Statistic[Any, Any]]) -> None:
-        """A declared statistic's table is made the first time; one whose columns changed
-        since is refused (its stored rows would not mean what the declaration says)."""
+    def prepare(
+        self,
+        statistics: Iterable[Statistic[Any, Any]],
+        owners: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """A declared statistic's table is made the first time; one whose columns (names and
+        types) or vector width changed since is refused (its stored rows would not mean what
+        the declaration says). ``owners``: the models declaring each statistic, for the
+        message."""
         for statistic in statistics:
             columns = statistic_columns(statistic)
             stored = [
-                row[1] for row in self.connection.execute(f"PRAGMA table_info({statistic.name})")
+                (row[1], row[2])
+                for row in self.connection.execute(f"PRAGMA table_info({statistic.name})")
             ]
             if not stored:
                 self.connection.execute(create_statistic_table(statistic))
-            elif stored != [name for name, _ in columns]:
+            elif stored != columns:
                 raise StateFileError(
                     f"the state file's table {statistic.name!r} has columns {stored}, but the "
-                    f"statistic declares {[name for name, _ in columns]}: rename the statistic, "
-                    "or use another --state_dir"
+                    f"statistic declares {columns}: rename the statistic, or use another "
+                    "--state_dir"
                 )
+            if statistic.width:
+                self._claim_width(statistic, (owners or {}).get(statistic.name, ()))
             self._upserts[statistic.name] = upsert(statistic)
             self.statistics[statistic.name] = statistic
+
+    def _claim_width(self, statistic: Statistic[Any, Any], owners: Sequence[str]) -> None:
+        """The file records a vector statistic's width: its stored vectors have that many
+        values, and adding others to them would be refused at the first event, not here."""
+        width = str(statistic.width)
+        stored = claimed(self.connection, f"width:{statistic.name}", width)
+        if stored != width:
+            models = ", ".join(repr(m) for m in owners) or "a model"
+            raise StateFileError(
+                f"model {models} declares the statistic {statistic.name!r} with {width} values, "
+                f"but the state file holds it with {stored}: the statistic changed width; "
+                "restore the setting that sizes it (--score_bins/--error_buckets), or "
+                "--reset_state to start from zero"
+            )
 
     def load(self, statistic: Statistic[Any, Any]) -> Iterator[tuple[StateKey, list[Row]]]:
         """The all-time rows (a prefix of the primary key); buckets are read on demand."""
@@ -309,7 +334,7 @@ class SQLiteDialect:
 
     def write(self, keys: Sequence[StateKey], delta: Delta) -> None:
         for name, items in delta.parts.items():
-            rows = list(self.statistics[name].rows(items))
+            rows = statistic_rows(self.statistics[name], items)
             self.cursor.executemany(
                 self._upserts[name], [(*key, *row) for key in keys for row in rows]
             )
@@ -326,18 +351,42 @@ class SQLiteDialect:
         self.connection.close()
 
 
+#: Chan's pairwise update of (count, mean, m2), as combined_moments() computes it, operation for
+#: operation (the mean and m2 are REAL, so no division is an integer one); SET reads the old row.
+MOMENTS_MERGE = (
+    "count = count + excluded.count",
+    "mean = CASE WHEN count = 0 THEN excluded.mean WHEN excluded.count = 0 THEN mean "
+    "ELSE mean + (excluded.mean - mean) * excluded.count / (count + excluded.count) END",
+    "m2 = CASE WHEN count = 0 THEN excluded.m2 WHEN excluded.count = 0 THEN m2 "
+    "ELSE m2 + excluded.m2 + (excluded.mean - mean) * (excluded.mean - mean) * count "
+    "* excluded.count / (count + excluded.count) END",
+)
+
+
+def merged(statistic: Statistic[Any, Any]) -> list[str]:
+    """Each value column's SET clause under the statistic's merge."""
+    if statistic.merge == "moments":
+        return list(MOMENTS_MERGE)
+    if statistic.merge == "last":
+        return [f"{v} = excluded.{v}" for v, _ in statistic.values]
+    return [
+        (
+            f"{v} = {VECTOR_ADD}({v}, excluded.{v})"
+            if kind == "vector"
+            else f"{v} = {v} + excluded.{v}"
+        )
+        for v, kind in statistic.values
+    ]
+
+
 def upsert(statistic: Statistic[Any, Any]) -> str:
     """Add rows to a statistic's table, merging each value by the declared merge."""
     keys = [*KEY_COLUMNS, *(name for name, _ in statistic.keys)]
     values = [name for name, _ in statistic.values]
     conflict = primary_key(statistic)
-    merged = (
-        f"{v} = {v} + excluded.{v}" if statistic.merge == "sum" else f"{v} = excluded.{v}"
-        for v in values
-    )
     return (
         f"INSERT INTO {statistic.name} VALUES ({', '.join('?' * (len(keys) + len(values)))}) "
-        f"ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {', '.join(merged)}"
+        f"ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {', '.join(merged(statistic))}"
     )
 
 
