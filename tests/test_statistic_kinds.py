@@ -29,7 +29,7 @@ from adserver.state.sqlite.reader import SQLiteBucketReader
 from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, StateFileError, state_path
 from adserver.state.store import Entry
 from adserver.state.view import Delta, KeyedState, MetricsState, Placement
-from cm_models.statistics import Moments, Statistic, StateKey, Sums, moments_of, vector_bytes
+from cm_models.statistics import Moments, StateKey, Statistic, Sums, moments_of, vector_bytes
 from tests.support.events import feedback
 from tests.support.http import scrape, send_event, value
 from tests.support.processes import ServerFactory
@@ -222,9 +222,7 @@ def reading(
 
 def within(batches: Sequence[Batch], start: float, end: float, segment: str | None = None):
     return [
-        b
-        for b in batches
-        if start <= b.time < end and (segment is None or b.segment == segment)
+        b for b in batches if start <= b.time < end and (segment is None or b.segment == segment)
     ]
 
 
