@@ -10,11 +10,10 @@ from __future__ import annotations
 import statistics
 import subprocess
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import BASE_SUFFIX, ABResult, BenchResults, CaseResult
+from bench.results import BASE_SUFFIX, ABResult, BenchResults, CaseResult, Pick, spread
 from bench.servers import tree_env
 
 
@@ -90,13 +89,6 @@ def _adserver_origin(base: Baseline, python: str) -> str:
     return p.stdout.strip()
 
 
-def _spread(xs: list[float]) -> float | None:
-    """Half the range, relative to the median: the +/- of a few repeats (None for one)."""
-    if len(xs) < 2:
-        return None
-    return (max(xs) - min(xs)) / 2 / statistics.median(xs)
-
-
 Pair = tuple[CaseResult, CaseResult, CaseResult | None]  # this, baseline, floor of one repeat
 
 
@@ -110,9 +102,6 @@ def _pairs(r: BenchResults, a: CaseResult) -> list[Pair]:
         if b is not None and c.req_s and b.req_s and c.p99_ms and b.p99_ms:
             out.append((c, b, r.case("floor", c.rows, c.connections, c.repeat)))
     return out
-
-
-Pick = Callable[[CaseResult], float]
 
 
 def _x_floor(runs: list[tuple[CaseResult, CaseResult | None]], pick: Pick) -> float | None:
@@ -153,9 +142,9 @@ def compare(r: BenchResults) -> list[ABResult]:
                 x_floor_p99=_x_floor(ours, p99),
                 base_x_floor_p99=_x_floor(theirs, p99),
                 req_quotient=statistics.median(q_req),
-                req_noise=_spread(q_req),
+                req_noise=spread(q_req),
                 p99_quotient=statistics.median(q_p99),
-                p99_noise=_spread(q_p99),
+                p99_noise=spread(q_p99),
             )
         )
     return out

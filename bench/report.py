@@ -139,7 +139,8 @@ def ab_table(r: BenchResults) -> str:
 
 
 def targets_table(r: BenchResults) -> str:
-    """Each target with its measured value and verdict."""
+    """Each target with its measured value (and its noise over the rounds, when it is a
+    quotient of rounds) and verdict."""
     rows = []
     for t in r.targets:
         verdict = {True: "met", False: "NOT MET", None: "n/a"}[t.met]
@@ -148,7 +149,9 @@ def targets_table(r: BenchResults) -> str:
         rows.append(
             [
                 t.name,
-                _f(t.measured, "{:.3f}") + ("" if t.measured is None else f" {t.unit}"),
+                _f(t.measured, "{:.3f}")
+                + ("" if t.measured is None else f" {t.unit}")
+                + ("" if t.noise is None else f" {_pm(t.noise)}"),
                 f"{t.op} {t.threshold:g} {t.unit}",
                 verdict,
             ]

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 BASE_SUFFIX = "@base"  # a server run from the --baseline tree: "memory@base" pairs with "memory"
+
+
+def spread(xs: list[float]) -> float | None:
+    """Half the range, relative to the median: the +/- of a few repeats (None for one)."""
+    if len(xs) < 2:
+        return None
+    return (max(xs) - min(xs)) / 2 / statistics.median(xs)
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Target:
     threshold: float
     unit: str = "x"
     required: bool = True  # False: printed for information, no verdict
+    noise: float | None = None  # +/- relative, over the rounds (a same-run quotient's spread)
 
     @property
     def met(self) -> bool | None:
@@ -119,6 +129,9 @@ class ABResult:
         return f"{self.rows} row{'s' if self.rows > 1 else ''} c{self.connections}"
 
 
+Pick = Callable[[CaseResult], float]  # the figure of a run a quotient compares
+
+
 @dataclass
 class BenchResults:
     """Everything one run measured, plus what went wrong."""
@@ -138,6 +151,20 @@ class BenchResults:
             if (c.server, c.rows, c.connections, c.repeat) == (server, rows, connections, repeat):
                 return c
         return None
+
+    def quotients(
+        self, server: str, other: str, rows: int, connections: int, pick: Pick
+    ) -> list[float]:
+        """pick(server) / pick(other) of this case in every round both ran, in round order:
+        two servers measured seconds apart, so the machine's drift cancels in each."""
+        out = []
+        for a in self.cases:
+            if (a.server, a.rows, a.connections) != (server, rows, connections):
+                continue
+            b = self.case(other, rows, connections, a.repeat)
+            if b is not None and pick(a) and pick(b):
+                out.append(pick(a) / pick(b))
+        return out
 
     def server(self, name: str) -> ServerResult | None:
         return next((s for s in self.servers if s.name == name), None)

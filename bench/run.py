@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ class Plan:
     durable_grid: Grid  # sqlite server
     sink_grid: Grid  # reply-sink variants
     seed_grid: Grid  # the seed's configuration: durable, replies posted to a sink
+    cost_grid: Grid  # seed-classify, seed-regression; seed too when one of them runs
     aged_grid: Grid  # full tables; memory and sqlite (empty) run it too, as the baseline
     servers: tuple[str, ...]
     scrape_events: int
@@ -58,6 +60,8 @@ ALL_SERVERS = (
     "memory",
     "sqlite",
     "seed",
+    "seed-classify",
+    "seed-regression",
     "seed-models",
     "seed-token",
     "seed-oidc",
@@ -77,13 +81,19 @@ AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the 
 DURABLE = (
     "sqlite",
     "seed",
+    "seed-classify",
+    "seed-regression",
     "seed-models",
     "seed-token",
     "seed-oidc",
 )  # kill -9 and restart at the end: acked rows survive
 SPREAD_MODELS = 50  # seed-models: its models config's models, each with 2 endpoints (segments)
 MODELS_REJECT = ("models_config", "unrecognized", "invalid choice")  # before --models_config
-AUTH_REJECT = ("unrecognized", "invalid choice")  # before --auth (argparse's words, not a config's)
+FLAG_REJECT = ("unrecognized", "invalid choice")  # before --auth, --score_range (argparse's words)
+# Before RegressionMetrics exists (its own import errors are failures, not skips):
+REGRESSION_REJECT = ("no module named 'adserver.cm_models.regression_metrics'",)
+REGRESSION = "adserver.cm_models.regression_metrics.RegressionMetrics"
+COSTED = ("seed-classify", "seed-regression")  # the event-cost variants (issue 14)
 AUTH_READY_S = 10.0  # an OIDC server answers 503 until it has fetched the issuer's keys
 BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
 RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
@@ -114,6 +124,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             [(1, 16)],
             [(1, 16)],
             [(1, 1), (1, 16)],
+            [(1000, 16)],
             [(1, 16)],
             chosen,
             5,
@@ -130,6 +141,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         FULL_GRID,
         [(1, 1), (1, 16)],
         [(1, 1), (1, 16)],
+        [(1, 16), (1000, 1), (1000, 16)],
         [(1, 1), (1, 8), (1, 16)],
         chosen,
         5,
@@ -195,6 +207,7 @@ class Variant:
     tree: Path | None = None  # the --baseline export it runs from (None: this tree)
     spread: int = 0  # > 0: the load is spread over that many models and 2 endpoints
     token_file: Path | None = None  # every request carries its token (the --auth variants)
+    body: str = payloads.FEEDBACK  # the kind of payload it is fed (bench/payloads.py)
 
     @property
     def plain(self) -> str:
@@ -232,7 +245,9 @@ class Runner:
         self.retry_noisy = retry_noisy
         self.server_cpu, self.load_cpu = server_cpu, load_cpu
         self.r = results
-        self.payloads = payloads.write_payloads(work / "payloads")
+        self.payloads = {
+            kind: payloads.write_payloads(work / "payloads", kind=kind) for kind in payloads.BODIES
+        }
         self._issuer: auth.Issuer | None = None
 
     def fail(self, msg: str) -> None:
@@ -257,11 +272,12 @@ class Runner:
         repeat: int = 0,
         spread: int = 0,
         token_file: Path | None = None,
+        body: str = payloads.FEEDBACK,
     ) -> CaseResult:
         """Measure one case; rerun it (up to --retry-noisy times) if others used the CPU."""
         acked_rows = 0
         for attempt in range(self.retry_noisy + 1):
-            c = self.measure(name, m, rows, conns, counted, spread, token_file)
+            c = self.measure(name, m, rows, conns, counted, spread, token_file, body)
             acked_rows += (c.ok + c.warmup_ok) * rows
             if (c.other_cpu_pct or 0) < machine.NOISY_PCT or attempt == self.retry_noisy:
                 break
@@ -284,12 +300,13 @@ class Runner:
         counted: bool,
         spread: int = 0,
         token_file: Path | None = None,
+        body: str = payloads.FEEDBACK,
     ) -> CaseResult:
         """Warm up, measure, and (for our server) check rows counted against rows acknowledged.
 
         `spread`: the events go to that many models (and 2 endpoints); counts are their sum.
-        `token_file`: every request carries its bearer token."""
-        payload = self.payloads[rows]
+        `token_file`: every request carries its bearer token. `body`: the kind of payload."""
+        payload = self.payloads[body][rows]
         url = m.base_url + "/"
         tag = uuid.uuid4().hex[:8]
         before = probe.stable_counts(m.base_url, m.model) if counted else None
@@ -459,7 +476,15 @@ class Runner:
                         continue
                     try:
                         self.run_case(
-                            v.name, m, rows, conns, v.counted, repeat, v.spread, v.token_file
+                            v.name,
+                            m,
+                            rows,
+                            conns,
+                            v.counted,
+                            repeat,
+                            v.spread,
+                            v.token_file,
+                            v.body,
                         )
                     except (wrk.WrkError, OSError, RuntimeError) as exc:
                         self.fail(f"{v.name} {rows} rows c{conns}: {exc}")
@@ -502,6 +527,7 @@ class Runner:
         """
         p = self.plan
         aged = [c for c in p.aged_grid if any(n in p.servers for n in AGED)]
+        costed = [c for c in p.cost_grid if any(n in p.servers for n in COSTED)]
         out: list[Variant] = []
 
         def named(name: str) -> str:
@@ -536,10 +562,39 @@ class Runner:
                     Variant(
                         named("seed"),
                         lambda port: servers.seed_argv(port, self.state_dir(named("seed")), reply),
-                        p.seed_grid,
+                        _union(p.seed_grid, costed),
                         model=servers.SEED_MODEL,
                     )
                 )
+        # The event-cost variants: the seed's args with the classification event's scores off
+        # (seed's own, by default, is the probability event), and with a regressor fed numbers.
+        scores_off = ["--score_range", "off"]
+        costs: tuple[tuple[str, list[str], str, str, tuple[str, ...]], ...] = (
+            ("seed-classify", scores_off, servers.SEED_STORAGE_URI, payloads.FEEDBACK, FLAG_REJECT),
+            ("seed-regression", [], REGRESSION, payloads.REGRESSION, REGRESSION_REJECT),
+        )
+        for server, flags, uri, body, rejected in costs:
+            if server not in p.servers:
+                continue
+            cost_sink = self.start_sink(named(server), 0.0, sinks)
+            if cost_sink is None:
+                continue
+            out.append(
+                Variant(
+                    named(server),
+                    functools.partial(
+                        servers.seed_argv,
+                        state_dir=self.state_dir(named(server)),
+                        reply_url=f"http://{servers.HOST}:{cost_sink.port}/",
+                        flags=flags,
+                        storage_uri=uri,
+                    ),
+                    p.cost_grid,
+                    may_reject=rejected,
+                    model=servers.SEED_MODEL,
+                    body=body,
+                )
+            )
         if "seed-models" in p.servers:
             # The seed's args plus a models config: the same load spread over its models.
             sink = self.start_sink(named("seed-models"), 0.0, sinks)
@@ -573,10 +628,13 @@ class Runner:
                     Variant(
                         named("seed-token"),
                         lambda port: servers.seed_argv(
-                            port, self.state_dir(named("seed-token")), token_reply, auth=token_flags
+                            port,
+                            self.state_dir(named("seed-token")),
+                            token_reply,
+                            flags=token_flags,
                         ),
                         p.seed_grid,
-                        may_reject=AUTH_REJECT,
+                        may_reject=FLAG_REJECT,
                         model=servers.SEED_MODEL,
                         token_file=sent,
                     )
@@ -594,10 +652,10 @@ class Runner:
                             port,
                             self.state_dir(named("seed-oidc")),
                             oidc_reply,
-                            auth=issuer.server_flags(),
+                            flags=issuer.server_flags(),
                         ),
                         p.seed_grid,
-                        may_reject=AUTH_REJECT,
+                        may_reject=FLAG_REJECT,
                         model=servers.SEED_MODEL,
                         token_file=issuer.token_file,
                     )
@@ -682,7 +740,7 @@ class Runner:
         issuer's keys: retried for AUTH_READY_S). False (a failure) otherwise."""
         assert v.token_file is not None
         token = v.token_file.read_text().strip()
-        body = self.payloads[1].path.read_bytes()
+        body = self.payloads[payloads.FEEDBACK][1].path.read_bytes()
         tag = uuid.uuid4().hex[:8]
         refused = probe.post_event(m.base_url, body, f"auth-{tag}-none")
         if refused != 401:

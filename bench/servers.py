@@ -115,20 +115,25 @@ def listening_argv(model_name: str, port: int, storage_uri: str) -> list[str]:
     ]
 
 
+SEED_STORAGE_URI = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
+
+
 def seed_argv(
     port: int,
     state_dir: Path,
     reply_url: str,
     models_config: Path | None = None,
-    auth: Sequence[str] = (),
+    flags: Sequence[str] = (),
+    storage_uri: str = SEED_STORAGE_URI,
 ) -> list[str]:
     """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
     `reply_url`), plus what a bench needs: a loopback address and a private state dir; and
-    `--models_config` when given (the many-model variant), `auth` (the --auth flags of the
-    seed-token and seed-oidc variants)."""
+    `--models_config` when given (the many-model variant), `flags` (the --auth flags of the
+    seed-token and seed-oidc variants, seed-classify's --score_range off), another
+    `storage_uri` (seed-regression's model)."""
     models = [] if models_config is None else ["--models_config", str(models_config)]
     return [
-        *listening_argv(SEED_MODEL, port, "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"),
+        *listening_argv(SEED_MODEL, port, storage_uri),
         "--state_dir",
         str(state_dir),
         "--reply_url",
@@ -138,7 +143,7 @@ def seed_argv(
         "--event_source",
         "io.seldon.serving.feedback",
         *models,
-        *auth,
+        *flags,
         "MetricsServer",
     ]
 

@@ -6,7 +6,9 @@ absolute bounds (memory, start-up, scrape time) are sized for the 2-core referen
 
 from __future__ import annotations
 
-from bench.results import BenchResults, CaseResult, Target
+import statistics
+
+from bench.results import BenchResults, CaseResult, Target, spread
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -28,6 +30,45 @@ AUTH = (
     ("seed-token", "token auth (seed-token: seed + --auth token)"),
     ("seed-oidc", "OIDC auth (seed-oidc: seed + --auth oidc, one RS256 token)"),
 )
+
+
+# Issue 14's bar: a regression event and a probability event (scores kept) cost at most 1.2x a
+# classification event of as many rows (the seed's model with --score_range off).
+CLASSIFY = "seed-classify"
+SCORED = (("seed-regression", "regression"), ("seed", "probability"))
+COST_CASES = ((1000, 16, True), (1000, 1, True), (1, 16, False))  # rows, conns, required
+
+
+def cost_ratio(
+    r: BenchResults, server: str, base: str, rows: int, conns: int
+) -> tuple[float | None, float | None]:
+    """What one event of `server` costs over one of `base` (cost = 1 / req/s), and its noise:
+    the median over the rounds of base's req/s / server's, and half their range."""
+    quotients = r.quotients(base, server, rows, conns, lambda c: c.req_s)
+    if not quotients:
+        return None, None
+    return statistics.median(quotients), spread(quotients)
+
+
+def _event_costs(r: BenchResults) -> list[Target]:
+    """The cost of a regression and of a probability event against a classification event."""
+    out = []
+    for server, kind in SCORED:
+        for rows, conns, required in COST_CASES:
+            measured, noise = cost_ratio(r, server, CLASSIFY, rows, conns)
+            size = "single row" if rows == 1 else f"{rows}-row"
+            out.append(
+                Target(
+                    f"{size} {kind} event cost vs classification ({server} vs {CLASSIFY}) "
+                    f"c{conns}, cost = 1 / req/s",
+                    measured,
+                    "<=",
+                    1.2,
+                    required=required,
+                    noise=noise,
+                )
+            )
+    return out
 
 
 def evaluate(r: BenchResults) -> list[Target]:
@@ -106,6 +147,7 @@ def evaluate(r: BenchResults) -> list[Target]:
             ">=",
             0.9,
         ),
+        *_event_costs(r),
         Target(
             "RSS after load (memory server)",
             mem.rss_after_mb if mem else None,
