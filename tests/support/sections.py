@@ -19,7 +19,7 @@ from cm_models.sections import Section
 from cm_models.statistics import Moments, Statistic, Sums, moments_of, vector_array, vector_bytes
 
 ERROR_BOUNDS = (0.5, 1.0, 5.0)
-SCORE_BINS = 10
+SCORE_BINS = 200  # the default --score_bins: a statistic has one width in a state file
 CALIBRATION_BINS = 15
 EPS = float(np.finfo(np.float64).eps)
 
