@@ -179,10 +179,7 @@ def build_server(settings: Settings) -> Server:
         else None
     )
     scorers = {settings.model_name: model, **models}
-    states = {
-        name: MetricsState(tuple(m.classes), m.statistics, m.sections)
-        for name, m in scorers.items()
-    }
+    states = {name: MetricsState.for_model(m) for name, m in scorers.items()}
     joiner = Joiner(scorers, settings.join_ttl_seconds)
     # Custom metrics may not shadow the families the server exports itself.
     reserved = (METRIC_PREFIX, PROCESS_METRIC_PREFIX) + (

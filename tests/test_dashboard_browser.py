@@ -30,6 +30,7 @@ from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
 from adserver.catalogue import reasons
+from adserver.state.sqlite.schema import SQL_TYPES
 from tests.prometheus import require
 from tests.support.events import ce_headers, feedback
 from tests.support.http import Samples, scrape
@@ -47,6 +48,8 @@ DESKTOP = (1280, 800)
 PHONE = (390, 844)
 INTERVAL = 1  # seconds between the page's polls (?interval=)
 PREFIX = "/metrics-server"  # what an ingress strips before the server sees the path
+REGRESSOR = "tests.support.sections.FakeRegressor"
+STORED = "vector" in SQL_TYPES  # the store keeps the regressor's statistics
 
 CONFIG = """\
 models:
@@ -524,3 +527,33 @@ def test_a_screenshot_is_saved(driver: WebDriver, server: str) -> None:
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         README_SCREENSHOT.parent.mkdir(exist_ok=True)
         README_SCREENSHOT.write_bytes(picture)
+
+
+SECTIONS = """
+return Object.fromEntries([...document.querySelectorAll("table#sections tbody tr[data-metric]")]
+  .map((r) => [r.dataset.metric, r.querySelector("td").textContent.trim()]));
+"""
+
+
+@pytest.mark.skipif(not STORED, reason="the store keeps no vector columns yet")
+def test_a_regressor_shows_its_metrics_and_no_classes(
+    driver: WebDriver, servers: ServerFactory
+) -> None:
+    url = servers("--storage_uri", REGRESSOR, "--state", "memory").url
+    answer = requests.post(
+        f"{url}/", json=feedback([1.0, 2.0, 4.0], [1.5, 1.0, 4.0]), headers=ce_headers(), timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    regression = summary(url)["model"]["regression"]
+    page = open_dashboard(driver, url + "/dashboard")
+
+    def shows_the_regression() -> None:
+        seen = page.driver.execute_script(SECTIONS)
+        assert seen["regression MAE"] == four(regression["mae"])
+        assert seen["regression RMSE"] == four(regression["rmse"])
+
+    eventually(shows_the_regression)
+    seen = shown(page)
+    assert seen["perClass"] == [] and seen["rows"] == "3" and seen["accuracy"] == "\u2014"
+    assert "regressor" in page.driver.find_element(By.CSS_SELECTOR, "table#confusion").text
+    assert_no_console_errors(driver)

@@ -34,6 +34,9 @@ DASHBOARD_RULES = {
     ("Precision by class", "B"): "model_class:feedback_precision:ratio_increase1h",
     ("Recall by class", "A"): "model_class:feedback_recall:ratio",
     ("Recall by class", "B"): "model_class:feedback_recall:ratio_increase1h",
+    ("RMSE and MAE", "A"): "model:feedback_regression_rmse:ratio",
+    ("RMSE and MAE", "B"): "model:feedback_regression_rmse:ratio_increase1h",
+    ("RMSE and MAE", "C"): "model:feedback_regression_mae:ratio",
     ("Canary vs default accuracy", "C"): (
         "model_window:feedback_window_accuracy:canary_minus_default"
     ),

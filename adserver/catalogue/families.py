@@ -304,6 +304,135 @@ WINDOW_PER_CLASS: Final[dict[str, Family]] = {
 }
 
 
+# Families of the server's own sections (cm_models.sections): present only when some model
+# has the section. Gauges come from the derived section, counters from the raw statistic.
+BIN: Final = "bin"  # a calibration bin, by its upper edge (f"{upper:.4g}")
+MACRO: Final = "macro"
+WEIGHTED: Final = "weighted"
+REGRESSION_SECTION: Final = "regression"
+SCORES_SECTION: Final = "scores"
+CALIBRATION_STATISTIC: Final = "calibration"  # the scores section's reliability bins
+#: Gauges by their key in the ``regression`` section.
+REGRESSION_GAUGES: Final[dict[str, Family]] = {
+    key: ours(f"regression_{key}", "gauge", help_text)
+    for key, help_text in {
+        "mae": "mean absolute error (no sample before a row)",
+        "mse": "mean squared error",
+        "rmse": "root mean squared error",
+        "r2": "coefficient of determination, as scikit-learn's r2_score (from 2 rows)",
+        "mape": "mean absolute percentage error, as scikit-learn's (a ratio, not percent)",
+        "mean_error": "mean of prediction - truth (the bias; signed)",
+    }.items()
+}
+#: Counters by their value column in the ``regression`` statistic. The sum of |error| is the
+#: histogram's ``feedback_regression_abs_error_sum``: a counter family of that name would clash
+#: with that sample (OpenMetrics refuses the exposition).
+REGRESSION_COUNTERS: Final[dict[str, Family]] = {
+    column: ours(f"regression_{column}", "counter", help_text)
+    for column, help_text in {
+        "rows": "regression rows scored",
+        "squared_error_sum": "sum of (prediction - truth)^2",
+        "ape_sum": "sum of |prediction - truth| / max(|truth|, eps) (MAPE's terms)",
+    }.items()
+}
+#: The sum of prediction - truth: signed, hence a gauge, and not named ``_sum`` (promtool
+#: reserves the suffix for histograms and summaries).
+REGRESSION_ERROR_SUM: Final = ours(
+    "regression_signed_error",
+    "gauge",
+    "sum of prediction - truth over the rows (signed; divide by the rows for the bias)",
+)
+REGRESSION_ABS_ERROR: Final = ours(
+    "regression_abs_error", "histogram", "|prediction - truth| per row (--error_buckets)"
+)
+#: Gauges by their key in the ``scores`` section.
+SCORE_GAUGES: Final[dict[str, Family]] = {
+    "log_loss": ours("log_loss", "gauge", "log loss of the scores (scikit-learn's log_loss)"),
+    "brier_score": ours(
+        "brier_score",
+        "gauge",
+        "Brier score: mean squared distance of the scores from the one-hot truth",
+    ),
+}
+EXPECTED_CALIBRATION_ERROR: Final = ours(
+    "expected_calibration_error",
+    "gauge",
+    "rows-weighted mean |observed - mean score| over the 15 calibration bins",
+)
+ROC_AUC: Final = ours(
+    "roc_auc", "gauge", "one-vs-rest ROC AUC per class, from --score_bins score bins", CLASS
+)
+ROC_AUC_ERROR_BOUND: Final = ours(
+    "roc_auc_error_bound",
+    "gauge",
+    "most the binned roc_auc can differ from the exact one (ties within a bin)",
+    CLASS,
+)
+ROC_AUC_AVERAGE: Final = ours(
+    "roc_auc_average",
+    "gauge",
+    "ROC AUC averaged over the classes that have one (macro, or weighted by positives)",
+    AVERAGE,
+    average=(MACRO, WEIGHTED),
+)
+ROC_AUC_AVERAGE_ERROR_BOUND: Final = ours(
+    "roc_auc_average_error_bound",
+    "gauge",
+    "the error bounds averaged as roc_auc_average",
+    AVERAGE,
+    average=(MACRO, WEIGHTED),
+)
+#: Gauges by their key in a calibration bin of the ``scores`` section.
+CALIBRATION_GAUGES: Final[dict[str, Family]] = {
+    "observed": ours(
+        "calibration_observed", "gauge", "share of the bin's rows that are positive", BIN
+    ),
+    "mean_score": ours("calibration_mean_score", "gauge", "mean score of the bin's rows", BIN),
+}
+#: Counters by their value column in the ``scores`` statistic.
+SCORE_COUNTERS: Final[dict[str, Family]] = {
+    column: ours(name, "counter", help_text)
+    for column, name, help_text in (
+        ("rows", "score_rows", "rows with scores scored"),
+        ("log_loss_sum", "log_loss_sum", "sum of the rows' log losses"),
+        ("brier_sum", "brier_sum", "sum of the rows' Brier terms"),
+        (
+            "unnormalised_rows",
+            "unnormalised_score_rows",
+            "rows whose scores do not sum to 1 (scored as sent, never renormalised)",
+        ),
+    )
+}
+#: Counters by their vector column in the ``calibration`` statistic, by bin.
+CALIBRATION_COUNTERS: Final[dict[str, Family]] = {
+    column: ours(f"calibration_{column}", "counter", help_text, BIN)
+    for column, help_text in {
+        "rows": "rows in the calibration bin",
+        "score_sum": "sum of the scores in the calibration bin",
+        "positives": "positive rows in the calibration bin",
+    }.items()
+}
+#: Window gauges of the sections, by their name after ``window_``.
+WINDOW_SECTIONS: Final[dict[str, Family]] = {
+    name: ours(
+        f"window_{name}",
+        "gauge",
+        f"{meaning} of the window's predictions (no sample while undefined)",
+        SEGMENT,
+        WINDOW,
+    )
+    for name, meaning in {
+        "mae": "mean absolute error",
+        "rmse": "root mean squared error",
+        "r2": "R2",
+        "log_loss": "log loss",
+        "brier_score": "Brier score",
+        "roc_auc": "macro ROC AUC",
+        "expected_calibration_error": "expected calibration error",
+    }.items()
+}
+
+
 # One value per model, by its key in the reply sender's and the listener's statistics.
 REPLIES: Final[dict[str, Family]] = {
     "sent": ours("reply_sent", "counter", "reply events delivered to the reply URL"),
@@ -363,4 +492,18 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     AUTH_REFUSED,
     *WINDOW_TOTALS.values(),
     *WINDOW_PER_CLASS.values(),
+    *REGRESSION_GAUGES.values(),
+    *REGRESSION_COUNTERS.values(),
+    REGRESSION_ERROR_SUM,
+    REGRESSION_ABS_ERROR,
+    *SCORE_GAUGES.values(),
+    EXPECTED_CALIBRATION_ERROR,
+    ROC_AUC,
+    ROC_AUC_ERROR_BOUND,
+    ROC_AUC_AVERAGE,
+    ROC_AUC_AVERAGE_ERROR_BOUND,
+    *CALIBRATION_GAUGES.values(),
+    *SCORE_COUNTERS.values(),
+    *CALIBRATION_COUNTERS.values(),
+    *WINDOW_SECTIONS.values(),
 )

@@ -30,16 +30,21 @@ from prometheus_client.samples import Sample
 from adserver.catalogue import families
 from adserver.catalogue.families import (
     BUCKET,
+    CALIBRATION_STATISTIC,
     CLASS,
     COUNT,
     LE,
+    MACRO,
     MODEL,
     POSITIVE_CLASS,
     PREDICTED_ROWS,
     PREDICTION,
+    REGRESSION_SECTION,
     ROWS_ACCEPTED,
+    SCORES_SECTION,
     SUM,
     TRUTH,
+    WEIGHTED,
     Family,
     Kind,
     MetricType,
@@ -49,6 +54,7 @@ from adserver.exposition.encoder import Grid, Grids
 from adserver.exposition.summary import label_coverage
 from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
 from cm_models.formulas import ClassCounts, classification_report
+from cm_models.statistics import Statistic
 
 Item = TypeVar("Item")
 Tags = tuple[tuple[str, str], ...]
@@ -82,11 +88,19 @@ class StateView:
     custom_types: dict[str, MetricType]
     custom_values: tuple[dict[SeriesKey, float], dict[SeriesKey, float]]
     custom_timers: dict[SeriesKey, Histogram]
+    derived: dict[str, dict[str, Any]]  # the model's sections
+    totals: dict[str, dict[str, Any]]  # the section statistics' values, by column
 
     @classmethod
     def of(cls, state: MetricsState) -> StateView:
         custom = state.custom
         return cls(
+            derived=state.derived(),
+            totals={
+                name: statistic_totals(state.statistics[name], state.tables[name])
+                for name in SECTION_STATISTICS
+                if name in state.statistics
+            },
             counters=dict(state.counters),
             label_delay=histogram_copy(state.label_delay),
             classes=[str(c) for c in state.confusion.classes],
@@ -110,6 +124,23 @@ class StateView:
             for (family, tags), value in series.items():
                 grouped.setdefault(family, []).append((tags, value))
         return grouped
+
+
+#: The keyless statistics of the server's sections whose values are exported as counters.
+SECTION_STATISTICS = (REGRESSION_SECTION, SCORES_SECTION, CALIBRATION_STATISTIC)
+
+
+def statistic_totals(statistic: Statistic[Any, Any], table: Mapping[Any, Any]) -> dict[str, Any]:
+    """A keyless statistic's values by column (zeros before its first row); vectors copied."""
+    values = table.get(())
+    if values is None:
+        values = [
+            np.zeros(statistic.width) if kind == "vector" else 0 for _, kind in statistic.values
+        ]
+    return {
+        column: np.array(value) if isinstance(value, np.ndarray) else value
+        for (column, _), value in zip(statistic.values, values)
+    }
 
 
 def histogram_copy(histogram: Histogram) -> Histogram:
@@ -187,6 +218,7 @@ class FeedbackCollector:
         confused = [(source, view) for source, view in scraped if source.has_confusion]
         if confused:
             yield from self.confusion_families(confused)
+        yield from section_families(scraped)
         yield from self.custom_families(scraped)
         if replies is not None:
             yield from self.reply_families(replies)
@@ -364,20 +396,153 @@ def histogram_family(
 
     def expand(item: tuple[Item, Histogram]) -> list[Sample]:
         key, histogram = item
-        labels = labels_of(key)
         bounds = [repr(b) for b in histogram.bounds] + ["+Inf"]
         counts = [*histogram.buckets.tolist(), histogram.count]
-        samples = [
-            Sample(name + BUCKET, {**labels, LE: bound}, count)
-            for bound, count in zip(bounds, counts)
-        ]
-        samples.append(Sample(name + COUNT, labels, histogram.count))
-        samples.append(Sample(name + SUM, labels, histogram.total))
-        return samples
+        buckets = dict(zip(bounds, counts))
+        return bucket_samples(name, labels_of(key), buckets, histogram.count, histogram.total)
 
     family = HistogramMetricFamily(declared.name, declared.help, labels=declared.labels)
     set_samples(family, LazySamples(series, expand))
     return family
+
+
+def bucket_samples(
+    name: str, labels: dict[str, str], buckets: Mapping[str, float], count: int, total: float
+) -> list[Sample]:
+    """One histogram series: cumulative ``buckets`` by ``le`` (``+Inf`` last), count and sum."""
+    samples = [Sample(name + BUCKET, {**labels, LE: le}, value) for le, value in buckets.items()]
+    samples.append(Sample(name + COUNT, labels, count))
+    samples.append(Sample(name + SUM, labels, total))
+    return samples
+
+
+#: A model's name and the view of it this scrape reads.
+Named = tuple[str, StateView]
+#: A series' labels after ``model``, and its value (None: no sample).
+Values = Iterable[tuple[tuple[str, ...], Any]]
+
+
+def section_families(scraped: list[Scraped]) -> Iterator[Metric]:
+    """The families of the server's sections, each only if some model has the section."""
+    for section, derive in (
+        (REGRESSION_SECTION, regression_families),
+        (SCORES_SECTION, score_families),
+    ):
+        having = [(source.name, view) for source, view in scraped if section in view.derived]
+        if having:
+            yield from derive(having)
+
+
+def model_values(
+    declared: Family, models: list[Named], values: Callable[[StateView], Values]
+) -> Metric:
+    """A counter or gauge with each model's ``values`` (a value of None has no sample)."""
+    family = new(declared)
+    for model, view in models:
+        for labels, value in values(view):
+            if value is not None:
+                family.add_metric((model, *labels), value)
+    return family
+
+
+def single(value: Any) -> Values:
+    return (((), value),)
+
+
+def regression_families(models: list[Named]) -> Iterator[Metric]:
+    """Gauges of the ``regression`` section; counters and the signed error sum of its
+    statistic; the histogram of |error| (the section's cumulative buckets)."""
+    for key, declared in families.REGRESSION_GAUGES.items():
+        yield model_values(declared, models, partial(section_value, REGRESSION_SECTION, (key,)))
+    for column, declared in families.REGRESSION_COUNTERS.items():
+        yield model_values(declared, models, partial(total_value, REGRESSION_SECTION, column))
+    yield model_values(
+        families.REGRESSION_ERROR_SUM,
+        models,
+        partial(total_value, REGRESSION_SECTION, "error_sum"),
+    )
+    declared = families.REGRESSION_ABS_ERROR
+    family = HistogramMetricFamily(declared.name, declared.help, labels=declared.labels)
+    samples = []
+    for model, view in models:
+        errors = view.derived[REGRESSION_SECTION]["abs_error"]
+        samples += bucket_samples(
+            declared.name, {MODEL: model}, errors["buckets"], errors["count"], errors["sum"]
+        )
+    set_samples(family, samples)
+    yield family
+
+
+def score_families(models: list[Named]) -> Iterator[Metric]:
+    """Gauges of the ``scores`` section (log loss, Brier, ROC AUC with its bound, calibration)
+    and counters of the ``scores`` and ``calibration`` statistics."""
+    for key, declared in families.SCORE_GAUGES.items():
+        yield model_values(declared, models, partial(section_value, SCORES_SECTION, (key,)))
+    yield model_values(
+        families.EXPECTED_CALIBRATION_ERROR,
+        models,
+        partial(section_value, SCORES_SECTION, ("calibration", "ece")),
+    )
+    for key, declared in (("auc", families.ROC_AUC), ("error_bound", families.ROC_AUC_ERROR_BOUND)):
+        yield model_values(declared, models, partial(class_aucs, key))
+    for key, declared in (
+        ("auc", families.ROC_AUC_AVERAGE),
+        ("error_bound", families.ROC_AUC_AVERAGE_ERROR_BOUND),
+    ):
+        yield model_values(declared, models, partial(average_aucs, key))
+    for key, declared in families.CALIBRATION_GAUGES.items():
+        yield model_values(declared, models, partial(calibration_bins, key))
+    for column, declared in families.SCORE_COUNTERS.items():
+        yield model_values(declared, models, partial(total_value, SCORES_SECTION, column))
+    for column, declared in families.CALIBRATION_COUNTERS.items():
+        yield model_values(declared, models, partial(calibration_counts, column))
+
+
+def section_value(section: str, path: tuple[str, ...], view: StateView) -> Values:
+    """The value at ``path`` in a derived section (None where an enclosing dict is None)."""
+    value: Any = view.derived[section]
+    for key in path:
+        value = value[key] if value is not None else None
+    return single(value)
+
+
+def total_value(statistic: str, column: str, view: StateView) -> Values:
+    """A column of a section statistic (no sample where the model does not declare it)."""
+    return single(view.totals.get(statistic, {}).get(column))
+
+
+def class_aucs(key: str, view: StateView) -> Values:
+    """Each class's ROC AUC (or its error bound), labelled by the class."""
+    per_class = view.derived[SCORES_SECTION]["roc_auc"]["per_class"]
+    return (((label,), auc[key]) for label, auc in per_class.items())
+
+
+def average_aucs(key: str, view: StateView) -> Values:
+    """The macro and weighted averages of the ROC AUC (or its error bound)."""
+    roc_auc = view.derived[SCORES_SECTION]["roc_auc"]
+    return (((average,), roc_auc[average][key]) for average in (MACRO, WEIGHTED))
+
+
+def calibration_bins(key: str, view: StateView) -> Values:
+    """A value of each calibration bin, labelled by its upper edge."""
+    calibration = view.derived[SCORES_SECTION]["calibration"]
+    bins = calibration["bins"] if calibration is not None else []
+    return (((bin_label(b["upper"]),), b[key]) for b in bins)
+
+
+def calibration_counts(column: str, view: StateView) -> Values:
+    """A vector column of the ``calibration`` statistic by bin: uniform bins of [0, 1]."""
+    totals = view.totals.get(CALIBRATION_STATISTIC)
+    if totals is None:
+        return ()
+    values = totals[column]
+    uppers = np.linspace(0.0, 1.0, len(values) + 1)[1:]
+    return (((bin_label(u),), v) for u, v in zip(uppers.tolist(), values.tolist()))
+
+
+def bin_label(upper: float) -> str:
+    """A calibration bin's ``bin`` label: its upper edge."""
+    return f"{upper:.4g}"
 
 
 def build_registry(collector: FeedbackCollector, *others: Collector) -> CollectorRegistry:

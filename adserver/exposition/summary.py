@@ -30,13 +30,24 @@ def model_summary(state: MetricsState) -> dict[str, Any]:
 
 
 def with_confusion_matrix(summary: dict[str, Any], matrix: Any) -> dict[str, Any]:
-    """The summary with the matrix after ``classes`` (the documented key order)."""
+    """The summary with the matrix after ``classes`` (the documented key order); a summary
+    without classes (a regressor's) has no matrix."""
+    if "classes" not in summary:
+        return summary
     classes, *rest = summary.items()
     return dict([classes, ("confusion_matrix", matrix), *rest])
 
 
 def derived_summary(state: MetricsState, classes: list[int] | None = None) -> dict[str, Any]:
-    """The summary of a state, over ``classes`` if given (see :func:`over_classes`)."""
+    """The summary of a state, over ``classes`` if given (see :func:`over_classes`), with each
+    of the model's sections under its name; a regressor's has no classification keys."""
+    counts = {
+        "rows": state.count(ROWS_ACCEPTED),
+        "events": state.count(EVENTS_ACCEPTED),
+        **coverage(state.count(ROWS_ACCEPTED), state.count(PREDICTED_ROWS)),
+    }
+    if not state.classifies:
+        return {**counts, **state.derived()}
     classes, matrix = over_classes(state, state.confusion.classes if classes is None else classes)
     report = classification_report(matrix)
     columns = zip(*(getattr(report, name).tolist() for name in PER_CLASS))
@@ -48,9 +59,8 @@ def derived_summary(state: MetricsState, classes: list[int] | None = None) -> di
         "accuracy": report.accuracy,
         "per_class": per_class,
         **report.averages,
-        "rows": state.count(ROWS_ACCEPTED),
-        "events": state.count(EVENTS_ACCEPTED),
-        **coverage(state.count(ROWS_ACCEPTED), state.count(PREDICTED_ROWS)),
+        **counts,
+        **state.derived(),
     }
 
 

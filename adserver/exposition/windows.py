@@ -26,7 +26,17 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from adserver.catalogue import families, reasons
-from adserver.catalogue.families import CLASS, MODEL, PREDICTED_ROWS, ROWS_ACCEPTED, SEGMENT, WINDOW
+from adserver.catalogue.families import (
+    CLASS,
+    MACRO,
+    MODEL,
+    PREDICTED_ROWS,
+    REGRESSION_SECTION,
+    ROWS_ACCEPTED,
+    SCORES_SECTION,
+    SEGMENT,
+    WINDOW,
+)
 from adserver.catalogue.wire import QUERY_FROM, QUERY_SEGMENT, QUERY_STEP, QUERY_TO
 from adserver.errors import BadRequest, NotFound
 from adserver.exposition.collector import LazySamples, new, set_samples
@@ -60,6 +70,31 @@ RANGE_KEYS = (
     "label_coverage",
 )
 
+#: Where each section window gauge (families.WINDOW_SECTIONS) reads its value in the derived
+#: sections: the section, then the keys down to the value.
+WINDOW_SECTION_VALUES: dict[str, tuple[str, ...]] = {
+    "mae": (REGRESSION_SECTION, "mae"),
+    "rmse": (REGRESSION_SECTION, "rmse"),
+    "r2": (REGRESSION_SECTION, "r2"),
+    "log_loss": (SCORES_SECTION, "log_loss"),
+    "brier_score": (SCORES_SECTION, "brier_score"),
+    "roc_auc": (SCORES_SECTION, "roc_auc", MACRO, "auc"),
+    "expected_calibration_error": (SCORES_SECTION, "calibration", "ece"),
+}
+
+
+def section_values(derived: Mapping[str, Any]) -> dict[str, float | None]:
+    """The section window gauges of one span, for the sections it has (None: undefined)."""
+    values: dict[str, float | None] = {}
+    for name, (section, *path) in WINDOW_SECTION_VALUES.items():
+        if section not in derived:
+            continue
+        value = derived[section]
+        for key in path:
+            value = value[key] if value is not None else None
+        values[name] = value
+    return values
+
 
 class ModelViews(Protocol):
     """The all-time views a range is checked against: the models and their segments."""
@@ -72,10 +107,12 @@ class ModelViews(Protocol):
 
 
 def range_summary(state: MetricsState) -> dict[str, Any]:
-    """One span's metrics: the all-time summary's per-row keys, predictions, label coverage and
-    the label-delay histogram (cumulative counts by upper bound, as Prometheus has them)."""
+    """One span's metrics: the all-time summary's per-row keys, predictions, label coverage, the
+    model's sections and the label-delay histogram (cumulative counts by upper bound, as
+    Prometheus has them)."""
     derived = derived_summary(state)
-    summary = {key: derived[key] for key in RANGE_KEYS}
+    kept = (*RANGE_KEYS, *(section.name for section in state.sections))
+    summary = {key: derived[key] for key in kept if key in derived}
     delay = state.label_delay
     bounds = [*(repr(b) for b in delay.bounds), "+Inf"]
     summary["label_delay"] = {
@@ -271,6 +308,7 @@ class WindowSeries:
     accuracy: float | None
     classes: list[str]
     per_class: dict[str, list[float]]  # by report field: a value per class
+    sections: dict[str, float | None]  # by families.WINDOW_SECTIONS name, of its sections
 
 
 def derive(
@@ -306,6 +344,7 @@ def derive(
                 }
                 if report is not None
                 else {},
+                section_values(state.derived()),
             )
         )
     return series
@@ -381,6 +420,13 @@ class WindowGauges:
             family = new(declared)
             set_samples(family, LazySamples(series, self._class_samples(name, declared.sample)))
             yield family
+        for name, declared in families.WINDOW_SECTIONS.items():
+            if any(name in item.sections for item in series):
+                family = new(declared)
+                set_samples(
+                    family, LazySamples(series, self._section_sample(name, declared.sample))
+                )
+                yield family
 
     @staticmethod
     def _total_sample(name: str, sample: str) -> Callable[[WindowSeries], list[Sample]]:
@@ -395,6 +441,20 @@ class WindowGauges:
                 return []
             labels = {MODEL: item.model, SEGMENT: item.segment, WINDOW: item.window}
             return [Sample(sample, labels, value)]
+
+        return expand
+
+    @staticmethod
+    def _section_sample(name: str, sample: str) -> Callable[[WindowSeries], list[Sample]]:
+        def expand(item: WindowSeries) -> list[Sample]:
+            value = item.sections.get(name)
+            if value is None:
+                return []
+            return [
+                Sample(
+                    sample, {MODEL: item.model, SEGMENT: item.segment, WINDOW: item.window}, value
+                )
+            ]
 
         return expand
 

@@ -44,7 +44,9 @@ class BucketReader(Protocol):
 def empty_like(view: MetricsState) -> MetricsState:
     """An empty state with a model's classes as they are now (so every span of one read has the
     same matrix axes as the model's all-time view) and its declared statistics."""
-    return MetricsState(tuple(view.confusion.classes), view.declared, view.sections)
+    return MetricsState(
+        tuple(view.confusion.classes), view.declared, view.sections, classifies=view.classifies
+    )
 
 
 def bucket_statistics(view: MetricsState) -> list[Statistic[Any, Any]]:

@@ -20,6 +20,7 @@ from adserver.catalogue.families import PREDICTED_ROWS, ROWS_ACCEPTED
 from adserver.errors import StartupError
 from cm_models.confusion import Cells, ConfusionMatrix
 from cm_models.custom_metrics import CustomMetric, MetricType, family_name
+from cm_models.protocol import FeedbackModel
 from cm_models.sections import Section
 from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT, Merge, Row, StateKey, Statistic
 
@@ -387,7 +388,9 @@ class MetricsState:
     """Everything ``/v1/metrics`` shows for one key, rebuilt from deltas after a restart.
 
     ``statistics`` are a model's own, kept beside the built-in ones (in :attr:`tables`);
-    ``sections`` derive the model's own summary keys from them (:meth:`derived`).
+    ``sections`` derive the model's own summary keys from them (:meth:`derived`);
+    ``classifies`` is False for a model that has sections and no confusion matrix (a
+    regressor): readers show it no classification metrics.
     """
 
     def __init__(
@@ -395,10 +398,13 @@ class MetricsState:
         classes: Iterable[int] = (),
         statistics: Sequence[Statistic[Any, Any]] = (),
         sections: Sequence[Section] = (),
+        *,
+        classifies: bool = True,
     ) -> None:
         self.classes = tuple(classes)  # known up front: every key's matrix starts with them
         self.declared = tuple(statistics)
         self.sections = tuple(sections)
+        self.classifies = classifies
         every = (*BUILTIN_STATISTICS, *statistics)
         self.statistics = {s.name: s for s in every}
         if len(self.statistics) < len(every):  # their tables and deltas would mix
@@ -416,9 +422,19 @@ class MetricsState:
         self.custom = CustomMetricsState(*(self.tables[CUSTOM[kind]] for kind in CUSTOM))
         self.version = 0  # bumped on every change, so readers can cache what they derive
 
+    @classmethod
+    def for_model(cls, model: FeedbackModel) -> MetricsState:
+        """The empty state of a model: a regressor (sections, no matrix) does not classify."""
+        return cls(
+            tuple(model.classes),
+            model.statistics,
+            model.sections,
+            classifies=model.has_confusion or not model.sections,
+        )
+
     def like(self) -> MetricsState:
         """An empty state with the same classes and statistics (for another key)."""
-        return MetricsState(self.classes, self.declared, self.sections)
+        return MetricsState(self.classes, self.declared, self.sections, classifies=self.classifies)
 
     def apply(self, delta: Delta) -> None:
         self.version += 1

@@ -130,14 +130,50 @@
     select.value = values.includes(keep) ? keep : values[0] ?? "";
   }
 
+  // A model's sections (regression, scores): the rows the page shows of each, if it has it.
+  const SECTION_ROWS = {
+    regression: [
+      ["MAE", (s) => s.mae],
+      ["RMSE", (s) => s.rmse],
+      ["R2", (s) => s.r2],
+      ["MAPE", (s) => s.mape],
+      ["mean error", (s) => s.mean_error],
+    ],
+    scores: [
+      ["log loss", (s) => s.log_loss],
+      ["Brier score", (s) => s.brier_score],
+      ["ROC AUC (macro)", (s) => s.roc_auc.macro.auc],
+      ["ROC AUC error bound", (s) => s.roc_auc.macro.error_bound],
+      ["expected calibration error", (s) => (s.calibration ? s.calibration.ece : null)],
+    ],
+  };
+
+  function drawSections(summary) {
+    const rows = [];
+    for (const [name, metrics] of Object.entries(SECTION_ROWS)) {
+      if (!summary[name]) continue;
+      for (const [label, value] of metrics) {
+        rows.push(
+          row([cell("th", label, { scope: "row" }), cell("td", fixed(value(summary[name])))], {
+            "data-metric": `${name} ${label}`,
+          }),
+        );
+      }
+    }
+    $("sections-section").hidden = !rows.length;
+    $("sections").tBodies[0].replaceChildren(...rows);
+  }
+
   function drawSummary(summary, samples) {
+    drawSections(summary);
     $("accuracy").textContent = summary.rows ? fixed(summary.accuracy) : DASH;
     $("rows").textContent = whole(summary.rows);
     $("events-accepted").textContent = whole(total(samples, "feedback_events_accepted_total"));
     $("events-duplicate").textContent = whole(total(samples, "feedback_events_duplicate_total"));
 
+    const labels = summary.classes || []; // a regressor has none
     $("per-class").tBodies[0].replaceChildren(
-      ...summary.classes.map((label) => {
+      ...labels.map((label) => {
         const stats = summary.per_class[String(label)] || {};
         return row(
           [
@@ -152,20 +188,16 @@
       }),
     );
 
-    const classes = summary.classes.map(String);
-    const matrix = summary.confusion_matrix;
-    if (classes.length > MAX_MATRIX_CLASSES) {
+    const classes = labels.map(String);
+    const matrix = summary.confusion_matrix || [];
+    if (!summary.classes || classes.length > MAX_MATRIX_CLASSES) {
       // a million cells would stall the tab: the counts stay in the JSON API
+      const note = summary.classes
+        ? `${classes.length} classes: more than ${MAX_MATRIX_CLASSES} are not drawn here; ` +
+          "the matrix is in v1/models/<name>/metrics"
+        : "No classes: the model is a regressor (see Regression and scores).";
       $("confusion").tHead.replaceChildren();
-      $("confusion").tBodies[0].replaceChildren(
-        row([
-          cell(
-            "td",
-            `${classes.length} classes: more than ${MAX_MATRIX_CLASSES} are not drawn here; ` +
-              "the matrix is in v1/models/<name>/metrics",
-          ),
-        ]),
-      );
+      $("confusion").tBodies[0].replaceChildren(row([cell("td", note)]));
       return;
     }
     const most = matrix.reduce((m, r) => r.reduce((n, v) => Math.max(n, v), m), 1);
@@ -246,7 +278,7 @@
     drawn = text;
     const steps = document_.steps;
     const times = steps.map((s) => s.from);
-    const accuracy = steps.map((s) => (s.rows ? s.accuracy : null));
+    const accuracy = steps.map((s) => (s.rows ? (s.accuracy ?? null) : null)); // none: a regressor
     const coverage = steps.map((s) => s.label_coverage);
 
     $("accuracy-table").tBodies[0].replaceChildren(
