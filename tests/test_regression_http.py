@@ -4,6 +4,7 @@ joined to a logged prediction, replies, and bad input, compared with scikit-lear
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from tests.support.events import ce_headers, feedback, new_id
 from tests.support.http import model_doc, moved_samples, post_json, scrape, send_event, value
 from tests.support.processes import REPLY_FLAGS, ServerFactory
 from tests.test_join import label, logged
+from tests.test_startup import refused
 
 pytestmark = pytest.mark.skipif(
     "vector" not in SQL_TYPES,
@@ -114,3 +116,15 @@ def test_a_logged_prediction_of_no_number_per_row_is_acknowledged_not_stored(url
     answer = post_json(url, {"predictions": [[1.0, 2.0]]}, sent)
     assert answer.status_code == 200, answer.text
     assert value(scrape(url), "feedback_logger_events_total", kind=kind) == before + 1
+
+
+def test_a_durable_state_keeps_its_sums_and_its_histogram_width(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    flags = ("--state_dir", str(tmp_path), "--storage_uri", REGRESSOR)
+    first = servers(*flags)
+    send_event(first.url, feedback([1.0, 2.0, 4.0], [1.5, 2.0, 3.0]))
+    section = model_doc(first.url)["regression"]
+    assert first.stop() == 0
+    assert "--error_buckets" in refused(*flags, "--error_buckets", "1,2")
+    assert model_doc(servers(*flags).url)["regression"] == section
