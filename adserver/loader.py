@@ -10,6 +10,7 @@ from adserver.errors import StartupError
 from adserver.settings import Settings
 from cm_models.base import MetricModel
 from cm_models.protocol import FeedbackModel
+from cm_models.regression_metrics import error_bounds
 from cm_models.seldon_adapter import SeldonMetricsAdapter, SeldonStyle
 
 
@@ -56,12 +57,17 @@ def load_model(settings: Settings) -> FeedbackModel:
     """The model, ready before the first request: the one place that looks at what the class
     is (a built-in model, or a user's Seldon-style class wrapped in the adapter)."""
     cls = resolve_class(settings.storage_uri)
+    try:
+        bounds = error_bounds(settings.error_buckets)
+    except ValueError as exc:
+        raise ModelLoadError(f"--error_buckets {settings.error_buckets!r}: {exc}") from exc
     if issubclass(cls, MetricModel):
         try:
             return cls(
                 name=settings.model_name,
                 classes=settings.classes,
                 threshold=settings.binary_threshold,
+                error_buckets=bounds,
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"cannot configure {cls.__name__}: {exc}") from exc

@@ -19,13 +19,14 @@ from adserver.errors import StartupError
 from adserver.loader import ModelLoadError, load_model, resolve_class
 from adserver.settings import Settings
 from cm_models.protocol import FeedbackModel
+from cm_models.regression_metrics import error_bounds
 
 #: A model's name is the ``model`` label of its series.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MATCH_KEYS = (*MATCH_EXTENSIONS, *MATCH_BODY)
 MODEL_KEYS = frozenset(
     {"name", "storage_uri", "classes", "threshold", "default", "match", "segment_by",
-     "max_segments"}
+     "max_segments", "error_buckets"}
 )  # fmt: skip
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     match: Mapping[str, str] = field(default_factory=dict)
     segment_by: tuple[str, ...] = ()
     max_segments: int | None = None  # None: --max_segments
+    error_buckets: str | None = None  # None: --error_buckets
     where: str = ""  # "<file>:line <n>" of its entry, for the errors of loading it
 
     def settings(self, server: Settings) -> Settings:
@@ -55,6 +57,7 @@ class ModelConfig:
             storage_uri=self.storage_uri,
             classes=self.classes,
             binary_threshold=self.threshold,
+            error_buckets=self.error_buckets or server.error_buckets,
         )
 
 
@@ -178,6 +181,7 @@ class _Parser:
             match=self.match(item),
             segment_by=self.segment_by(item),
             max_segments=self.max_segments(item),
+            error_buckets=self.error_buckets(item),
             where=f"{self.path}:line {item.line}",
         )
 
@@ -235,6 +239,18 @@ class _Parser:
         if len(set(found)) != len(found):
             raise self.fail(item.lines["segment_by"], "a segment dimension is given twice")
         return tuple(found)
+
+    def error_buckets(self, item: _Mapping) -> str | None:
+        """A list of upper edges, as ``--error_buckets`` spells them."""
+        if "error_buckets" not in item:
+            return None
+        found = item["error_buckets"]
+        try:
+            if not isinstance(found, list):
+                raise ValueError("`error_buckets` must be a list of numbers")
+            return ",".join(map(repr, error_bounds(found)))
+        except ValueError as exc:
+            raise self.fail(item.lines["error_buckets"], str(exc)) from exc
 
     def max_segments(self, item: _Mapping) -> int | None:
         found = item.get("max_segments")

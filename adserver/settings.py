@@ -66,6 +66,11 @@ class Settings:
     binary_threshold: float = setting(
         0.5, "BINARY_THRESHOLD", "BinaryMetrics: a score at or above it predicts class 1"
     )
+    error_buckets: str = setting(
+        "0.01,0.05,0.1,0.25,0.5,1,2.5,5,10,25,50,100,250,500,1000",
+        "ERROR_BUCKETS",
+        "RegressionMetrics: upper edges of the absolute-error histogram (strictly increasing)",
+    )
     max_body_bytes: int = setting(
         10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies (compressed or inflated) get 413"
     )

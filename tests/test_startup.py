@@ -59,6 +59,8 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
         (("--dedup_retention_seconds", "nan"), {}, "--dedup_retention_seconds"),
         (("--time_buckets", "1h=90d,1m=48h"), {}, "--time_buckets"),
         ((), {"TIME_BUCKETS": "1m"}, "--time_buckets"),
+        (("--error_buckets", "1,0.5"), {}, "--error_buckets"),
+        ((), {"ERROR_BUCKETS": "0,1"}, "--error_buckets"),
     ],
 )
 def test_invalid_settings_exit_2(args: tuple[str, ...], env: dict[str, str], named: str) -> None:

@@ -43,6 +43,8 @@ CLASS_OUT_OF_RANGE: Final = "class_out_of_range"
 NOT_BINARY: Final = "not_binary"
 INVALID_ONE_HOT: Final = "invalid_one_hot"
 TOO_MANY_CLASSES: Final = "too_many_classes"
+NOT_A_REGRESSION_TARGET: Final = "not_a_regression_target"  # not one number per row
+VALUE_TOO_LARGE: Final = "value_too_large"  # |value| > 1e150: its square would overflow
 
 # truth against prediction
 ROW_COUNT_MISMATCH: Final = "row_count_mismatch"
@@ -153,6 +155,8 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         NOT_BINARY,
         INVALID_ONE_HOT,
         TOO_MANY_CLASSES,
+        NOT_A_REGRESSION_TARGET,
+        VALUE_TOO_LARGE,
     ),
     "truth against prediction": (ROW_COUNT_MISMATCH, WIDTH_MISMATCH),
     "labels and logger events": (
