@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cm_models.statistics import Row, vector_array, vector_bytes
+from cm_models.statistics import MomentsRow, Row, vector_array, vector_bytes
 
 #: scikit-learn's floor of ``|truth|`` in the MAPE denominator (zeros in truth stay finite).
 APE_EPSILON = float(np.finfo(np.float64).eps)
@@ -51,7 +51,7 @@ def regression_report(
     sums: Row | None, moments: Row | None, bounds: Sequence[float]
 ) -> dict[str, Any]:
     """The ``regression`` summary of one span: ``sums`` of its :func:`error_sums` rows (None
-    when it has none) and the truth's (count, mean, M2)."""
+    when it has none) and the truth's :class:`~cm_models.statistics.MomentsRow`."""
     width = len(bounds) + 1
     if sums is None:
         sums = (0, 0.0, 0.0, 0.0, 0.0, np.zeros(width))
@@ -80,7 +80,7 @@ def regression_report(
 
 def r2(squared_error_sum: float, moments: Row) -> float:
     """scikit-learn's ``r2_score`` (``force_finite=True``): 1 - SSE / M2 of the truth."""
-    m2 = moments[2]
+    m2 = MomentsRow(*moments).m2
     if m2 == 0:
         return 1.0 if squared_error_sum == 0 else 0.0
     return 1.0 - squared_error_sum / m2

@@ -9,7 +9,8 @@ more rows. Every statistic is kept per :class:`StateKey` (model, segment, time b
 Two value kinds go beyond plain numbers: a ``vector`` column is a fixed-width array of float64
 (a histogram's counts, say) that merges element by element, so one row holds what would be
 hundreds; and the ``moments`` merge keeps (count, mean, M2) of a quantity, merged by Chan's
-formula, where sums of squares of raw values would cancel catastrophically (values around 1e9).
+formula about a shift taken from the data, where sums of squares of raw values would cancel
+catastrophically (values around 1e9).
 Both combine two spans into their union exactly as ``sum`` does, so they count in time buckets,
 segments and replicas (:attr:`Statistic.mergeable`).
 
@@ -43,8 +44,13 @@ _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 #: Merges under which two spans' values combine into their union's: such a statistic counts in
 #: time buckets (a window sums its buckets) and across replicas; ``last`` (a gauge) does not.
 MERGEABLE: frozenset[Merge] = frozenset(("sum", "moments"))
-#: The values of a ``moments`` statistic, in this order.
-MOMENT_VALUES: tuple[Column, ...] = (("count", "int"), ("mean", "real"), ("m2", "real"))
+#: The values of a ``moments`` statistic, in this order (:class:`MomentsRow`).
+MOMENT_VALUES: tuple[Column, ...] = (
+    ("count", "int"),
+    ("shift", "real"),
+    ("mean", "real"),
+    ("m2", "real"),
+)
 #: How a vector value travels in rows and is stored: little-endian float64, ``width`` of them.
 VECTOR_DTYPE = np.dtype("<f8")
 
@@ -161,28 +167,51 @@ class Sums(Statistic[Row, dict[Row, Row]]):
             acc[key] = values
 
 
-def moments_of(values: np.ndarray) -> Row:
-    """(count, mean, M2) of a batch: M2 is the sum of squared deviations from its own mean."""
-    count = int(values.size)
-    mean = float(values.mean())
-    return count, mean, float(np.square(values - mean).sum())
+class MomentsRow(NamedTuple):
+    """A span's moments: ``mean`` is the mean of ``value - shift`` and ``m2`` the sum of squared
+    deviations from the mean. ``shift`` is a value of the data, so ``mean`` is of the order of
+    the spread, and rounding it costs eps x spread, not eps x |value| (1e9 +- 1 stays exact)."""
+
+    count: int
+    shift: float
+    mean: float
+    m2: float
+
+    @property
+    def center(self) -> float:
+        """The span's mean."""
+        return self.shift + self.mean
 
 
-def combined_moments(first: Row, second: Row) -> Row:
-    """Chan, Golub and LeVeque's pairwise update: the moments of two spans' union."""
-    n_a, mean_a, m2_a = first
-    n_b, mean_b, m2_b = second
-    if not n_a:
-        return second
-    if not n_b:
-        return first
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+def moments_of(values: np.ndarray) -> MomentsRow:
+    """The moments of a batch, shifted by its first value."""
+    shift = float(values.flat[0])
+    deviations = values - shift
+    mean = float(deviations.mean())
+    return MomentsRow(int(values.size), shift, mean, float(np.square(deviations - mean).sum()))
+
+
+def combined_moments(first: Row, second: Row) -> MomentsRow:
+    """Chan, Golub and LeVeque's pairwise update, about ``first``'s shift: the moments of the two
+    spans' union. The shifts' difference is exact for nearby data (Sterbenz), so the difference
+    of the means ``delta`` keeps the spread's precision."""
+    a, b = MomentsRow(*first), MomentsRow(*second)
+    if not a.count:
+        return b
+    if not b.count:
+        return a
+    n = a.count + b.count
+    delta = (b.shift - a.shift) + (b.mean - a.mean)
+    return MomentsRow(
+        n,
+        a.shift,
+        a.mean + delta * b.count / n,
+        a.m2 + b.m2 + delta * delta * a.count * b.count / n,
+    )
 
 
 class Moments(Statistic[Row, dict[Row, Row]]):
-    """(count, mean, M2) per key, merged by :func:`combined_moments`: a variance that stays
+    """:class:`MomentsRow` per key, merged by :func:`combined_moments`: a variance that stays
     exact when the values sit far from zero (a store merges the same way, in its own SQL).
 
     ``Moments("truth_moments")``; items are rows of the keys then :func:`moments_of`.
@@ -202,4 +231,4 @@ class Moments(Statistic[Row, dict[Row, Row]]):
         for row in rows:
             key, values = row[:width], row[width:]
             old = acc.get(key)
-            acc[key] = values if old is None else combined_moments(old, values)
+            acc[key] = MomentsRow(*values) if old is None else combined_moments(old, values)

@@ -72,11 +72,11 @@ class RegressionSection(Section):
         values = tables["regression"].get(())
         n, error, absolute, squared, ape = values[:5] if values else (0, 0.0, 0.0, 0.0, 0.0)
         buckets = np.cumsum(vector_array(values[5])) if values else np.zeros(REGRESSION.width)
-        moments = tables["truth_moments"].get((), (0, 0.0, 0.0))
+        moments = tables["truth_moments"].get((), (0, 0.0, 0.0, 0.0))
         mse = ratio(squared, n)
         r2 = None
         if n >= 2:
-            m2 = moments[2]
+            m2 = moments[3]
             r2 = 1 - squared / m2 if m2 else (1.0 if squared == 0 else 0.0)
         return {
             "rows": n,

@@ -351,14 +351,17 @@ class SQLiteDialect:
         self.connection.close()
 
 
-#: Chan's pairwise update of (count, mean, m2), as combined_moments() computes it, operation for
-#: operation (the mean and m2 are REAL, so no division is an integer one); SET reads the old row.
+#: Chan's pairwise update of (count, shift, mean, m2) about the stored row's shift, as
+#: combined_moments() computes it, operation for operation (shift, mean and m2 are REAL, so no
+#: division is an integer one); SET reads the old row.
+_DELTA = "((excluded.shift - shift) + (excluded.mean - mean))"
 MOMENTS_MERGE = (
     "count = count + excluded.count",
+    "shift = CASE WHEN count = 0 THEN excluded.shift ELSE shift END",
     "mean = CASE WHEN count = 0 THEN excluded.mean WHEN excluded.count = 0 THEN mean "
-    "ELSE mean + (excluded.mean - mean) * excluded.count / (count + excluded.count) END",
+    f"ELSE mean + {_DELTA} * excluded.count / (count + excluded.count) END",
     "m2 = CASE WHEN count = 0 THEN excluded.m2 WHEN excluded.count = 0 THEN m2 "
-    "ELSE m2 + excluded.m2 + (excluded.mean - mean) * (excluded.mean - mean) * count "
+    f"ELSE m2 + excluded.m2 + {_DELTA} * {_DELTA} * count "
     "* excluded.count / (count + excluded.count) END",
 )
 
