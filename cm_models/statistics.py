@@ -8,7 +8,7 @@ more rows. Every statistic is kept per :class:`StateKey` (model, segment, time b
 
 Two value kinds go beyond plain numbers: a ``vector`` column is a fixed-width array of float64
 (a histogram's counts, say) that merges element by element, so one row holds what would be
-hundreds; and the ``moments`` merge keeps (count, mean, M2) of a quantity, merged by Chan's
+hundreds; and the ``moments`` merge keeps (count, shift, mean, M2) of a quantity, merged by Chan's
 formula about a shift taken from the data, where sums of squares of raw values would cancel
 catastrophically (values around 1e9).
 Both combine two spans into their union exactly as ``sum`` does, so they count in time buckets,
@@ -172,7 +172,7 @@ class MomentsRow(NamedTuple):
     deviations from the mean. ``shift`` is a value of the data, so ``mean`` is of the order of
     the spread, and rounding it costs eps x spread, not eps x |value| (1e9 +- 1 stays exact)."""
 
-    count: int
+    n: int  # the ``count`` column (a tuple's own ``count`` cannot be a field name)
     shift: float
     mean: float
     m2: float
@@ -196,17 +196,17 @@ def combined_moments(first: Row, second: Row) -> MomentsRow:
     spans' union. The shifts' difference is exact for nearby data (Sterbenz), so the difference
     of the means ``delta`` keeps the spread's precision."""
     a, b = MomentsRow(*first), MomentsRow(*second)
-    if not a.count:
+    if not a.n:
         return b
-    if not b.count:
+    if not b.n:
         return a
-    n = a.count + b.count
+    n = a.n + b.n
     delta = (b.shift - a.shift) + (b.mean - a.mean)
     return MomentsRow(
         n,
         a.shift,
-        a.mean + delta * b.count / n,
-        a.m2 + b.m2 + delta * delta * a.count * b.count / n,
+        a.mean + delta * b.n / n,
+        a.m2 + b.m2 + delta * delta * a.n * b.n / n,
     )
 
 

@@ -129,7 +129,7 @@ def test_random_streams_match_sklearn_after_every_update(events: Events) -> None
 @settings(max_examples=30, deadline=None)
 @given(regression_events(offset=1e9))
 def test_truth_around_1e9_keeps_r2_exact(events: Events) -> None:
-    """Chan's merge of (count, mean, M2): sum y^2 - (sum y)^2 / n would be noise here."""
+    """Chan's merge of (count, shift, mean, M2): sum y^2 - (sum y)^2 / n would be noise here."""
     replay(RegressionMetrics(), events)
 
 
