@@ -62,6 +62,8 @@ def load_model(settings: Settings) -> FeedbackModel:
                 name=settings.model_name,
                 classes=settings.classes,
                 threshold=settings.binary_threshold,
+                score_bins=settings.score_bins,
+                score_range=settings.score_range,
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"cannot configure {cls.__name__}: {exc}") from exc

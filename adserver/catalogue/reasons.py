@@ -43,6 +43,7 @@ CLASS_OUT_OF_RANGE: Final = "class_out_of_range"
 NOT_BINARY: Final = "not_binary"
 INVALID_ONE_HOT: Final = "invalid_one_hot"
 TOO_MANY_CLASSES: Final = "too_many_classes"
+SCORE_OUT_OF_RANGE: Final = "score_out_of_range"  # a score outside --score_range
 
 # truth against prediction
 ROW_COUNT_MISMATCH: Final = "row_count_mismatch"
@@ -153,6 +154,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         NOT_BINARY,
         INVALID_ONE_HOT,
         TOO_MANY_CLASSES,
+        SCORE_OUT_OF_RANGE,
     ),
     "truth against prediction": (ROW_COUNT_MISMATCH, WIDTH_MISMATCH),
     "labels and logger events": (

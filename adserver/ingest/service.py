@@ -55,7 +55,7 @@ from adserver.wire.cloudevents import (
 )
 from adserver.wire.inference import Unscorable, prediction_payload, request_payload
 from adserver.wire.seldon_feedback import Feedback, parse_feedback
-from cm_models.base import InvalidFeedback, numeric_array
+from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import CustomMetric
 from cm_models.protocol import FeedbackModel
 
@@ -336,7 +336,8 @@ class FeedbackService:
             values = extract(body)
             self.check_rows(values, f"logged {kind}")
             if kind == "response" and target.model.numeric_rows:
-                values = numeric_array(values, kind)  # e.g. strings: valid, but never scorable
+                # e.g. strings: valid, but never scorable; scores out of range never will be
+                values = target.model.rows(values, kind)
         except (Unscorable, InvalidFeedback, BadRequest) as exc:
             if isinstance(exc, BadRequest) and exc.reason != reasons.INVALID_JSON:
                 raise
