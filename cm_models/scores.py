@@ -273,12 +273,14 @@ def auc_of(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float | No
 def averaged(
     per_class: Mapping[str, dict[str, float | None]], weights: Mapping[str, float]
 ) -> dict[str, float | None]:
+    """The classes' AUCs and bounds averaged alike (an average of bounds bounds the average's
+    error), over the classes whose AUC is defined."""
     defined = [k for k, v in per_class.items() if v["auc"] is not None]
     if not defined:
         return {"auc": None, "error_bound": None}
     w = np.array([weights[k] for k in defined])
     return {
-        key: float(np.dot(w, [per_class[k][key] for k in defined]) / w.sum())
+        key: float(np.dot(w, np.array([per_class[k][key] for k in defined], dtype=float)) / w.sum())
         for key in ("auc", "error_bound")
     }
 
