@@ -101,3 +101,18 @@ def test_score_range_off_accepts_any_numbers(servers: ServerFactory) -> None:
     send_event(url, feedback([[0, 1]], [[-3.0, 7.5]]))
     doc = model_doc(url)
     assert doc["rows"] == 1 and "scores" not in doc
+
+
+def test_a_label_scores_its_logged_prediction(servers: ServerFactory) -> None:
+    url = servers("--state", "memory").url
+    rid = new_id()
+    response = {"data": {"ndarray": [[0.2, 0.8], [0.6, 0.4]]}}
+    headers = ce_headers(event_type=SELDON_RESPONSE_TYPE, requestid=rid)
+    assert post_json(url, response, headers).status_code == 200
+    label = post_json(
+        url, {"truth": {"data": {"ndarray": [[0, 1], [1, 0]]}}}, {"ce-requestid": rid}
+    )
+    assert label.status_code == 200, label.text
+    scores = model_doc(url)["scores"]
+    assert scores["rows"] == 2
+    assert scores["log_loss"] == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2, rel=1e-12)
