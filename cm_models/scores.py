@@ -237,7 +237,7 @@ def score_updates(
 def histogram_rows(
     scale: ScoreScale, truth_ids: np.ndarray, columns: np.ndarray, class_ids: np.ndarray
 ) -> list[Row]:
-    """One row per class: its scores' bins, split by truth == class, in one bincount each."""
+    """One row per class: its scores' bins, split by truth == class, from one bincount."""
     width = scale.bins
     cell = scale.bin_of(columns) + np.arange(class_ids.size)[None, :] * width
     positive = truth_ids[:, None] == class_ids[None, :]
