@@ -204,7 +204,7 @@ def score_updates(
     unnormalised = 0
     if scores.ndim == 2 and scale.probabilities:
         # np.isclose(sums, 1, rtol=SUM_RTOL) as scikit-learn's check, without its overhead
-        off_by = np.abs(scores.sum(axis=1) - 1.0)
+        off_by = np.abs(scores @ np.ones(scores.shape[1]) - 1.0)  # faster than sum(axis=1)
         unnormalised = int(np.count_nonzero(off_by > SUM_ATOL + SUM_RTOL))
     if binary:
         positive = scores[:, 1] if scores.ndim == 2 else scores
@@ -214,20 +214,21 @@ def score_updates(
             if scores.ndim == 2
             else np.where(truth_ids == 1, positive, 1.0 - positive)
         )
-        brier = np.square(positive - truth_ids)
+        brier_sum = float(np.square(positive - truth_ids).sum())
         confidence, correct = positive, truth_ids == 1
     else:
         columns, class_ids = scores, np.arange(scores.shape[1])
         true_score = scores[rows, truth_ids]
         one_hot = class_ids[None, :] == truth_ids[:, None]
-        brier = np.square(scores - one_hot).sum(axis=1)
-        confidence, correct = scores.max(axis=1), scores.argmax(axis=1) == truth_ids
+        brier_sum = float(np.square(scores - one_hot).sum())  # rows' sums over k, summed
+        top = scores.argmax(axis=1)
+        confidence, correct = scores[rows, top], top == truth_ids
     updates: dict[str, list[Row]] = {
         SCORE_HISTOGRAM: histogram_rows(scale, truth_ids, columns, class_ids)
     }
     if scale.probabilities:
         log_loss = -np.log(np.clip(true_score, EPS, 1.0 - EPS))
-        updates[SCORES] = [(n, float(log_loss.sum()), float(brier.sum()), unnormalised)]
+        updates[SCORES] = [(n, float(log_loss.sum()), brier_sum, unnormalised)]
         updates[CALIBRATION] = [calibration_row(confidence, correct)]
     else:
         updates[SCORES] = [(n, 0.0, 0.0, 0)]
