@@ -68,6 +68,8 @@ def load_model(settings: Settings) -> FeedbackModel:
                 classes=settings.classes,
                 threshold=settings.binary_threshold,
                 error_buckets=bounds,
+                score_bins=settings.score_bins,
+                score_range=settings.score_range,
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"cannot configure {cls.__name__}: {exc}") from exc

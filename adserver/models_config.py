@@ -20,13 +20,15 @@ from adserver.loader import ModelLoadError, load_model, resolve_class
 from adserver.settings import Settings
 from cm_models.protocol import FeedbackModel
 from cm_models.regression_metrics import error_bounds
+from cm_models.scores import SCORES_OFF, parse_score_bins, parse_score_range
 
 #: A model's name is the ``model`` label of its series.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MATCH_KEYS = (*MATCH_EXTENSIONS, *MATCH_BODY)
 MODEL_KEYS = frozenset(
     {"name", "storage_uri", "classes", "threshold", "default", "match", "segment_by",
-     "max_segments", "error_buckets"}
+     "max_segments", "error_buckets",
+     "score_bins", "score_range"}
 )  # fmt: skip
 
 
@@ -47,6 +49,8 @@ class ModelConfig:
     segment_by: tuple[str, ...] = ()
     max_segments: int | None = None  # None: --max_segments
     error_buckets: str | None = None  # None: --error_buckets
+    score_bins: int | None = None  # None: --score_bins
+    score_range: str | None = None  # None: --score_range
     where: str = ""  # "<file>:line <n>" of its entry, for the errors of loading it
 
     def settings(self, server: Settings) -> Settings:
@@ -58,6 +62,8 @@ class ModelConfig:
             classes=self.classes,
             binary_threshold=self.threshold,
             error_buckets=self.error_buckets or server.error_buckets,
+            score_bins=server.score_bins if self.score_bins is None else self.score_bins,
+            score_range=server.score_range if self.score_range is None else self.score_range,
         )
 
 
@@ -182,6 +188,8 @@ class _Parser:
             segment_by=self.segment_by(item),
             max_segments=self.max_segments(item),
             error_buckets=self.error_buckets(item),
+            score_bins=self.score_bins(item),
+            score_range=self.score_range(item),
             where=f"{self.path}:line {item.line}",
         )
 
@@ -257,3 +265,25 @@ class _Parser:
         if found is not None and (type(found) is not int or found < 1):
             raise self.fail(item.lines["max_segments"], "`max_segments` must be a positive integer")
         return found
+
+    def score_bins(self, item: _Mapping) -> int | None:
+        found = item.get("score_bins")
+        if found is not None:
+            try:
+                parse_score_bins(found)
+            except ValueError as exc:
+                raise self.fail(item.lines["score_bins"], f"`score_bins`: {exc}") from exc
+        return found
+
+    def score_range(self, item: _Mapping) -> str | None:
+        """``[lo, hi]`` or ``off`` (also ``"lo,hi"``), kept as the setting spells it."""
+        if "score_range" not in item:
+            return None
+        found = item["score_range"]
+        if found is False:  # YAML 1.1 reads a bare `off` as false
+            return SCORES_OFF
+        try:
+            scale = parse_score_range(found)
+        except ValueError as exc:
+            raise self.fail(item.lines["score_range"], f"`score_range`: {exc}") from exc
+        return SCORES_OFF if scale is None else f"{scale[0]!r},{scale[1]!r}"

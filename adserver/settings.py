@@ -71,6 +71,18 @@ class Settings:
         "ERROR_BUCKETS",
         "RegressionMetrics: upper edges of the absolute-error histogram (strictly increasing)",
     )
+    score_bins: int = setting(
+        200,
+        "SCORE_BINS",
+        "BinaryMetrics, MulticlassOneHot: bins of each class's score histogram (ROC AUC's bound "
+        "shrinks with more; 2..10000)",
+    )
+    score_range: str = setting(
+        "0,1",
+        "SCORE_RANGE",
+        "BinaryMetrics, MulticlassOneHot: range of scores, 'lo,hi' (others are refused; log "
+        "loss, Brier and calibration only for 0,1) or 'off' (no probabilistic metrics)",
+    )
     max_body_bytes: int = setting(
         10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies (compressed or inflated) get 413"
     )

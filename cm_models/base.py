@@ -157,7 +157,14 @@ class MetricModel(ABC):
         """Class id per row of truth and of the prediction, same length."""
 
     def observe(self, truth: object, response: object, request: object = None) -> Observation:
-        truth_ids, predicted_ids = self.labels(
-            numeric_array(truth, "truth"), numeric_array(response, "response")
+        scores = numeric_array(response, "response")
+        truth_ids, predicted_ids = self.labels(numeric_array(truth, "truth"), scores)
+        return Observation(
+            cells=Cells.from_labels(truth_ids, predicted_ids),
+            updates=self.updates(truth_ids, scores),
         )
-        return Observation(cells=Cells.from_labels(truth_ids, predicted_ids))
+
+    def updates(self, truth_ids: np.ndarray, response: np.ndarray) -> Mapping[str, Sequence[Any]]:
+        """Items of the model's own :attr:`statistics` for one event whose :meth:`labels` were
+        valid (none by default)."""
+        return {}

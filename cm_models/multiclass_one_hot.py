@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback, MetricModel, matching_rows, numeric_array
+from cm_models.scores import DEFAULT_SCORE_BINS, DEFAULT_SCORE_RANGE, Scoring
 
 
 def score_rows(array: np.ndarray, what: str) -> np.ndarray:
@@ -21,10 +25,33 @@ def score_rows(array: np.ndarray, what: str) -> np.ndarray:
 
 
 class MulticlassOneHot(MetricModel):
-    """The class of a row is its argmax, so probabilities work as predictions."""
+    """The class of a row is its argmax, so probabilities work as predictions.
+
+    With scores on (``score_range``, default [0, 1]), a response's columns are the scores of
+    classes 0, 1, ...: they must lie in the range, and log loss, Brier score, ROC AUC and
+    calibration are kept (:mod:`cm_models.scores`).
+    """
+
+    def __init__(
+        self,
+        name: str = "model",
+        classes: Iterable[int] = (),
+        score_bins: int = DEFAULT_SCORE_BINS,
+        score_range: object = DEFAULT_SCORE_RANGE,
+        **options: object,
+    ) -> None:
+        super().__init__(name, classes, **options)
+        self.scoring = Scoring.of(self.name, score_bins, score_range, binary=False)
+        if self.scoring is not None:
+            self.statistics = self.scoring.statistics
+            self.sections = self.scoring.sections
 
     def rows(self, values: object, what: str) -> np.ndarray:
-        return score_rows(numeric_array(values, what), what)
+        """Rows of class scores; a response's (``what`` other than truth) must be in range."""
+        rows = score_rows(numeric_array(values, what), what)
+        if self.scoring is not None and what != "truth":
+            self.scoring.scale.check(rows, what)
+        return rows
 
     def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         truth, response = score_rows(truth, "truth"), score_rows(response, "response")
@@ -40,4 +67,11 @@ class MulticlassOneHot(MetricModel):
                 "truth: every row needs a positive entry marking its class (one-hot)",
                 reasons.INVALID_ONE_HOT,
             )
+        if self.scoring is not None:
+            self.scoring.scale.check(response, "response")
         return truth.argmax(axis=1), response.argmax(axis=1)
+
+    def updates(self, truth_ids: np.ndarray, response: np.ndarray) -> Mapping[str, Sequence[Any]]:
+        if self.scoring is None:
+            return {}
+        return self.scoring.updates(truth_ids, score_rows(response, "response"))

@@ -45,6 +45,7 @@ INVALID_ONE_HOT: Final = "invalid_one_hot"
 TOO_MANY_CLASSES: Final = "too_many_classes"
 NOT_A_REGRESSION_TARGET: Final = "not_a_regression_target"  # not one number per row
 VALUE_TOO_LARGE: Final = "value_too_large"  # |value| > 1e150: its square would overflow
+SCORE_OUT_OF_RANGE: Final = "score_out_of_range"  # a score outside --score_range
 
 # truth against prediction
 ROW_COUNT_MISMATCH: Final = "row_count_mismatch"
@@ -157,6 +158,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         TOO_MANY_CLASSES,
         NOT_A_REGRESSION_TARGET,
         VALUE_TOO_LARGE,
+        SCORE_OUT_OF_RANGE,
     ),
     "truth against prediction": (ROW_COUNT_MISMATCH, WIDTH_MISMATCH),
     "labels and logger events": (

@@ -1,0 +1,348 @@
+"""Probabilistic metrics of classifiers that send scores: log loss, Brier score, ROC AUC with
+its error bound, and calibration, from sums and fixed-width histograms that merge by addition.
+
+What is kept per span (every statistic a plain sum, so buckets, segments and replicas add):
+
+- ``scores``: rows, the sums of their log losses and Brier terms, and how many rows did not sum
+  to 1 (scored as sent, never renormalised);
+- ``score_histogram``: per class, counts of that class's score by bin (``score_bins`` uniform
+  bins over the score range), split by whether the row's truth is that class; ROC AUC is read
+  from it exactly up to the pairs that share a bin, which count as ties: the exported
+  ``error_bound`` is half of those pairs over P x N, the most the true AUC can differ;
+- ``calibration``: 15 uniform bins of the confidence (scikit-learn's
+  ``calibration_curve(strategy="uniform", n_bins=15)``): rows, score sums and positives.
+
+Scores outside the configured range are refused (``score_out_of_range``); with a range other
+than [0, 1] scores are not probabilities, so only AUC is derived. Everything here is numpy over
+the event's rows: an event costs O(rows x classes) plus one histogram row per class.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from adserver.catalogue import reasons
+from cm_models.base import InvalidFeedback
+from cm_models.sections import Section
+from cm_models.statistics import Row, Statistic, Sums, vector_bytes
+
+log = logging.getLogger(__name__)
+
+SCORES = "scores"
+SCORE_HISTOGRAM = "score_histogram"
+CALIBRATION = "calibration"
+#: Bins of the reliability curve: scikit-learn's uniform ``calibration_curve`` with 15 bins.
+CALIBRATION_BINS = 15
+CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+DEFAULT_SCORE_BINS = 200
+MIN_SCORE_BINS, MAX_SCORE_BINS = 2, 10_000
+UNIT_RANGE = (0.0, 1.0)
+DEFAULT_SCORE_RANGE = "0,1"
+#: ``score_range`` that turns scores off: the models classify as they did before scores.
+SCORES_OFF = "off"
+#: scikit-learn's clipping of probabilities in log loss, and its tolerance of a row's sum.
+EPS = float(np.finfo(np.float64).eps)
+SUM_RTOL = math.sqrt(EPS)
+SUM_ATOL = 1e-8  # np.isclose's default, which scikit-learn keeps
+#: At most one warning per model about unnormalised rows in this many seconds.
+WARNING_INTERVAL = 60.0
+
+
+def parse_score_range(value: object) -> tuple[float, float] | None:
+    """``"lo,hi"``, a pair of numbers, or ``"off"`` (None); ValueError says what is wrong."""
+    if isinstance(value, str):
+        if value.strip().lower() == SCORES_OFF:
+            return None
+        parts: Sequence[object] = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        parts = value
+    else:
+        raise ValueError(f"score_range {value!r}: expected 'lo,hi' or 'off'")
+    try:
+        if len(parts) != 2 or any(isinstance(p, bool) for p in parts):
+            raise ValueError
+        low, high = (float(p) for p in parts)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"score_range {value!r}: expected two numbers 'lo,hi' or 'off'") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"score_range {value!r}: lo and hi must be finite with lo < hi")
+    return low, high
+
+
+def parse_score_bins(value: object) -> int:
+    if type(value) is not int or not MIN_SCORE_BINS <= value <= MAX_SCORE_BINS:
+        raise ValueError(
+            f"score_bins {value!r}: expected an integer in {MIN_SCORE_BINS}..{MAX_SCORE_BINS}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """How a model's scores are binned: ``bins`` uniform bins over ``[low, high]``."""
+
+    bins: int
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, score_bins: object, score_range: object) -> ScoreScale | None:
+        """The models' options (settings or a model's config keys); None: scores are off."""
+        bins = parse_score_bins(score_bins)
+        found = parse_score_range(score_range)
+        return None if found is None else cls(bins, *found)
+
+    @property
+    def probabilities(self) -> bool:
+        """Scores in [0, 1] are probabilities: log loss, Brier and calibration are defined."""
+        return (self.low, self.high) == UNIT_RANGE
+
+    def statistics(self) -> tuple[Statistic[Any, Any], ...]:
+        scores = Sums(
+            SCORES,
+            (),
+            (("rows", "int"), ("log_loss_sum", "real"), ("brier_sum", "real"),
+             ("unnormalised_rows", "int")),
+        )  # fmt: skip
+        histogram = Sums(
+            SCORE_HISTOGRAM,
+            (("class", "int"),),
+            (("positives", "vector"), ("negatives", "vector")),
+            width=self.bins,
+        )
+        if not self.probabilities:
+            return scores, histogram
+        calibration = Sums(
+            CALIBRATION,
+            (),
+            (("rows", "vector"), ("score_sum", "vector"), ("positives", "vector")),
+            width=CALIBRATION_BINS,
+        )
+        return scores, histogram, calibration
+
+    def check(self, scores: np.ndarray, what: str) -> None:
+        """Refuse scores outside the range (numeric and finite already)."""
+        if scores.min() < self.low or scores.max() > self.high:
+            raise InvalidFeedback(
+                f"{what}: scores must lie in [{self.low:g}, {self.high:g}] (--score_range)",
+                reasons.SCORE_OUT_OF_RANGE,
+            )
+
+    def bin_of(self, scores: np.ndarray) -> np.ndarray:
+        """Histogram bin of each score: the last bin holds ``high`` itself."""
+        scaled = (scores - self.low) / (self.high - self.low) * self.bins
+        return np.minimum(np.floor(scaled).astype(np.int64), self.bins - 1)
+
+
+class Scoring:
+    """What a classifier that sends scores keeps, for :class:`~cm_models.base.MetricModel`
+    subclasses to declare and call: the scale, its statistics and section, and one event's
+    updates (warning, at most once a minute, of rows that do not sum to 1)."""
+
+    def __init__(self, model: str, scale: ScoreScale, binary: bool) -> None:
+        self.scale = scale
+        self.binary = binary
+        self.statistics = scale.statistics()
+        self.sections: tuple[Section, ...] = (ScoresSection(scale),)
+        self._warn = UnnormalisedWarning(model)
+
+    @classmethod
+    def of(
+        cls, model: str, score_bins: object, score_range: object, *, binary: bool
+    ) -> Scoring | None:
+        """None when ``score_range`` is off; ValueError for options that cannot be used."""
+        scale = ScoreScale.of(score_bins, score_range)
+        return None if scale is None else cls(model, scale, binary)
+
+    def updates(self, truth_ids: np.ndarray, scores: np.ndarray) -> dict[str, list[Row]]:
+        found, unnormalised = score_updates(self.scale, truth_ids, scores, self.binary)
+        if unnormalised:
+            self._warn(unnormalised)
+        return found
+
+
+class UnnormalisedWarning:
+    """One WARNING per model at most every :data:`WARNING_INTERVAL` seconds (any thread)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self._last = -math.inf
+
+    def __call__(self, rows: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < WARNING_INTERVAL:
+                return
+            self._last = now
+        log.warning(
+            "probability rows that do not sum to 1 are scored as sent (not renormalised) and "
+            "counted in scores.unnormalised_rows",
+            extra={"model": self.model, "rows": rows},
+        )
+
+
+def score_updates(
+    scale: ScoreScale, truth_ids: np.ndarray, scores: np.ndarray, binary: bool
+) -> tuple[dict[str, list[Row]], int]:
+    """One event's rows of the score statistics, and how many of its rows do not sum to 1.
+
+    ``scores``: a binary model's score of class 1 per row (1-d) or ``predict_proba``'s two
+    columns; else one column per class (class id = column index). ``truth_ids``: validated
+    class ids, each a column of ``scores`` (0 or 1 for a binary model).
+    """
+    n = truth_ids.shape[0]
+    rows = np.arange(n)
+    unnormalised = 0
+    if scores.ndim == 2 and scale.probabilities:
+        # np.isclose(sums, 1, rtol=SUM_RTOL) as scikit-learn's check, without its overhead
+        off_by = np.abs(scores @ np.ones(scores.shape[1]) - 1.0)  # faster than sum(axis=1)
+        unnormalised = int(np.count_nonzero(off_by > SUM_ATOL + SUM_RTOL))
+    if binary:
+        positive = scores[:, 1] if scores.ndim == 2 else scores
+        columns, class_ids = positive[:, None], np.ones(1, dtype=np.int64)
+        true_score = (
+            scores[rows, truth_ids]
+            if scores.ndim == 2
+            else np.where(truth_ids == 1, positive, 1.0 - positive)
+        )
+        brier_sum = float(np.square(positive - truth_ids).sum())
+        confidence, correct = positive, truth_ids == 1
+    else:
+        columns, class_ids = scores, np.arange(scores.shape[1])
+        true_score = scores[rows, truth_ids]
+        one_hot = class_ids[None, :] == truth_ids[:, None]
+        brier_sum = float(np.square(scores - one_hot).sum())  # rows' sums over k, summed
+        top = scores.argmax(axis=1)
+        confidence, correct = scores[rows, top], top == truth_ids
+    updates: dict[str, list[Row]] = {
+        SCORE_HISTOGRAM: histogram_rows(scale, truth_ids, columns, class_ids)
+    }
+    if scale.probabilities:
+        log_loss = -np.log(np.clip(true_score, EPS, 1.0 - EPS))
+        updates[SCORES] = [(n, float(log_loss.sum()), brier_sum, unnormalised)]
+        updates[CALIBRATION] = [calibration_row(confidence, correct)]
+    else:
+        updates[SCORES] = [(n, 0.0, 0.0, 0)]
+    return updates, unnormalised
+
+
+def histogram_rows(
+    scale: ScoreScale, truth_ids: np.ndarray, columns: np.ndarray, class_ids: np.ndarray
+) -> list[Row]:
+    """One row per class: its scores' bins, split by truth == class, from one bincount."""
+    width = scale.bins
+    cell = scale.bin_of(columns) + np.arange(class_ids.size)[None, :] * width
+    positive = truth_ids[:, None] == class_ids[None, :]
+    # one bincount: index 2 x cell + (truth is the class), so [..., 0] negatives, [..., 1] positives
+    counts = np.bincount((2 * cell + positive).ravel(), minlength=2 * class_ids.size * width)
+    split = counts.reshape(class_ids.size, width, 2)
+    return [
+        (int(k), vector_bytes(split[i, :, 1]), vector_bytes(split[i, :, 0]))
+        for i, k in enumerate(class_ids.tolist())
+    ]
+
+
+def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
+    """scikit-learn's binning: an inner edge's score falls in the lower bin."""
+    bins = np.searchsorted(CALIBRATION_EDGES[1:-1], confidence)
+    counts = np.bincount(bins, minlength=CALIBRATION_BINS)
+    sums = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
+    positives = np.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
+    return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
+
+
+def auc_of(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float | None]:
+    """AUC from binned scores, pairs within a bin counted half; None without both kinds."""
+    p, n = float(positives.sum()), float(negatives.sum())
+    if not p or not n:
+        return {"auc": None, "error_bound": None}
+    below = np.cumsum(negatives) - negatives
+    ties = float(np.dot(positives, negatives))
+    pairs = p * n
+    return {
+        "auc": (float(np.dot(positives, below)) + 0.5 * ties) / pairs,
+        "error_bound": 0.5 * ties / pairs,
+    }
+
+
+def averaged(
+    per_class: Mapping[str, dict[str, float | None]], weights: Mapping[str, float]
+) -> dict[str, float | None]:
+    """The classes' AUCs and bounds averaged alike (an average of bounds bounds the average's
+    error), over the classes whose AUC is defined."""
+    defined = [k for k, v in per_class.items() if v["auc"] is not None]
+    if not defined:
+        return {"auc": None, "error_bound": None}
+    w = np.array([weights[k] for k in defined])
+    return {
+        key: float(np.dot(w, np.array([per_class[k][key] for k in defined], dtype=float)) / w.sum())
+        for key in ("auc", "error_bound")
+    }
+
+
+class ScoresSection(Section):
+    """The ``scores`` summary key of a classifier that sends scores."""
+
+    name = SCORES
+
+    def __init__(self, scale: ScoreScale) -> None:
+        self.scale = scale
+
+    def derive(self, tables: Mapping[str, Any]) -> dict[str, Any]:
+        rows, log_loss_sum, brier_sum, unnormalised = tables[SCORES].get((), (0, 0.0, 0.0, 0))
+        probabilities = self.scale.probabilities and rows > 0
+        return {
+            "rows": int(rows),
+            "log_loss": log_loss_sum / rows if probabilities else None,
+            "brier_score": brier_sum / rows if probabilities else None,
+            "unnormalised_rows": int(unnormalised),
+            "roc_auc": self.roc_auc(tables[SCORE_HISTOGRAM]),
+            "calibration": self.calibration(tables[CALIBRATION])
+            if self.scale.probabilities
+            else None,
+        }
+
+    @staticmethod
+    def roc_auc(histogram: Mapping[Row, Row]) -> dict[str, Any]:
+        per_class = {
+            str(key[0]): auc_of(positives, negatives)
+            for key, (positives, negatives) in sorted(histogram.items())
+        }
+        macro = {k: 1.0 for k in per_class}
+        weighted = {str(key[0]): float(values[0].sum()) for key, values in histogram.items()}
+        return {
+            "per_class": per_class,
+            "macro": averaged(per_class, macro),
+            "weighted": averaged(per_class, weighted),
+        }
+
+    @staticmethod
+    def calibration(table: Mapping[Row, Row]) -> dict[str, Any]:
+        empty = np.zeros(CALIBRATION_BINS)
+        counts, sums, positives = table.get((), (empty, empty, empty))
+        total = float(counts.sum())
+        bins = []
+        ece = 0.0
+        for b in range(CALIBRATION_BINS):
+            count = float(counts[b])
+            mean = float(sums[b]) / count if count else None
+            observed = float(positives[b]) / count if count else None
+            if mean is not None and observed is not None:
+                ece += count / total * abs(observed - mean)
+            bins.append({
+                "lower": float(CALIBRATION_EDGES[b]),
+                "upper": float(CALIBRATION_EDGES[b + 1]),
+                "rows": int(count),
+                "mean_score": mean,
+                "observed": observed,
+            })  # fmt: skip
+        return {"ece": ece if total else None, "bins": bins}
