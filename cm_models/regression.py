@@ -1,8 +1,9 @@
 """Regression metrics from sufficient statistics: a batch's sums, and the metrics derived on read.
 
 Everything kept is a sum over rows (so spans merge by addition) except the truth's variance,
-which R2 needs and which is kept as (count, shift, mean, M2) (:func:`cm_models.statistics.moments_of`,
-merged by Chan's formula): ``sum y^2 - (sum y)^2 / n`` would cancel to noise for y around 1e9.
+which R2 needs and which is kept as (count, shift, mean, M2)
+(:func:`cm_models.statistics.moments_of`, merged by Chan's formula): ``sum y^2 - (sum y)^2 / n``
+would cancel to noise for y around 1e9.
 The conventions are scikit-learn's: ``mean_absolute_error``, ``mean_squared_error``,
 ``root_mean_squared_error``, ``r2_score`` (None below two rows; constant truth gives 1.0 for a
 perfect fit, else 0.0) and ``mean_absolute_percentage_error`` (``|y|`` floored at float64 eps).
