@@ -77,6 +77,17 @@ SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
 HEADER_SELDON_PUID: Final = "seldon-puid"
 EXTENSION_REQUEST_ID: Final = "requestid"
 EXTENSION_ROW_INDEX: Final = "rowindex"
+# Kafka record formats (adserver/wire/kafka.py): the CloudEvents Kafka binding's header prefix;
+# a record that is no CloudEvent gets this source (+ <topic>/<partition>) and its offset as id
+KAFKA_CE_PREFIX: Final = "ce_"
+KAFKA_SOURCE_PREFIX: Final = "kafka://"
+# The KFServing inference-logger's topic per InferenceService, and its envelope's kinds
+KAFKA_INFERENCE_TOPIC_SUFFIX: Final = "-inference-topic"
+ENVELOPE_KINDS: Final = frozenset({"request", "response"})
+# Knative KafkaSource over HTTP: a record that is no CloudEvent arrives as one of this type,
+# its source ending in #<topic>, its record key in this extension
+KNATIVE_KAFKA_EVENT_TYPE: Final = "dev.knative.kafka.event"
+KNATIVE_KAFKA_KEY: Final = "key"
 # Which model a payload-logger event is from (KServe: the InferenceService; Seldon: the
 # SeldonDeployment); --inference_service keeps only one model's predictions.
 EXTENSION_INFERENCE_SERVICE: Final = "inferenceservicename"
