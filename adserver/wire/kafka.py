@@ -86,8 +86,9 @@ class AvroSchemas:
     """The writer schemas of ``--kafka_avro_schema``: a file holding one schema or a list.
 
     Hopsworks sets no header naming a record's schema version (its topic is bound to one), so a
-    record is read with each schema in turn and taken from the first that consumes it exactly.
-    fastavro is imported here only: the server runs without the ``kafka`` extra.
+    record is read with each schema in turn and taken from the first that consumes it exactly
+    and reads as an inference log (:func:`inference_log`). fastavro is imported here only: the
+    server runs without the ``kafka`` extra.
     """
 
     def __init__(self, schemas: Sequence[Any]) -> None:
@@ -116,13 +117,28 @@ class AvroSchemas:
                 record = schemaless_reader(buffer, schema, None)
             except AVRO_ERRORS:
                 continue
-            if buffer.tell() == len(value) and isinstance(record, dict):
+            if buffer.tell() == len(value) and isinstance(record, dict) and inference_log(record):
                 return record
         raise BadRequest(
-            f"the record value ({len(value)} bytes) is no record of any schema in "
-            "--kafka_avro_schema",
+            f"the record value ({len(value)} bytes) is no Hopsworks inference log of any schema "
+            "in --kafka_avro_schema",
             reasons.INVALID_AVRO,
         )
+
+
+def inference_log(record: dict[str, Any]) -> bool:
+    """Whether a decoded record is an ``inferenceschema`` record of the schema it was read with.
+
+    v2 and v4 have the same field types in the same order, so either reads the other's bytes
+    exactly: the v4 reading of a v2 record has a response body in ``messageType``, the v2 reading
+    of a v4 record ``request`` or ``response`` in ``inferenceResponse`` (never a JSON body).
+    """
+    if all(isinstance(record.get(field), str) for field in HOPSWORKS_V4):
+        return record["messageType"] in MESSAGE_TYPES
+    return (
+        all(isinstance(record.get(field), str) for field in HOPSWORKS_V1_V3)
+        and record["inferenceResponse"] not in MESSAGE_TYPES
+    )
 
 
 def decode_record(record: KafkaRecord, avro: AvroSchemas | None) -> list[IncomingEvent]:
@@ -232,25 +248,15 @@ def avro_events(event: IncomingEvent, topic: str, record: dict[str, Any]) -> lis
     if isinstance(record.get("modelName"), str) and record["modelName"]:
         base[EXTENSION_INFERENCE_SERVICE] = record["modelName"]
     set_time(base, record.get("requestTimestamp"))
-    if all(isinstance(record.get(field), str) for field in HOPSWORKS_V4):
-        if record["messageType"] not in MESSAGE_TYPES:
-            raise BadRequest(
-                f"Hopsworks messageType {record['messageType']!r} is neither request nor response",
-                reasons.INVALID_AVRO,
-            )
+    if "inferenceId" in record:  # v4 (AvroSchemas.decode returns inference logs only)
         base[EXTENSION_REQUEST_ID] = record["inferenceId"]
         return [logged(base, record["messageType"], record["payload"], event.puid)]
-    if all(isinstance(record.get(field), str) for field in HOPSWORKS_V1_V3):
-        base[EXTENSION_REQUEST_ID] = f"{base['source']}/{base['id']}"
-        events = [logged(base, "request", record["inferenceRequest"], event.puid)]
-        code = record.get("responseHttpCode", 200)
-        if not isinstance(code, int) or 200 <= code < 300:
-            events.append(logged(base, "response", record["inferenceResponse"], event.puid))
-        return events
-    raise BadRequest(
-        f"the Avro record is no Hopsworks inferenceschema record (fields: {sorted(record)})",
-        reasons.INVALID_AVRO,
-    )
+    base[EXTENSION_REQUEST_ID] = f"{base['source']}/{base['id']}"
+    events = [logged(base, "request", record["inferenceRequest"], event.puid)]
+    code = record.get("responseHttpCode", 200)
+    if not isinstance(code, int) or 200 <= code < 300:
+        events.append(logged(base, "response", record["inferenceResponse"], event.puid))
+    return events
 
 
 def logged(base: Mapping[str, Any], kind: str, body: str, puid: str | None) -> IncomingEvent:
