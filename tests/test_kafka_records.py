@@ -206,6 +206,37 @@ def test_one_schema_in_a_file_reads_its_own_generation_only(tmp_path: Path) -> N
     assert reason(excinfo) == "invalid_avro"
 
 
+def test_the_seldon_executors_kafka_logger_is_the_event_it_would_post() -> None:
+    """executor/logger/worker.go sendKafkaEvent: a ``type`` header, extensions as headers."""
+    headers = [
+        ("type", SELDON_RESPONSE_TYPE.encode()),
+        ("content-type", b"application/json"),
+        ("modelid", b"classifier"),
+        ("requestid", b"puid-1"),
+        ("inferenceservicename", b"sdep"),
+        ("namespace", b"seldon"),
+        ("endpoint", b"default"),
+        ("protocol", b"seldon"),
+    ]
+    body = sample("../logger/seldon-response.json")
+    (event,) = decode(record(body, *headers, topic="seldon", offset=4))
+    assert dict(event.attributes) == {
+        "specversion": "1.0",
+        "source": "kafka://seldon/0",
+        "id": "4",
+        "type": SELDON_RESPONSE_TYPE,
+        "time": datetime.fromtimestamp(RECORD_MS / 1000, UTC),
+        "requestid": "puid-1",
+        "modelid": "classifier",
+        "inferenceservicename": "sdep",
+        "namespace": "seldon",
+        "endpoint": "default",
+        "protocol": "seldon",
+        "datacontenttype": "application/json",
+    }
+    assert event.data == json.loads(body)
+
+
 def test_a_bare_feedback_is_a_seldon_feedback_event_deduplicated_by_its_offset() -> None:
     (event,) = decode(
         record(sample("feedback.json"), ("Seldon-Puid", b"p-1"), partition=1, offset=3)

@@ -84,6 +84,17 @@ KAFKA_SOURCE_PREFIX: Final = "kafka://"
 # The KFServing inference-logger's topic per InferenceService, and its envelope's kinds
 KAFKA_INFERENCE_TOPIC_SUFFIX: Final = "-inference-topic"
 ENVELOPE_KINDS: Final = frozenset({"request", "response"})
+# The Seldon executor's Kafka logger (LOGGER_KAFKA_BROKER): the value is the payload, the event
+# type is header `type`, and these extensions are headers of their own names
+SELDON_KAFKA_TYPE_HEADER: Final = "type"
+SELDON_KAFKA_EXTENSIONS: Final = (
+    "requestid",
+    "modelid",
+    "inferenceservicename",
+    "namespace",
+    "endpoint",
+    "protocol",
+)
 # Knative KafkaSource over HTTP: a record that is no CloudEvent arrives as one of this type,
 # its source ending in #<topic>, its record key in this extension
 KNATIVE_KAFKA_EVENT_TYPE: Final = "dev.knative.kafka.event"

@@ -9,7 +9,9 @@ A record's format is detected per record, so one topic may mix them:
    "payload"}`` (as the data of a KServe CloudEvent, or bare), unwrapped to its payload;
 3. Hopsworks' ``inferenceschema`` Avro (schemaless binary, writer schemas from
    ``--kafka_avro_schema``): v1-v3 hold a request and its response, v4 one of them;
-4. a bare Seldon ``Feedback`` JSON object.
+4. the Seldon executor's Kafka logger (a ``type`` header naming a Seldon logger or feedback
+   type, its extensions as headers, the value the payload): the event the executor would POST;
+5. a bare Seldon ``Feedback`` JSON object.
 
 A record that is no CloudEvent gets the attributes the ingest core reads of the HTTP
 equivalent: source ``kafka://<topic>/<partition>`` and id ``<offset>`` (a redelivery is the same
@@ -45,6 +47,8 @@ from adserver.catalogue.wire import (
     KNATIVE_KAFKA_EVENT_TYPE,
     LOGGER_TYPES,
     SELDON_FEEDBACK_TYPE,
+    SELDON_KAFKA_EXTENSIONS,
+    SELDON_KAFKA_TYPE_HEADER,
     SELDON_REQUEST_TYPE,
     SELDON_RESPONSE_TYPE,
 )
@@ -59,6 +63,8 @@ from adserver.wire.cloudevents import (
 
 #: A logged message's kind -> the logger type whose join key is ``requestid``.
 MESSAGE_TYPES = {"request": SELDON_REQUEST_TYPE, "response": SELDON_RESPONSE_TYPE}
+#: What the Seldon executor's Kafka logger names in its ``type`` header.
+SELDON_TYPES = frozenset({SELDON_REQUEST_TYPE, SELDON_RESPONSE_TYPE, SELDON_FEEDBACK_TYPE})
 #: Hopsworks' fields of each schema generation (v4 splits a request and its response).
 HOPSWORKS_V4 = ("inferenceId", "messageType", "payload")
 HOPSWORKS_V1_V3 = ("inferenceRequest", "inferenceResponse")
@@ -146,24 +152,36 @@ def decode_record(record: KafkaRecord, avro: AvroSchemas | None) -> list[Incomin
     headers = record_headers(record.headers)
     value = record.value or b""
     if media_type(headers).startswith(CONTENT_TYPE_CE_STRUCTURED):
-        events = decode_request(headers, value)
-    elif KAFKA_CE_PREFIX + "specversion" in headers:
-        events = [binary_event(headers, value, prefix=KAFKA_CE_PREFIX, percent_encoded=False)]
-    else:
-        attributes: dict[str, Any] = {
-            "specversion": CE_SPECVERSION,
-            "source": f"{KAFKA_SOURCE_PREFIX}{record.topic}/{record.partition}",
-            "id": str(record.offset),
-        }
-        if record.timestamp_ms is not None and record.timestamp_ms >= 0:
-            attributes["time"] = datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)
-        try:
-            data, error = parse_json(value, "record value"), None
-        except BadRequest as exc:
-            data, error = None, exc
-        event = IncomingEvent(attributes, data, error, headers.get(HEADER_SELDON_PUID), value)
-        return payload_events(event, record.topic, avro)
-    return [unwrapped(event) for event in events]
+        return [unwrapped(event) for event in decode_request(headers, value)]
+    if KAFKA_CE_PREFIX + "specversion" in headers:
+        event = binary_event(headers, value, prefix=KAFKA_CE_PREFIX, percent_encoded=False)
+        return [unwrapped(event)]
+    return plain_record(record, headers, value, avro)
+
+
+def plain_record(
+    record: KafkaRecord, headers: Mapping[str, str], value: bytes, avro: AvroSchemas | None
+) -> list[IncomingEvent]:
+    """A record that is no CloudEvent: identified by where it is, typed by what it holds."""
+    attributes: dict[str, Any] = {
+        "specversion": CE_SPECVERSION,
+        "source": f"{KAFKA_SOURCE_PREFIX}{record.topic}/{record.partition}",
+        "id": str(record.offset),
+    }
+    if record.timestamp_ms is not None and record.timestamp_ms >= 0:
+        attributes["time"] = datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)
+    try:
+        data, error = parse_json(value, "record value"), None
+    except BadRequest as exc:
+        data, error = None, exc
+    puid = headers.get(HEADER_SELDON_PUID)
+    if headers.get(SELDON_KAFKA_TYPE_HEADER) in SELDON_TYPES:
+        attributes["type"] = headers[SELDON_KAFKA_TYPE_HEADER]
+        attributes.update((n, headers[n]) for n in SELDON_KAFKA_EXTENSIONS if headers.get(n))
+        if headers.get("content-type"):
+            attributes["datacontenttype"] = headers["content-type"]
+        return [IncomingEvent(attributes, data, error, puid)]
+    return payload_events(IncomingEvent(attributes, data, error, puid, value), record.topic, avro)
 
 
 def delivered(event: IncomingEvent, avro: AvroSchemas | None) -> list[IncomingEvent]:
