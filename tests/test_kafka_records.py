@@ -232,9 +232,25 @@ def test_the_seldon_executors_kafka_logger_is_the_event_it_would_post() -> None:
         "namespace": "seldon",
         "endpoint": "default",
         "protocol": "seldon",
-        "datacontenttype": "application/json",
     }
     assert event.data == json.loads(body)
+    over_http = decode_request(
+        {
+            "ce-specversion": "1.0",
+            "ce-id": "partition:0/offset:4",
+            "ce-source": "/apis/v1/namespaces/ns/kafkasources/logs#seldon",
+            "ce-type": KNATIVE_KAFKA_EVENT_TYPE,
+            **{f"ce-kafkaheader{n.replace('-', '')}": v.decode() for n, v in headers},
+        },
+        body,
+    )
+    (via_source,) = delivered(over_http[0], None)
+    assert via_source.attributes["type"] == SELDON_RESPONSE_TYPE
+    assert via_source.attributes["requestid"] == "puid-1"
+    assert via_source.key == (
+        "/apis/v1/namespaces/ns/kafkasources/logs#seldon",
+        "partition:0/offset:4",
+    )
 
 
 def test_a_bare_feedback_is_a_seldon_feedback_event_deduplicated_by_its_offset() -> None:

@@ -96,9 +96,9 @@ SELDON_KAFKA_EXTENSIONS: Final = (
     "protocol",
 )
 # Knative KafkaSource over HTTP: a record that is no CloudEvent arrives as one of this type,
-# its source ending in #<topic>, its record key in this extension
+# its source ending in #<topic>, each record header an extension
 KNATIVE_KAFKA_EVENT_TYPE: Final = "dev.knative.kafka.event"
-KNATIVE_KAFKA_KEY: Final = "key"
+KNATIVE_KAFKA_HEADER: Final = "kafkaheader"  # + the header's name, lower-cased, [a-z0-9] only
 # Which model a payload-logger event is from (KServe: the InferenceService; Seldon: the
 # SeldonDeployment); --inference_service keeps only one model's predictions.
 EXTENSION_INFERENCE_SERVICE: Final = "inferenceservicename"

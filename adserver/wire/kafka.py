@@ -45,6 +45,7 @@ from adserver.catalogue.wire import (
     KAFKA_INFERENCE_TOPIC_SUFFIX,
     KAFKA_SOURCE_PREFIX,
     KNATIVE_KAFKA_EVENT_TYPE,
+    KNATIVE_KAFKA_HEADER,
     LOGGER_TYPES,
     SELDON_FEEDBACK_TYPE,
     SELDON_KAFKA_EXTENSIONS,
@@ -174,14 +175,28 @@ def plain_record(
         data, error = parse_json(value, "record value"), None
     except BadRequest as exc:
         data, error = None, exc
-    puid = headers.get(HEADER_SELDON_PUID)
-    if headers.get(SELDON_KAFKA_TYPE_HEADER) in SELDON_TYPES:
-        attributes["type"] = headers[SELDON_KAFKA_TYPE_HEADER]
-        attributes.update((n, headers[n]) for n in SELDON_KAFKA_EXTENSIONS if headers.get(n))
-        if headers.get("content-type"):
-            attributes["datacontenttype"] = headers["content-type"]
-        return [IncomingEvent(attributes, data, error, puid)]
-    return payload_events(IncomingEvent(attributes, data, error, puid, value), record.topic, avro)
+    event = IncomingEvent(attributes, data, error, headers.get(HEADER_SELDON_PUID), value)
+    return seldon_logged(event, headers) or payload_events(event, record.topic, avro)
+
+
+def seldon_logged(
+    event: IncomingEvent, headers: Mapping[str, Any], prefix: str = ""
+) -> list[IncomingEvent]:
+    """What the Seldon executor's Kafka logger wrote (none if not): the event it would POST.
+
+    Its type and extensions are headers of their own names (``prefix``-ed as a KafkaSource
+    makes them extensions); the value is the payload, as is.
+    """
+    kind = headers.get(prefix + SELDON_KAFKA_TYPE_HEADER)
+    if kind not in SELDON_TYPES:
+        return []
+    attributes = {**event.attributes, "type": kind}
+    attributes.update(
+        (name, headers[prefix + name])
+        for name in SELDON_KAFKA_EXTENSIONS
+        if headers.get(prefix + name)
+    )
+    return [IncomingEvent(attributes, event.data, event.error, event.puid)]
 
 
 def delivered(event: IncomingEvent, avro: AvroSchemas | None) -> list[IncomingEvent]:
@@ -195,7 +210,9 @@ def delivered(event: IncomingEvent, avro: AvroSchemas | None) -> list[IncomingEv
     if event.attributes.get("type") != KNATIVE_KAFKA_EVENT_TYPE:
         return [unwrapped(event)]
     topic = str(event.attributes.get("source", "")).rpartition("#")[2]
-    return payload_events(event, topic, avro)
+    return seldon_logged(event, event.attributes, KNATIVE_KAFKA_HEADER) or payload_events(
+        event, topic, avro
+    )
 
 
 def record_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
