@@ -81,9 +81,8 @@ EXTENSION_ROW_INDEX: Final = "rowindex"
 # a record that is no CloudEvent gets this source (+ <topic>/<partition>) and its offset as id
 KAFKA_CE_PREFIX: Final = "ce_"
 KAFKA_SOURCE_PREFIX: Final = "kafka://"
-# The KFServing inference-logger's topic per InferenceService, and its envelope's kinds
+# The KFServing inference-logger's topic per InferenceService
 KAFKA_INFERENCE_TOPIC_SUFFIX: Final = "-inference-topic"
-ENVELOPE_KINDS: Final = frozenset({"request", "response"})
 # The Seldon executor's Kafka logger (LOGGER_KAFKA_BROKER): the value is the payload, the event
 # type is header `type`, and these extensions are headers of their own names
 SELDON_KAFKA_TYPE_HEADER: Final = "type"

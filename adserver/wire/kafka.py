@@ -37,7 +37,6 @@ from adserver.catalogue import reasons
 from adserver.catalogue.wire import (
     CE_SPECVERSION,
     CONTENT_TYPE_CE_STRUCTURED,
-    ENVELOPE_KINDS,
     EXTENSION_INFERENCE_SERVICE,
     EXTENSION_REQUEST_ID,
     HEADER_SELDON_PUID,
@@ -94,8 +93,9 @@ class AvroSchemas:
 
     Hopsworks sets no header naming a record's schema version (its topic is bound to one), so a
     record is read with each schema in turn and taken from the first that consumes it exactly
-    and reads as an inference log (:func:`inference_log`). fastavro is imported here only: the
-    server runs without the ``kafka`` extra.
+    and reads as an inference log (:func:`inference_log`). Reading costs at most the value's
+    length for schemas like ``inferenceschema`` (records of primitives; an array of nulls could
+    claim any count). fastavro is imported here only: the server runs without the ``kafka`` extra.
     """
 
     def __init__(self, schemas: Sequence[Any]) -> None:
@@ -318,7 +318,7 @@ def is_envelope(document: Any) -> bool:
     return (
         isinstance(document, dict)
         and isinstance(document.get("type"), str)
-        and document["type"] in ENVELOPE_KINDS
+        and document["type"] in MESSAGE_TYPES
         and "payload" in document
     )
 
