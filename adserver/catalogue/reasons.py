@@ -113,6 +113,10 @@ RANGE_NOT_KEPT: Final = "range_not_kept"
 TOO_MANY_STEPS: Final = "too_many_steps"
 UNKNOWN_SEGMENT: Final = "unknown_segment"
 
+# Kafka records (also over a Knative KafkaSource): a poison record is counted and skipped
+UNKNOWN_RECORD_FORMAT: Final = "unknown_record_format"  # none of the formats we read
+INVALID_AVRO: Final = "invalid_avro"  # binary that no schema of --kafka_avro_schema decodes
+
 # logger events acknowledged but not stored: feedback_logger_events_total{kind="ignored_<reason>"}
 # (besides these, any values reason a built-in model gives a logged prediction)
 NOT_JSON: Final = "not_json"
@@ -200,6 +204,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         TOO_MANY_STEPS,
         UNKNOWN_SEGMENT,
     ),
+    "Kafka records": (UNKNOWN_RECORD_FORMAT, INVALID_AVRO),
     "logger events ignored": (NOT_JSON, BYTES_TENSOR, BIN_DATA, OTHER_SERVICE),
 }
 

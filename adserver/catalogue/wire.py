@@ -77,6 +77,27 @@ SELDON_FEEDBACK_TYPE: Final = "io.seldon.serving.feedback"
 HEADER_SELDON_PUID: Final = "seldon-puid"
 EXTENSION_REQUEST_ID: Final = "requestid"
 EXTENSION_ROW_INDEX: Final = "rowindex"
+# Kafka record formats (adserver/wire/kafka.py): the CloudEvents Kafka binding's header prefix;
+# a record that is no CloudEvent gets this source (+ <topic>/<partition>) and its offset as id
+KAFKA_CE_PREFIX: Final = "ce_"
+KAFKA_SOURCE_PREFIX: Final = "kafka://"
+# The KFServing inference-logger's topic per InferenceService
+KAFKA_INFERENCE_TOPIC_SUFFIX: Final = "-inference-topic"
+# The Seldon executor's Kafka logger (LOGGER_KAFKA_BROKER): the value is the payload, the event
+# type is header `type`, and these extensions are headers of their own names
+SELDON_KAFKA_TYPE_HEADER: Final = "type"
+SELDON_KAFKA_EXTENSIONS: Final = (
+    "requestid",
+    "modelid",
+    "inferenceservicename",
+    "namespace",
+    "endpoint",
+    "protocol",
+)
+# Knative KafkaSource over HTTP: a record that is no CloudEvent arrives as one of this type,
+# its source ending in #<topic>, each record header an extension
+KNATIVE_KAFKA_EVENT_TYPE: Final = "dev.knative.kafka.event"
+KNATIVE_KAFKA_HEADER: Final = "kafkaheader"  # + the header's name, lower-cased, [a-z0-9] only
 # Which model a payload-logger event is from (KServe: the InferenceService; Seldon: the
 # SeldonDeployment); --inference_service keeps only one model's predictions.
 EXTENSION_INFERENCE_SERVICE: Final = "inferenceservicename"

@@ -54,6 +54,7 @@ from adserver.wire.cloudevents import (
     reply_event,
 )
 from adserver.wire.inference import Unscorable, prediction_payload, request_payload
+from adserver.wire.kafka import AvroSchemas, delivered
 from adserver.wire.seldon_feedback import Feedback, parse_feedback
 from cm_models.base import InvalidFeedback
 from cm_models.custom_metrics import CustomMetric
@@ -125,9 +126,11 @@ class FeedbackService:
         lifecycle: Lifecycle | None = None,
         models: Mapping[str, FeedbackModel] | None = None,
         router: Router | None = None,
+        avro: AvroSchemas | None = None,
     ) -> None:
         """``model`` is the server's own; with a ``router``, ``models`` are the configured ones
-        (by name) and every event is routed to one of them (or to none)."""
+        (by name) and every event is routed to one of them (or to none). ``avro`` reads Avro
+        record values a Knative KafkaSource delivers (``--kafka_avro_schema``)."""
         self.model = model
         self.models = dict(models or {})
         self.router = router
@@ -141,6 +144,7 @@ class FeedbackService:
         self.summaries = SummaryCache(store.state)
         self._summaries = {name: SummaryCache(store.views.total(name)) for name in self.models}
         self.lifecycle = lifecycle or Lifecycle()
+        self.avro = avro
         # One thread: large bodies are decoded one at a time, which also bounds their memory.
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
 
@@ -219,7 +223,9 @@ class FeedbackService:
 
         def decode() -> list[Entry]:
             try:
-                events.extend(binding(headers, body))
+                # whatever the transport, an event from Kafka is decoded as the record itself
+                decoded = binding(headers, body)
+                events.extend(e for event in decoded for e in delivered(event, self.avro))
                 return [self.entry(event, target) for event in events]
             except InvalidFeedback as exc:  # the model's verdict on the data
                 raise BadRequest(str(exc), exc.reason) from exc

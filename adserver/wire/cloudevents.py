@@ -51,8 +51,9 @@ HEADER_SAFE = re.compile(f"[{re.escape(HEADER_SAFE_CHARS)}]*")
 class IncomingEvent:
     """One event's attributes (empty for a plain POST) and its parsed JSON data.
 
-    A binary event whose body is not JSON keeps the parse error instead of failing at once: a
-    logged inference may legitimately carry raw bytes, feedback never does. ``puid`` is the
+    A binary event whose body is not JSON keeps the parse error (and, in ``raw``, the body)
+    instead of failing at once: a logged inference may legitimately carry raw bytes, feedback
+    never does, and a Knative KafkaSource delivers a record's Avro value as is. ``puid`` is the
     Seldon-Puid the transport carried beside the event (a header, not an attribute), which a
     label may be joined by.
     """
@@ -61,6 +62,7 @@ class IncomingEvent:
     data: Any
     error: BadRequest | None = None
     puid: str | None = None
+    raw: bytes | None = None
 
     def payload(self) -> Any:
         if self.error is not None:
@@ -122,26 +124,32 @@ def supported_version(specversion: Any) -> None:
         )
 
 
-def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
+def binary_event(
+    headers: Mapping[str, str],
+    body: bytes,
+    prefix: str = CE_PREFIX,
+    percent_encoded: bool = True,
+) -> IncomingEvent:
     """Attributes from ``ce-*`` headers (percent-decoded), data from the body.
 
     Decoded here rather than by the SDK's ``from_binary``: this is the hot path, and the SDK
-    builds and re-validates an object per event that we discard.
+    builds and re-validates an object per event that we discard. The Kafka binding names its
+    headers ``ce_*`` and does not percent-encode them (``prefix``, ``percent_encoded``).
     """
     attributes: dict[str, Any] = {}
     for name, value in headers.items():
-        if name.startswith(CE_PREFIX):
-            attribute = name[len(CE_PREFIX) :]
+        if name.startswith(prefix):
+            attribute = name[len(prefix) :]
             if not ATTRIBUTE_NAME.match(attribute):
                 raise BadRequest(
                     f"invalid CloudEvent attribute name {attribute!r} (only a-z and 0-9)",
                     reasons.INVALID_CLOUDEVENT,
                 )
-            attributes[attribute] = unquote(value) if "%" in value else value
+            attributes[attribute] = unquote(value) if percent_encoded and "%" in value else value
     missing = [a for a in REQUIRED_ATTRIBUTES if not attributes.get(a)]
     if missing:
         raise BadRequest(
-            f"binary CloudEvent lacks {', '.join('ce-' + a for a in missing)}",
+            f"binary CloudEvent lacks {', '.join(prefix + a for a in missing)}",
             reasons.INVALID_CLOUDEVENT,
         )
     supported_version(attributes["specversion"].strip())
@@ -153,7 +161,7 @@ def binary_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
     try:
         return IncomingEvent(attributes=attributes, data=parse_json(body), puid=puid)
     except BadRequest as error:
-        return IncomingEvent(attributes=attributes, data=None, error=error, puid=puid)
+        return IncomingEvent(attributes=attributes, data=None, error=error, puid=puid, raw=body)
 
 
 def parse_time(value: str) -> datetime:
