@@ -30,7 +30,6 @@ from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
 from adserver.catalogue import reasons
-from adserver.state.sqlite.schema import SQL_TYPES
 from tests.prometheus import require
 from tests.support.events import ce_headers, feedback
 from tests.support.http import Samples, scrape
@@ -48,8 +47,7 @@ DESKTOP = (1280, 800)
 PHONE = (390, 844)
 INTERVAL = 1  # seconds between the page's polls (?interval=)
 PREFIX = "/metrics-server"  # what an ingress strips before the server sees the path
-REGRESSOR = "tests.support.sections.FakeRegressor"
-STORED = "vector" in SQL_TYPES  # the store keeps the regressor's statistics
+REGRESSOR = "RegressionMetrics"
 
 CONFIG = """\
 models:
@@ -535,7 +533,6 @@ return Object.fromEntries([...document.querySelectorAll("table#sections tbody tr
 """
 
 
-@pytest.mark.skipif(not STORED, reason="the store keeps no vector columns yet")
 def test_a_regressor_shows_its_metrics_and_no_classes(
     driver: WebDriver, servers: ServerFactory
 ) -> None:

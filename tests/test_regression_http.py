@@ -19,18 +19,11 @@ from sklearn.metrics import (
 
 from adserver.catalogue import reasons
 from adserver.catalogue.wire import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
-from adserver.state.sqlite.schema import SQL_TYPES
 from tests.support.events import ce_headers, feedback, new_id
 from tests.support.http import model_doc, moved_samples, post_json, scrape, send_event, value
 from tests.support.processes import REPLY_FLAGS, ServerFactory
 from tests.test_join import label, logged
 from tests.test_startup import refused
-
-pytestmark = pytest.mark.skipif(
-    "vector" not in SQL_TYPES,
-    reason="the SQLite store cannot keep vector statistics yet (issue 14's store branch): "
-    "RegressionMetrics cannot start until it is merged",
-)
 
 REGRESSOR = "adserver.cm_models.regression_metrics.RegressionMetrics"
 

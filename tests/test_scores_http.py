@@ -11,24 +11,10 @@ import pytest
 
 from adserver.catalogue import reasons
 from adserver.catalogue.wire import SELDON_RESPONSE_TYPE
-from adserver.exposition.summary import model_summary
-from adserver.state.sqlite.schema import SQL_TYPES
-from cm_models import MulticlassOneHot
 from tests.support.events import ce_headers, feedback, new_id
 from tests.support.http import model_doc, post_json, scrape, send_event, value
 from tests.support.processes import ServerFactory, start_server
-from tests.support.scores import assert_close, assert_scores, fresh
-
-pytestmark = [
-    pytest.mark.skipif(
-        "vector" not in SQL_TYPES,
-        reason="the SQLite store does not keep vector statistics yet (branch store14)",
-    ),
-    pytest.mark.skipif(
-        "scores" not in model_summary(fresh(MulticlassOneHot())),
-        reason="JSON summaries do not show model sections yet (branch expose14)",
-    ),
-]
+from tests.support.scores import assert_close, assert_scores
 
 
 def stream(seed: int, width: int, events: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,10 +1,10 @@
 """Models' sections in every reader: the JSON summary, the Prometheus families (text and
 OpenMetrics, each once, promtool-clean), the window gauges and range documents.
 
-The models are tests/support/sections.py's (a regressor and a binary scorer with the server's
-section shapes); a classifier without sections beside them shows that nothing else changes.
-The readers are tested in process on their states; through a real server once the store keeps
-vector columns.
+The models are the server's own: RegressionMetrics and BinaryMetrics (with scores); a
+classifier without sections beside them shows that nothing else changes. The readers are tested
+in process on their states, then through a real server (its gauges against scikit-learn's
+metrics of the rows sent).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import requests
@@ -24,6 +25,17 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families as text_families
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    brier_score_loss,
+    log_loss,
+    mean_absolute_error,
+    mean_absolute_percentage_error,
+    mean_squared_error,
+    r2_score,
+    roc_auc_score,
+    root_mean_squared_error,
+)
 
 from adserver.catalogue import families
 from adserver.catalogue.families import EVENTS_ACCEPTED, ROWS_ACCEPTED
@@ -32,23 +44,26 @@ from adserver.exposition.summary import SummaryCache
 from adserver.exposition.windows import RangeDocuments, RangeQuery, WindowGauges
 from adserver.state.buckets import DEFAULT_BUCKETS, TimeBuckets
 from adserver.state.reads import WindowKey
-from adserver.state.sqlite.schema import SQL_TYPES
 from adserver.state.view import Delta, MetricsState
+from cm_models.binary_metrics import BinaryMetrics
 from cm_models.multiclass_numeric import MultiClassNumeric
 from cm_models.protocol import FeedbackModel
+from cm_models.regression_metrics import RegressionMetrics
+from cm_models.scores import CALIBRATION_BINS
 from tests.support.events import ce_headers, feedback
 from tests.support.http import model_doc
 from tests.support.processes import ServerFactory
-from tests.support.sections import FakeRegressor, FakeScorer
+from tests.support.scores import RTOL, SLACK
 from tests.test_exposition_encoder import registry_of
 from tests.test_models_exposition import OPENMETRICS, TEXT, by_model, exposition
 
 CONFIG = """\
 models:
   - name: reg
-    storage_uri: tests.support.sections.FakeRegressor
+    storage_uri: RegressionMetrics
+    error_buckets: [0.5, 1, 5]
   - name: bin
-    storage_uri: tests.support.sections.FakeScorer
+    storage_uri: BinaryMetrics
   - name: iris
     storage_uri: MultiClassNumeric
 """
@@ -69,12 +84,10 @@ CLASSIFICATION_KEYS = {
 WINDOW = "1h"
 STEP = 3600
 MODELS: dict[str, FeedbackModel] = {
-    "reg": FakeRegressor("reg"),
-    "bin": FakeScorer("bin"),
+    "reg": RegressionMetrics("reg", error_buckets="0.5,1,5"),
+    "bin": BinaryMetrics("bin"),
     "iris": MultiClassNumeric("iris"),
 }
-#: The store keeps vector columns (the store's part of issue 14): a real server can run them.
-STORED = "vector" in SQL_TYPES
 
 
 def observed(name: str) -> MetricsState:
@@ -374,10 +387,6 @@ def url(module_servers: ServerFactory, tmp_path_factory: pytest.TempPathFactory)
     return server.url
 
 
-needs_store = pytest.mark.skipif(not STORED, reason="the store keeps no vector columns yet")
-
-
-@needs_store
 def test_a_servers_readers_show_the_sections(url: str) -> None:
     docs = {name: model_doc(url, name) for name in MODELS}
     check_regressor_summary(docs["reg"])
@@ -393,7 +402,36 @@ def test_a_servers_readers_show_the_sections(url: str) -> None:
     check_windows(parse(texts)[TEXT], docs)
 
 
-@needs_store
+def test_a_servers_gauges_are_sklearns_of_the_rows_sent(url: str) -> None:
+    """The Prometheus text, not the JSON: what a dashboard or an alert reads."""
+    metrics = parse({accept: exposition(url, accept) for accept in (TEXT, OPENMETRICS)})[TEXT]
+    y, p = (np.array(v, dtype=np.float64) for v in ROWS["reg"])
+    expected = {
+        "mae": mean_absolute_error(y, p),
+        "mse": mean_squared_error(y, p),
+        "rmse": root_mean_squared_error(y, p),
+        "r2": r2_score(y, p),
+        "mape": mean_absolute_percentage_error(y, p),
+        "mean_error": float(np.mean(p - y)),
+    }
+    for key, declared in families.REGRESSION_GAUGES.items():
+        assert one_value(metrics[declared.name], "reg") == pytest.approx(expected[key], rel=RTOL)
+    truth, scores = (np.array(v) for v in ROWS["bin"])
+    gauges = families.SCORE_GAUGES
+    got = one_value(metrics[gauges["log_loss"].name], "bin")
+    assert got == pytest.approx(log_loss(truth, scores), rel=RTOL)
+    got = one_value(metrics[gauges["brier_score"].name], "bin")
+    assert got == pytest.approx(brier_score_loss(truth, scores), rel=RTOL)
+    auc = one_value(metrics[families.ROC_AUC.name], "bin", **{"class": "1"})
+    bound = one_value(metrics[families.ROC_AUC_ERROR_BOUND.name], "bin", **{"class": "1"})
+    assert abs(auc - roc_auc_score(truth, scores)) <= bound + SLACK
+    observed, mean_score = calibration_curve(truth, scores, n_bins=CALIBRATION_BINS)
+    for values, declared in ((observed, "observed"), (mean_score, "mean_score")):
+        family = metrics[families.CALIBRATION_GAUGES[declared].name]
+        exported = sorted(by_model(family)["bin"], key=lambda item: float(item[0]["bin"]))
+        assert [v for _, v in exported] == pytest.approx(values.tolist(), rel=RTOL)
+
+
 def test_a_servers_range_documents_carry_the_sections(url: str) -> None:
     end = (int(time.time()) // STEP + 1) * STEP
     arguments = {"from": str(end - 2 * STEP), "to": str(end), "step": str(STEP)}
@@ -405,7 +443,6 @@ def test_a_servers_range_documents_carry_the_sections(url: str) -> None:
         assert document["steps"][-1][section] == document["total"][section]
 
 
-@needs_store
 @pytest.mark.e2e
 def test_promtool_passes_a_servers_section_families(url: str) -> None:
     from tests.prometheus import require_program
