@@ -20,6 +20,7 @@ This module imports nothing from the models, so a user's model can declare its o
 from __future__ import annotations
 
 import re
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
@@ -53,10 +54,12 @@ MOMENT_VALUES: tuple[Column, ...] = (
 )
 #: How a vector value's elements are stored: little-endian float64.
 VECTOR_DTYPE = np.dtype("<f8")
-#: The first byte of a sparse vector's bytes (see :func:`vector_bytes`).
-_SPARSE = 0x53  # "S"
-_SPARSE_HEADER = np.dtype([("magic", "u1"), ("width", "<u4")])
 _INDEX = np.dtype("<u4")
+#: The first byte of a sparse vector's bytes, then its width (see :func:`vector_bytes`).
+_SPARSE = struct.Struct("<BI")
+_MAGIC = 0x53  # "S"
+#: Bytes of one stored element of a sparse vector: a uint32 index and a float64 value.
+_ELEMENT = 12
 
 
 def vector_bytes(values: np.ndarray) -> bytes:
@@ -71,12 +74,17 @@ def vector_bytes(values: np.ndarray) -> bytes:
     them apart: dense bytes stored before sparse ones existed read as they did. Counts up to
     2**53 are exact in float64; -0.0 is stored as 0.0.
     """
-    dense = np.ascontiguousarray(values, dtype=VECTOR_DTYPE)
-    indices = np.flatnonzero(dense)
-    if _SPARSE_HEADER.itemsize + indices.size * 12 >= dense.nbytes:
+    dense = np.ascontiguousarray(values, dtype=VECTOR_DTYPE).reshape(-1)
+    if _SPARSE.size + _ELEMENT * np.count_nonzero(dense) >= dense.nbytes:
         return dense.tobytes()
-    header = np.array([(_SPARSE, dense.size)], dtype=_SPARSE_HEADER)
-    return b"".join((header.tobytes(), indices.astype(_INDEX).tobytes(), dense[indices].tobytes()))
+    (indices,) = dense.nonzero()
+    return b"".join(
+        (
+            _SPARSE.pack(_MAGIC, dense.size),
+            indices.astype(_INDEX).tobytes(),
+            dense[indices].tobytes(),
+        )
+    )
 
 
 def vector_width(stored: bytes) -> int:
@@ -86,10 +94,12 @@ def vector_width(stored: bytes) -> int:
         raise ValueError(f"a vector is bytes, not {type(stored).__name__}")
     if len(stored) % VECTOR_DTYPE.itemsize == 0:
         return len(stored) // VECTOR_DTYPE.itemsize
-    count, extra = divmod(len(stored) - _SPARSE_HEADER.itemsize, 12)
-    if count < 0 or extra or stored[0] != _SPARSE:
+    if len(stored) < _SPARSE.size or (len(stored) - _SPARSE.size) % _ELEMENT:
         raise ValueError(f"neither a dense nor a sparse vector: {stored!r:.40}")
-    return int(np.frombuffer(stored, _SPARSE_HEADER, count=1)[0]["width"])
+    magic, width = _SPARSE.unpack_from(stored)
+    if magic != _MAGIC:
+        raise ValueError(f"neither a dense nor a sparse vector: {stored!r:.40}")
+    return int(width)
 
 
 def vector_array(stored: bytes | np.ndarray) -> np.ndarray:
@@ -100,12 +110,13 @@ def vector_array(stored: bytes | np.ndarray) -> np.ndarray:
     width = vector_width(stored)
     if len(stored) == width * VECTOR_DTYPE.itemsize:
         return np.frombuffer(stored, dtype=VECTOR_DTYPE)
-    count = (len(stored) - _SPARSE_HEADER.itemsize) // 12
-    indices = np.frombuffer(stored, _INDEX, count=count, offset=_SPARSE_HEADER.itemsize)
-    if count and (indices[-1] >= width or np.any(indices[1:] <= indices[:-1])):
+    count = (len(stored) - _SPARSE.size) // _ELEMENT
+    indices = np.frombuffer(stored, _INDEX, count, _SPARSE.size)
+    out_of_order = count > 1 and bool((indices[1:] <= indices[:-1]).any())
+    if out_of_order or (count and indices[-1] >= width):
         raise ValueError(f"a sparse vector of width {width} with indices {indices[:8]}...")
     dense = np.zeros(width, dtype=VECTOR_DTYPE)
-    dense[indices] = np.frombuffer(stored, VECTOR_DTYPE, offset=_SPARSE_HEADER.itemsize + 4 * count)
+    dense[indices] = np.frombuffer(stored, VECTOR_DTYPE, count, _SPARSE.size + 4 * count)
     return dense
 
 
