@@ -9,9 +9,9 @@ more rows. Every statistic is kept per :class:`StateKey` (model, segment, time b
 Two value kinds go beyond plain numbers: a ``vector`` column is a fixed-width array of float64
 (a histogram's counts, say) that merges element by element, so one row holds what would be
 hundreds (stored dense or sparse, whichever is smaller: :func:`vector_bytes`, so a histogram
-of one row costs its non-zero bins, not its width); and the ``moments`` merge keeps (count, shift, mean, M2) of a quantity, merged by Chan's
-formula about a shift taken from the data, where sums of squares of raw values would cancel
-catastrophically (values around 1e9).
+of one row costs its non-zero bins, not its width); and the ``moments`` merge keeps (count,
+shift, mean, M2) of a quantity, merged by Chan's formula about a shift taken from the data,
+where sums of squares of raw values would cancel catastrophically (values around 1e9).
 Both combine two spans into their union exactly as ``sum`` does, so they count in time buckets,
 segments and replicas (:attr:`Statistic.mergeable`).
 
