@@ -20,6 +20,7 @@ from adserver.state.view import Delta
 from cm_models import BinaryMetrics, MulticlassOneHot
 from cm_models.base import InvalidFeedback, MetricModel
 from cm_models.scores import ScoreScale
+from cm_models.statistics import vector_array
 from tests.support.scores import (
     RTOL,
     add,
@@ -248,7 +249,7 @@ def test_one_histogram_row_per_class_and_one_row_else() -> None:
         "calibration": 1,
     }
     _, positives, negatives = observation.updates["score_histogram"][2]
-    assert (len(positives), len(negatives)) == (50 * 8, 50 * 8)
+    assert (vector_array(positives).size, vector_array(negatives).size) == (50, 50)
 
 
 # --------------------------------------------------------------------------- bad input

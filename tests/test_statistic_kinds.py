@@ -284,7 +284,9 @@ def test_a_vector_of_another_length_is_an_error(tmp_path: Path, durable: bool) -
     commit(store, [Batch(0, (1.0, 2.0), NOW - 30)])
     short = Delta(updates={VECTORS.name: [(0, 1, vector_bytes(np.ones(WIDTH - 1)))]})
     wrong = Delta(updates={VECTORS.name: [(0, 1, np.ones(WIDTH))]})  # an array, not bytes
-    for delta in (short, wrong):
+    sparse = Delta(updates={VECTORS.name: [(0, 1, vector_bytes(np.eye(WIDTH + 1)[0]))]})
+    torn = Delta(updates={VECTORS.name: [(0, 1, b"S\x05\x00")]})  # neither encoding
+    for delta in (short, wrong, sparse, torn):
         entry = Entry(delta, ("src", "bad"), placement=Placement(time=NOW - 30))
         with pytest.raises(RequestError, match="kind_vectors") as refused:
             asyncio.run(store.commit([entry]))

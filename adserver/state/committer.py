@@ -55,10 +55,10 @@ from cm_models.custom_metrics import MetricCatalog
 from cm_models.statistics import (
     ALL_TIME,
     DEFAULT_SEGMENT,
-    VECTOR_DTYPE,
     Row,
     StateKey,
     Statistic,
+    vector_width,
 )
 
 log = logging.getLogger(__name__)
@@ -628,30 +628,35 @@ def owners(states: Mapping[str, MetricsState]) -> dict[str, list[str]]:
 
 def statistic_rows(statistic: Statistic[Any, Any], items: Sequence[Any]) -> list[Row]:
     """A delta's rows of a statistic for a dialect to write, every vector value checked to be
-    ``width`` float64 bytes: a table adds vectors element by element, so one of another length
-    (a model's bug) would fail its statement, or be stored and fail every read after."""
+    bytes of ``width`` values (dense or sparse, :func:`vector_bytes`): a table adds vectors
+    element by element, so one of another width (a model's bug) would fail its statement, or be
+    stored and fail every read after. Only lengths and headers are read, not the values."""
     rows = list(statistic.rows(items))
     first = len(statistic.keys)
     vectors = [first + i for i, (_, kind) in enumerate(statistic.values) if kind == "vector"]
     if not vectors:
         return rows
-    size = statistic.width * VECTOR_DTYPE.itemsize
-    wrong = [
-        row[i]
-        for row in rows
-        for i in vectors
-        if not isinstance(row[i], bytes) or len(row[i]) != size
-    ]
-    if wrong:
-        found = wrong[0]
-        what = f"{len(found)} bytes" if isinstance(found, bytes) else type(found).__name__
-        log.error("a model's observation has a vector of %s for %r", what, statistic.name)
+    faults = (vector_fault(row[i], statistic.width) for row in rows for i in vectors)
+    fault = next((found for found in faults if found is not None), None)
+    if fault is not None:
+        log.error("a model's observation has %s for %r", fault, statistic.name)
         raise InternalError(
-            f"the model's statistic {statistic.name!r} has vectors of {statistic.width} float64 "
-            f"({size} bytes), but its observation has one of {what}",
+            f"the model's statistic {statistic.name!r} has vectors of {statistic.width} float64, "
+            f"but its observation has {fault}",
             reasons.INTERNAL_SERVER_ERROR,
         )
     return rows
+
+
+def vector_fault(value: Any, width: int) -> str | None:
+    """What is wrong with a row's vector value, if anything."""
+    if not isinstance(value, bytes):
+        return f"a {type(value).__name__}, not bytes"
+    try:
+        found = vector_width(value)
+    except ValueError:
+        return f"{len(value)} bytes that are not a vector"
+    return None if found == width else f"a vector of {found}"
 
 
 def load_views(dialect: Dialect, views: KeyedState) -> None:

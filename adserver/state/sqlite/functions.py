@@ -1,10 +1,12 @@
 """The SQL functions a statistic table's vector values need: SQLite has no arrays, so a vector
-(little-endian float64, :data:`~cm_models.statistics.VECTOR_DTYPE`) is a BLOB that these add
-element by element, in the upsert (:data:`VECTOR_ADD`) and in a span's read (:data:`VECTOR_SUM`).
+is a BLOB (dense or sparse, :func:`~cm_models.statistics.vector_bytes`) that these add element by
+element, in the upsert (:data:`VECTOR_ADD`) and in a span's read (:data:`VECTOR_SUM`), storing the
+smaller encoding of the result.
 
 Every connection that writes or reads statistic tables registers them (:func:`register`): the
 writer's, the reader thread's read-only one, a new file's while it is migrated. Two vectors of
-different lengths are refused (the statement fails), never added as far as the shorter goes.
+different widths, or bytes in neither encoding, are refused (the statement fails), never added
+as far as the shorter goes.
 """
 
 from __future__ import annotations
@@ -13,18 +15,12 @@ import sqlite3
 
 import numpy as np
 
-from cm_models.statistics import VECTOR_DTYPE
+from cm_models.statistics import vector_array, vector_bytes
 
 #: ``vector_add(a, b)``: the elementwise sum of two vectors (the upsert's merge of a vector).
 VECTOR_ADD = "vector_add"
 #: ``vector_sum(v)``: the aggregate elementwise sum of a column's vectors (a span's read).
 VECTOR_SUM = "vector_sum"
-
-
-def as_vector(value: bytes) -> np.ndarray:
-    if not isinstance(value, bytes) or len(value) % VECTOR_DTYPE.itemsize:
-        raise ValueError(f"not a vector of float64: {value!r:.40}")
-    return np.frombuffer(value, dtype=VECTOR_DTYPE)
 
 
 def same_length(first: np.ndarray, second: np.ndarray) -> None:
@@ -33,9 +29,9 @@ def same_length(first: np.ndarray, second: np.ndarray) -> None:
 
 
 def vector_add(first: bytes, second: bytes) -> bytes:
-    a, b = as_vector(first), as_vector(second)
+    a, b = vector_array(first), vector_array(second)
     same_length(a, b)
-    return (a + b).tobytes()
+    return vector_bytes(a + b)
 
 
 class VectorSum:
@@ -45,7 +41,7 @@ class VectorSum:
         self.total: np.ndarray | None = None
 
     def step(self, value: bytes) -> None:
-        vector = as_vector(value)
+        vector = vector_array(value)
         if self.total is None:
             self.total = vector.copy()
         else:
@@ -53,7 +49,7 @@ class VectorSum:
             self.total += vector
 
     def finalize(self) -> bytes | None:
-        return None if self.total is None else self.total.tobytes()
+        return None if self.total is None else vector_bytes(self.total)
 
 
 def register(connection: sqlite3.Connection) -> sqlite3.Connection:
