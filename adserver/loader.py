@@ -70,6 +70,7 @@ def load_model(settings: Settings) -> FeedbackModel:
                 error_buckets=bounds,
                 score_bins=settings.score_bins,
                 score_range=settings.score_range,
+                max_classes=settings.max_classes,
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"cannot configure {cls.__name__}: {exc}") from exc

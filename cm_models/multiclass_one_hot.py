@@ -29,7 +29,9 @@ class MulticlassOneHot(MetricModel):
 
     With scores on (``score_range``, default [0, 1]), a response's columns are the scores of
     classes 0, 1, ...: they must lie in the range, and log loss, Brier score, ROC AUC and
-    calibration are kept (:mod:`cm_models.scores`).
+    calibration are kept (:mod:`cm_models.scores`). Every column is then a class whose scores
+    are kept, so a response wider than ``max_classes`` (``--max_classes``) is refused before
+    any of them is counted: the class cap bounds the histograms as it bounds the matrix.
     """
 
     def __init__(
@@ -38,9 +40,11 @@ class MulticlassOneHot(MetricModel):
         classes: Iterable[int] = (),
         score_bins: int = DEFAULT_SCORE_BINS,
         score_range: object = DEFAULT_SCORE_RANGE,
+        max_classes: int | None = None,
         **options: object,
     ) -> None:
         super().__init__(name, classes, **options)
+        self.max_classes = max_classes
         self.scoring = Scoring.of(self.name, score_bins, score_range, binary=False)
         if self.scoring is not None:
             self.statistics = self.scoring.statistics
@@ -50,8 +54,18 @@ class MulticlassOneHot(MetricModel):
         """Rows of class scores; a response's (``what`` other than truth) must be in range."""
         rows = score_rows(numeric_array(values, what), what)
         if self.scoring is not None and what != "truth":
-            self.scoring.scale.check(rows, what)
+            self.check_scores(self.scoring, rows, what)
         return rows
+
+    def check_scores(self, scoring: Scoring, rows: np.ndarray, what: str) -> None:
+        """Scores that will be kept: no more columns than classes may be, each in range."""
+        if self.max_classes is not None and rows.shape[1] > self.max_classes:
+            raise InvalidFeedback(
+                f"{what}: {rows.shape[1]} columns of scores, more classes than --max_classes "
+                f"({self.max_classes})",
+                reasons.TOO_MANY_CLASSES,
+            )
+        scoring.scale.check(rows, what)
 
     def labels(self, truth: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         truth, response = score_rows(truth, "truth"), score_rows(response, "response")
@@ -68,7 +82,7 @@ class MulticlassOneHot(MetricModel):
                 reasons.INVALID_ONE_HOT,
             )
         if self.scoring is not None:
-            self.scoring.scale.check(response, "response")
+            self.check_scores(self.scoring, response, "response")
         return truth.argmax(axis=1), response.argmax(axis=1)
 
     def updates(self, truth_ids: np.ndarray, response: np.ndarray) -> Mapping[str, Sequence[Any]]:

@@ -102,3 +102,20 @@ def test_a_label_scores_its_logged_prediction(servers: ServerFactory) -> None:
     scores = model_doc(url)["scores"]
     assert scores["rows"] == 2
     assert scores["log_loss"] == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2, rel=1e-12)
+
+
+def test_a_response_wider_than_max_classes_is_refused(servers: ServerFactory) -> None:
+    """Each column's scores are kept per class, so --max_classes caps the columns too (a 1-row
+    event of 100,000 columns would otherwise keep 100,000 histograms)."""
+    url = servers("--state", "memory", "--max_classes", "4").url
+    wide = [[0.2, 0.2, 0.2, 0.2, 0.2]]
+    answer = post_json(url, feedback([[1, 0, 0, 0, 0]], wide), ce_headers())
+    assert answer.status_code == 400
+    assert answer.json()["reason"] == reasons.TOO_MANY_CLASSES
+    headers = ce_headers(event_type=SELDON_RESPONSE_TYPE, requestid=new_id())
+    assert post_json(url, {"data": {"ndarray": wide}}, headers).status_code == 200
+    kind = f"ignored_{reasons.TOO_MANY_CLASSES}"
+    assert value(scrape(url), "feedback_logger_events_total", kind=kind) == 1
+    assert model_doc(url)["scores"]["rows"] == 0
+    send_event(url, feedback([[0, 0, 0, 1]], [[0.1, 0.2, 0.3, 0.4]]))
+    assert model_doc(url)["scores"]["rows"] == 1
