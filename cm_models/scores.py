@@ -272,32 +272,51 @@ def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
     return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
 
 
-def auc_of(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float | None]:
-    """AUC from binned scores, pairs within a bin counted half; None without both kinds."""
-    p, n = float(positives.sum()), float(negatives.sum())
-    if not p or not n:
-        return {"auc": None, "error_bound": None}
-    below = np.cumsum(negatives) - negatives
-    ties = float(np.dot(positives, negatives))
+#: What a class (or an average) without both positives and negatives shows; copied, never shared.
+NO_AUC: dict[str, float | None] = {"auc": None, "error_bound": None}
+
+
+def roc_auc_of(histogram: Mapping[Row, Row]) -> dict[str, Any]:
+    """Each class's AUC from its binned scores (pairs within a bin counted half; None without
+    both kinds), and their averages: whole-array passes over all classes at once. Counts are
+    integers, so every sum below is exact (up to 2**53) in whatever order it is taken."""
+    keys = sorted(histogram)
+    labels = [str(key[0]) for key in keys]
+    if not keys:
+        return {"per_class": {}, "macro": dict(NO_AUC), "weighted": dict(NO_AUC)}
+    positives = np.array([histogram[key][0] for key in keys])
+    negatives = np.array([histogram[key][1] for key in keys])
+    p, n = positives.sum(axis=1), negatives.sum(axis=1)
+    below = np.cumsum(negatives, axis=1) - negatives
+    ties = (positives * negatives).sum(axis=1)
     pairs = p * n
+    defined = pairs > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = 0.5 * ties / pairs
+        auc = ((positives * below).sum(axis=1) + 0.5 * ties) / pairs
+    per_class = {
+        label: {"auc": a, "error_bound": b} if ok else dict(NO_AUC)
+        for label, a, b, ok in zip(labels, auc.tolist(), bound.tolist(), defined.tolist())
+    }
     return {
-        "auc": (float(np.dot(positives, below)) + 0.5 * ties) / pairs,
-        "error_bound": 0.5 * ties / pairs,
+        "per_class": per_class,
+        "macro": averaged(auc, bound, defined, np.ones(len(keys))),
+        "weighted": averaged(auc, bound, defined, p),
     }
 
 
 def averaged(
-    per_class: Mapping[str, dict[str, float | None]], weights: Mapping[str, float]
+    auc: np.ndarray, bound: np.ndarray, defined: np.ndarray, weights: np.ndarray
 ) -> dict[str, float | None]:
     """The classes' AUCs and bounds averaged alike (an average of bounds bounds the average's
     error), over the classes whose AUC is defined."""
-    defined = [k for k, v in per_class.items() if v["auc"] is not None]
-    if not defined:
-        return {"auc": None, "error_bound": None}
-    w = np.array([weights[k] for k in defined])
+    if not defined.any():
+        return dict(NO_AUC)
+    w = weights[defined]
+    total = w.sum()
     return {
-        key: float(np.dot(w, np.array([per_class[k][key] for k in defined], dtype=float)) / w.sum())
-        for key in ("auc", "error_bound")
+        "auc": float(np.dot(w, auc[defined]) / total),
+        "error_bound": float(np.dot(w, bound[defined]) / total),
     }
 
 
@@ -317,24 +336,10 @@ class ScoresSection(Section):
             "log_loss": log_loss_sum / rows if probabilities else None,
             "brier_score": brier_sum / rows if probabilities else None,
             "unnormalised_rows": int(unnormalised),
-            "roc_auc": self.roc_auc(tables[SCORE_HISTOGRAM]),
+            "roc_auc": roc_auc_of(tables[SCORE_HISTOGRAM]),
             "calibration": self.calibration(tables[CALIBRATION])
             if self.scale.probabilities
             else None,
-        }
-
-    @staticmethod
-    def roc_auc(histogram: Mapping[Row, Row]) -> dict[str, Any]:
-        per_class = {
-            str(key[0]): auc_of(positives, negatives)
-            for key, (positives, negatives) in sorted(histogram.items())
-        }
-        macro = {k: 1.0 for k in per_class}
-        weighted = {str(key[0]): float(values[0].sum()) for key, values in histogram.items()}
-        return {
-            "per_class": per_class,
-            "macro": averaged(per_class, macro),
-            "weighted": averaged(per_class, weighted),
         }
 
     @staticmethod
