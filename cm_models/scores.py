@@ -234,7 +234,7 @@ def score_updates(
     histogram = histogram_rows(scale, columns, truth_columns, first_class=int(binary))
     updates: dict[str, list[Row]] = {SCORE_HISTOGRAM: histogram}
     if scale.probabilities:
-        clipped = np.clip(true_score, EPS, 1.0 - EPS, out=true_score)
+        clipped = np.clip(true_score, EPS, 1.0 - EPS)  # float64, whatever the scores' dtype
         # -sum(log) is sum(-log) exactly: rounding is symmetric about zero
         log_loss_sum = -float(np.log(clipped, out=clipped).sum())
         updates[SCORES] = [(n, log_loss_sum, brier_sum, unnormalised)]
