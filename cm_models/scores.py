@@ -268,7 +268,7 @@ def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
     bins = np.searchsorted(CALIBRATION_EDGES[1:-1], confidence)
     counts = np.bincount(bins, minlength=CALIBRATION_BINS)
     sums = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
-    positives = np.bincount(bins[correct], minlength=CALIBRATION_BINS)
+    positives = np.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
     return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
 
 
