@@ -345,19 +345,20 @@ class ScoresSection(Section):
     @staticmethod
     def calibration(table: Mapping[Row, Row]) -> dict[str, Any]:
         empty = np.zeros(CALIBRATION_BINS)
-        counts, sums, positives = table.get((), (empty, empty, empty))
-        total = float(counts.sum())
+        stored = table.get((), (empty, empty, empty))
+        total = float(stored[0].sum())
         bins = []
         ece = 0.0
-        for b in range(CALIBRATION_BINS):
-            count = float(counts[b])
-            mean = float(sums[b]) / count if count else None
-            observed = float(positives[b]) / count if count else None
+        edges = CALIBRATION_EDGES.tolist()
+        # Python floats from one tolist() each: the same arithmetic, without a scalar per bin
+        for b, (count, score_sum, positives) in enumerate(zip(*(v.tolist() for v in stored))):
+            mean = score_sum / count if count else None
+            observed = positives / count if count else None
             if mean is not None and observed is not None:
                 ece += count / total * abs(observed - mean)
             bins.append({
-                "lower": float(CALIBRATION_EDGES[b]),
-                "upper": float(CALIBRATION_EDGES[b + 1]),
+                "lower": edges[b],
+                "upper": edges[b + 1],
                 "rows": int(count),
                 "mean_score": mean,
                 "observed": observed,
