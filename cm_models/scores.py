@@ -32,7 +32,7 @@ import numpy as np
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback
 from cm_models.sections import Section
-from cm_models.statistics import Row, Statistic, Sums, vector_bytes
+from cm_models.statistics import VECTOR_DTYPE, Row, Statistic, Sums, vector_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,13 @@ class ScoreScale:
 
     def bin_of(self, scores: np.ndarray) -> np.ndarray:
         """Histogram bin of each score: the last bin holds ``high`` itself."""
-        scaled = (scores - self.low) / (self.high - self.low) * self.bins
-        return np.minimum(np.floor(scaled).astype(np.int64), self.bins - 1)
+        if (self.low, self.high) == UNIT_RANGE:
+            scaled = scores * self.bins  # (s - 0) / 1 * bins: the same, in one pass
+        else:
+            scaled = (scores - self.low) / (self.high - self.low) * self.bins
+        # scores were checked to lie in the range, so scaled >= 0 and truncation is floor
+        cells = scaled.astype(np.int64)
+        return np.minimum(cells, self.bins - 1, out=cells)
 
 
 class Scoring:
@@ -197,10 +202,10 @@ def score_updates(
 
     ``scores``: a binary model's score of class 1 per row (1-d) or ``predict_proba``'s two
     columns; else one column per class (class id = column index). ``truth_ids``: validated
-    class ids, each a column of ``scores`` (0 or 1 for a binary model).
+    class ids, each a column of ``scores`` (0 or 1 for a binary model). A few whole-array passes
+    and no temporary per class: this is on every event's path.
     """
     n = truth_ids.shape[0]
-    rows = np.arange(n)
     unnormalised = 0
     if scores.ndim == 2 and scale.probabilities:
         # np.isclose(sums, 1, rtol=SUM_RTOL) as scikit-learn's check, without its overhead
@@ -208,27 +213,31 @@ def score_updates(
         unnormalised = int(np.count_nonzero(off_by > SUM_ATOL + SUM_RTOL))
     if binary:
         positive = scores[:, 1] if scores.ndim == 2 else scores
-        columns, class_ids = positive[:, None], np.ones(1, dtype=np.int64)
-        true_score = (
-            scores[rows, truth_ids]
-            if scores.ndim == 2
-            else np.where(truth_ids == 1, positive, 1.0 - positive)
-        )
+        columns, truth_columns = positive[:, None], (truth_ids == 1)[:, None]
         brier_sum = float(np.square(positive - truth_ids).sum())
-        confidence, correct = positive, truth_ids == 1
-    else:
-        columns, class_ids = scores, np.arange(scores.shape[1])
-        true_score = scores[rows, truth_ids]
-        one_hot = class_ids[None, :] == truth_ids[:, None]
-        brier_sum = float(np.square(scores - one_hot).sum())  # rows' sums over k, summed
+        confidence, correct = positive, truth_columns[:, 0]
+        true_score = (
+            np.where(correct, positive, 1.0 - positive)
+            if scores.ndim == 1
+            else scores.ravel()[np.arange(0, scores.size, 2) + truth_ids]
+        )
+    else:  # each row's entries by flat index: a short axis costs more than fancy indexing
+        columns, flat, starts = scores, scores.ravel(), np.arange(0, scores.size, scores.shape[1])
+        one_hot = np.zeros(scores.size, dtype=bool)
+        truths = starts + truth_ids
+        one_hot[truths] = True
+        truth_columns = one_hot.reshape(scores.shape)
+        brier_sum = float(np.square(scores - truth_columns).sum())  # rows' sums over k, summed
         top = scores.argmax(axis=1)
-        confidence, correct = scores[rows, top], top == truth_ids
-    updates: dict[str, list[Row]] = {
-        SCORE_HISTOGRAM: histogram_rows(scale, truth_ids, columns, class_ids)
-    }
+        confidence, correct = flat[starts + top], top == truth_ids
+        true_score = flat[truths]
+    histogram = histogram_rows(scale, columns, truth_columns, first_class=int(binary))
+    updates: dict[str, list[Row]] = {SCORE_HISTOGRAM: histogram}
     if scale.probabilities:
-        log_loss = -np.log(np.clip(true_score, EPS, 1.0 - EPS))
-        updates[SCORES] = [(n, float(log_loss.sum()), brier_sum, unnormalised)]
+        clipped = np.clip(true_score, EPS, 1.0 - EPS)  # float64, whatever the scores' dtype
+        # -sum(log) is sum(-log) exactly: rounding is symmetric about zero
+        log_loss_sum = -float(np.log(clipped, out=clipped).sum())
+        updates[SCORES] = [(n, log_loss_sum, brier_sum, unnormalised)]
         updates[CALIBRATION] = [calibration_row(confidence, correct)]
     else:
         updates[SCORES] = [(n, 0.0, 0.0, 0)]
@@ -236,18 +245,21 @@ def score_updates(
 
 
 def histogram_rows(
-    scale: ScoreScale, truth_ids: np.ndarray, columns: np.ndarray, class_ids: np.ndarray
+    scale: ScoreScale, columns: np.ndarray, truth_columns: np.ndarray, first_class: int
 ) -> list[Row]:
-    """One row per class: its scores' bins, split by truth == class, from one bincount."""
-    width = scale.bins
-    cell = scale.bin_of(columns) + np.arange(class_ids.size)[None, :] * width
-    positive = truth_ids[:, None] == class_ids[None, :]
-    # one bincount: index 2 x cell + (truth is the class), so [..., 0] negatives, [..., 1] positives
-    counts = np.bincount((2 * cell + positive).ravel(), minlength=2 * class_ids.size * width)
-    split = counts.reshape(class_ids.size, width, 2)
+    """One row per column (class ``first_class`` + column index): its scores' bins, split by
+    ``truth_columns`` (the row's truth is that class), from one bincount and one conversion."""
+    width, classes = scale.bins, columns.shape[1]
+    # index 2 x (class x width + bin) + (truth is the class): [..., 0] negatives, [..., 1] positives
+    index = scale.bin_of(columns)
+    index <<= 1
+    index += np.arange(0, 2 * classes * width, 2 * width)[None, :]
+    index += truth_columns
+    counts = np.bincount(index.ravel(), minlength=2 * classes * width)
+    split = counts.reshape(classes, width, 2).transpose(0, 2, 1).astype(VECTOR_DTYPE, order="C")
     return [
-        (int(k), vector_bytes(split[i, :, 1]), vector_bytes(split[i, :, 0]))
-        for i, k in enumerate(class_ids.tolist())
+        (first_class + k, vector_bytes(split[k, 1]), vector_bytes(split[k, 0]))
+        for k in range(classes)
     ]
 
 
@@ -260,32 +272,51 @@ def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
     return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
 
 
-def auc_of(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float | None]:
-    """AUC from binned scores, pairs within a bin counted half; None without both kinds."""
-    p, n = float(positives.sum()), float(negatives.sum())
-    if not p or not n:
-        return {"auc": None, "error_bound": None}
-    below = np.cumsum(negatives) - negatives
-    ties = float(np.dot(positives, negatives))
+#: What a class (or an average) without both positives and negatives shows; copied, never shared.
+NO_AUC: dict[str, float | None] = {"auc": None, "error_bound": None}
+
+
+def roc_auc_of(histogram: Mapping[Row, Row]) -> dict[str, Any]:
+    """Each class's AUC from its binned scores (pairs within a bin counted half; None without
+    both kinds), and their averages: whole-array passes over all classes at once. Counts are
+    integers, so every sum below is exact (up to 2**53) in whatever order it is taken."""
+    keys = sorted(histogram)
+    labels = [str(key[0]) for key in keys]
+    if not keys:
+        return {"per_class": {}, "macro": dict(NO_AUC), "weighted": dict(NO_AUC)}
+    positives = np.array([histogram[key][0] for key in keys])
+    negatives = np.array([histogram[key][1] for key in keys])
+    p, n = positives.sum(axis=1), negatives.sum(axis=1)
+    below = np.cumsum(negatives, axis=1) - negatives
+    ties = (positives * negatives).sum(axis=1)
     pairs = p * n
+    defined = pairs > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = 0.5 * ties / pairs
+        auc = ((positives * below).sum(axis=1) + 0.5 * ties) / pairs
+    per_class = {
+        label: {"auc": a, "error_bound": b} if ok else dict(NO_AUC)
+        for label, a, b, ok in zip(labels, auc.tolist(), bound.tolist(), defined.tolist())
+    }
     return {
-        "auc": (float(np.dot(positives, below)) + 0.5 * ties) / pairs,
-        "error_bound": 0.5 * ties / pairs,
+        "per_class": per_class,
+        "macro": averaged(auc, bound, defined, np.ones(len(keys))),
+        "weighted": averaged(auc, bound, defined, p),
     }
 
 
 def averaged(
-    per_class: Mapping[str, dict[str, float | None]], weights: Mapping[str, float]
+    auc: np.ndarray, bound: np.ndarray, defined: np.ndarray, weights: np.ndarray
 ) -> dict[str, float | None]:
     """The classes' AUCs and bounds averaged alike (an average of bounds bounds the average's
     error), over the classes whose AUC is defined."""
-    defined = [k for k, v in per_class.items() if v["auc"] is not None]
-    if not defined:
-        return {"auc": None, "error_bound": None}
-    w = np.array([weights[k] for k in defined])
+    if not defined.any():
+        return dict(NO_AUC)
+    w = weights[defined]
+    total = w.sum()
     return {
-        key: float(np.dot(w, np.array([per_class[k][key] for k in defined], dtype=float)) / w.sum())
-        for key in ("auc", "error_bound")
+        "auc": float(np.dot(w, auc[defined]) / total),
+        "error_bound": float(np.dot(w, bound[defined]) / total),
     }
 
 
@@ -305,42 +336,29 @@ class ScoresSection(Section):
             "log_loss": log_loss_sum / rows if probabilities else None,
             "brier_score": brier_sum / rows if probabilities else None,
             "unnormalised_rows": int(unnormalised),
-            "roc_auc": self.roc_auc(tables[SCORE_HISTOGRAM]),
+            "roc_auc": roc_auc_of(tables[SCORE_HISTOGRAM]),
             "calibration": self.calibration(tables[CALIBRATION])
             if self.scale.probabilities
             else None,
         }
 
     @staticmethod
-    def roc_auc(histogram: Mapping[Row, Row]) -> dict[str, Any]:
-        per_class = {
-            str(key[0]): auc_of(positives, negatives)
-            for key, (positives, negatives) in sorted(histogram.items())
-        }
-        macro = {k: 1.0 for k in per_class}
-        weighted = {str(key[0]): float(values[0].sum()) for key, values in histogram.items()}
-        return {
-            "per_class": per_class,
-            "macro": averaged(per_class, macro),
-            "weighted": averaged(per_class, weighted),
-        }
-
-    @staticmethod
     def calibration(table: Mapping[Row, Row]) -> dict[str, Any]:
         empty = np.zeros(CALIBRATION_BINS)
-        counts, sums, positives = table.get((), (empty, empty, empty))
-        total = float(counts.sum())
+        stored = table.get((), (empty, empty, empty))
+        total = float(stored[0].sum())
         bins = []
         ece = 0.0
-        for b in range(CALIBRATION_BINS):
-            count = float(counts[b])
-            mean = float(sums[b]) / count if count else None
-            observed = float(positives[b]) / count if count else None
+        edges = CALIBRATION_EDGES.tolist()
+        # Python floats from one tolist() each: the same arithmetic, without a scalar per bin
+        for b, (count, score_sum, positives) in enumerate(zip(*(v.tolist() for v in stored))):
+            mean = score_sum / count if count else None
+            observed = positives / count if count else None
             if mean is not None and observed is not None:
                 ece += count / total * abs(observed - mean)
             bins.append({
-                "lower": float(CALIBRATION_EDGES[b]),
-                "upper": float(CALIBRATION_EDGES[b + 1]),
+                "lower": edges[b],
+                "upper": edges[b + 1],
                 "rows": int(count),
                 "mean_score": mean,
                 "observed": observed,

@@ -176,6 +176,23 @@ def test_binary_flat_and_predict_proba_agree() -> None:
     assert list(scores_of(flat)["roc_auc"]["per_class"]) == ["1"]
 
 
+@pytest.mark.parametrize(
+    ("model", "truth", "response"),
+    [
+        (MulticlassOneHot(), [[0, 1, 0], [1, 0, 0], [0, 0, 1]], [[0, 1, 0], [0, 0, 1], [0, 0, 1]]),
+        (BinaryMetrics(), [1, 0, 1], [1, 0, 0]),
+        (BinaryMetrics(), [1, 0, 1], [[0, 1], [1, 0], [1, 0]]),
+    ],
+)
+def test_integer_scores_count_as_floats(model: MetricModel, truth: Any, response: Any) -> None:
+    """One-hot predictions sent as integers are scores of 0 and 1 (computed in float64)."""
+    ints, floats = fresh(model), fresh(model)
+    add(ints, model, truth, response)
+    add(floats, model, truth, np.array(response, dtype=float).tolist())
+    assert scores_of(ints) == scores_of(floats)
+    assert scores_of(ints)["rows"] == 3
+
+
 def test_log_loss_clips_certain_mistakes() -> None:
     model = MulticlassOneHot()
     state = fresh(model)
