@@ -168,6 +168,8 @@ class Scoring:
         return None if scale is None else cls(model, scale, binary)
 
     def updates(self, truth_ids: np.ndarray, scores: np.ndarray) -> dict[str, list[Row]]:
+        # numbers of any dtype (JSON true/false are numbers to numpy, as the seed took them)
+        scores = scores.astype(np.float64, copy=False)
         found, unnormalised = score_updates(self.scale, truth_ids, scores, self.binary)
         if unnormalised:
             self._warn(unnormalised)

@@ -193,6 +193,24 @@ def test_integer_scores_count_as_floats(model: MetricModel, truth: Any, response
     assert scores_of(ints)["rows"] == 3
 
 
+@pytest.mark.parametrize(
+    ("model", "truth", "response"),
+    [
+        (MulticlassOneHot(), [[True, False], [False, True]], [[True, False], [True, False]]),
+        (BinaryMetrics(), [1, 0], [True, False]),
+        (BinaryMetrics(), [1, 0], [[False, True], [True, False]]),
+    ],
+)
+def test_boolean_scores_count_as_0_and_1(model: MetricModel, truth: Any, response: Any) -> None:
+    """JSON true/false are numbers to numpy (the seed counted them): scores of 1 and 0."""
+    bools, floats = fresh(model), fresh(model)
+    add(bools, model, truth, response)
+    as_floats = [np.array(values, dtype=float).tolist() for values in (truth, response)]
+    add(floats, model, *as_floats)
+    assert scores_of(bools) == scores_of(floats)
+    assert scores_of(bools)["rows"] == 2
+
+
 def test_log_loss_clips_certain_mistakes() -> None:
     model = MulticlassOneHot()
     state = fresh(model)
