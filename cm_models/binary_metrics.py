@@ -40,10 +40,12 @@ class BinaryMetrics(MetricModel):
         super().__init__(name, classes or (0, 1), **options)
         if not set(self.classes) <= {0, 1}:
             raise ValueError(f"binary classes are 0 and 1, not {sorted(self.classes)}")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.threshold = threshold
         self.scoring = Scoring.of(self.name, score_bins, score_range, binary=True)
+        # a threshold splits the scores' range: (0, 1] for probabilities, e.g. 0 for logits
+        low, high = (0.0, 1.0) if self.scoring is None else self.scoring.scale.range
+        if not low < threshold <= high:
+            raise ValueError(f"threshold must be in ({low:g}, {high:g}], got {threshold}")
+        self.threshold = threshold
         if self.scoring is not None:
             self.statistics = self.scoring.statistics
             self.sections = self.scoring.sections

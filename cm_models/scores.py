@@ -101,6 +101,10 @@ class ScoreScale:
         return None if found is None else cls(bins, *found)
 
     @property
+    def range(self) -> tuple[float, float]:
+        return self.low, self.high
+
+    @property
     def probabilities(self) -> bool:
         """Scores in [0, 1] are probabilities: log loss, Brier and calibration are defined."""
         return (self.low, self.high) == UNIT_RANGE

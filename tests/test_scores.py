@@ -385,3 +385,15 @@ def test_models_config_keys(tmp_path: Path, lines: list[str], bins: int, scores_
 def test_models_config_refuses_bad_keys_naming_the_line(tmp_path: Path, line: str) -> None:
     with pytest.raises(ModelsConfigError, match=r"line 4: `score_"):
         load_models_config(write_config(tmp_path, [line]), Settings())
+
+
+def test_a_binary_threshold_splits_the_configured_range() -> None:
+    """Logits (--score_range -10,10) are split at 0; probabilities keep (0, 1]."""
+    logits = BinaryMetrics(score_range="-10,10", threshold=0.0)
+    cells = logits.observe([1, 0, 1], [0.2, -3.0, -0.1]).cells
+    assert cells is not None
+    assert sorted(zip(cells.truth.tolist(), cells.prediction.tolist())) == [(0, 0), (1, 0), (1, 1)]
+    with pytest.raises(ValueError, match="threshold"):
+        BinaryMetrics(threshold=0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        BinaryMetrics(score_range="-10,10", threshold=10.5)
