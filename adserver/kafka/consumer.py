@@ -294,7 +294,11 @@ class KafkaTransport:
                 item = self.outcomes.get_nowait()
             except queue.Empty:
                 break
-        if self.full and self.in_flight < MAX_RECORDS_IN_FLIGHT // 2:
+        if (
+            self.full
+            and self.in_flight < MAX_RECORDS_IN_FLIGHT // 2
+            and self.bytes_in_flight < MAX_BYTES_IN_FLIGHT // 2
+        ):
             self.resume_all()
 
     def apply(self, taken: Taken, outcome: Verdict) -> None:
