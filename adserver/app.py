@@ -185,6 +185,24 @@ KAFKA_CONFIG = {
     "kafka_ssl_key_location": "ssl.key.location",
 }
 
+#: librdkafka properties the consumer sets itself: offsets are committed after outcomes only.
+OWNED_KAFKA_CONFIG = frozenset(
+    {"enable.auto.commit", "enable.auto.offset.store", "isolation.level", *KAFKA_CONFIG.values()}
+)
+
+
+def kafka_properties(text: str) -> dict[str, str]:
+    """``--kafka_config``: librdkafka properties, except those the consumer's exactness owns."""
+    properties = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise StartupError(f"--kafka_config {pair!r}: expected name=value")
+        if name.strip() in OWNED_KAFKA_CONFIG:
+            raise StartupError(f"--kafka_config may not set {name.strip()}: the server owns it")
+        properties[name.strip()] = value.strip()
+    return properties
+
 
 def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransport | None:
     """The consumer of ``--kafka_topics``, when ``--kafka_bootstrap_servers`` is set; the
@@ -204,6 +222,7 @@ def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransp
         for name, librdkafka in KAFKA_CONFIG.items()
         if getattr(settings, name)
     }
+    config.update(kafka_properties(settings.kafka_config))
     try:
         avro = AvroSchemas.load(settings.kafka_avro_schema) if settings.kafka_avro_schema else None
     except (OSError, ValueError) as exc:

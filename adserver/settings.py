@@ -209,6 +209,11 @@ class Settings:
     kafka_ssl_key_location: str = setting(
         "", "KAFKA_SSL_KEY_LOCATION", "librdkafka ssl.key.location: the client certificate's key"
     )
+    kafka_config: str = setting(
+        "",
+        "KAFKA_CONFIG",
+        "more librdkafka properties, comma-separated name=value (e.g. session.timeout.ms=10000)",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:

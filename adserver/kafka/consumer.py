@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import confluent_kafka
+import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from adserver.catalogue import reasons
@@ -56,7 +57,7 @@ RETRY_BACKOFF_SECONDS = 1.0
 INTERNAL_ATTEMPTS = 3
 #: How long a revoke waits for the revoked partitions' records to finish before it commits.
 REVOKE_WAIT_SECONDS = 10.0
-#: Lag is refreshed from the fetcher's watermarks at most this often.
+#: Lag is refreshed from librdkafka's statistics this often.
 LAG_REFRESH_SECONDS = 5.0
 #: Not ready when the group has not assigned this consumer anything (or nothing) by then.
 FIRST_REBALANCE_SECONDS = 60.0
@@ -143,17 +144,18 @@ class KafkaTransport:
     brokers_down: bool = False
     beat: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
-    lag_refreshed: float = 0.0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         config = {
+            "auto.offset.reset": "earliest",  # a new group counts what was sent before it
             **self.options.config,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
             "error_cb": self.on_error,
+            "stats_cb": self.on_statistics,
+            "statistics.interval.ms": int(LAG_REFRESH_SECONDS * 1000),
         }
         self.consumer = confluent_kafka.Consumer(config)
         self.dead_letters = None
@@ -371,7 +373,7 @@ class KafkaTransport:
         self.backoff[partition] = time.monotonic() + RETRY_BACKOFF_SECONDS
 
     def housekeep(self) -> None:
-        """Commit what became final, resume partitions whose backoff ended, refresh the lag."""
+        """Commit what became final, resume the partitions whose backoff ended."""
         self.commit()
         if self.dead_letters is not None:
             self.dead_letters.poll(0)
@@ -381,9 +383,6 @@ class KafkaTransport:
             del self.backoff[partition]
         if due and not self.full:
             self.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.progress])
-        if now - self.lag_refreshed >= LAG_REFRESH_SECONDS:
-            self.lag_refreshed = now
-            self.refresh_lag()
 
     def commit(self, only: Sequence[Partition] | None = None) -> None:
         """Commit each partition up to its first record not yet final (synchronously)."""
@@ -406,18 +405,16 @@ class KafkaTransport:
         for partition, position in offsets:
             self.progress[partition].committed = position
 
-    def refresh_lag(self) -> None:
-        """High watermark minus committed offset, from the fetcher's cache (no round trip)."""
+    def on_statistics(self, document: str) -> None:
+        """librdkafka's statistics (every :data:`LAG_REFRESH_SECONDS`): each assigned
+        partition's lag, which it keeps from the high watermark of every fetch response and
+        the committed offset (no request of ours)."""
         lag = {}
-        for (topic, partition), progress in self.progress.items():
-            try:
-                low, high = self.consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
-            except KafkaException:
-                continue
-            if high >= 0:
-                lag[(topic, partition)] = max(0, high - (progress.committed or max(low, 0)))
+        for topic, about in orjson.loads(document).get("topics", {}).items():
+            for number, partition in about.get("partitions", {}).items():
+                key = (topic, int(number))
+                if key in self.progress and partition.get("consumer_lag", -1) >= 0:
+                    lag[key] = int(partition["consumer_lag"])
         self.stats.lagging(lag)
         if self.brokers_down:
             try:

@@ -58,7 +58,9 @@ class MockCluster:
         return found
 
 
-def feedback_record(truth: int, prediction: int, event_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def feedback_record(
+    truth: int, prediction: int, event_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
     """A binary-mode CloudEvent record of one row of multiclass-numeric feedback."""
     headers = {
         "ce_specversion": "1.0",
@@ -79,8 +81,14 @@ def produce_feedback(cluster: MockCluster, topic: str, count: int, **where: Any)
     return count
 
 
+#: The mock cluster ignores a leaving member: a restarted or killed one is replaced only after
+#: its session times out (the least a broker allows by default: 6 s).
+FAST_GROUP = "session.timeout.ms=6000,heartbeat.interval.ms=500"
+
+
 def kafka_args(cluster: MockCluster, *topics: str, **extra: str) -> list[str]:
     args = ["--kafka_bootstrap_servers", cluster.bootstrap, "--kafka_topics", ",".join(topics)]
+    args += ["--kafka_config", FAST_GROUP]
     for name, setting in extra.items():
         args += [f"--{name}", setting]
     return args
