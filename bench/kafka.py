@@ -8,8 +8,10 @@ librdkafka's mock cluster, which this process owns (its Producer). First wrk dri
 the 1-row and 1,000-row bodies of bench/payloads.py (16 connections, as the bench's grid);
 then the records, binary-mode CloudEvents carrying the same bodies, are produced, and the
 rate is their count over the time from the first produced to the last counted in
-``feedback_events_accepted_total`` (sampled every 0.1 s): conservative, since producing them and
-the first fetch are inside it. Server on core 0, wrk and producer on core 1.
+``feedback_events_accepted_total`` (sampled every 0.05 s). The mock broker keeps only a few MB
+per partition, so records go in waves of 4 MB, each counted before the next: conservative,
+since producing, each wave's first fetch and the waits are inside the time. Server on core 0,
+wrk and producer on core 1.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from bench.run import ONE_HOT
 
 TOPICS = {1: "bench-single", 1000: "bench-batch"}
 CONNECTIONS = 16
+#: The mock broker keeps only a few MB per partition (older records are deleted, unread):
+#: records are produced in waves of at most this many bytes, each counted before the next.
+WAVE_BYTES = 4 * 1024 * 1024
+#: The mock broker answers a fetch that found nothing only after fetch.wait.max.ms (default
+#: 500 ms), even when records arrive meanwhile (a real broker answers as they arrive): each
+#: wave would wait for it.
+MOCK_FETCH = "fetch.wait.max.ms=10"
 
 
 def events_counted(url: str) -> float:
@@ -45,32 +54,35 @@ def events_counted(url: str) -> float:
 
 
 def consume_rate(url: str, producer: Producer, topic: str, body: bytes, count: int) -> float:
-    """Records per second from the first produced to the last counted (conservative: the
-    production and the first fetch are inside the time)."""
-    before = events_counted(url)
+    """Records per second from the first produced to the last counted: conservative, since
+    producing them, the first fetch of each wave and the waits between are inside the time."""
     begun = time.monotonic()
     prefix = uuid.uuid4().hex
-    for index in range(count):
-        headers = {
-            "ce_specversion": "1.0",
-            "ce_id": f"{prefix}-{index}",
-            "ce_source": "bench/kafka",
-            "ce_type": "io.seldon.serving.feedback",
-            "content-type": "application/json",
-        }
-        while True:
-            try:
-                producer.produce(topic, value=body, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
-    producer.flush(60)
-    deadline = begun + 600
-    while (counted := events_counted(url) - before) < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{topic}: {counted:.0f} of {count} records counted")
-        time.sleep(0.1)
+    wave = max(1, WAVE_BYTES // len(body))
+    for first in range(0, count, wave):
+        before = events_counted(url)
+        size = min(wave, count - first)
+        for index in range(first, first + size):
+            headers = {
+                "ce_specversion": "1.0",
+                "ce_id": f"{prefix}-{index}",
+                "ce_source": "bench/kafka",
+                "ce_type": "io.seldon.serving.feedback",
+                "content-type": "application/json",
+            }
+            while True:
+                try:
+                    producer.produce(topic, value=body, headers=headers)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            producer.poll(0)
+        producer.flush(60)
+        deadline = time.monotonic() + 120
+        while (counted := events_counted(url) - before) < size:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topic}: {counted:.0f} of {size} records counted")
+            time.sleep(0.05)
     return count / (time.monotonic() - begun)
 
 
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kafka", description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per HTTP case")
     parser.add_argument("--records", type=int, default=20_000, help="1-row records produced")
-    parser.add_argument("--batch-records", type=int, default=200, help="1,000-row records")
+    parser.add_argument("--batch-records", type=int, default=1000, help="1,000-row records")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to cores 0 and 1")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metadata = producer.list_topics(timeout=10)
         bootstrap = ",".join(f"{b.host}:{b.port}" for b in metadata.brokers.values())
-        for topic in TOPICS.values():  # created before the server subscribes
+        for topic in TOPICS.values():  # created (4 partitions) before the server subscribes
             producer.produce(topic, value=b"{}")
         producer.flush(10)
         payloads = write_payloads(work / "payloads", sizes=tuple(TOPICS))
@@ -97,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         command = servers.adserver_argv(port, ONE_HOT, state="sqlite", state_dir=work / "state")
         topics = ",".join(TOPICS.values())
         command = [*command[:-1], "--kafka_bootstrap_servers", bootstrap, "--kafka_topics", topics]
+        command += ["--kafka_config", MOCK_FETCH]
         command.append("MetricsServer")
         server = processes.start("kafka", command, port, server_cpu)
         figures: dict[str, float] = {}

@@ -43,7 +43,7 @@ from adserver.wire.kafka import AvroSchemas, KafkaRecord, decode_record
 
 log = logging.getLogger(__name__)
 
-#: Records taken and not yet final, at most (then every assigned partition is paused).
+#: Records taken and not yet final, at most (then none is taken until some finish).
 MAX_RECORDS_IN_FLIGHT = 2000
 #: Bytes of record values taken and not yet final, at most.
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
@@ -137,7 +137,6 @@ class KafkaTransport:
     backoff: dict[Partition, float] = field(default_factory=dict)  # paused until
     in_flight: int = 0
     bytes_in_flight: int = 0
-    full: bool = False
     stopped: bool = False
     closing: bool = False
     rebalanced: bool = False
@@ -236,8 +235,8 @@ class KafkaTransport:
                 self.beat = time.monotonic()
                 self.settle(POLL_SECONDS if self.stopped or self.full else 0.0)
                 self.housekeep()
-                if not self.stopped:
-                    self.fetch(0.0 if self.full else POLL_SECONDS)
+                if not self.stopped and not self.full:
+                    self.fetch()
             self.settle(0.0)
             self.commit()
             if self.dead_letters is not None:
@@ -247,11 +246,20 @@ class KafkaTransport:
         finally:
             self.consumer.close()
 
-    def fetch(self, timeout: float) -> None:
-        """Take what fits under the in-flight caps; give the rest back (seek) and pause."""
-        messages = self.consumer.consume(BATCH, timeout)
+    @property
+    def full(self) -> bool:
+        """At a cap: nothing more is taken (librdkafka's own queue holds what it prefetched)
+        until records finish. A batch may pass the bytes cap by what was already fetched."""
+        return (
+            self.in_flight >= MAX_RECORDS_IN_FLIGHT or self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+        )
+
+    def fetch(self) -> None:
+        """Take a batch, at most as many records as the count cap leaves room for."""
+        messages = self.consumer.consume(
+            min(BATCH, MAX_RECORDS_IN_FLIGHT - self.in_flight), POLL_SECONDS
+        )
         taken: list[Taken] = []
-        given_back: dict[Partition, int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -263,22 +271,10 @@ class KafkaTransport:
             progress = self.progress.get(partition)
             if progress is None:
                 continue  # revoked meanwhile: its new owner reads it
-            size = len(record.value or b"")
-            full = (
-                self.in_flight >= MAX_RECORDS_IN_FLIGHT
-                or self.bytes_in_flight + size > MAX_BYTES_IN_FLIGHT
-            )
-            if partition in given_back or (full and self.in_flight):
-                given_back.setdefault(partition, record.offset)
-                continue
             progress.take(record.offset)
             self.in_flight += 1
-            self.bytes_in_flight += size
+            self.bytes_in_flight += len(record.value or b"")
             taken.append(Taken(record, self.epochs.get(partition, 0)))
-        for (topic, number), offset in given_back.items():
-            self.seek(TopicPartition(topic, number, offset))
-        if given_back or self.in_flight >= MAX_RECORDS_IN_FLIGHT:
-            self.pause_all()
         for topic in {t.record.topic for t in taken}:
             self.stats.taken(topic, sum(t.record.topic == topic for t in taken))
         if taken:
@@ -296,12 +292,6 @@ class KafkaTransport:
                 item = self.outcomes.get_nowait()
             except queue.Empty:
                 break
-        if (
-            self.full
-            and self.in_flight < MAX_RECORDS_IN_FLIGHT // 2
-            and self.bytes_in_flight < MAX_BYTES_IN_FLIGHT // 2
-        ):
-            self.resume_all()
 
     def apply(self, taken: Taken, outcome: Verdict) -> None:
         record = taken.record
@@ -381,7 +371,7 @@ class KafkaTransport:
         due = [p for p, until in self.backoff.items() if until <= now]
         for partition in due:
             del self.backoff[partition]
-        if due and not self.full:
+        if due:
             self.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.progress])
 
     def commit(self, only: Sequence[Partition] | None = None) -> None:
@@ -437,8 +427,6 @@ class KafkaTransport:
         self.rebalanced = True
         for each in partitions:
             self.progress[(each.topic, each.partition)] = PartitionProgress()
-        if self.full:
-            self.pause(partitions)
         log.info("partitions assigned", extra={"partitions": names(partitions)})
 
     def on_revoke(
@@ -484,20 +472,6 @@ class KafkaTransport:
 
     def resume(self, partitions: list[TopicPartition]) -> None:
         with_errors(self.consumer.resume, partitions)
-
-    def pause_all(self) -> None:
-        self.full = True
-        self.pause(self.consumer.assignment())
-
-    def resume_all(self) -> None:
-        self.full = False
-        self.resume(
-            [
-                tp
-                for tp in self.consumer.assignment()
-                if (tp.topic, tp.partition) not in self.backoff
-            ]
-        )
 
 
 def with_errors(
