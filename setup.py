@@ -22,7 +22,11 @@ setup(
         "python-json-logger>=3.1",
     ],
     extras_require={
+        # --kafka_bootstrap_servers: the consumer (librdkafka) and Avro records
+        "kafka": ["confluent-kafka>=2.6", "fastavro>=1.9"],
         "test": [
+            "confluent-kafka>=2.6",  # tests/test_kafka_*.py: the consumer on the mock cluster
+            "fastavro>=1.9",
             "pytest>=8",
             "hypothesis>=6.100",
             "scikit-learn>=1.4",

@@ -8,8 +8,10 @@ import logging
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
+from prometheus_client.registry import Collector
 
 from adserver.catalogue.families import METHOD, METHOD_DEFAULT
 from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON_METRIC_PREFIX
@@ -39,6 +41,9 @@ from adserver.state.sqlite.store import SQLiteDialect, SQLiteStore, reset_state,
 from adserver.state.view import MetricsState
 from cm_models.protocol import FeedbackModel
 
+if TYPE_CHECKING:
+    from adserver.kafka.consumer import KafkaTransport
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +56,7 @@ class Server:
     lifecycle: Lifecycle
     reader: BucketReader
     issuer: OIDCVerifier | None = None  # --auth oidc: its keys are fetched once serving
+    kafka: KafkaTransport | None = None  # --kafka_bootstrap_servers: started once serving
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop every transport, let in-flight events finish and commit, then release everything."""
@@ -166,6 +172,74 @@ def authenticator(settings: Settings, issuer: OIDCVerifier | None) -> Authentica
     return None
 
 
+#: librdkafka's names of the Kafka settings passed on when set.
+KAFKA_CONFIG = {
+    "kafka_bootstrap_servers": "bootstrap.servers",
+    "kafka_group_id": "group.id",
+    "kafka_security_protocol": "security.protocol",
+    "kafka_sasl_mechanism": "sasl.mechanism",
+    "kafka_sasl_username": "sasl.username",
+    "kafka_sasl_password": "sasl.password",
+    "kafka_ssl_ca_location": "ssl.ca.location",
+    "kafka_ssl_certificate_location": "ssl.certificate.location",
+    "kafka_ssl_key_location": "ssl.key.location",
+}
+
+#: librdkafka properties the consumer sets itself: offsets are committed after outcomes only.
+OWNED_KAFKA_CONFIG = frozenset(
+    {"enable.auto.commit", "enable.auto.offset.store", "isolation.level", *KAFKA_CONFIG.values()}
+)
+
+
+def kafka_properties(text: str) -> dict[str, str]:
+    """``--kafka_config``: librdkafka properties, except those the consumer's exactness owns."""
+    properties = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise StartupError(f"--kafka_config {pair!r}: expected name=value")
+        if name.strip() in OWNED_KAFKA_CONFIG:
+            raise StartupError(f"--kafka_config may not set {name.strip()}: the server owns it")
+        properties[name.strip()] = value.strip()
+    return properties
+
+
+def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransport | None:
+    """The consumer of ``--kafka_topics``, when ``--kafka_bootstrap_servers`` is set; the
+    optional extra is imported only then."""
+    if not settings.kafka_bootstrap_servers:
+        return None
+    try:
+        from adserver.kafka.consumer import KafkaOptions, KafkaTransport
+        from adserver.kafka.stats import KafkaStats
+        from adserver.wire.kafka import AvroSchemas
+    except ImportError as exc:
+        raise StartupError(
+            f"--kafka_bootstrap_servers needs the kafka extra: pip install '.[kafka]' ({exc})"
+        ) from exc
+    config: dict[str, Any] = {
+        librdkafka: getattr(settings, name)
+        for name, librdkafka in KAFKA_CONFIG.items()
+        if getattr(settings, name)
+    }
+    config.update(kafka_properties(settings.kafka_config))
+    try:
+        avro = AvroSchemas.load(settings.kafka_avro_schema) if settings.kafka_avro_schema else None
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--kafka_avro_schema {settings.kafka_avro_schema!r}: {exc}") from exc
+    options = KafkaOptions(
+        config,
+        settings.kafka_topic_list,
+        settings.kafka_dead_letter_topic,
+        avro,
+        settings.max_body_bytes,
+    )
+    try:
+        return KafkaTransport(service, options, KafkaStats(settings.model_name))
+    except Exception as exc:  # librdkafka refuses its configuration (KafkaException)
+        raise StartupError(f"the Kafka settings are not valid: {exc}") from exc
+
+
 def build_server(settings: Settings) -> Server:
     """Everything is loaded here, before the first request (a bad model fails start-up)."""
     model = load_model(settings)
@@ -230,6 +304,8 @@ def build_server(settings: Settings) -> Server:
     seldon = {**seldon_default_labels(), METHOD: settings.event_type or METHOD_DEFAULT}
     issuer = oidc_verifier(settings)
     auth = authenticator(settings, issuer)
+    kafka = kafka_transport(settings, service)
+    others: list[Collector] = [gauges] + ([kafka.stats] if kafka is not None else [])
     collector = FeedbackCollector(
         settings.model_name,
         model_sources(store, model, models, seldon),
@@ -239,7 +315,7 @@ def build_server(settings: Settings) -> Server:
     )
     app = make_app(
         service,
-        build_registry(collector, gauges),
+        build_registry(collector, *others),
         windows=gauges,
         ranges=RangeDocuments(reader, buckets, store.views),
         protocol=settings.protocol,
@@ -268,7 +344,9 @@ def build_server(settings: Settings) -> Server:
         http, Listener(http, service.reject, cap, connections, tls), app.bodies
     )
     lifecycle.register(transport)
-    return Server(settings, service, transport, sender, lifecycle, reader, issuer)
+    if kafka is not None:
+        lifecycle.register(kafka, kafka.healthy)
+    return Server(settings, service, transport, sender, lifecycle, reader, issuer, kafka)
 
 
 async def serve(settings: Settings) -> None:
@@ -281,6 +359,8 @@ async def serve(settings: Settings) -> None:
         server.sender.start()
     if server.issuer is not None:
         server.issuer.start()
+    if server.kafka is not None:
+        server.kafka.start()
     if settings.elasticsearch_uri:
         log.warning(
             "--elasticsearch_uri is accepted but unsupported: send payload-logger events to this "
@@ -297,6 +377,7 @@ async def serve(settings: Settings) -> None:
             "state": settings.state,
             "max_connections": server.http.listener.max_connections,
             "tls": bool(settings.tls_cert_file),
+            "kafka_topics": settings.kafka_topic_list,
         },
     )
     stop = asyncio.Event()

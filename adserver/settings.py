@@ -188,6 +188,49 @@ class Settings:
         "OIDC_TOKEN_FILE",
         "--auth oidc: a bearer token for the issuer's discovery and keys, if the file exists",
     )
+    kafka_bootstrap_servers: str = setting(
+        "",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "consume --kafka_topics from these brokers (host:port, comma-separated; empty: no Kafka)",
+    )
+    kafka_topics: str = setting(
+        "", "KAFKA_TOPICS", "comma-separated topics of events (inference logs, feedback, labels)"
+    )
+    kafka_group_id: str = setting(
+        "feedback-metrics", "KAFKA_GROUP_ID", "the consumer group, whose members split partitions"
+    )
+    kafka_avro_schema: str = setting(
+        "", "KAFKA_AVRO_SCHEMA", "the Avro schema file (.avsc) of schemaless binary records"
+    )
+    kafka_dead_letter_topic: str = setting(
+        "",
+        "KAFKA_DEAD_LETTER_TOPIC",
+        "copy each refused record here, with headers naming the reason and its origin",
+    )
+    kafka_security_protocol: str = setting(
+        "", "KAFKA_SECURITY_PROTOCOL", "librdkafka security.protocol (e.g. SASL_SSL)"
+    )
+    kafka_sasl_mechanism: str = setting(
+        "", "KAFKA_SASL_MECHANISM", "librdkafka sasl.mechanism (e.g. SCRAM-SHA-512)"
+    )
+    kafka_sasl_username: str = setting("", "KAFKA_SASL_USERNAME", "librdkafka sasl.username")
+    kafka_sasl_password: str = setting("", "KAFKA_SASL_PASSWORD", "librdkafka sasl.password")
+    kafka_ssl_ca_location: str = setting(
+        "", "KAFKA_SSL_CA_LOCATION", "librdkafka ssl.ca.location: the brokers' CA certificates"
+    )
+    kafka_ssl_certificate_location: str = setting(
+        "",
+        "KAFKA_SSL_CERTIFICATE_LOCATION",
+        "librdkafka ssl.certificate.location: the client certificate (mutual TLS)",
+    )
+    kafka_ssl_key_location: str = setting(
+        "", "KAFKA_SSL_KEY_LOCATION", "librdkafka ssl.key.location: the client certificate's key"
+    )
+    kafka_config: str = setting(
+        "",
+        "KAFKA_CONFIG",
+        "more librdkafka properties, comma-separated name=value (e.g. session.timeout.ms=10000)",
+    )
     log_level: str = setting("INFO", "CESERVER_LOGLEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -228,6 +271,8 @@ class Settings:
                 f"({self.max_classes})"
             )
         self.check_auth()
+        if bool(self.kafka_bootstrap_servers) != bool(self.kafka_topic_list):
+            raise ValueError("--kafka_bootstrap_servers and --kafka_topics go together")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("--log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
@@ -244,6 +289,10 @@ class Settings:
                 raise ValueError("--oidc_issuer must be an https:// URL")
         if self.auth_reads and self.auth == "none":
             raise ValueError("--auth_reads needs --auth token or oidc")
+
+    @property
+    def kafka_topic_list(self) -> tuple[str, ...]:
+        return tuple(topic.strip() for topic in self.kafka_topics.split(",") if topic.strip())
 
     @property
     def replies_enabled(self) -> bool:

@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "replies": {"catalogue", "wire", "tornado"},
     "ingest": {"catalogue", "cm_models", "wire", "state", "exposition", "replies"},
     "http": {"catalogue", "wire", "exposition", "ingest", "tornado"},
+    "kafka": {"catalogue", "wire", "ingest"},
     "settings": {"catalogue"},
     "loader": {"cm_models", "settings"},
     "models_config": {"catalogue", "cm_models", "loader", "settings"},

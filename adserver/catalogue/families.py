@@ -56,6 +56,8 @@ KIND: Final = "kind"
 LE: Final = "le"  # a histogram bucket's bound
 SEGMENT: Final = "segment"  # a model's segment; "" = the model's totals
 WINDOW: Final = "window"  # a sliding window of prediction time (--windows)
+TOPIC: Final = "topic"  # a Kafka topic
+PARTITION: Final = "partition"  # a Kafka partition's number
 METHOD: Final = "method"  # Seldon's: the reply event type (--event_type)
 METHOD_DEFAULT: Final = "feedback"  # Seldon's method without an --event_type
 # Seldon's default metric labels (adserver/exposition/seldon_labels.py reads their values).
@@ -470,6 +472,29 @@ AUTH_REFUSED: Final = ours(
 )
 
 
+#: The Kafka consumer's records (process-local, like the connections: each consumer's own).
+KAFKA: Final[dict[str, Family]] = {
+    "records": ours("kafka_records", "counter", "Kafka records taken from a topic", TOPIC),
+    "rejected": ours(
+        "kafka_records_rejected",
+        "counter",
+        "Kafka records refused (not retried), by topic and reason",
+        TOPIC,
+        REASON,
+    ),
+    "lag": ours(
+        "kafka_consumer_lag",
+        "gauge",
+        "records of an assigned partition after its committed offset (high watermark - offset)",
+        TOPIC,
+        PARTITION,
+    ),
+    "commit_seconds": ours(
+        "kafka_commit_seconds", "histogram", "seconds an offset commit took (synchronous)"
+    ),
+}
+
+
 def custom(key: str, metric_type: MetricType) -> Family:
     """The family of a custom metric key (its labels are the sender's tags and Seldon's)."""
     kind = CUSTOM_KINDS[metric_type]
@@ -490,6 +515,7 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     *REPLIES.values(),
     *CONNECTIONS.values(),
     AUTH_REFUSED,
+    *KAFKA.values(),
     *WINDOW_TOTALS.values(),
     *WINDOW_PER_CLASS.values(),
     *REGRESSION_GAUGES.values(),

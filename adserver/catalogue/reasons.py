@@ -100,6 +100,7 @@ AUTH: Final = (MISSING_TOKEN, INVALID_TOKEN, FORBIDDEN_SUBJECT, ISSUER_UNAVAILAB
 NOT_FOUND: Final = "not_found"
 METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 DRAINING: Final = "draining"  # GET /health/ready while draining
+UNHEALTHY: Final = "unhealthy"  # GET /health/ready while a transport (Kafka) is unhealthy
 INTERNAL_SERVER_ERROR: Final = "internal_server_error"  # a bug: 500, logged
 
 # many models (--models_config): feedback for no model is 400, a path's unknown name 404, a
@@ -184,7 +185,13 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         OUT_OF_MEMORY,
     ),
     "auth": AUTH,
-    "routes and faults": (NOT_FOUND, METHOD_NOT_ALLOWED, DRAINING, INTERNAL_SERVER_ERROR),
+    "routes and faults": (
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        DRAINING,
+        UNHEALTHY,
+        INTERNAL_SERVER_ERROR,
+    ),
     "many models": (UNKNOWN_MODEL,),
     "HTTP framing": (
         MALFORMED_HEADERS,

@@ -135,3 +135,7 @@ HEADER_AUTHORIZATION: Final = "Authorization"
 HEADER_WWW_AUTHENTICATE: Final = "WWW-Authenticate"
 BEARER: Final = "Bearer"
 OIDC_DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
+
+# Kafka: headers of a refused record's copy on --kafka_dead_letter_topic
+DEAD_LETTER_REASON: Final = "dead-letter-reason"  # the refusal's reason code
+DEAD_LETTER_ORIGIN: Final = "dead-letter-origin"  # <topic>/<partition>/<offset> it came from

@@ -188,7 +188,8 @@ class ProtocolHandler(ReadHandler, TextHandler):
 
 
 class ReadyHandler(JsonErrorHandler):
-    """Ready while the server accepts events; a draining server is not ready."""
+    """Ready while the server accepts events and every transport is healthy; a draining
+    server is not ready."""
 
     def initialize(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
@@ -196,6 +197,8 @@ class ReadyHandler(JsonErrorHandler):
     def get(self) -> None:
         if not self.lifecycle.ready:
             raise tornado.web.HTTPError(503, reason="Draining")
+        if not self.lifecycle.healthy():
+            raise tornado.web.HTTPError(503, reason="Unhealthy")
         self.set_header("Content-Type", CONTENT_TYPE_TEXT)
         self.finish(b"ok")
 

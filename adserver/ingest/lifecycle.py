@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,14 +30,24 @@ class Transport(Protocol):
 
 @dataclass
 class Lifecycle:
-    """Whether events are accepted, and how many are between arrival and their outcome."""
+    """Whether events are accepted, and how many are between arrival and their outcome.
+
+    ``checks`` are the transports' own health (e.g. a Kafka consumer that lost its brokers):
+    readiness fails while one of them does, though events over other transports are accepted.
+    """
 
     ready: bool = True
     in_flight: int = 0
     transports: list[Transport] = field(default_factory=list)
+    checks: list[Callable[[], bool]] = field(default_factory=list)
 
-    def register(self, transport: Transport) -> None:
+    def register(self, transport: Transport, check: Callable[[], bool] | None = None) -> None:
         self.transports.append(transport)
+        if check is not None:
+            self.checks.append(check)
+
+    def healthy(self) -> bool:
+        return all(check() for check in self.checks)
 
     async def drain(self, seconds: float) -> None:
         """Stop accepting, let in-flight events finish and commit, then close every transport."""

@@ -1,0 +1,1 @@
+"""The Kafka transport: records of topics in, offsets committed after their outcome."""
