@@ -43,6 +43,7 @@ from cm_models.protocol import FeedbackModel
 
 if TYPE_CHECKING:
     from adserver.kafka.consumer import KafkaTransport
+    from adserver.wire.kafka import AvroSchemas
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,23 @@ def kafka_properties(text: str) -> dict[str, str]:
     return properties
 
 
+def avro_schemas(settings: Settings) -> AvroSchemas | None:
+    """``--kafka_avro_schema``: Avro record values read by the consumer and in the KafkaSource
+    events POSTed over HTTP (fastavro comes with the ``kafka`` extra)."""
+    if not settings.kafka_avro_schema:
+        return None
+    try:
+        from adserver.wire.kafka import AvroSchemas
+
+        return AvroSchemas.load(settings.kafka_avro_schema)
+    except ImportError as exc:
+        raise StartupError(
+            f"--kafka_avro_schema needs the kafka extra: pip install '.[kafka]' ({exc})"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--kafka_avro_schema {settings.kafka_avro_schema!r}: {exc}") from exc
+
+
 def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransport | None:
     """The consumer of ``--kafka_topics``, when ``--kafka_bootstrap_servers`` is set; the
     optional extra is imported only then."""
@@ -212,7 +230,6 @@ def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransp
     try:
         from adserver.kafka.consumer import KafkaOptions, KafkaTransport
         from adserver.kafka.stats import KafkaStats
-        from adserver.wire.kafka import AvroSchemas
     except ImportError as exc:
         raise StartupError(
             f"--kafka_bootstrap_servers needs the kafka extra: pip install '.[kafka]' ({exc})"
@@ -223,15 +240,11 @@ def kafka_transport(settings: Settings, service: FeedbackService) -> KafkaTransp
         if getattr(settings, name)
     }
     config.update(kafka_properties(settings.kafka_config))
-    try:
-        avro = AvroSchemas.load(settings.kafka_avro_schema) if settings.kafka_avro_schema else None
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"--kafka_avro_schema {settings.kafka_avro_schema!r}: {exc}") from exc
     options = KafkaOptions(
         config,
         settings.kafka_topic_list,
         settings.kafka_dead_letter_topic,
-        avro,
+        service.avro,
         settings.max_body_bytes,
     )
     try:
@@ -286,6 +299,7 @@ def build_server(settings: Settings) -> Server:
         lifecycle=lifecycle,
         models=models,
         router=router,
+        avro=avro_schemas(settings),
     )
     connections = ConnectionStats()
     buckets = store.buckets

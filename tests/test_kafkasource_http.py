@@ -84,3 +84,25 @@ def test_a_record_of_no_format_read_is_refused_and_counted(server) -> None:
     samples = scrape(server.url)
     assert value(samples, "feedback_events_rejected_total", reason="unknown_record_format") == 1
     assert value(samples, "feedback_events_accepted_total") == 0
+
+
+def test_hopsworks_avro_through_a_kafkasource_joins_its_label(servers) -> None:
+    """--kafka_avro_schema reaches the HTTP path too: v4's request and response records (one
+    inferenceId), delivered by a KafkaSource, wait for their label and join it."""
+    schema = KAFKA / "inferenceschema-v4.avsc"
+    url = servers(
+        "--storage_uri", MULTICLASS_NUMERIC, "--state", "memory", "--kafka_avro_schema", str(schema)
+    ).url
+    for kind, offset in (("request", 11), ("response", 12)):
+        answer = deliver(url, sample(f"hopsworks-v4-{kind}.avro"), "iris-inference", 0, offset)
+        assert answer.status_code == 200, answer.text
+    label = {"truth": {"data": {"ndarray": [1, 2]}}}
+    requestid = "2d23b009-f968-4f6b-995a-c79b4f4fa8af"  # the samples' inferenceId
+    answer = post_json(url, label, ce_headers(requestid=requestid))
+    assert answer.status_code == 200, answer.text
+    samples = scrape(url)
+    assert value(samples, "feedback_labels_total", outcome="joined") == 2
+    doc = model_doc(url)
+    np.testing.assert_array_equal(
+        doc["confusion_matrix"], confusion_matrix([1, 2], [1, 1], labels=doc["classes"])
+    )
