@@ -63,6 +63,9 @@ LAG_REFRESH_SECONDS = 5.0
 FIRST_REBALANCE_SECONDS = 60.0
 #: Not ready when the consumer thread has not come round its loop for this long.
 STUCK_SECONDS = REVOKE_WAIT_SECONDS + 20.0
+#: Not ready when a partition with records to finish (or to fetch again) has committed nothing
+#: new for this long: e.g. its seek back keeps failing, or its records keep meeting faults.
+STALL_SECONDS = 120.0
 
 Partition = tuple[str, int]
 
@@ -135,6 +138,8 @@ class KafkaTransport:
     epochs: dict[Partition, int] = field(default_factory=dict)
     attempts: dict[tuple[Partition, int], int] = field(default_factory=dict)
     backoff: dict[Partition, float] = field(default_factory=dict)  # paused until
+    unsought: dict[Partition, int] = field(default_factory=dict)  # seeks back that failed
+    stalled: tuple[str, ...] = ()  # partitions with no progress for STALL_SECONDS
     in_flight: int = 0
     bytes_in_flight: int = 0
     stopped: bool = False
@@ -189,11 +194,14 @@ class KafkaTransport:
         await self.loop.run_in_executor(None, self.thread.join, REVOKE_WAIT_SECONDS + 5)
 
     def healthy(self) -> bool:
-        """A readiness check: joined its group in time, brokers reachable, thread not stuck."""
+        """A readiness check: joined its group in time, brokers reachable, thread not stuck,
+        no partition stalled."""
         now = time.monotonic()
         if self.stopped:
             return True  # draining: the lifecycle's readiness says so already
         if not self.thread.is_alive() or now - self.beat > STUCK_SECONDS or self.brokers_down:
+            return False
+        if self.stalled:
             return False
         return self.rebalanced or now - self.started < FIRST_REBALANCE_SECONDS
 
@@ -363,16 +371,35 @@ class KafkaTransport:
         self.backoff[partition] = time.monotonic() + RETRY_BACKOFF_SECONDS
 
     def housekeep(self) -> None:
-        """Commit what became final, resume the partitions whose backoff ended."""
+        """Commit what became final, seek again where a seek failed, resume the partitions
+        whose backoff ended (and whose seek back succeeded), tell the stalled ones."""
         self.commit()
         if self.dead_letters is not None:
             self.dead_letters.poll(0)
         now = time.monotonic()
-        due = [p for p, until in self.backoff.items() if until <= now]
+        due = [p for p, until in self.backoff.items() if until <= now and self.sought(p)]
         for partition in due:
             del self.backoff[partition]
         if due:
             self.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.progress])
+        self.watch(now)
+
+    def sought(self, partition: Partition) -> bool:
+        """Whether the partition's seek back is done (tried again if it failed)."""
+        offset = self.unsought.get(partition)
+        return offset is None or self.seek(TopicPartition(*partition, offset))
+
+    def watch(self, now: float) -> None:
+        """Note when each partition last moved or was idle; list those stalled since."""
+        stalled = []
+        for partition, progress in self.progress.items():
+            if not (progress.pending or partition in self.backoff):
+                progress.moved = now
+            elif now - progress.moved > STALL_SECONDS:
+                stalled.append(f"{partition[0]}/{partition[1]}")
+        if stalled and not self.stalled:
+            log.warning("partitions stalled", extra={"partitions": stalled})
+        self.stalled = tuple(stalled)
 
     def commit(self, only: Sequence[Partition] | None = None) -> None:
         """Commit each partition up to its first record not yet final (synchronously)."""
@@ -394,6 +421,7 @@ class KafkaTransport:
         self.stats.committed(time.monotonic() - begun)
         for partition, position in offsets:
             self.progress[partition].committed = position
+            self.progress[partition].moved = begun
 
     def on_statistics(self, document: str) -> None:
         """librdkafka's statistics (every :data:`LAG_REFRESH_SECONDS`): each assigned
@@ -456,16 +484,23 @@ class KafkaTransport:
         for partition in partitions:
             self.progress.pop(partition, None)
             self.backoff.pop(partition, None)
+            self.unsought.pop(partition, None)
             self.epochs[partition] = self.epochs.get(partition, 0) + 1  # late outcomes: stale
         self.attempts = {k: v for k, v in self.attempts.items() if k[0] in self.progress}
 
     # -- librdkafka calls that may fail on a partition being revoked --
 
-    def seek(self, where: TopicPartition) -> None:
+    def seek(self, where: TopicPartition) -> bool:
+        """Seek, or remember to try again (the partition stays paused until it succeeds)."""
+        partition = (where.topic, where.partition)
         try:
             self.consumer.seek(where)
         except KafkaException as exc:
             log.warning("seek failed", extra={"partition": names([where]), "error": str(exc)})
+            self.unsought[partition] = where.offset
+            return False
+        self.unsought.pop(partition, None)
+        return True
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         with_errors(self.consumer.pause, partitions)

@@ -7,6 +7,7 @@ after a commit never loses an event, and one before it only redelivers (which de
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 
@@ -18,6 +19,7 @@ class PartitionProgress:
         self.done: set[int] = set()
         self.next: int | None = None  # one past the last offset that left ``taken`` final
         self.committed: int | None = None  # the last position committed
+        self.moved = time.monotonic()  # when it last committed, or had nothing to finish
 
     @property
     def pending(self) -> int:

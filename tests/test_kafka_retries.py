@@ -1,0 +1,114 @@
+"""The consumer thread's retries against a scripted client: seeks that fail, stalled partitions.
+
+No broker: the transport's librdkafka consumer is replaced by a fake that records the calls
+and fails the seeks it is told to, so the thread's side is driven step by step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from adserver.kafka import consumer
+from adserver.kafka.consumer import FAULT, KafkaOptions, KafkaTransport, Taken
+from adserver.kafka.progress import PartitionProgress
+from adserver.kafka.stats import KafkaStats
+from adserver.wire.kafka import KafkaRecord
+
+PARTITION = ("feedback", 0)
+
+
+class FakeClient:
+    """What the thread calls of librdkafka; ``failing_seeks`` seeks raise, then they work."""
+
+    def __init__(self) -> None:
+        self.failing_seeks = 0
+        self.calls: list[tuple[str, Any]] = []
+
+    def seek(self, where: TopicPartition) -> None:
+        self.calls.append(("seek", where.offset))
+        if self.failing_seeks:
+            self.failing_seeks -= 1
+            raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append(("pause", [p.partition for p in partitions]))
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append(("resume", [p.partition for p in partitions]))
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.calls.append(("commit", [p.offset for p in offsets]))
+
+
+@pytest.fixture
+def transport() -> Any:
+    options = KafkaOptions({"bootstrap.servers": "127.0.0.1:9", "group.id": "t"}, ["feedback"])
+    made = KafkaTransport(service=None, options=options, stats=KafkaStats("m"))  # type: ignore[arg-type]
+    made.consumer.close()
+    made.consumer = FakeClient()
+    made.progress[PARTITION] = PartitionProgress()
+    yield made
+
+
+def take(transport: KafkaTransport, *offsets: int) -> list[Taken]:
+    taken = []
+    for offset in offsets:
+        transport.progress[PARTITION].take(offset)
+        transport.in_flight += 1
+        taken.append(Taken(record_at(offset), transport.epochs.get(PARTITION, 0)))
+    return taken
+
+
+def due(transport: KafkaTransport) -> None:
+    """The backoff of every partition ends now."""
+    transport.backoff = dict.fromkeys(transport.backoff, 0.0)
+
+
+def test_a_failed_seek_is_tried_again_and_the_partition_stays_paused(transport) -> None:
+    """A fault at 5 seeks back to 5; while that seek fails the partition is not resumed (it
+    would go on from 7, and 5 and 6 would be committed unread)."""
+    client = transport.consumer
+    client.failing_seeks = 2
+    five, six = take(transport, 5, 6)
+    transport.apply(six, consumer.ACCEPTED)
+    transport.apply(five, FAULT)
+    assert client.calls == [("seek", 5), ("pause", [0])]
+    due(transport)
+    transport.housekeep()  # the seek fails again: still paused
+    assert ("resume", [0]) not in client.calls
+    assert client.calls[-1] == ("seek", 5)
+    due(transport)
+    transport.housekeep()
+    assert client.calls[-2:] == [("seek", 5), ("resume", [0])]
+    assert not transport.unsought and not transport.backoff
+    assert not any(call == "commit" for call, _ in client.calls)
+
+
+def test_a_partition_without_progress_fails_readiness(transport) -> None:
+    transport.thread = threading.current_thread()  # alive
+    transport.rebalanced = True
+    (five,) = take(transport, 5)
+    transport.housekeep()
+    assert transport.stalled == () and transport.healthy()
+    transport.progress[PARTITION].moved -= consumer.STALL_SECONDS + 1
+    transport.housekeep()
+    assert transport.stalled == ("feedback/0",)
+    assert not transport.healthy()
+    transport.apply(five, consumer.ACCEPTED)
+    transport.housekeep()  # 5 is final: committed, so it moved
+    assert transport.consumer.calls[-1] == ("commit", [6])
+    assert transport.stalled == () and transport.healthy()
+
+
+def test_an_idle_partition_never_stalls(transport) -> None:
+    transport.progress[PARTITION].moved -= consumer.STALL_SECONDS + 1
+    transport.housekeep()
+    assert transport.stalled == ()
+
+
+def record_at(offset: int) -> KafkaRecord:
+    return KafkaRecord(*PARTITION, offset, None, b"{}", (), None)
