@@ -48,8 +48,8 @@ class FakeClient:
 def transport() -> Any:
     options = KafkaOptions({"bootstrap.servers": "127.0.0.1:9", "group.id": "t"}, ["feedback"])
     made = KafkaTransport(service=None, options=options, stats=KafkaStats("m"))  # type: ignore[arg-type]
-    made.consumer.close()
-    made.consumer = FakeClient()
+    made.consumer.close()  # its error callback saw no broker at 127.0.0.1:9
+    made.consumer, made.brokers_down = FakeClient(), False
     made.progress[PARTITION] = PartitionProgress()
     yield made
 
@@ -57,9 +57,10 @@ def transport() -> Any:
 def take(transport: KafkaTransport, *offsets: int) -> list[Taken]:
     taken = []
     for offset in offsets:
-        transport.progress[PARTITION].take(offset)
+        token = next(transport.takes)
+        transport.progress[PARTITION].take(offset, token)
         transport.in_flight += 1
-        taken.append(Taken(record_at(offset), transport.epochs.get(PARTITION, 0)))
+        taken.append(Taken(record_at(offset), token))
     return taken
 
 
@@ -112,3 +113,35 @@ def test_an_idle_partition_never_stalls(transport) -> None:
 
 def record_at(offset: int) -> KafkaRecord:
     return KafkaRecord(*PARTITION, offset, None, b"{}", (), None)
+
+
+def test_an_earlier_record_finishing_after_a_later_ones_fault_still_counts(transport) -> None:
+    """6 meets a fault first: seeking back to 6 leaves 5 as taken, so its outcome still
+    applies (were it dropped as stale, 5 would stay pending and the partition never commit)."""
+    five, six = take(transport, 5, 6)
+    transport.apply(six, FAULT)
+    transport.apply(five, consumer.ACCEPTED)
+    transport.housekeep()
+    assert ("commit", [6]) in transport.consumer.calls
+
+
+def test_faults_out_of_offset_order_seek_back_to_the_earliest(transport) -> None:
+    five, six = take(transport, 5, 6)
+    transport.apply(six, FAULT)
+    transport.apply(five, FAULT)
+    seeks = [offset for call, offset in transport.consumer.calls if call == "seek"]
+    assert seeks == [6, 5]
+    assert transport.progress[PARTITION].pending == 0
+
+
+def test_outcomes_of_records_sought_past_are_stale(transport) -> None:
+    """5 meets a fault while 6 is in flight: 6 is fetched again, so the first 6's outcome is
+    dropped and only the second one's counts."""
+    five, six = take(transport, 5, 6)
+    transport.apply(five, FAULT)
+    transport.apply(six, consumer.ACCEPTED)
+    assert transport.progress[PARTITION].position() is None
+    five, six = take(transport, 5, 6)
+    transport.apply(five, consumer.ACCEPTED)
+    transport.apply(six, consumer.ACCEPTED)
+    assert transport.progress[PARTITION].position() == 7

@@ -21,11 +21,12 @@ by CloudEvent (source, id), which the record decoding gives every record.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,11 +84,11 @@ class KafkaOptions:
 
 @dataclass(frozen=True)
 class Taken:
-    """A record handed to the IOLoop; ``epoch`` tells a stale outcome (its partition was
-    sought back or revoked meanwhile) from a current one."""
+    """A record handed to the IOLoop; ``token`` tells a stale outcome (its partition was
+    sought back past it or revoked meanwhile) from a current one."""
 
     record: KafkaRecord
-    epoch: int
+    token: int
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class KafkaTransport:
     stats: KafkaStats
     outcomes: queue.SimpleQueue[tuple[Taken, Verdict]] = field(default_factory=queue.SimpleQueue)
     progress: dict[Partition, PartitionProgress] = field(default_factory=dict)
-    epochs: dict[Partition, int] = field(default_factory=dict)
+    takes: Iterator[int] = field(default_factory=itertools.count)  # tokens of Taken
     attempts: dict[tuple[Partition, int], int] = field(default_factory=dict)
     backoff: dict[Partition, float] = field(default_factory=dict)  # paused until
     unsought: dict[Partition, int] = field(default_factory=dict)  # seeks back that failed
@@ -279,10 +280,11 @@ class KafkaTransport:
             progress = self.progress.get(partition)
             if progress is None:
                 continue  # revoked meanwhile: its new owner reads it
-            progress.take(record.offset)
+            token = next(self.takes)
+            progress.take(record.offset, token)
             self.in_flight += 1
             self.bytes_in_flight += len(record.value or b"")
-            taken.append(Taken(record, self.epochs.get(partition, 0)))
+            taken.append(Taken(record, token))
         for topic in {t.record.topic for t in taken}:
             self.stats.taken(topic, sum(t.record.topic == topic for t in taken))
         if taken:
@@ -307,35 +309,37 @@ class KafkaTransport:
         self.bytes_in_flight -= len(record.value or b"")
         partition = (record.topic, record.partition)
         progress = self.progress.get(partition)
-        if progress is None or self.epochs.get(partition, 0) != taken.epoch:
-            return  # sought back or revoked since: it is fetched again, or by another member
+        if progress is None or not progress.current(record.offset, taken.token):
+            return  # sought back past or revoked since: fetched again, or by another member
+        key = (partition, record.offset)
         if outcome.internal:
-            key = (partition, record.offset)
             self.attempts[key] = self.attempts.get(key, 0) + 1
             if self.attempts[key] < INTERNAL_ATTEMPTS:
                 self.retry(record)
                 return
-            del self.attempts[key]
             outcome = Verdict(final=True, reason=outcome.reason)
         if not outcome.final:
             self.retry(record)
-        elif outcome.reason is None:
+            return
+        self.attempts.pop(key, None)
+        if outcome.reason is None:
             progress.finish(record.offset)
         else:
             self.stats.refused(record.topic, outcome.reason)
-            self.refuse(record, outcome.reason, progress)
+            self.refuse(taken, outcome.reason, progress)
 
-    def refuse(self, record: KafkaRecord, reason: str, progress: PartitionProgress) -> None:
+    def refuse(self, taken: Taken, reason: str, progress: PartitionProgress) -> None:
         """A poison record is final, once its dead-letter copy (if any) is delivered."""
+        record = taken.record
         if self.dead_letters is None:
             progress.finish(record.offset)
             return
         origin = f"{record.topic}/{record.partition}/{record.offset}"
-        epoch = self.epochs.get((record.topic, record.partition), 0)
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
-            if self.epochs.get((record.topic, record.partition), 0) != epoch:
-                return
+            owned = self.progress.get((record.topic, record.partition)) is progress
+            if not owned or not progress.current(record.offset, taken.token):
+                return  # revoked, or sought back past it, since
             if error is None:
                 progress.finish(record.offset)
             else:
@@ -364,7 +368,6 @@ class KafkaTransport:
         """Seek the partition back to the record and fetch it again after the backoff."""
         partition = (record.topic, record.partition)
         self.progress[partition].rewind(record.offset)
-        self.epochs[partition] = self.epochs.get(partition, 0) + 1
         where = TopicPartition(record.topic, record.partition, record.offset)
         self.seek(where)
         self.pause([where])
@@ -484,8 +487,7 @@ class KafkaTransport:
         for partition in partitions:
             self.progress.pop(partition, None)
             self.backoff.pop(partition, None)
-            self.unsought.pop(partition, None)
-            self.epochs[partition] = self.epochs.get(partition, 0) + 1  # late outcomes: stale
+            self.unsought.pop(partition, None)  # late outcomes: stale, no progress to apply to
         self.attempts = {k: v for k, v in self.attempts.items() if k[0] in self.progress}
 
     # -- librdkafka calls that may fail on a partition being revoked --
