@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from adserver.catalogue import reasons
 from adserver.kafka import consumer
 from adserver.kafka.consumer import FAULT, KafkaOptions, KafkaTransport, Taken
 from adserver.kafka.progress import PartitionProgress
@@ -145,3 +146,30 @@ def test_outcomes_of_records_sought_past_are_stale(transport) -> None:
     transport.apply(five, consumer.ACCEPTED)
     transport.apply(six, consumer.ACCEPTED)
     assert transport.progress[PARTITION].position() == 7
+
+
+class FakeProducer:
+    """A dead-letter producer whose deliveries are reported on its next poll."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Any] = []
+
+    def produce(self, topic: str, on_delivery: Any, **_record: Any) -> None:
+        self.deliveries.append(on_delivery)
+
+    def poll(self, _timeout: float) -> None:
+        for delivered in self.deliveries:
+            delivered(None, None)
+        self.deliveries = []
+
+
+def test_a_revoke_waits_for_dead_letter_copies_not_past_them(transport, monkeypatch) -> None:
+    """A refused record is final once its copy is delivered: a revoke polls for that, so it
+    commits past the record instead of waiting its whole bound and leaving it to be redone."""
+    monkeypatch.setattr(consumer, "REVOKE_WAIT_SECONDS", 0.5)
+    transport.dead_letters = FakeProducer()
+    (five,) = take(transport, 5)
+    transport.apply(five, consumer.Verdict(final=True, reason=reasons.INVALID_JSON))
+    transport.on_revoke(None, [TopicPartition(*PARTITION)])
+    assert transport.consumer.calls[-1] == ("commit", [6])
+    assert PARTITION not in transport.progress

@@ -377,8 +377,7 @@ class KafkaTransport:
         """Commit what became final, seek again where a seek failed, resume the partitions
         whose backoff ended (and whose seek back succeeded), tell the stalled ones."""
         self.commit()
-        if self.dead_letters is not None:
-            self.dead_letters.poll(0)
+        self.deliver()
         now = time.monotonic()
         due = [p for p, until in self.backoff.items() if until <= now and self.sought(p)]
         for partition in due:
@@ -386,6 +385,11 @@ class KafkaTransport:
         if due:
             self.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.progress])
         self.watch(now)
+
+    def deliver(self) -> None:
+        """Serve the dead-letter copies' delivery reports (which make refused records final)."""
+        if self.dead_letters is not None:
+            self.dead_letters.poll(0)
 
     def sought(self, partition: Partition) -> bool:
         """Whether the partition's seek back is done (tried again if it failed)."""
@@ -472,6 +476,7 @@ class KafkaTransport:
         ):
             self.beat = time.monotonic()
             self.settle(POLL_SECONDS)
+            self.deliver()
         self.commit([p for p in revoked if p in self.progress])
         self.forget(revoked)
         log.info("partitions revoked", extra={"partitions": names(partitions)})
