@@ -6,6 +6,7 @@ and fails the seeks it is told to, so the thread's side is driven step by step.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from adserver.catalogue import reasons
+from adserver.ingest.service import Accepted
 from adserver.kafka import consumer
 from adserver.kafka.consumer import FAULT, KafkaOptions, KafkaTransport, Taken
 from adserver.kafka.progress import PartitionProgress
@@ -173,3 +175,27 @@ def test_a_revoke_waits_for_dead_letter_copies_not_past_them(transport, monkeypa
     transport.on_revoke(None, [TopicPartition(*PARTITION)])
     assert transport.consumer.calls[-1] == ("commit", [6])
     assert PARTITION not in transport.progress
+
+
+def test_a_batch_is_started_a_slice_at_a_time(transport) -> None:
+    """What the first record's receive schedules (as its group commit's flush) runs before
+    the batch's last records start: the store writes while the IOLoop decodes the rest."""
+    started: list[Any] = []
+
+    class Service:
+        async def receive(self, _headers: Any, _body: bytes, binding: Any) -> Any:
+            if not started:
+                asyncio.get_running_loop().call_soon(started.append, "flush")
+            started.append("record")
+            return Accepted([True])
+
+    async def scenario() -> None:
+        transport.service = Service()
+        transport.loop = asyncio.get_running_loop()
+        transport.hand(take(transport, *range(3 * consumer.HAND_SLICE)))
+        while len(started) <= 3 * consumer.HAND_SLICE:
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert started.index("flush") <= consumer.HAND_SLICE
+    assert transport.outcomes.qsize() == 3 * consumer.HAND_SLICE

@@ -50,6 +50,8 @@ MAX_RECORDS_IN_FLIGHT = 2000
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: Records asked of librdkafka per poll.
 BATCH = 500
+#: Records whose receive starts in one turn of the IOLoop (the rest in the turns after).
+HAND_SLICE = 16
 #: How long one poll waits for records (also how soon a finished record's offset is committed).
 POLL_SECONDS = 0.02
 #: A partition whose record met a fault is fetched again after this long.
@@ -207,11 +209,16 @@ class KafkaTransport:
         return self.rebalanced or now - self.started < FIRST_REBALANCE_SECONDS
 
     def hand(self, taken: list[Taken]) -> None:
-        """On the IOLoop: every record's receive starts now, concurrently."""
-        for each in taken:
+        """On the IOLoop: the records' receives start, :data:`HAND_SLICE` per turn of the loop,
+        all concurrent. Started all at once, a batch's records would all be decoded before the
+        first group commit could start; a slice at a time, the store writes one slice while
+        the IOLoop decodes the next."""
+        for each in taken[:HAND_SLICE]:
             task = asyncio.ensure_future(self.process(each))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if len(taken) > HAND_SLICE:
+            self.loop.call_soon(self.hand, taken[HAND_SLICE:])
 
     async def process(self, taken: Taken) -> None:
         record = taken.record
