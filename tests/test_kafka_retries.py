@@ -199,3 +199,26 @@ def test_a_batch_is_started_a_slice_at_a_time(transport) -> None:
     asyncio.run(scenario())
     assert started.index("flush") <= consumer.HAND_SLICE
     assert transport.outcomes.qsize() == 3 * consumer.HAND_SLICE
+
+
+def test_close_waits_for_every_slice_of_a_batch(transport) -> None:
+    """SIGTERM while a batch is being started: the slices started after close() began are
+    waited for too, so their outcomes are in before the final commit."""
+    slices = 3
+    calls = iter(range(slices * consumer.HAND_SLICE))
+
+    class Service:
+        async def receive(self, _headers: Any, _body: bytes, binding: Any) -> Any:
+            await asyncio.sleep(0.02 * (1 + next(calls) // consumer.HAND_SLICE))  # slice by slice
+            return Accepted([True])
+
+    async def scenario() -> None:
+        transport.service = Service()
+        transport.loop = asyncio.get_running_loop()
+        transport.thread = threading.Thread(target=lambda: None)
+        transport.thread.start()
+        transport.hand(take(transport, *range(slices * consumer.HAND_SLICE)))
+        await transport.close()
+
+    asyncio.run(scenario())
+    assert transport.outcomes.qsize() == slices * consumer.HAND_SLICE

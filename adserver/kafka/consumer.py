@@ -190,9 +190,11 @@ class KafkaTransport:
         self.stopped = True
 
     async def close(self) -> None:
-        """After the events in flight: the final commit, then the consumer is closed."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=REVOKE_WAIT_SECONDS)
+        """After the events in flight (and the slices of a batch started meanwhile): the final
+        commit, then the consumer is closed."""
+        deadline = self.loop.time() + REVOKE_WAIT_SECONDS
+        while self.tasks and (left := deadline - self.loop.time()) > 0:
+            await asyncio.wait(set(self.tasks), timeout=left)
         self.closing = True
         await self.loop.run_in_executor(None, self.thread.join, REVOKE_WAIT_SECONDS + 5)
 
