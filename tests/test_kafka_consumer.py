@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -212,24 +213,58 @@ def test_poison_records_are_counted_skipped_and_dead_lettered(tmp_path: Path) ->
     body, headers = feedback_record(1, 1)
     cluster.produce("feedback", body, {**headers, "ce_specversion": "0.3"}, partition=1)
     cluster.produce("feedback", orjson.dumps({"truth": "x"}), partition=2)
+    # valid feedback, but over --max_body_bytes
+    large, large_headers = feedback_record(1, 1)
+    cluster.produce("feedback", large + b" " * 2000, large_headers, partition=3)
     cluster.flush()
     good += produce(cluster, "feedback", 20, seed=9)  # after the poison: still consumed
-    server = consuming(cluster, tmp_path, "feedback", kafka_dead_letter_topic="dead")
+    server = consuming(
+        cluster, tmp_path, "feedback", kafka_dead_letter_topic="dead", max_body_bytes="2000"
+    )
     try:
         assert settled([server], 40) == good
         refused = "feedback_kafka_records_rejected_total"
-        wait_for(lambda: sum(by_label(server, refused, "reason").values()) == 3, 30, "refusals")
+        wait_for(lambda: sum(by_label(server, refused, "reason").values()) == 4, 30, "refusals")
         rejected = by_label(server, refused, "reason")
-        assert sum(rejected.values()) == 3
-        assert rejected["unknown_record_format"] == 1  # no CloudEvent and no JSON of a format
+        assert sum(rejected.values()) == 4
+        assert rejected["unknown_record_format"] == 1  # no CloudEvent, no JSON, no Avro read
         assert rejected["unsupported_specversion"] == 1
-        copies = cluster.consume_all("dead", 3)
+        assert rejected["body_too_large"] == 1
+        events = by_label(server, "feedback_events_rejected_total", "reason")
+        assert events["body_too_large"] == 1
+        copies = cluster.consume_all("dead", 4)
         origins = {}
         for copy in copies:
             headers = dict(copy.headers())
             origins[headers["dead-letter-origin"].decode()] = headers["dead-letter-reason"].decode()
-        assert len(origins) == 3
+        assert len(origins) == 4
         assert set(origins.values()) == set(rejected)
+    finally:
+        server.stop()
+
+
+def test_records_meeting_a_store_fault_are_retried_and_count_once(tmp_path: Path) -> None:
+    """Another process holds the state file's write lock for longer than the server's busy
+    timeout: its commits fail (store_error, a 503 over HTTP), the records are fetched again
+    after the backoff, never skipped nor refused, and count once when the lock is gone."""
+    cluster = MockCluster()
+    produced = produce(cluster, "feedback", 40, seed=10)
+    server = consuming(cluster, tmp_path, "feedback")
+    try:
+        assert settled([server], 40) == produced
+        locker = sqlite3.connect(tmp_path / "feedback-state.sqlite3", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            produced += produce(cluster, "feedback", 40, seed=11)
+            wait_for(lambda: "state commit failed" in server.stderr(), 30, "a store fault")
+            time.sleep(1.0)  # past a retry's backoff: fetched again, failing again
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert settled([server], 80) == produced
+        taken = kafka(server, "feedback_kafka_records_total", topic="feedback")
+        assert taken > 80  # some were taken again
+        assert by_label(server, "feedback_kafka_records_rejected_total", "reason") == {}
     finally:
         server.stop()
 

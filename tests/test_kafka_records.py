@@ -461,3 +461,40 @@ def test_a_mixed_topic_counts_each_event_once_and_skips_poison(
     assert model["rows"] == 2 + 1 + 2  # feedback, structured event, joined label
     truth, predicted = [1, 2, 2, 1, 2], [1, 1, 2, 1, 1]
     assert model["confusion_matrix"] == confusion_matrix(truth, predicted, labels=[1, 2]).tolist()
+
+
+def test_every_format_redelivered_counts_once(tmp_path: Path, avro: AvroSchemas) -> None:
+    """A topic of every format read twice (a crash before any commit): the second reading
+    changes nothing, each event's dedup key (given or made from the record) the same again."""
+    seldon = [("type", SELDON_RESPONSE_TYPE.encode()), ("requestid", b"puid-1")]
+    binary = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"binary-1"),
+        ("ce_source", b"tests"),
+        ("ce_type", SELDON_FEEDBACK_TYPE.encode()),
+        ("content-type", b"application/json"),
+    ]
+    structured = [("content-type", b"application/cloudevents+json")]
+    topic = [
+        record(sample("feedback.json"), offset=0),
+        record(orjson.dumps(feedback_body()), *binary, offset=1),
+        record(sample("cloudevent-structured.json"), *structured, offset=2),
+        record(sample("envelope-request.json"), topic="iris-inference-topic", offset=3),
+        record(sample("envelope-response.json"), topic="iris-inference-topic", offset=4),
+        record(sample("../logger/seldon-response.json"), *seldon, topic="seldon", offset=5),
+        *(record(sample(f"hopsworks-{v}.avro"), offset=6 + i) for i, v in enumerate(AVRO)),
+    ]
+    service, outcomes = consume(tmp_path, topic + topic, avro)
+    first, again = outcomes[: len(topic)], outcomes[len(topic) :]
+    assert all(isinstance(o, Accepted) and all(o.new) for o in first), first
+    assert all(isinstance(o, Accepted) and not any(o.new) for o in again), again
+    state = service.store.state
+    assert state.count(EVENTS_ACCEPTED) == 3  # the feedback events
+    assert state.labelled(LOGGER_EVENTS) == {"request": 6, "response": 6}
+
+
+AVRO = ("v1", "v2", "v3", "v3-failed", "v4-request", "v4-response")
+
+
+def feedback_body() -> dict[str, Any]:
+    return {"truth": {"data": {"ndarray": [1]}}, "response": {"data": {"ndarray": [1]}}}

@@ -21,11 +21,12 @@ by CloudEvent (source, id), which the record decoding gives every record.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ MAX_RECORDS_IN_FLIGHT = 2000
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: Records asked of librdkafka per poll.
 BATCH = 500
+#: Records whose receive starts in one turn of the IOLoop (the rest in the turns after).
+HAND_SLICE = 16
 #: How long one poll waits for records (also how soon a finished record's offset is committed).
 POLL_SECONDS = 0.02
 #: A partition whose record met a fault is fetched again after this long.
@@ -63,6 +66,9 @@ LAG_REFRESH_SECONDS = 5.0
 FIRST_REBALANCE_SECONDS = 60.0
 #: Not ready when the consumer thread has not come round its loop for this long.
 STUCK_SECONDS = REVOKE_WAIT_SECONDS + 20.0
+#: Not ready when a partition with records to finish (or to fetch again) has committed nothing
+#: new for this long: e.g. its seek back keeps failing, or its records keep meeting faults.
+STALL_SECONDS = 120.0
 
 Partition = tuple[str, int]
 
@@ -80,11 +86,11 @@ class KafkaOptions:
 
 @dataclass(frozen=True)
 class Taken:
-    """A record handed to the IOLoop; ``epoch`` tells a stale outcome (its partition was
-    sought back or revoked meanwhile) from a current one."""
+    """A record handed to the IOLoop; ``token`` tells a stale outcome (its partition was
+    sought back past it or revoked meanwhile) from a current one."""
 
     record: KafkaRecord
-    epoch: int
+    token: int
 
 
 @dataclass(frozen=True)
@@ -132,9 +138,11 @@ class KafkaTransport:
     stats: KafkaStats
     outcomes: queue.SimpleQueue[tuple[Taken, Verdict]] = field(default_factory=queue.SimpleQueue)
     progress: dict[Partition, PartitionProgress] = field(default_factory=dict)
-    epochs: dict[Partition, int] = field(default_factory=dict)
+    takes: Iterator[int] = field(default_factory=itertools.count)  # tokens of Taken
     attempts: dict[tuple[Partition, int], int] = field(default_factory=dict)
     backoff: dict[Partition, float] = field(default_factory=dict)  # paused until
+    unsought: dict[Partition, int] = field(default_factory=dict)  # seeks back that failed
+    stalled: tuple[str, ...] = ()  # partitions with no progress for STALL_SECONDS
     in_flight: int = 0
     bytes_in_flight: int = 0
     stopped: bool = False
@@ -182,27 +190,37 @@ class KafkaTransport:
         self.stopped = True
 
     async def close(self) -> None:
-        """After the events in flight: the final commit, then the consumer is closed."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=REVOKE_WAIT_SECONDS)
+        """After the events in flight (and the slices of a batch started meanwhile): the final
+        commit, then the consumer is closed."""
+        deadline = self.loop.time() + REVOKE_WAIT_SECONDS
+        while self.tasks and (left := deadline - self.loop.time()) > 0:
+            await asyncio.wait(set(self.tasks), timeout=left)
         self.closing = True
         await self.loop.run_in_executor(None, self.thread.join, REVOKE_WAIT_SECONDS + 5)
 
     def healthy(self) -> bool:
-        """A readiness check: joined its group in time, brokers reachable, thread not stuck."""
+        """A readiness check: joined its group in time, brokers reachable, thread not stuck,
+        no partition stalled."""
         now = time.monotonic()
         if self.stopped:
             return True  # draining: the lifecycle's readiness says so already
         if not self.thread.is_alive() or now - self.beat > STUCK_SECONDS or self.brokers_down:
             return False
+        if self.stalled:
+            return False
         return self.rebalanced or now - self.started < FIRST_REBALANCE_SECONDS
 
     def hand(self, taken: list[Taken]) -> None:
-        """On the IOLoop: every record's receive starts now, concurrently."""
-        for each in taken:
+        """On the IOLoop: the records' receives start, :data:`HAND_SLICE` per turn of the loop,
+        all concurrent. Started all at once, a batch's records would all be decoded before the
+        first group commit could start; a slice at a time, the store writes one slice while
+        the IOLoop decodes the next."""
+        for each in taken[:HAND_SLICE]:
             task = asyncio.ensure_future(self.process(each))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if len(taken) > HAND_SLICE:
+            self.loop.call_soon(self.hand, taken[HAND_SLICE:])
 
     async def process(self, taken: Taken) -> None:
         record = taken.record
@@ -271,10 +289,11 @@ class KafkaTransport:
             progress = self.progress.get(partition)
             if progress is None:
                 continue  # revoked meanwhile: its new owner reads it
-            progress.take(record.offset)
+            token = next(self.takes)
+            progress.take(record.offset, token)
             self.in_flight += 1
             self.bytes_in_flight += len(record.value or b"")
-            taken.append(Taken(record, self.epochs.get(partition, 0)))
+            taken.append(Taken(record, token))
         for topic in {t.record.topic for t in taken}:
             self.stats.taken(topic, sum(t.record.topic == topic for t in taken))
         if taken:
@@ -299,35 +318,37 @@ class KafkaTransport:
         self.bytes_in_flight -= len(record.value or b"")
         partition = (record.topic, record.partition)
         progress = self.progress.get(partition)
-        if progress is None or self.epochs.get(partition, 0) != taken.epoch:
-            return  # sought back or revoked since: it is fetched again, or by another member
+        if progress is None or not progress.current(record.offset, taken.token):
+            return  # sought back past or revoked since: fetched again, or by another member
+        key = (partition, record.offset)
         if outcome.internal:
-            key = (partition, record.offset)
             self.attempts[key] = self.attempts.get(key, 0) + 1
             if self.attempts[key] < INTERNAL_ATTEMPTS:
                 self.retry(record)
                 return
-            del self.attempts[key]
             outcome = Verdict(final=True, reason=outcome.reason)
         if not outcome.final:
             self.retry(record)
-        elif outcome.reason is None:
+            return
+        self.attempts.pop(key, None)
+        if outcome.reason is None:
             progress.finish(record.offset)
         else:
             self.stats.refused(record.topic, outcome.reason)
-            self.refuse(record, outcome.reason, progress)
+            self.refuse(taken, outcome.reason, progress)
 
-    def refuse(self, record: KafkaRecord, reason: str, progress: PartitionProgress) -> None:
+    def refuse(self, taken: Taken, reason: str, progress: PartitionProgress) -> None:
         """A poison record is final, once its dead-letter copy (if any) is delivered."""
+        record = taken.record
         if self.dead_letters is None:
             progress.finish(record.offset)
             return
         origin = f"{record.topic}/{record.partition}/{record.offset}"
-        epoch = self.epochs.get((record.topic, record.partition), 0)
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
-            if self.epochs.get((record.topic, record.partition), 0) != epoch:
-                return
+            owned = self.progress.get((record.topic, record.partition)) is progress
+            if not owned or not progress.current(record.offset, taken.token):
+                return  # revoked, or sought back past it, since
             if error is None:
                 progress.finish(record.offset)
             else:
@@ -356,23 +377,45 @@ class KafkaTransport:
         """Seek the partition back to the record and fetch it again after the backoff."""
         partition = (record.topic, record.partition)
         self.progress[partition].rewind(record.offset)
-        self.epochs[partition] = self.epochs.get(partition, 0) + 1
         where = TopicPartition(record.topic, record.partition, record.offset)
         self.seek(where)
         self.pause([where])
         self.backoff[partition] = time.monotonic() + RETRY_BACKOFF_SECONDS
 
     def housekeep(self) -> None:
-        """Commit what became final, resume the partitions whose backoff ended."""
+        """Commit what became final, seek again where a seek failed, resume the partitions
+        whose backoff ended (and whose seek back succeeded), tell the stalled ones."""
         self.commit()
-        if self.dead_letters is not None:
-            self.dead_letters.poll(0)
+        self.deliver()
         now = time.monotonic()
-        due = [p for p, until in self.backoff.items() if until <= now]
+        due = [p for p, until in self.backoff.items() if until <= now and self.sought(p)]
         for partition in due:
             del self.backoff[partition]
         if due:
             self.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.progress])
+        self.watch(now)
+
+    def deliver(self) -> None:
+        """Serve the dead-letter copies' delivery reports (which make refused records final)."""
+        if self.dead_letters is not None:
+            self.dead_letters.poll(0)
+
+    def sought(self, partition: Partition) -> bool:
+        """Whether the partition's seek back is done (tried again if it failed)."""
+        offset = self.unsought.get(partition)
+        return offset is None or self.seek(TopicPartition(*partition, offset))
+
+    def watch(self, now: float) -> None:
+        """Note when each partition last moved or was idle; list those stalled since."""
+        stalled = []
+        for partition, progress in self.progress.items():
+            if not (progress.pending or partition in self.backoff):
+                progress.moved = now
+            elif now - progress.moved > STALL_SECONDS:
+                stalled.append(f"{partition[0]}/{partition[1]}")
+        if stalled and not self.stalled:
+            log.warning("partitions stalled", extra={"partitions": stalled})
+        self.stalled = tuple(stalled)
 
     def commit(self, only: Sequence[Partition] | None = None) -> None:
         """Commit each partition up to its first record not yet final (synchronously)."""
@@ -394,6 +437,7 @@ class KafkaTransport:
         self.stats.committed(time.monotonic() - begun)
         for partition, position in offsets:
             self.progress[partition].committed = position
+            self.progress[partition].moved = begun
 
     def on_statistics(self, document: str) -> None:
         """librdkafka's statistics (every :data:`LAG_REFRESH_SECONDS`): each assigned
@@ -441,6 +485,7 @@ class KafkaTransport:
         ):
             self.beat = time.monotonic()
             self.settle(POLL_SECONDS)
+            self.deliver()
         self.commit([p for p in revoked if p in self.progress])
         self.forget(revoked)
         log.info("partitions revoked", extra={"partitions": names(partitions)})
@@ -456,16 +501,22 @@ class KafkaTransport:
         for partition in partitions:
             self.progress.pop(partition, None)
             self.backoff.pop(partition, None)
-            self.epochs[partition] = self.epochs.get(partition, 0) + 1  # late outcomes: stale
+            self.unsought.pop(partition, None)  # late outcomes: stale, no progress to apply to
         self.attempts = {k: v for k, v in self.attempts.items() if k[0] in self.progress}
 
     # -- librdkafka calls that may fail on a partition being revoked --
 
-    def seek(self, where: TopicPartition) -> None:
+    def seek(self, where: TopicPartition) -> bool:
+        """Seek, or remember to try again (the partition stays paused until it succeeds)."""
+        partition = (where.topic, where.partition)
         try:
             self.consumer.seek(where)
         except KafkaException as exc:
             log.warning("seek failed", extra={"partition": names([where]), "error": str(exc)})
+            self.unsought[partition] = where.offset
+            return False
+        self.unsought.pop(partition, None)
+        return True
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         with_errors(self.consumer.pause, partitions)
