@@ -5,12 +5,14 @@ What is kept per span (every statistic a plain sum, so buckets, segments and rep
 
 - ``scores``: rows, the sums of their log losses and Brier terms, and how many rows did not sum
   to 1 (scored as sent, never renormalised);
-- ``score_histogram``: per class, counts of that class's score by bin (``score_bins`` uniform
-  bins over the score range), split by whether the row's truth is that class; ROC AUC is read
+- ``score_histogram``: per class, one vector of counts of that class's score by bin
+  (``score_bins`` uniform bins over the score range): the rows whose truth is that class, then
+  the others (one vector, not two: half the vectors to encode and add per event); ROC AUC is read
   from it exactly up to the pairs that share a bin, which count as ties: the exported
   ``error_bound`` is half of those pairs over P x N, the most the true AUC can differ;
 - ``calibration``: 15 uniform bins of the confidence (scikit-learn's
-  ``calibration_curve(strategy="uniform", n_bins=15)``): rows, score sums and positives.
+  ``calibration_curve(strategy="uniform", n_bins=15)``): one vector of the bins' rows, then
+  their score sums, then their positives (:func:`calibration_parts`).
 
 Scores outside the configured range are refused (``score_out_of_range``); with a range other
 than [0, 1] scores are not probabilities, so only AUC is derived. Everything here is numpy over
@@ -42,6 +44,8 @@ CALIBRATION = "calibration"
 #: Bins of the reliability curve: scikit-learn's uniform ``calibration_curve`` with 15 bins.
 CALIBRATION_BINS = 15
 CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+#: The parts of the ``calibration`` statistic's one vector, 15 bins each, in order.
+CALIBRATION_PARTS = ("rows", "score_sum", "positives")
 DEFAULT_SCORE_BINS = 200
 MIN_SCORE_BINS, MAX_SCORE_BINS = 2, 10_000
 UNIT_RANGE = (0.0, 1.0)
@@ -119,16 +123,16 @@ class ScoreScale:
         histogram = Sums(
             SCORE_HISTOGRAM,
             (("class", "int"),),
-            (("positives", "vector"), ("negatives", "vector")),
-            width=self.bins,
+            (("counts", "vector"),),
+            width=2 * self.bins,
         )
         if not self.probabilities:
             return scores, histogram
         calibration = Sums(
             CALIBRATION,
             (),
-            (("rows", "vector"), ("score_sum", "vector"), ("positives", "vector")),
-            width=CALIBRATION_BINS,
+            (("bins", "vector"),),
+            width=len(CALIBRATION_PARTS) * CALIBRATION_BINS,
         )
         return scores, histogram, calibration
 
@@ -253,29 +257,31 @@ def score_updates(
 def histogram_rows(
     scale: ScoreScale, columns: np.ndarray, truth_columns: np.ndarray, first_class: int
 ) -> list[Row]:
-    """One row per column (class ``first_class`` + column index): its scores' bins, split by
-    ``truth_columns`` (the row's truth is that class), from one bincount and one conversion."""
+    """One row per column (class ``first_class`` + column index): its scores' bins where the
+    row's truth is that class (``truth_columns``), then where it is not, from one bincount."""
     width, classes = scale.bins, columns.shape[1]
-    # index 2 x (class x width + bin) + (truth is the class): [..., 0] negatives, [..., 1] positives
+    # index class x 2 width + bin, + width where the truth is another class (the negatives)
     index = scale.bin_of(columns)
-    index <<= 1
-    index += np.arange(0, 2 * classes * width, 2 * width)[None, :]
-    index += truth_columns
+    index += np.arange(width, 2 * classes * width, 2 * width)[None, :]
+    index -= truth_columns * width
     counts = np.bincount(index.ravel(), minlength=2 * classes * width)
-    split = counts.reshape(classes, width, 2).transpose(0, 2, 1).astype(VECTOR_DTYPE, order="C")
-    return [
-        (first_class + k, vector_bytes(split[k, 1]), vector_bytes(split[k, 0]))
-        for k in range(classes)
-    ]
+    split = counts.astype(VECTOR_DTYPE).reshape(classes, 2 * width)
+    return [(first_class + k, vector_bytes(split[k])) for k in range(classes)]
 
 
 def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
-    """scikit-learn's binning: an inner edge's score falls in the lower bin."""
+    """scikit-learn's binning: an inner edge's score falls in the lower bin. One bincount over
+    the three parts; each bin's elements are added in row order, as three bincounts would."""
     bins = np.searchsorted(CALIBRATION_EDGES[1:-1], confidence)
-    counts = np.bincount(bins, minlength=CALIBRATION_BINS)
-    sums = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
-    positives = np.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
-    return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
+    index = np.concatenate((bins, bins + CALIBRATION_BINS, bins + 2 * CALIBRATION_BINS))
+    weights = np.concatenate((np.ones(bins.size), confidence, correct))
+    width = len(CALIBRATION_PARTS) * CALIBRATION_BINS
+    return (vector_bytes(np.bincount(index, weights=weights, minlength=width)),)
+
+
+def calibration_parts(vector: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``calibration`` statistic's vector as its parts, by name (views, not copies)."""
+    return dict(zip(CALIBRATION_PARTS, vector.reshape(len(CALIBRATION_PARTS), CALIBRATION_BINS)))
 
 
 #: What a class (or an average) without both positives and negatives shows; copied, never shared.
@@ -290,8 +296,8 @@ def roc_auc_of(histogram: Mapping[Row, Row]) -> dict[str, Any]:
     labels = [str(key[0]) for key in keys]
     if not keys:
         return {"per_class": {}, "macro": dict(NO_AUC), "weighted": dict(NO_AUC)}
-    positives = np.array([histogram[key][0] for key in keys])
-    negatives = np.array([histogram[key][1] for key in keys])
+    counts = np.array([histogram[key][0] for key in keys])
+    positives, negatives = np.hsplit(counts, 2)
     p, n = positives.sum(axis=1), negatives.sum(axis=1)
     below = np.cumsum(negatives, axis=1) - negatives
     ties = (positives * negatives).sum(axis=1)
@@ -350,9 +356,9 @@ class ScoresSection(Section):
 
     @staticmethod
     def calibration(table: Mapping[Row, Row]) -> dict[str, Any]:
-        empty = np.zeros(CALIBRATION_BINS)
-        stored = table.get((), (empty, empty, empty))
-        total = float(stored[0].sum())
+        (vector,) = table.get((), (np.zeros(len(CALIBRATION_PARTS) * CALIBRATION_BINS),))
+        stored = calibration_parts(vector).values()
+        total = float(vector[:CALIBRATION_BINS].sum())
         bins = []
         ece = 0.0
         edges = CALIBRATION_EDGES.tolist()

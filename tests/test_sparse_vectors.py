@@ -139,8 +139,8 @@ def test_widths_differ_across_encodings() -> None:
 
 CLASSES = 1000
 MINUTES = 60
-#: The documented bound (README, "Probabilistic metrics"): the blobs of a class's histogram row
-#: in a bucket take 5 + 12 bytes per non-zero bin each; with one row per minute, a minute's row
+#: The documented bound (README, "Probabilistic metrics"): the blob of a class's histogram row
+#: in a bucket takes 5 + 12 bytes per non-zero bin; with one row per minute, a minute's row
 #: has one or two non-zero bins, and coarser buckets at most one a row.
 BYTES_PER_CLASS_AND_BUCKET = 100
 
@@ -149,7 +149,7 @@ def test_a_wide_classifier_stores_its_histograms_by_their_non_zero_bins(
     servers: ServerFactory, tmp_path: Path
 ) -> None:
     """1000 classes, one row a minute for an hour: 1000 histogram rows in every minute, hour, day
-    and all-time bucket, each of two 200-bin vectors (3.2 KB dense), stored in < 100 bytes."""
+    and all-time bucket, each one vector of 2 x 200 bins (3.2 KB dense), stored in < 100 bytes."""
     rng = np.random.default_rng(14)
     truth = rng.integers(0, CLASSES, MINUTES)
     scores = rng.dirichlet(np.full(CLASSES, 0.05), MINUTES)  # peaked, as a softmax is
@@ -171,8 +171,7 @@ def test_a_wide_classifier_stores_its_histograms_by_their_non_zero_bins(
         assert_auc_within(auc[str(k)], roc_auc_score(truth == k, scores[:, k]))
     with sqlite3.connect(f"file:{state_path(str(tmp_path))}?mode=ro", uri=True) as db:
         rows, stored, buckets = db.execute(
-            "SELECT COUNT(*), SUM(LENGTH(positives) + LENGTH(negatives)),"
-            " COUNT(DISTINCT time_bucket) FROM score_histogram"
+            "SELECT COUNT(*), SUM(LENGTH(counts)), COUNT(DISTINCT time_bucket) FROM score_histogram"
         ).fetchone()
     assert rows == CLASSES * buckets and buckets >= MINUTES + 3
     assert stored / rows < BYTES_PER_CLASS_AND_BUCKET
