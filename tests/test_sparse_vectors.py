@@ -94,6 +94,30 @@ def test_add_and_sum_of_mixed_encodings_equal_numpy(vectors: list[np.ndarray]) -
         assert result == vector_bytes(total)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 120).flatmap(
+        lambda width: st.tuples(
+            *(
+                hnp.arrays(
+                    np.float64,
+                    width,
+                    elements=st.sampled_from([0.0, 0.0, 0.0, -0.0, 1.0, -1.0, 2.5, 1e300]),
+                )
+                for _ in range(2)
+            )
+        )
+    )
+)
+def test_vector_add_is_numpys_sum_byte_for_byte(pair: tuple[np.ndarray, np.ndarray]) -> None:
+    """Signed values, so sums cancel to zero and -0.0 meets 0.0: each fast path (a few sparse
+    elements merged, or added into a dense copy) stores what numpy's sum would."""
+    first, second = (vector_bytes(v) for v in pair)
+    expected = vector_bytes(vector_array(first) + vector_array(second))
+    assert vector_add(first, second) == expected
+    assert vector_add(second, first) == expected
+
+
 def sparse_blob(width: int, indices: list[int], values: list[float]) -> bytes:
     return struct.pack(f"<BI{len(indices)}I{len(values)}d", 0x53, width, *indices, *values)
 
