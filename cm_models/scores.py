@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback
 from cm_models.sections import Section
-from cm_models.statistics import VECTOR_DTYPE, Row, Statistic, Sums, vector_bytes
+from cm_models.statistics import VECTOR_DTYPE, Row, Statistic, Sums, elements_bytes, vector_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
 #: The parts of the ``calibration`` statistic's one vector, 15 bins each, in order.
 CALIBRATION_PARTS = ("rows", "score_sum", "positives")
 DEFAULT_SCORE_BINS = 200
+#: Events of at most this many rows and scores take the Python path (:func:`few_score_updates`).
+FEW_ROWS, FEW_SCORES = 4, 64
 MIN_SCORE_BINS, MAX_SCORE_BINS = 2, 10_000
 UNIT_RANGE = (0.0, 1.0)
 DEFAULT_SCORE_RANGE = "0,1"
@@ -213,8 +216,18 @@ def score_updates(
     ``scores``: a binary model's score of class 1 per row (1-d) or ``predict_proba``'s two
     columns; else one column per class (class id = column index). ``truth_ids``: validated
     class ids, each a column of ``scores`` (0 or 1 for a binary model). A few whole-array passes
-    and no temporary per class: this is on every event's path.
+    and no temporary per class: this is on every event's path (a few rows take
+    :func:`few_score_updates`, the same rows without numpy's cost per call).
     """
+    if truth_ids.shape[0] <= FEW_ROWS and scores.size <= FEW_SCORES:
+        return few_score_updates(scale, truth_ids, scores, binary)
+    return array_score_updates(scale, truth_ids, scores, binary)
+
+
+def array_score_updates(
+    scale: ScoreScale, truth_ids: np.ndarray, scores: np.ndarray, binary: bool
+) -> tuple[dict[str, list[Row]], int]:
+    """:func:`score_updates` in whole-array passes."""
     n = truth_ids.shape[0]
     unnormalised = 0
     if scores.ndim == 2 and scale.probabilities:
@@ -252,6 +265,108 @@ def score_updates(
     else:
         updates[SCORES] = [(n, 0.0, 0.0, 0)]
     return updates, unnormalised
+
+
+def few_score_updates(
+    scale: ScoreScale, truth_ids: np.ndarray, scores: np.ndarray, binary: bool
+) -> tuple[dict[str, list[Row]], int]:
+    """:func:`array_score_updates`' rows, bit for bit, in Python over the few rows' floats: the
+    same operations in the same order (sums as numpy's pairwise :func:`numpy_sum`), numpy only
+    for the row sums (BLAS's order) and the logarithms (numpy's own)."""
+    truths: list[int] = truth_ids.tolist()
+    table = scores.tolist()
+    n, two_d = len(truths), scores.ndim == 2
+    unnormalised = 0
+    if two_d and scale.probabilities:
+        sums = (scores @ np.ones(scores.shape[1])).tolist()
+        unnormalised = sum(abs(total - 1.0) > SUM_ATOL + SUM_RTOL for total in sums)
+    if binary:
+        positive: list[float] = [row[1] for row in table] if two_d else table
+        columns = [[p] for p in positive]
+        squares = [(p - t) * (p - t) for p, t in zip(positive, truths)]
+        confidence, correct = positive, [t == 1 for t in truths]
+        if two_d:
+            true_score = [row[t] for row, t in zip(table, truths)]
+        else:
+            true_score = [p if ok else 1.0 - p for p, ok in zip(positive, correct)]
+        truth_columns = [[ok] for ok in correct]
+    else:
+        columns = table
+        truth_columns = [[k == t for k in range(len(row))] for row, t in zip(table, truths)]
+        squares = [
+            (s - one) * (s - one)
+            for row, hot in zip(table, truth_columns)
+            for s, one in zip(row, hot)
+        ]
+        top = [max(range(len(row)), key=row.__getitem__) for row in table]  # the first maximum
+        confidence = [row[k] for row, k in zip(table, top)]
+        correct = [k == t for k, t in zip(top, truths)]
+        true_score = [row[t] for row, t in zip(table, truths)]
+    updates: dict[str, list[Row]] = {
+        SCORE_HISTOGRAM: few_histogram_rows(scale, columns, truth_columns, int(binary))
+    }
+    if scale.probabilities:
+        clipped = np.array([min(max(p, EPS), 1.0 - EPS) for p in true_score])
+        log_loss_sum = -float(np.log(clipped, out=clipped).sum())
+        updates[SCORES] = [(n, log_loss_sum, numpy_sum(squares), unnormalised)]
+        updates[CALIBRATION] = [few_calibration_row(confidence, correct)]
+    else:
+        updates[SCORES] = [(n, 0.0, 0.0, 0)]
+    return updates, unnormalised
+
+
+def numpy_sum(values: Sequence[float]) -> float:
+    """``np.sum`` of up to 128 floats, operation for operation: numpy's pairwise summation
+    below its block size (sequential under 8 values, else 8 running sums combined in pairs)."""
+    if len(values) < 8:
+        total = 0.0
+        for value in values:
+            total += value
+        return total
+    partial = list(values[:8])
+    whole = len(values) - len(values) % 8
+    for start in range(8, whole, 8):
+        for j in range(8):
+            partial[j] += values[start + j]
+    total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + (
+        (partial[4] + partial[5]) + (partial[6] + partial[7])
+    )
+    for value in values[whole:]:
+        total += value
+    return total
+
+
+def few_histogram_rows(
+    scale: ScoreScale,
+    columns: Sequence[Sequence[float]],
+    truth_columns: Sequence[Sequence[bool]],
+    first_class: int,
+) -> list[Row]:
+    """:func:`histogram_rows` over a few rows' floats (bins as :meth:`ScoreScale.bin_of`)."""
+    width, low, span = scale.bins, scale.low, scale.high - scale.low
+    unit = scale.range == UNIT_RANGE
+    counts: list[dict[int, float]] = [{} for _ in columns[0]]
+    for row, truth in zip(columns, truth_columns):
+        for found, score, positive in zip(counts, row, truth):
+            cell = min(int(score * width if unit else (score - low) / span * width), width - 1)
+            index = cell if positive else width + cell
+            found[index] = found.get(index, 0.0) + 1.0
+    return [(first_class + k, elements_bytes(2 * width, c)) for k, c in enumerate(counts)]
+
+
+#: The inner edges of the calibration bins, as Python floats.
+INNER_EDGES: list[float] = CALIBRATION_EDGES[1:-1].tolist()
+
+
+def few_calibration_row(confidence: Sequence[float], correct: Sequence[bool]) -> Row:
+    """:func:`calibration_row` over a few rows: each bin's sums from 0.0 in row order."""
+    bins = [bisect_left(INNER_EDGES, c) for c in confidence]
+    elements: dict[int, float] = {}
+    for part, weights in enumerate(([1.0] * len(bins), confidence, correct)):
+        for b, weight in zip(bins, weights):
+            index = part * CALIBRATION_BINS + b
+            elements[index] = elements.get(index, 0.0) + weight
+    return (elements_bytes(len(CALIBRATION_PARTS) * CALIBRATION_BINS, elements),)
 
 
 def histogram_rows(

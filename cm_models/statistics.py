@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -171,15 +171,20 @@ def add_vectors(first: bytes, second: bytes) -> bytes:
     merged = dict(zip(indices, values))
     for index, value in zip(*sparse_elements(first, width)):
         merged[index] = merged.get(index, 0.0) + value
-    kept = sorted((i, v) for i, v in merged.items() if v != 0.0)  # x + -x is 0.0: dropped
-    if _SPARSE.size + _ELEMENT * len(kept) >= dense:
-        values_of = [0.0] * width
-        for index, value in kept:
-            values_of[index] = value
-        return struct.pack(f"<{width}d", *values_of)
-    return _SPARSE.pack(_MAGIC, width) + struct.pack(
-        f"<{len(kept)}I{len(kept)}d", *(i for i, _ in kept), *(v for _, v in kept)
-    )
+    return elements_bytes(width, merged)
+
+
+def elements_bytes(width: int, elements: Mapping[int, float]) -> bytes:
+    """:func:`vector_bytes` of the vector of ``width`` zeros but ``{index: value}``, without
+    numpy (for a few elements; a zero value, -0.0 too, is left out as a zero)."""
+    kept = sorted(i for i, v in elements.items() if v != 0.0)
+    values = [elements[i] for i in kept]
+    if _SPARSE.size + _ELEMENT * len(kept) >= width * VECTOR_DTYPE.itemsize:
+        dense = [0.0] * width
+        for index, value in zip(kept, values):
+            dense[index] = value
+        return struct.pack(f"<{width}d", *dense)
+    return _SPARSE.pack(_MAGIC, width) + struct.pack(f"<{len(kept)}I{len(kept)}d", *kept, *values)
 
 
 def add_into(total: np.ndarray, stored: bytes) -> None:
