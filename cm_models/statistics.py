@@ -159,7 +159,9 @@ def add_vectors(first: bytes, second: bytes) -> bytes:
     if len(first) == dense:
         first, second = second, first  # float addition commutes: the sparse one first
     if len(first) > _SMALL_BYTES or (len(second) != dense and len(second) > _SMALL_BYTES):
-        total = vector_array(second) + 0.0  # a copy whose -0.0 are 0.0, as numpy's sum's
+        total = vector_array(second)  # a new array if sparse
+        if len(second) == dense:
+            total = total + 0.0  # a copy whose -0.0 are 0.0, as numpy's sum's
         add_into(total, first)
         return vector_bytes(total)
     if len(second) == dense:
