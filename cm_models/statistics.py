@@ -129,8 +129,8 @@ def sparse_arrays(stored: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, np.frombuffer(stored, VECTOR_DTYPE, count, _SPARSE.size + 4 * count)
 
 
-#: Sparse vectors with at most this many non-zero elements between them are added in Python
-#: (struct and a dict): numpy's per-call overhead is what costs at a few elements.
+#: Sparse vectors of at most this many non-zero elements each are added in Python (struct and a
+#: dict): numpy's per-call overhead is what costs at a few elements.
 SMALL_SPARSE = 64
 _SMALL_BYTES = _SPARSE.size + _ELEMENT * SMALL_SPARSE
 
@@ -146,8 +146,8 @@ def sparse_elements(stored: bytes, width: int) -> tuple[tuple[int, ...], tuple[f
 
 
 def add_vectors(first: bytes, second: bytes) -> bytes:
-    """The elementwise sum of two vectors' bytes: :func:`vector_bytes` of the numpy sum, value
-    for value; ``ValueError`` for widths that differ or malformed bytes. A few sparse elements
+    """The elementwise sum of two vectors' bytes: :func:`vector_bytes` of the numpy sum, byte
+    for byte; ``ValueError`` for widths that differ or malformed bytes. A few sparse elements
     are added by index in Python (numpy's cost per call is what counts at that size): into a
     copy of the other vector if it is dense, else merged with its elements in a dict."""
     width, other = vector_width(first), vector_width(second)
