@@ -5,12 +5,14 @@ What is kept per span (every statistic a plain sum, so buckets, segments and rep
 
 - ``scores``: rows, the sums of their log losses and Brier terms, and how many rows did not sum
   to 1 (scored as sent, never renormalised);
-- ``score_histogram``: per class, counts of that class's score by bin (``score_bins`` uniform
-  bins over the score range), split by whether the row's truth is that class; ROC AUC is read
+- ``score_histogram``: per class, one vector of counts of that class's score by bin
+  (``score_bins`` uniform bins over the score range): the rows whose truth is that class, then
+  the others (one vector, not two: half the vectors to encode and add per event); ROC AUC is read
   from it exactly up to the pairs that share a bin, which count as ties: the exported
   ``error_bound`` is half of those pairs over P x N, the most the true AUC can differ;
 - ``calibration``: 15 uniform bins of the confidence (scikit-learn's
-  ``calibration_curve(strategy="uniform", n_bins=15)``): rows, score sums and positives.
+  ``calibration_curve(strategy="uniform", n_bins=15)``): one vector of the bins' rows, then
+  their score sums, then their positives (:func:`calibration_parts`).
 
 Scores outside the configured range are refused (``score_out_of_range``); with a range other
 than [0, 1] scores are not probabilities, so only AUC is derived. Everything here is numpy over
@@ -23,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +35,7 @@ import numpy as np
 from adserver.catalogue import reasons
 from cm_models.base import InvalidFeedback
 from cm_models.sections import Section
-from cm_models.statistics import VECTOR_DTYPE, Row, Statistic, Sums, vector_bytes
+from cm_models.statistics import VECTOR_DTYPE, Row, Statistic, Sums, elements_bytes, vector_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,11 @@ CALIBRATION = "calibration"
 #: Bins of the reliability curve: scikit-learn's uniform ``calibration_curve`` with 15 bins.
 CALIBRATION_BINS = 15
 CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+#: The parts of the ``calibration`` statistic's one vector, 15 bins each, in order.
+CALIBRATION_PARTS = ("rows", "score_sum", "positives")
 DEFAULT_SCORE_BINS = 200
+#: Events of at most this many rows and scores take the Python path (:func:`few_score_updates`).
+FEW_ROWS, FEW_SCORES = 4, 64
 MIN_SCORE_BINS, MAX_SCORE_BINS = 2, 10_000
 UNIT_RANGE = (0.0, 1.0)
 DEFAULT_SCORE_RANGE = "0,1"
@@ -119,16 +126,16 @@ class ScoreScale:
         histogram = Sums(
             SCORE_HISTOGRAM,
             (("class", "int"),),
-            (("positives", "vector"), ("negatives", "vector")),
-            width=self.bins,
+            (("counts", "vector"),),
+            width=2 * self.bins,
         )
         if not self.probabilities:
             return scores, histogram
         calibration = Sums(
             CALIBRATION,
             (),
-            (("rows", "vector"), ("score_sum", "vector"), ("positives", "vector")),
-            width=CALIBRATION_BINS,
+            (("bins", "vector"),),
+            width=len(CALIBRATION_PARTS) * CALIBRATION_BINS,
         )
         return scores, histogram, calibration
 
@@ -209,8 +216,18 @@ def score_updates(
     ``scores``: a binary model's score of class 1 per row (1-d) or ``predict_proba``'s two
     columns; else one column per class (class id = column index). ``truth_ids``: validated
     class ids, each a column of ``scores`` (0 or 1 for a binary model). A few whole-array passes
-    and no temporary per class: this is on every event's path.
+    and no temporary per class: this is on every event's path (a few rows take
+    :func:`few_score_updates`, the same rows without numpy's cost per call).
     """
+    if truth_ids.shape[0] <= FEW_ROWS and scores.size <= FEW_SCORES:
+        return few_score_updates(scale, truth_ids, scores, binary)
+    return array_score_updates(scale, truth_ids, scores, binary)
+
+
+def array_score_updates(
+    scale: ScoreScale, truth_ids: np.ndarray, scores: np.ndarray, binary: bool
+) -> tuple[dict[str, list[Row]], int]:
+    """:func:`score_updates` in whole-array passes."""
     n = truth_ids.shape[0]
     unnormalised = 0
     if scores.ndim == 2 and scale.probabilities:
@@ -250,32 +267,136 @@ def score_updates(
     return updates, unnormalised
 
 
+def few_score_updates(
+    scale: ScoreScale, truth_ids: np.ndarray, scores: np.ndarray, binary: bool
+) -> tuple[dict[str, list[Row]], int]:
+    """:func:`array_score_updates`' rows, bit for bit, in Python over the few rows' floats: the
+    same operations in the same order (sums as numpy's pairwise :func:`numpy_sum`), numpy only
+    for the row sums (BLAS's order) and the logarithms (numpy's own)."""
+    truths: list[int] = truth_ids.tolist()
+    table = scores.tolist()
+    n, two_d = len(truths), scores.ndim == 2
+    unnormalised = 0
+    if two_d and scale.probabilities:
+        sums = (scores @ np.ones(scores.shape[1])).tolist()
+        unnormalised = sum(abs(total - 1.0) > SUM_ATOL + SUM_RTOL for total in sums)
+    if binary:
+        positive: list[float] = [row[1] for row in table] if two_d else table
+        columns = [[p] for p in positive]
+        squares = [(p - t) * (p - t) for p, t in zip(positive, truths)]
+        confidence, correct = positive, [t == 1 for t in truths]
+        if two_d:
+            true_score = [row[t] for row, t in zip(table, truths)]
+        else:
+            true_score = [p if ok else 1.0 - p for p, ok in zip(positive, correct)]
+        truth_columns = [[ok] for ok in correct]
+    else:
+        columns = table
+        truth_columns = [[k == t for k in range(len(row))] for row, t in zip(table, truths)]
+        squares = [
+            (s - one) * (s - one)
+            for row, hot in zip(table, truth_columns)
+            for s, one in zip(row, hot)
+        ]
+        top = [max(range(len(row)), key=row.__getitem__) for row in table]  # the first maximum
+        confidence = [row[k] for row, k in zip(table, top)]
+        correct = [k == t for k, t in zip(top, truths)]
+        true_score = [row[t] for row, t in zip(table, truths)]
+    updates: dict[str, list[Row]] = {
+        SCORE_HISTOGRAM: few_histogram_rows(scale, columns, truth_columns, int(binary))
+    }
+    if scale.probabilities:
+        clipped = np.array([min(max(p, EPS), 1.0 - EPS) for p in true_score])
+        log_loss_sum = -float(np.log(clipped, out=clipped).sum())
+        updates[SCORES] = [(n, log_loss_sum, numpy_sum(squares), unnormalised)]
+        updates[CALIBRATION] = [few_calibration_row(confidence, correct)]
+    else:
+        updates[SCORES] = [(n, 0.0, 0.0, 0)]
+    return updates, unnormalised
+
+
+def numpy_sum(values: Sequence[float]) -> float:
+    """``np.sum`` of up to 128 floats, operation for operation: numpy's pairwise summation
+    below its block size (sequential under 8 values, else 8 running sums combined in pairs)."""
+    if len(values) < 8:
+        total = 0.0
+        for value in values:
+            total += value
+        return total
+    partial = list(values[:8])
+    whole = len(values) - len(values) % 8
+    for start in range(8, whole, 8):
+        for j in range(8):
+            partial[j] += values[start + j]
+    total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + (
+        (partial[4] + partial[5]) + (partial[6] + partial[7])
+    )
+    for value in values[whole:]:
+        total += value
+    return total
+
+
+def few_histogram_rows(
+    scale: ScoreScale,
+    columns: Sequence[Sequence[float]],
+    truth_columns: Sequence[Sequence[bool]],
+    first_class: int,
+) -> list[Row]:
+    """:func:`histogram_rows` over a few rows' floats (bins as :meth:`ScoreScale.bin_of`)."""
+    width, low, span = scale.bins, scale.low, scale.high - scale.low
+    unit = scale.range == UNIT_RANGE
+    counts: list[dict[int, float]] = [{} for _ in columns[0]]
+    for row, truth in zip(columns, truth_columns):
+        for found, score, positive in zip(counts, row, truth):
+            cell = min(int(score * width if unit else (score - low) / span * width), width - 1)
+            index = cell if positive else width + cell
+            found[index] = found.get(index, 0.0) + 1.0
+    return [(first_class + k, elements_bytes(2 * width, c)) for k, c in enumerate(counts)]
+
+
+#: The inner edges of the calibration bins, as Python floats.
+INNER_EDGES: list[float] = CALIBRATION_EDGES[1:-1].tolist()
+
+
+def few_calibration_row(confidence: Sequence[float], correct: Sequence[bool]) -> Row:
+    """:func:`calibration_row` over a few rows: each bin's sums from 0.0 in row order."""
+    bins = [bisect_left(INNER_EDGES, c) for c in confidence]
+    elements: dict[int, float] = {}
+    for part, weights in enumerate(([1.0] * len(bins), confidence, correct)):
+        for b, weight in zip(bins, weights):
+            index = part * CALIBRATION_BINS + b
+            elements[index] = elements.get(index, 0.0) + weight
+    return (elements_bytes(len(CALIBRATION_PARTS) * CALIBRATION_BINS, elements),)
+
+
 def histogram_rows(
     scale: ScoreScale, columns: np.ndarray, truth_columns: np.ndarray, first_class: int
 ) -> list[Row]:
-    """One row per column (class ``first_class`` + column index): its scores' bins, split by
-    ``truth_columns`` (the row's truth is that class), from one bincount and one conversion."""
+    """One row per column (class ``first_class`` + column index): its scores' bins where the
+    row's truth is that class (``truth_columns``), then where it is not, from one bincount."""
     width, classes = scale.bins, columns.shape[1]
-    # index 2 x (class x width + bin) + (truth is the class): [..., 0] negatives, [..., 1] positives
+    # index class x 2 width + bin, + width where the truth is another class (the negatives)
     index = scale.bin_of(columns)
-    index <<= 1
-    index += np.arange(0, 2 * classes * width, 2 * width)[None, :]
-    index += truth_columns
+    index += np.arange(width, 2 * classes * width, 2 * width)[None, :]
+    index -= truth_columns * width
     counts = np.bincount(index.ravel(), minlength=2 * classes * width)
-    split = counts.reshape(classes, width, 2).transpose(0, 2, 1).astype(VECTOR_DTYPE, order="C")
-    return [
-        (first_class + k, vector_bytes(split[k, 1]), vector_bytes(split[k, 0]))
-        for k in range(classes)
-    ]
+    split = counts.astype(VECTOR_DTYPE).reshape(classes, 2 * width)
+    return [(first_class + k, vector_bytes(split[k])) for k in range(classes)]
 
 
 def calibration_row(confidence: np.ndarray, correct: np.ndarray) -> Row:
-    """scikit-learn's binning: an inner edge's score falls in the lower bin."""
+    """scikit-learn's binning: an inner edge's score falls in the lower bin. One bincount over
+    the three parts; each bin's elements are added in row order, as three bincounts would."""
     bins = np.searchsorted(CALIBRATION_EDGES[1:-1], confidence)
-    counts = np.bincount(bins, minlength=CALIBRATION_BINS)
-    sums = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
-    positives = np.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
-    return vector_bytes(counts), vector_bytes(sums), vector_bytes(positives)
+    index = np.concatenate((bins, bins + CALIBRATION_BINS, bins + 2 * CALIBRATION_BINS))
+    weights = np.concatenate((np.ones(bins.size), confidence, correct))
+    width = len(CALIBRATION_PARTS) * CALIBRATION_BINS
+    return (vector_bytes(np.bincount(index, weights=weights, minlength=width)),)
+
+
+def calibration_parts(vector: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``calibration`` statistic's vector as its parts, by name (views, not copies)."""
+    return dict(zip(CALIBRATION_PARTS, vector.reshape(len(CALIBRATION_PARTS), CALIBRATION_BINS)))
 
 
 #: What a class (or an average) without both positives and negatives shows; copied, never shared.
@@ -290,8 +411,8 @@ def roc_auc_of(histogram: Mapping[Row, Row]) -> dict[str, Any]:
     labels = [str(key[0]) for key in keys]
     if not keys:
         return {"per_class": {}, "macro": dict(NO_AUC), "weighted": dict(NO_AUC)}
-    positives = np.array([histogram[key][0] for key in keys])
-    negatives = np.array([histogram[key][1] for key in keys])
+    counts = np.array([histogram[key][0] for key in keys])
+    positives, negatives = np.hsplit(counts, 2)
     p, n = positives.sum(axis=1), negatives.sum(axis=1)
     below = np.cumsum(negatives, axis=1) - negatives
     ties = (positives * negatives).sum(axis=1)
@@ -350,9 +471,9 @@ class ScoresSection(Section):
 
     @staticmethod
     def calibration(table: Mapping[Row, Row]) -> dict[str, Any]:
-        empty = np.zeros(CALIBRATION_BINS)
-        stored = table.get((), (empty, empty, empty))
-        total = float(stored[0].sum())
+        (vector,) = table.get((), (np.zeros(len(CALIBRATION_PARTS) * CALIBRATION_BINS),))
+        stored = calibration_parts(vector).values()
+        total = float(vector[:CALIBRATION_BINS].sum())
         bins = []
         ece = 0.0
         edges = CALIBRATION_EDGES.tolist()

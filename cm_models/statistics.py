@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import pairwise
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
@@ -111,14 +112,95 @@ def vector_array(stored: bytes | np.ndarray) -> np.ndarray:
     width = vector_width(stored)
     if len(stored) == width * VECTOR_DTYPE.itemsize:
         return np.frombuffer(stored, dtype=VECTOR_DTYPE)
+    dense = np.zeros(width, dtype=VECTOR_DTYPE)
+    indices, values = sparse_arrays(stored, width)
+    dense[indices] = values
+    return dense
+
+
+def sparse_arrays(stored: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse vector's indices and values as arrays; ``ValueError`` for indices out of order
+    or past ``width`` (its header's, checked by :func:`vector_width`)."""
     count = (len(stored) - _SPARSE.size) // _ELEMENT
     indices = np.frombuffer(stored, _INDEX, count, _SPARSE.size)
     out_of_order = count > 1 and bool((indices[1:] <= indices[:-1]).any())
     if out_of_order or (count and indices[-1] >= width):
         raise ValueError(f"a sparse vector of width {width} with indices {indices[:8]}...")
-    dense = np.zeros(width, dtype=VECTOR_DTYPE)
-    dense[indices] = np.frombuffer(stored, VECTOR_DTYPE, count, _SPARSE.size + 4 * count)
-    return dense
+    return indices, np.frombuffer(stored, VECTOR_DTYPE, count, _SPARSE.size + 4 * count)
+
+
+#: Sparse vectors of at most this many non-zero elements each are added in Python (struct and a
+#: dict): numpy's per-call overhead is what costs at a few elements.
+SMALL_SPARSE = 64
+_SMALL_BYTES = _SPARSE.size + _ELEMENT * SMALL_SPARSE
+
+
+def sparse_elements(stored: bytes, width: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """:func:`sparse_arrays` as tuples, for a few elements: one struct call, no numpy."""
+    count = (len(stored) - _SPARSE.size) // _ELEMENT
+    both = struct.unpack_from(f"<{count}I{count}d", stored, _SPARSE.size)
+    indices = both[:count]
+    if count and (indices[-1] >= width or any(a >= b for a, b in pairwise(indices))):
+        raise ValueError(f"a sparse vector of width {width} with indices {indices[:8]}...")
+    return indices, both[count:]
+
+
+def add_vectors(first: bytes, second: bytes) -> bytes:
+    """The elementwise sum of two vectors' bytes: :func:`vector_bytes` of the numpy sum, byte
+    for byte; ``ValueError`` for widths that differ or malformed bytes. A few sparse elements
+    are added by index in Python (numpy's cost per call is what counts at that size): into a
+    copy of the other vector if it is dense, else merged with its elements in a dict."""
+    width, other = vector_width(first), vector_width(second)
+    if width != other:
+        raise ValueError(f"vectors of {width} and {other} values cannot be added")
+    dense = width * VECTOR_DTYPE.itemsize
+    if len(first) == dense == len(second):
+        return vector_bytes(vector_array(first) + vector_array(second))
+    if len(first) == dense:
+        first, second = second, first  # float addition commutes: the sparse one first
+    if len(first) > _SMALL_BYTES or (len(second) != dense and len(second) > _SMALL_BYTES):
+        total = vector_array(second)  # a new array if sparse
+        if len(second) == dense:
+            total = total + 0.0  # a copy whose -0.0 are 0.0, as numpy's sum's
+        add_into(total, first)
+        return vector_bytes(total)
+    if len(second) == dense:
+        total = np.frombuffer(second, dtype=VECTOR_DTYPE) + 0.0
+        for index, value in zip(*sparse_elements(first, width)):
+            total[index] += value
+        return vector_bytes(total)
+    indices, values = sparse_elements(second, width)
+    merged = dict(zip(indices, values))
+    for index, value in zip(*sparse_elements(first, width)):
+        merged[index] = merged.get(index, 0.0) + value
+    return elements_bytes(width, merged)
+
+
+def elements_bytes(width: int, elements: Mapping[int, float]) -> bytes:
+    """:func:`vector_bytes` of the vector of ``width`` zeros but ``{index: value}``, without
+    numpy (for a few elements; a zero value, -0.0 too, is left out as a zero)."""
+    kept = sorted(i for i, v in elements.items() if v != 0.0)
+    values = [elements[i] for i in kept]
+    if _SPARSE.size + _ELEMENT * len(kept) >= width * VECTOR_DTYPE.itemsize:
+        dense = [0.0] * width
+        for index, value in zip(kept, values):
+            dense[index] = value
+        return struct.pack(f"<{width}d", *dense)
+    return _SPARSE.pack(_MAGIC, width) + struct.pack(f"<{len(kept)}I{len(kept)}d", *kept, *values)
+
+
+def add_into(total: np.ndarray, stored: bytes) -> None:
+    """Add a vector's bytes to ``total`` in place (a sparse one by index, without a dense copy:
+    its zeros are not added, so a -0.0 of ``total`` stays one); ``ValueError`` for another
+    width or malformed bytes."""
+    width = vector_width(stored)
+    if width != total.size:
+        raise ValueError(f"vectors of {total.size} and {width} values cannot be added")
+    if len(stored) == width * VECTOR_DTYPE.itemsize:
+        total += np.frombuffer(stored, dtype=VECTOR_DTYPE)
+    else:
+        indices, values = sparse_arrays(stored, width)
+        total[indices] += values
 
 
 class StateKey(NamedTuple):

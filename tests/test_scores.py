@@ -283,8 +283,8 @@ def test_one_histogram_row_per_class_and_one_row_else() -> None:
         "scores": 1,
         "calibration": 1,
     }
-    _, positives, negatives = observation.updates["score_histogram"][2]
-    assert (vector_array(positives).size, vector_array(negatives).size) == (50, 50)
+    _, counts = observation.updates["score_histogram"][2]
+    assert vector_array(counts).size == 2 * 50
 
 
 # --------------------------------------------------------------------------- bad input

@@ -405,7 +405,7 @@ SCORE_COUNTERS: Final[dict[str, Family]] = {
         ),
     )
 }
-#: Counters by their vector column in the ``calibration`` statistic, by bin.
+#: Counters by their part of the ``calibration`` statistic's vector, by bin.
 CALIBRATION_COUNTERS: Final[dict[str, Family]] = {
     column: ours(f"calibration_{column}", "counter", help_text, BIN)
     for column, help_text in {

@@ -54,6 +54,7 @@ from adserver.exposition.encoder import Grid, Grids
 from adserver.exposition.summary import label_coverage
 from adserver.state.view import CounterKey, Histogram, MetricsState, SeriesKey
 from cm_models.formulas import ClassCounts, classification_report
+from cm_models.scores import calibration_parts
 from cm_models.statistics import Statistic
 
 Item = TypeVar("Item")
@@ -530,12 +531,13 @@ def calibration_bins(key: str, view: StateView) -> Values:
     return (((bin_label(b["upper"]),), b[key]) for b in bins)
 
 
-def calibration_counts(column: str, view: StateView) -> Values:
-    """A vector column of the ``calibration`` statistic by bin: uniform bins of [0, 1]."""
+def calibration_counts(part: str, view: StateView) -> Values:
+    """A part of the ``calibration`` statistic's vector by bin: uniform bins of [0, 1]."""
     totals = view.totals.get(CALIBRATION_STATISTIC)
     if totals is None:
         return ()
-    values = totals[column]
+    (vector,) = totals.values()
+    values = calibration_parts(vector)[part]
     uppers = np.linspace(0.0, 1.0, len(values) + 1)[1:]
     return (((bin_label(u),), v) for u, v in zip(uppers.tolist(), values.tolist()))
 

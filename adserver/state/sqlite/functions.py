@@ -15,7 +15,7 @@ import sqlite3
 
 import numpy as np
 
-from cm_models.statistics import vector_array, vector_bytes
+from cm_models.statistics import add_into, add_vectors, vector_array, vector_bytes
 
 #: ``vector_add(a, b)``: the elementwise sum of two vectors (the upsert's merge of a vector).
 VECTOR_ADD = "vector_add"
@@ -23,15 +23,10 @@ VECTOR_ADD = "vector_add"
 VECTOR_SUM = "vector_sum"
 
 
-def same_length(first: np.ndarray, second: np.ndarray) -> None:
-    if len(first) != len(second):
-        raise ValueError(f"vectors of {len(first)} and {len(second)} values cannot be added")
-
-
 def vector_add(first: bytes, second: bytes) -> bytes:
-    a, b = vector_array(first), vector_array(second)
-    same_length(a, b)
-    return vector_bytes(a + b)
+    """The upsert's merge, ``vector_add(stored, incoming)``: a few sparse elements are added
+    without numpy (:func:`~cm_models.statistics.add_vectors`)."""
+    return add_vectors(first, second)
 
 
 class VectorSum:
@@ -41,12 +36,10 @@ class VectorSum:
         self.total: np.ndarray | None = None
 
     def step(self, value: bytes) -> None:
-        vector = vector_array(value)
         if self.total is None:
-            self.total = vector.copy()
+            self.total = vector_array(value).copy()
         else:
-            same_length(self.total, vector)
-            self.total += vector
+            add_into(self.total, value)
 
     def finalize(self) -> bytes | None:
         return None if self.total is None else vector_bytes(self.total)
