@@ -20,7 +20,7 @@ from adserver.loader import ModelLoadError, load_model, resolve_class
 from adserver.settings import Settings
 from cm_models.protocol import FeedbackModel
 from cm_models.regression_metrics import error_bounds
-from cm_models.scores import SCORES_OFF, parse_score_bins, parse_score_range
+from cm_models.scores import SCORES_AUTO, SCORES_OFF, parse_score_bins, parse_score_range
 
 #: A model's name is the ``model`` label of its series.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -276,12 +276,14 @@ class _Parser:
         return found
 
     def score_range(self, item: _Mapping) -> str | None:
-        """``[lo, hi]`` or ``off`` (also ``"lo,hi"``), kept as the setting spells it."""
+        """``[lo, hi]``, ``off`` or ``auto`` (also ``"lo,hi"``), kept as the setting spells it."""
         if "score_range" not in item:
             return None
         found = item["score_range"]
         if found is False:  # YAML 1.1 reads a bare `off` as false
             return SCORES_OFF
+        if isinstance(found, str) and found.strip().lower() == SCORES_AUTO:
+            return SCORES_AUTO
         try:
             scale = parse_score_range(found)
         except ValueError as exc:

@@ -78,10 +78,11 @@ class Settings:
         "shrinks with more; 2..10000)",
     )
     score_range: str = setting(
-        "0,1",
+        "auto",
         "SCORE_RANGE",
         "BinaryMetrics, MulticlassOneHot: range of scores, 'lo,hi' (others are refused; log "
-        "loss, Brier and calibration only for 0,1) or 'off' (no probabilistic metrics)",
+        "loss, Brier and calibration only for 0,1), 'off' (no probabilistic metrics) or 'auto' "
+        "(BinaryMetrics 0,1; MulticlassOneHot off)",
     )
     max_body_bytes: int = setting(
         10 * 1024 * 1024, "MAX_BODY_BYTES", "larger bodies (compressed or inflated) get 413"

@@ -45,7 +45,7 @@ class Plan:
     durable_grid: Grid  # sqlite server
     sink_grid: Grid  # reply-sink variants
     seed_grid: Grid  # the seed's configuration: durable, replies posted to a sink
-    cost_grid: Grid  # seed-classify, seed-regression; seed too when one of them runs
+    cost_grid: Grid  # seed-scores, seed-regression; seed too when one of them runs
     aged_grid: Grid  # full tables; memory and sqlite (empty) run it too, as the baseline
     servers: tuple[str, ...]
     scrape_events: int
@@ -60,7 +60,7 @@ ALL_SERVERS = (
     "memory",
     "sqlite",
     "seed",
-    "seed-classify",
+    "seed-scores",
     "seed-regression",
     "seed-models",
     "seed-token",
@@ -81,7 +81,7 @@ AGED = {"memory-full": "memory", "sqlite-full": "sqlite"}  # full tables -> the 
 DURABLE = (
     "sqlite",
     "seed",
-    "seed-classify",
+    "seed-scores",
     "seed-regression",
     "seed-models",
     "seed-token",
@@ -93,7 +93,7 @@ FLAG_REJECT = ("unrecognized", "invalid choice")  # before --auth, --score_range
 # Before RegressionMetrics exists (its own import errors are failures, not skips):
 REGRESSION_REJECT = ("no module named 'adserver.cm_models.regression_metrics'",)
 REGRESSION = "adserver.cm_models.regression_metrics.RegressionMetrics"
-COSTED = ("seed-classify", "seed-regression")  # the event-cost variants (issue 14)
+COSTED = ("seed-scores", "seed-regression")  # the event-cost variants (issue 14)
 AUTH_READY_S = 10.0  # an OIDC server answers 503 until it has fetched the issuer's keys
 BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
 RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
@@ -566,11 +566,11 @@ class Runner:
                         model=servers.SEED_MODEL,
                     )
                 )
-        # The event-cost variants: the seed's args with the classification event's scores off
-        # (seed's own, by default, is the probability event), and with a regressor fed numbers.
-        scores_off = ["--score_range", "off"]
+        # The event-cost variants: the seed's args with its model's scores kept (the probability
+        # event; seed's own is the classification event), and with a regressor fed numbers.
+        scores_on = ["--score_range", "0,1"]
         costs: tuple[tuple[str, list[str], str, str, tuple[str, ...]], ...] = (
-            ("seed-classify", scores_off, servers.SEED_STORAGE_URI, payloads.FEEDBACK, FLAG_REJECT),
+            ("seed-scores", scores_on, servers.SEED_STORAGE_URI, payloads.FEEDBACK, FLAG_REJECT),
             ("seed-regression", [], REGRESSION, payloads.REGRESSION, REGRESSION_REJECT),
         )
         for server, flags, uri, body, rejected in costs:

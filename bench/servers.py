@@ -129,7 +129,7 @@ def seed_argv(
     """The seed's container args (durable SQLite state by default, reply CloudEvents posted to
     `reply_url`), plus what a bench needs: a loopback address and a private state dir; and
     `--models_config` when given (the many-model variant), `flags` (the --auth flags of the
-    seed-token and seed-oidc variants, seed-classify's --score_range off), another
+    seed-token and seed-oidc variants, seed-scores's --score_range 0,1), another
     `storage_uri` (seed-regression's model)."""
     models = [] if models_config is None else ["--models_config", str(models_config)]
     return [

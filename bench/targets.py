@@ -33,9 +33,9 @@ AUTH = (
 
 
 # Issue 14's bar: a regression event and a probability event (scores kept) cost at most 1.2x a
-# classification event of as many rows (the seed's model with --score_range off).
-CLASSIFY = "seed-classify"
-SCORED = (("seed-regression", "regression"), ("seed", "probability"))
+# classification event of as many rows (the seed's own: its model keeps no scores by default).
+CLASSIFY = "seed"
+SCORED = (("seed-regression", "regression"), ("seed-scores", "probability"))
 COST_CASES = ((1000, 16, True), (1000, 1, True), (1, 16, False))  # rows, conns, required
 
 

@@ -52,9 +52,14 @@ DEFAULT_SCORE_BINS = 200
 FEW_ROWS, FEW_SCORES = 4, 64
 MIN_SCORE_BINS, MAX_SCORE_BINS = 2, 10_000
 UNIT_RANGE = (0.0, 1.0)
-DEFAULT_SCORE_RANGE = "0,1"
 #: ``score_range`` that turns scores off: the models classify as they did before scores.
 SCORES_OFF = "off"
+#: The default ``score_range``: each model's own. ``BinaryMetrics`` keeps scores over [0, 1]
+#: (it refused others before scores existed); ``MulticlassOneHot`` none, so the reference's
+#: args keep working unchanged (it took any numbers' argmax, logits too) at their old cost.
+SCORES_AUTO = "auto"
+DEFAULT_SCORE_RANGE = SCORES_AUTO
+PROBABILITIES = "0,1"
 #: scikit-learn's clipping of probabilities in log loss, and its tolerance of a row's sum.
 EPS = float(np.finfo(np.float64).eps)
 SUM_RTOL = math.sqrt(EPS)
@@ -64,7 +69,8 @@ WARNING_INTERVAL = 60.0
 
 
 def parse_score_range(value: object) -> tuple[float, float] | None:
-    """``"lo,hi"``, a pair of numbers, or ``"off"`` (None); ValueError says what is wrong."""
+    """``"lo,hi"``, a pair of numbers, or ``"off"`` (None); ValueError says what is wrong
+    (``"auto"`` is resolved by :meth:`Scoring.of`, per model)."""
     if isinstance(value, str):
         if value.strip().lower() == SCORES_OFF:
             return None
@@ -175,6 +181,8 @@ class Scoring:
         cls, model: str, score_bins: object, score_range: object, *, binary: bool
     ) -> Scoring | None:
         """None when ``score_range`` is off; ValueError for options that cannot be used."""
+        if isinstance(score_range, str) and score_range.strip().lower() == SCORES_AUTO:
+            score_range = PROBABILITIES if binary else SCORES_OFF
         scale = ScoreScale.of(score_bins, score_range)
         return None if scale is None else cls(model, scale, binary)
 

@@ -55,26 +55,26 @@ def _variants(tmp_path: Path, *flags: str) -> dict[str, run.Variant]:
     return {v.name: v for v in runner.variants({})}
 
 
-def test_the_cost_variants_are_the_seed_with_scores_off_and_a_regressor(tmp_path: Path) -> None:
-    vs = _variants(tmp_path, "--servers", "floor,seed,seed-classify,seed-regression")
+def test_the_cost_variants_are_the_seed_with_scores_kept_and_a_regressor(tmp_path: Path) -> None:
+    vs = _variants(tmp_path, "--servers", "floor,seed,seed-scores,seed-regression")
     cost = [(1, 16), (1000, 1), (1000, 16)]
-    assert vs["seed-classify"].grid == vs["seed-regression"].grid == cost
+    assert vs["seed-scores"].grid == vs["seed-regression"].grid == cost
     assert set(cost) <= set(vs["seed"].grid)
-    classify, regression, seed = (
-        vs[name].argv_for(8000) for name in ("seed-classify", "seed-regression", "seed")
+    scored, regression, seed = (
+        vs[name].argv_for(8000) for name in ("seed-scores", "seed-regression", "seed")
     )
-    at = classify.index("--score_range")
-    assert classify[at + 1] == "off"
-    del classify[at : at + 2]
-    differ = {seed[i - 1] for i, (a, b) in enumerate(zip(classify, seed, strict=True)) if a != b}
+    at = scored.index("--score_range")
+    assert scored[at + 1] == "0,1"
+    del scored[at : at + 2]
+    differ = {seed[i - 1] for i, (a, b) in enumerate(zip(scored, seed, strict=True)) if a != b}
     assert differ == {"--state_dir", "--reply_url"}  # its own state and sink, else the seed's
     assert regression[regression.index("--storage_uri") + 1] == run.REGRESSION
     assert seed[seed.index("--storage_uri") + 1] == servers.SEED_STORAGE_URI
     assert "--score_range" not in seed and "--score_range" not in regression
-    for name in ("seed-classify", "seed-regression"):
+    for name in ("seed-scores", "seed-regression"):
         assert vs[name].model == servers.SEED_MODEL and name in run.DURABLE
     assert vs["seed-regression"].body == payloads.REGRESSION
-    assert vs["seed"].body == vs["seed-classify"].body == vs["floor"].body == payloads.FEEDBACK
+    assert vs["seed"].body == vs["seed-scores"].body == vs["floor"].body == payloads.FEEDBACK
 
 
 def test_seed_runs_the_cost_cases_only_beside_a_cost_variant(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_seed_runs_the_cost_cases_only_beside_a_cost_variant(tmp_path: Path) -> 
 
 def test_smoke_adds_one_case(tmp_path: Path) -> None:
     vs = _variants(tmp_path, "--smoke")
-    assert vs["seed-classify"].grid == vs["seed-regression"].grid == [(1000, 16)]
+    assert vs["seed-scores"].grid == vs["seed-regression"].grid == [(1000, 16)]
     assert vs["seed"].grid == [(1, 1), (1, 16), (1000, 16)]
 
 
@@ -113,13 +113,13 @@ def test_cost_is_the_median_of_the_rounds_inverse_throughput_ratio_with_its_nois
     r = BenchResults(machine={}, params={})
     for repeat, (classify, regression) in enumerate([(100.0, 100.0), (120.0, 100.0), (90.0, 50.0)]):
         r.cases += [
-            _case("seed-classify", 1000, 16, classify, repeat),
+            _case("seed", 1000, 16, classify, repeat),
             _case("seed-regression", 1000, 16, regression, repeat),
         ]
-    measured, noise = targets.cost_ratio(r, "seed-regression", "seed-classify", 1000, 16)
+    measured, noise = targets.cost_ratio(r, "seed-regression", "seed", 1000, 16)
     assert measured == pytest.approx(1.2)  # rounds: 1.0, 1.2, 1.8
     assert noise == pytest.approx(0.4 / 1.2)
-    assert targets.cost_ratio(r, "seed", "seed-classify", 1000, 16) == (None, None)
+    assert targets.cost_ratio(r, "seed-scores", "seed", 1000, 16) == (None, None)
 
 
 def _costs(r: BenchResults) -> dict[str, targets.Target]:
@@ -129,24 +129,24 @@ def _costs(r: BenchResults) -> dict[str, targets.Target]:
 def test_cost_targets_bar_and_verdicts() -> None:
     r = BenchResults(machine={}, params={})
     r.cases += [
-        _case("seed-classify", 1000, 16, 60.0),
+        _case("seed", 1000, 16, 60.0),
         _case("seed-regression", 1000, 16, 60.0),
-        _case("seed", 1000, 16, 40.0),
-        _case("seed-classify", 1, 16, 1000.0),
-        _case("seed", 1, 16, 500.0),
+        _case("seed-scores", 1000, 16, 40.0),
+        _case("seed", 1, 16, 1000.0),
+        _case("seed-scores", 1, 16, 500.0),
     ]
     got = _costs(r)
     assert len(got) == 6
     regression = got[
-        "1000-row regression event cost vs classification (seed-regression vs seed-classify) "
+        "1000-row regression event cost vs classification (seed-regression vs seed) "
         "c16, cost = 1 / req/s"
     ]
     probability = got[
-        "1000-row probability event cost vs classification (seed vs seed-classify) c16, "
+        "1000-row probability event cost vs classification (seed-scores vs seed) c16, "
         "cost = 1 / req/s"
     ]
     info = got[
-        "single row probability event cost vs classification (seed vs seed-classify) c16, "
+        "single row probability event cost vs classification (seed-scores vs seed) c16, "
         "cost = 1 / req/s"
     ]
     assert (regression.measured, regression.met, regression.noise) == (1.0, True, None)
@@ -161,7 +161,7 @@ def test_the_targets_table_prints_a_quotient_s_noise() -> None:
     r = BenchResults(machine={}, params={})
     for repeat, regression in enumerate([100.0, 80.0]):
         r.cases += [
-            _case("seed-classify", 1000, 16, 100.0, repeat),
+            _case("seed", 1000, 16, 100.0, repeat),
             _case("seed-regression", 1000, 16, regression, repeat),
         ]
     r.targets = targets.evaluate(r)

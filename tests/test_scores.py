@@ -19,7 +19,7 @@ from adserver.settings import Settings
 from adserver.state.view import Delta
 from cm_models import BinaryMetrics, MulticlassOneHot
 from cm_models.base import InvalidFeedback, MetricModel
-from cm_models.scores import ScoreScale
+from cm_models.scores import PROBABILITIES, ScoreScale
 from cm_models.statistics import vector_array
 from tests.support.scores import (
     RTOL,
@@ -36,6 +36,11 @@ from tests.support.scores import (
 #: Scores that land on histogram (k/200) and calibration (k/15) bin edges, and anywhere.
 edges = st.sampled_from(sorted({k / 200 for k in range(201)} | {k / 15 for k in range(16)}))
 unit_scores = st.one_of(edges, st.floats(0.0, 1.0))
+
+
+def scored() -> MulticlassOneHot:
+    """MulticlassOneHot keeping its scores (its default, auto, keeps none)."""
+    return MulticlassOneHot(score_range=PROBABILITIES)
 
 
 @st.composite
@@ -61,7 +66,7 @@ def test_multiclass_scores_match_sklearn_after_every_event(
     stream: tuple[int, list[tuple[np.ndarray, np.ndarray]]],
 ) -> None:
     width, events = stream
-    model = MulticlassOneHot()
+    model = scored()
     state = fresh(model)
     truth, scores = np.zeros(0, dtype=int), np.zeros((0, width))
     for event_truth, event_scores in events:
@@ -107,7 +112,7 @@ def test_binary_scores_match_sklearn_after_every_event(
 
 
 def test_a_class_never_seen_has_no_auc_and_no_weight() -> None:
-    model = MulticlassOneHot()
+    model = scored()
     state = fresh(model)
     truth = np.array([0, 1, 0, 1])
     scores = np.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.4, 0.4, 0.2], [0.5, 0.4, 0.1]])
@@ -148,7 +153,7 @@ def test_scores_on_bin_edges() -> None:
 
 
 def test_one_row() -> None:
-    model = MulticlassOneHot()
+    model = scored()
     state = fresh(model)
     add(state, model, [0, 1], [0.25, 0.75])
     section = scores_of(state)
@@ -160,7 +165,7 @@ def test_one_row() -> None:
 
 
 def test_no_rows_derive_nothing() -> None:
-    section = scores_of(fresh(MulticlassOneHot()))
+    section = scores_of(fresh(scored()))
     assert (section["rows"], section["log_loss"], section["brier_score"]) == (0, None, None)
     assert section["calibration"]["ece"] is None
     assert section["roc_auc"]["per_class"] == {}
@@ -179,7 +184,7 @@ def test_binary_flat_and_predict_proba_agree() -> None:
 @pytest.mark.parametrize(
     ("model", "truth", "response"),
     [
-        (MulticlassOneHot(), [[0, 1, 0], [1, 0, 0], [0, 0, 1]], [[0, 1, 0], [0, 0, 1], [0, 0, 1]]),
+        (scored(), [[0, 1, 0], [1, 0, 0], [0, 0, 1]], [[0, 1, 0], [0, 0, 1], [0, 0, 1]]),
         (BinaryMetrics(), [1, 0, 1], [1, 0, 0]),
         (BinaryMetrics(), [1, 0, 1], [[0, 1], [1, 0], [1, 0]]),
     ],
@@ -196,7 +201,7 @@ def test_integer_scores_count_as_floats(model: MetricModel, truth: Any, response
 @pytest.mark.parametrize(
     ("model", "truth", "response"),
     [
-        (MulticlassOneHot(), [[True, False], [False, True]], [[True, False], [True, False]]),
+        (scored(), [[True, False], [False, True]], [[True, False], [True, False]]),
         (BinaryMetrics(), [1, 0], [True, False]),
         (BinaryMetrics(), [1, 0], [[False, True], [True, False]]),
     ],
@@ -212,7 +217,7 @@ def test_boolean_scores_count_as_0_and_1(model: MetricModel, truth: Any, respons
 
 
 def test_log_loss_clips_certain_mistakes() -> None:
-    model = MulticlassOneHot()
+    model = scored()
     state = fresh(model)
     add(state, model, [[1, 0], [0, 1]], [[0.0, 1.0], [0.0, 1.0]])
     expected = log_loss([0, 1], [[0.0, 1.0], [0.0, 1.0]], labels=[0, 1])
@@ -257,7 +262,7 @@ def test_two_halves_loaded_equal_the_whole() -> None:
     """Rows of each half's statistics (vectors as bytes), loaded into one state, derive what
     the whole stream derives."""
     rng = np.random.default_rng(7)
-    model = MulticlassOneHot()
+    model = scored()
     whole, merged = fresh(model), fresh(model)
     halves: list[list[Delta]] = [[], []]
     for i in range(20):
@@ -276,7 +281,7 @@ def test_two_halves_loaded_equal_the_whole() -> None:
 
 
 def test_one_histogram_row_per_class_and_one_row_else() -> None:
-    model = MulticlassOneHot(score_bins=50)
+    model = MulticlassOneHot(score_bins=50, score_range=PROBABILITIES)
     observation = model.observe(np.eye(3)[[0, 1, 2, 2]].tolist(), np.full((4, 3), 1 / 3).tolist())
     assert {name: len(items) for name, items in observation.updates.items()} == {
         "score_histogram": 3,
@@ -293,14 +298,14 @@ def test_one_histogram_row_per_class_and_one_row_else() -> None:
 @pytest.mark.parametrize(
     ("model", "truth", "response", "reason"),
     [
-        (MulticlassOneHot(), [[0, 1]], [[-0.1, 1.1]], reasons.SCORE_OUT_OF_RANGE),
-        (MulticlassOneHot(), [[0, 1]], [[0.5, 1.0000001]], reasons.SCORE_OUT_OF_RANGE),
+        (scored(), [[0, 1]], [[-0.1, 1.1]], reasons.SCORE_OUT_OF_RANGE),
+        (scored(), [[0, 1]], [[0.5, 1.0000001]], reasons.SCORE_OUT_OF_RANGE),
         (BinaryMetrics(), [1], [1.5], reasons.SCORE_OUT_OF_RANGE),
         (BinaryMetrics(), [1], [[0.5, -0.5]], reasons.SCORE_OUT_OF_RANGE),
-        (MulticlassOneHot(), [[0, 1]], [[float("nan"), 1.0]], reasons.NON_FINITE),
+        (scored(), [[0, 1]], [[float("nan"), 1.0]], reasons.NON_FINITE),
         (BinaryMetrics(), [1], [float("inf")], reasons.NON_FINITE),
-        (MulticlassOneHot(), [[0, 1]], [["a", "b"]], reasons.NON_NUMERIC),
-        (MulticlassOneHot(), [[0, 1], [1, 0]], [[0.5, 0.5]], reasons.ROW_COUNT_MISMATCH),
+        (scored(), [[0, 1]], [["a", "b"]], reasons.NON_NUMERIC),
+        (scored(), [[0, 1], [1, 0]], [[0.5, 0.5]], reasons.ROW_COUNT_MISMATCH),
         (BinaryMetrics(), [1, 0], [0.5], reasons.ROW_COUNT_MISMATCH),
     ],
 )
@@ -312,7 +317,7 @@ def test_bad_scores_are_refused(model: MetricModel, truth: Any, response: Any, r
 
 def test_logged_responses_out_of_range_are_refused_when_logged() -> None:
     """rows() of a response checks the range (a later label never fails on it); truth not."""
-    for model, response in ((MulticlassOneHot(), [[0.2, 1.2]]), (BinaryMetrics(), [2.0])):
+    for model, response in ((scored(), [[0.2, 1.2]]), (BinaryMetrics(), [2.0])):
         with pytest.raises(InvalidFeedback) as refused:
             model.rows(response, "response")
         assert refused.value.reason == reasons.SCORE_OUT_OF_RANGE
@@ -321,7 +326,7 @@ def test_logged_responses_out_of_range_are_refused_when_logged() -> None:
 
 
 def test_unnormalised_rows_are_counted_and_scored_as_sent(caplog: pytest.LogCaptureFixture) -> None:
-    model = MulticlassOneHot(name="unnormalised")
+    model = MulticlassOneHot(name="unnormalised", score_range=PROBABILITIES)
     state = fresh(model)
     sent = [[0.2, 0.2], [0.9, 0.6], [0.5, 0.5]]
     with caplog.at_level("WARNING", logger="cm_models.scores"):
@@ -369,7 +374,8 @@ def write_config(tmp_path: Path, lines: Sequence[str]) -> str:
 @pytest.mark.parametrize(
     ("lines", "bins", "scores_range"),
     [
-        ([], 200, "0,1"),
+        ([], 200, "auto"),
+        (["score_range: auto"], 200, "auto"),
         (["score_bins: 50", "score_range: [-1, 1]"], 50, "-1.0,1.0"),
         (["score_range: off"], 200, "off"),
         (["score_range: '0,2'"], 200, "0.0,2.0"),
@@ -397,3 +403,12 @@ def test_a_binary_threshold_splits_the_configured_range() -> None:
         BinaryMetrics(threshold=0.0)
     with pytest.raises(ValueError, match="threshold"):
         BinaryMetrics(score_range="-10,10", threshold=10.5)
+
+
+def test_auto_keeps_the_binary_models_scores_and_the_multiclass_one_s_argmax() -> None:
+    """The default: BinaryMetrics scores [0, 1] (it refused others before); MulticlassOneHot
+    keeps none, so the reference's args take logits as they did, at their old cost."""
+    assert BinaryMetrics().sections and not MulticlassOneHot().sections
+    assert MulticlassOneHot().observe([[0, 1]], [[-3.0, 7.5]]).rows == 1
+    with pytest.raises(InvalidFeedback):
+        BinaryMetrics().observe([1], [1.5])

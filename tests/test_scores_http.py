@@ -16,6 +16,9 @@ from tests.support.http import model_doc, post_json, scrape, send_event, value
 from tests.support.processes import ServerFactory, start_server
 from tests.support.scores import assert_close, assert_scores
 
+#: MulticlassOneHot keeps scores only when asked (its default, auto, is off).
+SCORES_ON = ("--score_range", "0,1")
+
 
 def stream(seed: int, width: int, events: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:
     """Events of 1..40 rows; every other one's rows are raw (not summing to 1)."""
@@ -31,7 +34,7 @@ def stream(seed: int, width: int, events: int = 6) -> list[tuple[np.ndarray, np.
 
 @pytest.mark.parametrize("state", ["memory", "sqlite"])
 def test_multiclass_scores_equal_sklearn(servers: ServerFactory, state: str) -> None:
-    url = servers("--state", state).url
+    url = servers("--state", state, *SCORES_ON).url
     events = stream(1, 3)
     for truth, scores in events:
         send_event(url, feedback(np.eye(3)[truth].tolist(), scores.tolist()))
@@ -67,7 +70,7 @@ def rejected(url: str, reason: str) -> float:
 
 def test_scores_out_of_range_are_refused(servers: ServerFactory) -> None:
     """Feedback: 400 and counted; a logged response: acknowledged, not stored, counted."""
-    url = servers("--state", "memory").url
+    url = servers("--state", "memory", *SCORES_ON).url
     answer = post_json(url, feedback([[0, 1]], [[0.5, 1.5]]), ce_headers())
     assert answer.status_code == 400
     assert answer.json()["reason"] == reasons.SCORE_OUT_OF_RANGE
@@ -90,7 +93,7 @@ def test_score_range_off_accepts_any_numbers(servers: ServerFactory) -> None:
 
 
 def test_a_label_scores_its_logged_prediction(servers: ServerFactory) -> None:
-    url = servers("--state", "memory").url
+    url = servers("--state", "memory", *SCORES_ON).url
     rid = new_id()
     response = {"data": {"ndarray": [[0.2, 0.8], [0.6, 0.4]]}}
     headers = ce_headers(event_type=SELDON_RESPONSE_TYPE, requestid=rid)
@@ -107,7 +110,7 @@ def test_a_label_scores_its_logged_prediction(servers: ServerFactory) -> None:
 def test_a_response_wider_than_max_classes_is_refused(servers: ServerFactory) -> None:
     """Each column's scores are kept per class, so --max_classes caps the columns too (a 1-row
     event of 100,000 columns would otherwise keep 100,000 histograms)."""
-    url = servers("--state", "memory", "--max_classes", "4").url
+    url = servers("--state", "memory", "--max_classes", "4", *SCORES_ON).url
     wide = [[0.2, 0.2, 0.2, 0.2, 0.2]]
     answer = post_json(url, feedback([[1, 0, 0, 0, 0]], wide), ce_headers())
     assert answer.status_code == 400
