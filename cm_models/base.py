@@ -98,15 +98,20 @@ def first_axis_rows(values: object) -> list[object]:
     return listed if isinstance(listed, list) else [listed]
 
 
-def class_id_column(array: np.ndarray, what: str) -> np.ndarray:
-    """One class id per row: ``[a, b]`` and ``[[a], [b]]`` are two rows, ``[[4]]`` is class 4."""
+def one_per_row(array: np.ndarray, what: str, value: str, reason: str) -> np.ndarray:
+    """One ``value`` per row: ``[a, b]`` and ``[[a], [b]]`` are two rows; else ``reason``."""
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1:
         raise InvalidFeedback(
-            f"{what}: expected one class id per row, got shape {list(array.shape)}",
-            reasons.BAD_SHAPE,
+            f"{what}: expected one {value} per row, got shape {list(array.shape)}", reason
         )
+    return array
+
+
+def class_id_column(array: np.ndarray, what: str) -> np.ndarray:
+    """One class id per row: ``[a, b]`` and ``[[a], [b]]`` are two rows, ``[[4]]`` is class 4."""
+    array = one_per_row(array, what, "class id", reasons.BAD_SHAPE)
     if array.dtype.kind == "f" and not np.array_equal(array, np.floor(array)):
         raise InvalidFeedback(f"{what}: class ids must be integers", reasons.NON_INTEGER_CLASS)
     if array.min() < CLASS_ID_MIN or array.max() > CLASS_ID_MAX:

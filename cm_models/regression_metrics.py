@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from adserver.catalogue import reasons
-from cm_models.base import InvalidFeedback, MetricModel, Observation, matching_rows, numeric_array
+from cm_models.base import (
+    InvalidFeedback,
+    MetricModel,
+    Observation,
+    matching_rows,
+    numeric_array,
+    one_per_row,
+)
 from cm_models.regression import error_sums, regression_report
 from cm_models.sections import Section
 from cm_models.statistics import Moments, Sums, moments_of
@@ -100,15 +107,9 @@ class RegressionMetrics(MetricModel):
 
     def rows(self, values: object, what: str) -> np.ndarray:
         """One float per row: ``[1.5, 2]`` or one column ``[[1.5], [2]]``."""
-        array = numeric_array(values, what)
-        if array.ndim == 2 and array.shape[1] == 1:
-            array = array[:, 0]
-        if array.ndim != 1:
-            raise InvalidFeedback(
-                f"{what}: expected one number per row, got shape {list(array.shape)}",
-                reasons.NOT_A_REGRESSION_TARGET,
-            )
-        array = array.astype(np.float64)
+        array = one_per_row(
+            numeric_array(values, what), what, "number", reasons.NOT_A_REGRESSION_TARGET
+        ).astype(np.float64)
         if np.abs(array).max() > MAX_MAGNITUDE:
             raise InvalidFeedback(
                 f"{what}: a value's magnitude exceeds {MAX_MAGNITUDE:g}", reasons.VALUE_TOO_LARGE

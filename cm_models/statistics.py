@@ -273,7 +273,17 @@ class Statistic(ABC, Generic[Item, Acc]):
         self.load(acc, self.rows(items))
 
 
-class Sums(Statistic[Row, dict[Row, Row]]):
+class KeyedRows(Statistic[Row, dict[Row, Row]]):
+    """Items are rows (key columns, then values), kept as ``{key: values}``; subclasses merge."""
+
+    def empty(self) -> dict[Row, Row]:
+        return {}
+
+    def rows(self, items: Sequence[Row]) -> Iterable[Row]:
+        return items
+
+
+class Sums(KeyedRows):
     """The plain declared statistic: items are rows, kept as ``{key: values}``.
 
     ``Sums("squared_error", keys=[("truth", "int")], values=[("sum", "real"), ("rows", "int")])``
@@ -281,12 +291,6 @@ class Sums(Statistic[Row, dict[Row, Row]]):
     A ``vector`` value is ``bytes`` in rows (:func:`vector_bytes`) and a float64 array in the
     accumulator.
     """
-
-    def empty(self) -> dict[Row, Row]:
-        return {}
-
-    def rows(self, items: Sequence[Row]) -> Iterable[Row]:
-        return items
 
     def load(self, acc: dict[Row, Row], rows: Iterable[Row]) -> None:
         width = len(self.keys)
@@ -346,7 +350,7 @@ def combined_moments(first: Row, second: Row) -> MomentsRow:
     )
 
 
-class Moments(Statistic[Row, dict[Row, Row]]):
+class Moments(KeyedRows):
     """:class:`MomentsRow` per key, merged by :func:`combined_moments`: a variance that stays
     exact when the values sit far from zero (a store merges the same way, in its own SQL).
 
@@ -355,12 +359,6 @@ class Moments(Statistic[Row, dict[Row, Row]]):
 
     def __init__(self, name: str, keys: Sequence[Column] = ()) -> None:
         super().__init__(name, keys, MOMENT_VALUES, "moments")
-
-    def empty(self) -> dict[Row, Row]:
-        return {}
-
-    def rows(self, items: Sequence[Row]) -> Iterable[Row]:
-        return items
 
     def load(self, acc: dict[Row, Row], rows: Iterable[Row]) -> None:
         width = len(self.keys)

@@ -9,19 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    mean_absolute_error,
-    mean_absolute_percentage_error,
-    mean_squared_error,
-    r2_score,
-    root_mean_squared_error,
-)
 
 from adserver.catalogue import reasons
 from adserver.catalogue.wire import KSERVE_REQUEST_TYPE, KSERVE_RESPONSE_TYPE
 from tests.support.events import ce_headers, feedback, new_id
 from tests.support.http import model_doc, moved_samples, post_json, scrape, send_event, value
 from tests.support.processes import REPLY_FLAGS, ServerFactory
+from tests.support.regression import sklearn_regression
 from tests.test_join import label, logged
 from tests.test_startup import refused
 
@@ -36,15 +30,7 @@ def url(module_servers: ServerFactory, request: pytest.FixtureRequest) -> str:
 
 def assert_matches_sklearn(section: dict[str, Any], truth: list[float], predicted: list[float]):
     y, p = np.array(truth), np.array(predicted)
-    expected = {
-        "rows": y.size,
-        "mae": mean_absolute_error(y, p),
-        "mse": mean_squared_error(y, p),
-        "rmse": root_mean_squared_error(y, p),
-        "r2": r2_score(y, p),
-        "mape": mean_absolute_percentage_error(y, p),
-        "mean_error": float(np.mean(p - y)),
-    }
+    expected = {"rows": y.size, **sklearn_regression(truth, predicted)}
     assert {name: section[name] for name in expected} == pytest.approx(expected, rel=1e-9)
     assert section["abs_error"]["count"] == y.size
     assert section["abs_error"]["buckets"]["1.0"] == int((np.abs(p - y) <= 1).sum())

@@ -29,12 +29,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     brier_score_loss,
     log_loss,
-    mean_absolute_error,
-    mean_absolute_percentage_error,
-    mean_squared_error,
-    r2_score,
     roc_auc_score,
-    root_mean_squared_error,
 )
 
 from adserver.catalogue import families
@@ -53,6 +48,7 @@ from cm_models.scores import CALIBRATION_BINS
 from tests.support.events import ce_headers, feedback
 from tests.support.http import model_doc
 from tests.support.processes import ServerFactory
+from tests.support.regression import sklearn_regression
 from tests.support.scores import RTOL, SLACK
 from tests.test_exposition_encoder import registry_of
 from tests.test_models_exposition import OPENMETRICS, TEXT, by_model, exposition
@@ -405,15 +401,7 @@ def test_a_servers_readers_show_the_sections(url: str) -> None:
 def test_a_servers_gauges_are_sklearns_of_the_rows_sent(url: str) -> None:
     """The Prometheus text, not the JSON: what a dashboard or an alert reads."""
     metrics = parse({accept: exposition(url, accept) for accept in (TEXT, OPENMETRICS)})[TEXT]
-    y, p = (np.array(v, dtype=np.float64) for v in ROWS["reg"])
-    expected = {
-        "mae": mean_absolute_error(y, p),
-        "mse": mean_squared_error(y, p),
-        "rmse": root_mean_squared_error(y, p),
-        "r2": r2_score(y, p),
-        "mape": mean_absolute_percentage_error(y, p),
-        "mean_error": float(np.mean(p - y)),
-    }
+    expected = sklearn_regression(*ROWS["reg"])
     for key, declared in families.REGRESSION_GAUGES.items():
         assert one_value(metrics[declared.name], "reg") == pytest.approx(expected[key], rel=RTOL)
     truth, scores = (np.array(v) for v in ROWS["bin"])
