@@ -116,7 +116,10 @@ def test_bench_buckets_smoke(tmp_path: Path) -> None:
     assert doc["fill"]["minutes"] >= 119 and doc["fill"]["rows_written"]["cells"] > 0, log
     assert doc["server"]["window_samples"] > 0, log
     trickle = doc["trickle"]
-    assert trickle["ok"] > 0 and trickle["sent"] - trickle["ok"] <= 1, log  # 1 left in flight
+    # Every answer a 2xx, every acknowledged event counted. What wrk's script counts as sent
+    # but saw no answer for when it stopped (the request in flight, and one its request() hook
+    # built during the pause) is no failure: it may count or not, never more than sent.
+    assert trickle["ok"] > 0 and trickle["non2xx"] == 0 and trickle["socket_errors"] == 0, log
     assert trickle["ok"] <= trickle["rows_counted"] <= trickle["sent"], log
     measured = {t["name"]: t["measured"] for t in doc["targets"]}
     assert all(value is not None for value in measured.values()), measured
