@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from bench import auth, machine, models, payloads, probe, report, servers, targets, wrk
 from bench import baseline as ab
@@ -517,6 +518,33 @@ class Runner:
         if "scrape" in p.servers:
             self.run_scrape()
 
+    def seed_variant(
+        self,
+        name: str,
+        grid: Grid,
+        sinks: dict[str, servers.Managed],
+        *,
+        models_config: Path | None = None,
+        flags: Sequence[str] = (),
+        storage_uri: str = servers.SEED_STORAGE_URI,
+        **variant: Any,
+    ) -> Variant | None:
+        """The seed's args (its own reply sink and state dir) plus what a variant adds; None if
+        its sink did not start. ``variant``: the :class:`Variant` fields beyond its argv."""
+        sink = self.start_sink(name, 0.0, sinks)
+        if sink is None:
+            return None
+        argv_for = functools.partial(
+            servers.seed_argv,
+            state_dir=self.state_dir(name),
+            reply_url=f"http://{servers.HOST}:{sink.port}/",
+            models_config=models_config,
+            flags=flags,
+            storage_uri=storage_uri,
+        )
+        variant.setdefault("model", servers.SEED_MODEL)
+        return Variant(name, argv_for, grid, **variant)
+
     def variants(
         self, sinks: dict[str, servers.Managed], tree: Path | None = None
     ) -> list[Variant]:
@@ -552,114 +580,59 @@ class Runner:
                     may_reject=SQLITE_REJECT,
                 )
             )
+        seeds: list[tuple[str, Grid, dict[str, Any]]] = []
+        # The seed's reply_url points at a sink that answers 200 at once, as a message dumper
+        # or a broker does: every reply is really sent. Each variant has its own sink.
         if "seed" in p.servers:
-            # The seed's reply_url points at a sink that answers 200 at once, as a message
-            # dumper or a broker does: every reply is really sent.
-            sink = self.start_sink(named("seed"), 0.0, sinks)
-            if sink is not None:
-                reply = f"http://{servers.HOST}:{sink.port}/"
-                out.append(
-                    Variant(
-                        named("seed"),
-                        lambda port: servers.seed_argv(port, self.state_dir(named("seed")), reply),
-                        _union(p.seed_grid, costed),
-                        model=servers.SEED_MODEL,
-                    )
-                )
+            seeds.append(("seed", _union(p.seed_grid, costed), {}))
         # The event-cost variants: the seed's args with its model's scores kept (the probability
         # event; seed's own is the classification event), and with a regressor fed numbers.
-        scores_on = ["--score_range", "0,1"]
-        costs: tuple[tuple[str, list[str], str, str, tuple[str, ...]], ...] = (
-            ("seed-scores", scores_on, servers.SEED_STORAGE_URI, payloads.FEEDBACK, FLAG_REJECT),
-            ("seed-regression", [], REGRESSION, payloads.REGRESSION, REGRESSION_REJECT),
-        )
-        for server, flags, uri, body, rejected in costs:
-            if server not in p.servers:
-                continue
-            cost_sink = self.start_sink(named(server), 0.0, sinks)
-            if cost_sink is None:
-                continue
-            out.append(
-                Variant(
-                    named(server),
-                    functools.partial(
-                        servers.seed_argv,
-                        state_dir=self.state_dir(named(server)),
-                        reply_url=f"http://{servers.HOST}:{cost_sink.port}/",
-                        flags=flags,
-                        storage_uri=uri,
-                    ),
-                    p.cost_grid,
-                    may_reject=rejected,
-                    model=servers.SEED_MODEL,
-                    body=body,
-                )
-            )
+        if "seed-scores" in p.servers:
+            scores_on = {"flags": ["--score_range", "0,1"], "may_reject": FLAG_REJECT}
+            seeds.append(("seed-scores", p.cost_grid, scores_on))
+        if "seed-regression" in p.servers:
+            regressor = {
+                "storage_uri": REGRESSION,
+                "body": payloads.REGRESSION,
+                "may_reject": REGRESSION_REJECT,
+            }
+            seeds.append(("seed-regression", p.cost_grid, regressor))
         if "seed-models" in p.servers:
             # The seed's args plus a models config: the same load spread over its models.
-            sink = self.start_sink(named("seed-models"), 0.0, sinks)
-            if sink is not None:
-                config = models.write_config(
-                    self.work / f"models-{named('seed-models')}.yaml",
-                    [models.isvc(i) for i in range(SPREAD_MODELS)],
-                    ONE_HOT,
-                )
-                to_sink = f"http://{servers.HOST}:{sink.port}/"
-                out.append(
-                    Variant(
-                        named("seed-models"),
-                        lambda port: servers.seed_argv(
-                            port, self.state_dir(named("seed-models")), to_sink, config
-                        ),
-                        p.seed_grid,
-                        may_reject=MODELS_REJECT,
-                        model=None,
-                        spread=SPREAD_MODELS,
-                    )
-                )
+            config = models.write_config(
+                self.work / f"models-{named('seed-models')}.yaml",
+                [models.isvc(i) for i in range(SPREAD_MODELS)],
+                ONE_HOT,
+            )
+            spread = {
+                "models_config": config,
+                "may_reject": MODELS_REJECT,
+                "model": None,
+                "spread": SPREAD_MODELS,
+            }
+            seeds.append(("seed-models", p.seed_grid, spread))
         if "seed-token" in p.servers:
             # The seed's args plus --auth token: every request carries a bearer token.
-            token_sink = self.start_sink(named("seed-token"), 0.0, sinks)
-            if token_sink is not None:
-                accepted, sent = auth.write_tokens(self.work, named("seed-token"))
-                token_reply = f"http://{servers.HOST}:{token_sink.port}/"
-                token_flags = ["--auth", "token", "--auth_token_file", str(accepted)]
-                out.append(
-                    Variant(
-                        named("seed-token"),
-                        lambda port: servers.seed_argv(
-                            port,
-                            self.state_dir(named("seed-token")),
-                            token_reply,
-                            flags=token_flags,
-                        ),
-                        p.seed_grid,
-                        may_reject=FLAG_REJECT,
-                        model=servers.SEED_MODEL,
-                        token_file=sent,
-                    )
-                )
+            accepted, sent = auth.write_tokens(self.work, named("seed-token"))
+            token = {
+                "flags": ["--auth", "token", "--auth_token_file", str(accepted)],
+                "may_reject": FLAG_REJECT,
+                "token_file": sent,
+            }
+            seeds.append(("seed-token", p.seed_grid, token))
         if "seed-oidc" in p.servers:
             # The seed's args plus --auth oidc against the bench's issuer: one RS256 token.
-            oidc_sink = self.start_sink(named("seed-oidc"), 0.0, sinks)
-            if oidc_sink is not None:
-                issuer = self.issuer()
-                oidc_reply = f"http://{servers.HOST}:{oidc_sink.port}/"
-                out.append(
-                    Variant(
-                        named("seed-oidc"),
-                        lambda port: servers.seed_argv(
-                            port,
-                            self.state_dir(named("seed-oidc")),
-                            oidc_reply,
-                            flags=issuer.server_flags(),
-                        ),
-                        p.seed_grid,
-                        may_reject=FLAG_REJECT,
-                        model=servers.SEED_MODEL,
-                        token_file=issuer.token_file,
-                    )
-                )
+            issuer = self.issuer()
+            oidc = {
+                "flags": issuer.server_flags(),
+                "may_reject": FLAG_REJECT,
+                "token_file": issuer.token_file,
+            }
+            seeds.append(("seed-oidc", p.seed_grid, oidc))
+        for server, grid, options in seeds:
+            variant = self.seed_variant(named(server), grid, sinks, **options)
+            if variant is not None:
+                out.append(variant)
         bounds = {"max_ids": p.fill.ids, "max_rows": p.fill.rows}
         if "memory-full" in p.servers:
             out.append(
