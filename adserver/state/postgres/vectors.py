@@ -74,7 +74,7 @@ class BlockDumper(adapt.Dumper):
     oid = BYTEA
 
     def dump(self, obj: np.ndarray) -> Buffer:
-        return memoryview(obj).cast("B")
+        return obj.data.cast("B")
 
 
 def register(context: AdaptContext) -> None:
