@@ -1,0 +1,87 @@
+"""The committer over PostgreSQL: every replica's views hold the global state.
+
+A replica's own commits are applied to its views right after they commit (as with SQLite);
+the other replicas' arrive through the change log, which the poller (:class:`StateSync`)
+reads every ``--postgres_refresh_seconds``. :class:`SharedViews` applies each committed
+transaction exactly once, whichever way it came first. At start-up the views are loaded whole
+from one REPEATABLE READ snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from adserver.state.buckets import TimeBuckets
+from adserver.state.committer import CommitPolicy, Committer, load_views
+from adserver.state.join import Joiner
+from adserver.state.postgres.changes import SharedViews, Snapshot
+from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+from adserver.state.postgres.sync import StateSync
+from adserver.state.store import Clock
+from adserver.state.view import Delta, KeyedState, MetricsState
+from cm_models.statistics import StateKey
+
+
+class PostgresStore(Committer[PostgresDialect]):
+    """``pool``: the readers' (poller, bucket reads, readiness) connections, opened with the
+    IOLoop (:meth:`start`)."""
+
+    def __init__(
+        self,
+        states: Mapping[str, MetricsState],
+        dialect: PostgresDialect,
+        server_model: str,
+        policy: CommitPolicy,
+        *,
+        joiner: Joiner | None = None,
+        buckets: TimeBuckets,
+        clock: Clock = time.time,
+    ) -> None:
+        options = dialect.options
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            options.dsn,
+            min_size=1,
+            max_size=options.pool_size,
+            kwargs=options.connection_kwargs(),
+            configure=options.configure_async,
+            timeout=options.connect_timeout_seconds,
+            name="feedback-state-readers",
+            open=False,
+        )
+        super().__init__(
+            states, dialect, server_model, policy, joiner=joiner, buckets=buckets, clock=clock
+        )
+        self.sync: StateSync | None = None
+
+    @property
+    def options(self) -> PostgresOptions:
+        return self.dialect.options
+
+    def _load_views(self) -> None:
+        """The snapshot and every table's all-time rows, in one REPEATABLE READ transaction."""
+        self.shared = SharedViews(self.views, self.dialect.statistics)
+        with self.dialect.reading() as snapshot:
+            self.shared.reload(Snapshot.parse(snapshot), self._loader)
+
+    def _loader(self, views: KeyedState) -> None:
+        load_views(self.dialect, views)
+
+    def _apply_committed(self, token: object, deltas: list[tuple[StateKey, Delta]]) -> None:
+        assert token is None or isinstance(token, int)
+        self.shared.local(token, deltas)
+
+    async def start(self) -> None:
+        """With the IOLoop running: open the readers' pool and start polling."""
+        await self.pool.open(wait=False)
+        self.sync = StateSync(self.shared, self.pool, self.dialect, self.options)
+        self.sync.start()
+
+    async def close(self) -> None:
+        if self.sync is not None:
+            await self.sync.close()
+        await super().close()
+        await self.pool.close()

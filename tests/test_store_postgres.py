@@ -1,0 +1,263 @@
+"""The PostgreSQL store on a real server: migration, and exactly-once commits across replicas
+(stores on one database), each replica's own slot adding up to one stream's counts."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from adserver.catalogue import reasons
+from adserver.errors import BadRequest
+from adserver.state.committer import CommitPolicy
+from adserver.state.join import Joiner, Label, LoggedRows
+from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+from adserver.state.postgres.schema import KeyspaceError, keyspace_name
+from adserver.state.store import Entry
+from adserver.state.view import Delta, MetricsState
+from cm_models import MultiClassNumeric
+from cm_models.confusion import Cells
+from cm_models.statistics import moments_of, vector_array
+from tests.support.statistic_models import HISTOGRAM, MOMENTS, Spread, spread_rows
+from tests.support.stores import BUCKETS
+from tests.test_store_sqlite import event
+
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+
+try:
+    import adserver.state.postgres.sync  # noqa: F401  (helper pgsync's poller)
+except ImportError:  # until it lands: the store imports it, these tests never start it
+    sys.modules["adserver.state.postgres.sync"] = types.SimpleNamespace(StateSync=None)  # type: ignore[assignment]
+
+from adserver.state.postgres.store import PostgresStore  # noqa: E402
+
+MODEL = "m"
+
+
+def options(dsn: str, model: str = MODEL) -> PostgresOptions:
+    return PostgresOptions(dsn, keyspace_name(model))
+
+
+def open_dialect(dsn: str, model: str = MODEL, **claims: Any) -> PostgresDialect:
+    return PostgresDialect.open(options(dsn, model), model, **claims)
+
+
+def open_store(
+    dsn: str,
+    states: dict[str, MetricsState] | None = None,
+    joiner: Joiner | None = None,
+    dialect: PostgresDialect | None = None,
+    **policy: Any,
+) -> PostgresStore:
+    return PostgresStore(
+        {MODEL: MetricsState()} if states is None else states,
+        open_dialect(dsn) if dialect is None else dialect,
+        MODEL,
+        CommitPolicy(**{"retention": 3600.0, "max_ids": 1000, **policy}),
+        joiner=joiner,
+        buckets=BUCKETS,
+    )
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def commit(store: PostgresStore, *entries: Entry) -> list[bool]:
+    return run(store.commit(list(entries)))
+
+
+@pytest.fixture
+def stores(postgres_dsn: str) -> Iterator[list[PostgresStore]]:
+    """Stores to close after the test (each one a replica)."""
+    opened: list[PostgresStore] = []
+    yield opened
+    for store in opened:
+        run(store.close())
+
+
+def test_a_keyspace_is_made_once_and_claimed(postgres_dsn: str) -> None:
+    claims = {"model_kind": "kind-a", "time_buckets": "1m:1h"}
+    open_dialect(postgres_dsn, **claims).close()
+    open_dialect(postgres_dsn, **claims).close()  # idempotent
+    with pytest.raises(KeyspaceError, match="belongs to --storage_uri 'kind-a', not 'kind-b'"):
+        open_dialect(postgres_dsn, **{**claims, "model_kind": "kind-b"})
+    with pytest.raises(KeyspaceError, match="--time_buckets"):
+        open_dialect(postgres_dsn, **{**claims, "time_buckets": "1h:1d"})
+    foreign = PostgresOptions(postgres_dsn, keyspace_name(MODEL))
+    with pytest.raises(KeyspaceError, match="belongs to model 'm', not 'other'"):
+        PostgresDialect.open(foreign, "other")
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        connection.execute("UPDATE feedback_m.meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(KeyspaceError, match="schema version 2, newer"):
+        open_dialect(postgres_dsn, **claims)
+
+
+def test_five_replicas_starting_together_on_an_empty_database(postgres_dsn: str) -> None:
+    statistics = MetricsState.for_model(Spread()).statistics.values()
+
+    def start(_: int) -> int:
+        dialect = open_dialect(postgres_dsn)
+        dialect.prepare(statistics)
+        slot = dialect.slot
+        dialect.close()
+        return slot
+
+    with ThreadPoolExecutor(5) as pool:
+        slots = list(pool.map(start, range(5)))
+    assert len(set(slots)) == 5  # each its own lease while they ran together
+    with psycopg.connect(postgres_dsn) as connection:
+        tables = connection.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'feedback_m'"
+        ).fetchone()
+        assert tables is not None and tables[0] == 10 + len(statistics)
+        held = connection.execute("SELECT count(*) FROM feedback_m.slots WHERE holder IS NOT NULL")
+        assert held.fetchone() == (0,)  # released on close
+
+
+def test_an_event_counts_once_across_replicas(postgres_dsn: str, stores: list) -> None:
+    a, b = open_store(postgres_dsn), open_store(postgres_dsn)
+    stores += [a, b]
+    assert commit(a, event("e1", [1, 2], [1, 1])) == [True]
+    assert commit(b, event("e1", [1, 2], [1, 1])) == [False]
+
+    async def together() -> list[list[bool]]:
+        same = [event(f"e{i}", [0], [0]) for i in range(2, 12)]
+        return await asyncio.gather(*(s.commit([e]) for e in same for s in (a, b)))
+
+    outcomes = run(together())
+    assert sum(flags == [True] for flags in outcomes) == 10  # each key once, whichever replica
+    fresh = open_store(postgres_dsn)
+    stores.append(fresh)
+    assert fresh.state.count("rows_accepted") == 2 + 10
+    assert fresh.state.count("events_duplicate") == 1 + 10
+    assert fresh.seen_count == 11  # the slots' tallies add up
+
+
+def joining(dsn: str, stores: list) -> list[PostgresStore]:
+    joiner = Joiner({MODEL: MultiClassNumeric()}, ttl=1000)
+    opened = [open_store(dsn, joiner=joiner) for _ in range(2)]
+    stores += opened
+    return opened
+
+
+def test_a_prediction_through_one_replica_joins_a_label_through_another(
+    postgres_dsn: str, stores: list
+) -> None:
+    a, b = joining(postgres_dsn, stores)
+    now = time.time()
+    assert commit(a, Entry(operation=LoggedRows("r1", "response", np.array([1, 2, 0]), now)))
+    assert commit(b, Entry(operation=Label(("r1",), 0, np.array([1, 1, 0]))))
+    assert commit(a, Entry(operation=Label(("r1",), 0, np.array([1, 1, 0]))))  # again: duplicate
+    # a label first, parked by one replica, joined when the other logs its prediction
+    assert commit(b, Entry(operation=Label(("r2",), 0, np.array([2, 2]))))
+    assert commit(a, Entry(operation=LoggedRows("r2", "response", np.array([2, 0]), now)))
+    fresh = open_store(postgres_dsn)
+    stores.append(fresh)
+    state = fresh.state
+    assert state.labelled("labels") == {"joined": 3, "duplicate": 3, "parked": 2, "late": 2}
+    assert state.confusion.classes == [0, 1, 2]
+    assert state.confusion.matrix().tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
+    assert (fresh.row_counts.logged, fresh.row_counts.parked) == (5, 0)  # global tallies
+
+
+def test_the_class_cap_is_global(postgres_dsn: str, stores: list) -> None:
+    a, b = open_store(postgres_dsn, max_classes=3), open_store(postgres_dsn, max_classes=3)
+    stores += [a, b]
+    assert commit(a, event("e1", [0, 1], [0, 1])) == [True]
+    assert commit(b, event("e2", [2], [2])) == [True]
+    with pytest.raises(BadRequest) as refused:
+        commit(a, event("e3", [3], [3]))  # a knew two classes; b admitted the third
+    assert refused.value.reason == reasons.TOO_MANY_CLASSES
+    assert commit(a, event("e4", [2], [1])) == [True]  # known across replicas
+
+
+def spread_entry(event_id: str, truth: list[int], predicted: list[int]) -> Entry:
+    t, p = np.array(truth), np.array(predicted)
+    delta = Delta(
+        cells=Cells.from_labels(t, p),
+        counters=(("rows_accepted", "", len(t)),),
+        updates=spread_rows(t, p),
+    )
+    return Entry(delta, ("src", event_id))
+
+
+def test_vectors_and_moments_merge_across_slots_as_one_stream(
+    postgres_dsn: str, stores: list
+) -> None:
+    states = {MODEL: MetricsState.for_model(Spread())}
+    a, b = open_store(postgres_dsn, states), open_store(postgres_dsn, states)
+    stores += [a, b]
+    assert a.dialect.slot != b.dialect.slot
+    streams = [([0, 1, 1, 2], [0, 2, 1, 3]), ([1, 1], [1, 0]), ([0, 2, 2], [3, 2, 2])]
+    for i, (truth, predicted) in enumerate(streams):
+        assert commit((a, b)[i % 2], spread_entry(f"e{i}", truth, predicted)) == [True]
+    fresh = open_store(postgres_dsn, states)
+    stores.append(fresh)
+    truth = np.concatenate([np.array(t) for t, _ in streams])
+    predicted = np.concatenate([np.array(p) for _, p in streams])
+    histogram = fresh.state.tables[HISTOGRAM.name]
+    moments = fresh.state.tables[MOMENTS.name]
+    for label in (0, 1, 2):
+        chosen = predicted[truth == label]
+        rows, vector = histogram[(label,)]
+        assert rows == chosen.size
+        assert vector_array(vector).tolist() == np.bincount(chosen, minlength=4).tolist()
+        stored, stream = moments[(label,)], moments_of(chosen.astype(np.float64))
+        assert stored.n == stream.n
+        assert stored.center == pytest.approx(stream.center)
+        assert stored.m2 == pytest.approx(stream.m2)
+
+
+def test_a_deadlocked_transaction_is_run_again(postgres_dsn: str, stores: list) -> None:
+    """The store's first transaction locks r1 then waits for r2, which another session holds
+    and that session then waits for r1: PostgreSQL aborts the store's (it waited first)."""
+    other = psycopg.connect(postgres_dsn, autocommit=True)
+    holding = threading.Event()
+
+    class Deadlocking(PostgresDialect):
+        force = True
+
+        def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
+            if self.force:
+                self.force = False
+                self.lock("r1")
+                self.query("SELECT 1")
+                holding.set()
+                self.lock("r2")
+                self.query("SELECT 1")
+            return super().remember(key, now, forgotten_by)
+
+    dialect = Deadlocking.open(options(postgres_dsn), MODEL)
+    key = dialect.lock_class
+    lock = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+    other.execute("BEGIN")
+    other.execute(lock, (key, "r2"))
+
+    def close_the_cycle() -> None:
+        holding.wait(10)
+        time.sleep(0.2)
+        other.execute(lock, (key, "r1"))  # granted once the store's transaction is aborted
+        other.execute("COMMIT")
+
+    closer = threading.Thread(target=close_the_cycle)
+    closer.start()
+    store = open_store(postgres_dsn, dialect=dialect)
+    stores.append(store)
+    assert commit(store, event("e1", [1], [1])) == [True]
+    closer.join(10)
+    other.close()
+    assert store.stats.retries == {"deadlock": 1}
+    assert store.state.count("rows_accepted") == 1
+    fresh = open_store(postgres_dsn)
+    stores.append(fresh)
+    assert fresh.state.count("rows_accepted") == 1
