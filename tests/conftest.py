@@ -16,6 +16,8 @@ if _ROOT not in sys.path:
 from tests.support.processes import ServerFactory  # noqa: E402
 from tests.support.sink import Sink  # noqa: E402
 
+# The PostgreSQL fixtures (postgres_server, postgres_dsn, private_postgres) for every module.
+pytest_plugins = ("tests.support.postgres",)
 WIRE = Path(__file__).resolve().parent / "wire"
 
 
