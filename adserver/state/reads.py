@@ -5,6 +5,10 @@ is read on demand as the stored rows of the buckets that tile it (``TimeBuckets.
 by the store and folded into a :class:`MetricsState` per span, the same class every summary and
 gauge is derived from. A bucket holds only what counts per row (a delta's row part): the
 confusion cells, the row counters, the label delay and the model's own additive statistics.
+
+Every backend's reader runs the same reads (:func:`read_range`, :func:`read_windows`): each is
+a generator that yields the statements it needs (in the backend's SQL, :class:`BucketSQL`) and
+folds the rows it is sent, so only running a statement differs (a thread, or the IOLoop).
 """
 
 from __future__ import annotations
@@ -90,13 +94,13 @@ class WindowFold:
 
 @dataclass(frozen=True)
 class BucketSQL:
-    """The statements of bucket reads in one backend's SQL: its placeholder, its aggregate of
-    vectors, how an integer sum keeps its type, and where the tables are (a schema prefix)."""
+    """The statements of bucket reads in one backend's SQL: its aggregate of vectors, its
+    placeholder, and how an integer sum keeps its type (PostgreSQL's ``SUM(bigint)`` is
+    ``numeric``)."""
 
     vector_sum: str
     placeholder: str = "?"
     int_sum: str = "SUM({})"
-    tables: str = ""
 
     def spanned(self, statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
         """The statement reading a statistic's rows over buckets, ordered by ``grouped_by`` and
@@ -110,7 +114,7 @@ class BucketSQL:
         keys."""
         keys = [*grouped_by, *(name for name, _ in statistic.keys)]
         values = ", ".join(self.sum_of(name, kind) for name, kind in statistic.values)
-        table = self.tables + statistic.name
+        table = statistic.name
         if not keys:  # one sum; no row at all (rather than NULLs) where nothing matched
             return f"SELECT {values} FROM {table} WHERE {where} HAVING COUNT(*) > 0"
         group = ", ".join(keys)
@@ -124,7 +128,7 @@ class BucketSQL:
         keys = [*grouped_by, *(name for name, _ in statistic.keys)]
         order = ", ".join(dict.fromkeys([*keys, "time_bucket", "model", "segment"]))
         columns = ", ".join([*keys, *(name for name, _ in statistic.values)])
-        return f"SELECT {columns} FROM {self.tables}{statistic.name} WHERE {where} ORDER BY {order}"
+        return f"SELECT {columns} FROM {statistic.name} WHERE {where} ORDER BY {order}"
 
     def sum_of(self, column: str, kind: ColumnType) -> str:
         if kind == "vector":
@@ -136,24 +140,16 @@ class BucketSQL:
 
 
 class Query(NamedTuple):
-    """A statement a read asks its backend to run; ``vectors``: the positions of vector values
-    in its rows (a backend whose vectors are not our bytes converts them)."""
+    """A statement a read asks its backend to run (its vectors come back as our bytes)."""
 
     sql: str
     parameters: tuple[Any, ...]
-    vectors: tuple[int, ...]
 
 
 #: A read: yields a :class:`Query` and is sent its rows (in slices), or yields None between two
 #: slices it folded (the backend may turn the IOLoop); returns what was read.
 Read = Generator[Query | None, Iterable[Sequence[Row]] | None, T]
 ChunkOf = Callable[[Statistic[Any, Any]], int]
-
-
-def vector_positions(statistic: Statistic[Any, Any], before: int) -> tuple[int, ...]:
-    """Where a statistic's vector values are in a read's rows of ``before`` columns more."""
-    first = before + len(statistic.keys)
-    return tuple(first + i for i, (_, kind) in enumerate(statistic.values) if kind == "vector")
 
 
 def read_range(
@@ -175,7 +171,7 @@ def read_range(
         for statistic in bucket_statistics(view):
             for part in chunks(span, chunk_of(statistic)):
                 statement = sql.spanned(statistic, (), f"{where} AND {sql.in_list(part)}")
-                found = yield Query(statement, (*fixed, *part), vector_positions(statistic, 0))
+                found = yield Query(statement, (*fixed, *part))
                 assert found is not None
                 for rows in found:
                     state.load(statistic.name, rows)
@@ -201,7 +197,7 @@ def read_windows(
         for statistic in statistics.values():
             for part in chunks(span, chunk_of(statistic)):
                 statement = sql.spanned(statistic, ("model", "segment"), sql.in_list(part))
-                answer = yield Query(statement, tuple(part), vector_positions(statistic, 2))
+                answer = yield Query(statement, tuple(part))
                 assert answer is not None
                 for rows in answer:
                     for (model, segment), group in itertools.groupby(rows, key=key_of):
