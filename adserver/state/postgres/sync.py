@@ -16,6 +16,7 @@ turns False within a few seconds (readiness fails on every replica, idle ones to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -94,10 +95,8 @@ class StateSync:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     def healthy(self) -> bool:
