@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,23 +21,20 @@ from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
 from adserver.state.postgres.schema import KeyspaceError, keyspace_name
+from adserver.state.postgres.store import PostgresStore
 from adserver.state.store import Entry
 from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.statistics import moments_of, vector_array
+from tests.support.processes import free_port
 from tests.support.statistic_models import HISTOGRAM, MOMENTS, Spread, spread_rows
 from tests.support.stores import BUCKETS
+from tests.test_startup import refused
 from tests.test_store_sqlite import event
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
-try:
-    import adserver.state.postgres.sync  # noqa: F401  (helper pgsync's poller)
-except ImportError:  # until it lands: the store imports it, these tests never start it
-    sys.modules["adserver.state.postgres.sync"] = types.SimpleNamespace(StateSync=None)  # type: ignore[assignment]
-
-from adserver.state.postgres.store import PostgresStore  # noqa: E402
 
 MODEL = "m"
 
@@ -261,3 +257,15 @@ def test_a_deadlocked_transaction_is_run_again(postgres_dsn: str, stores: list) 
     fresh = open_store(postgres_dsn)
     stores.append(fresh)
     assert fresh.state.count("rows_accepted") == 1
+
+
+def test_start_up_refusals_of_the_postgres_state(tmp_path: Path) -> None:
+    assert "drop the schema yourself" in refused("--state", "postgres", "--reset_state")
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    stderr = refused("--state", "postgres", "--postgres_dsn", nowhere)
+    assert "cannot use the PostgreSQL state" in stderr and "password" not in stderr
+    without = tmp_path / "psycopg"
+    without.mkdir()
+    (without / "__init__.py").write_text("raise ImportError('no psycopg here')\n")
+    stderr = refused("--state", "postgres", env={"PYTHONPATH": str(tmp_path)})
+    assert "pip install '.[postgres]'" in stderr

@@ -77,8 +77,20 @@ class PostgresStore(Committer[PostgresDialect]):
     async def start(self) -> None:
         """With the IOLoop running: open the readers' pool and start polling."""
         await self.pool.open(wait=False)
-        self.sync = StateSync(self.shared, self.pool, self.dialect, self.options)
+        options = self.options
+        self.sync = StateSync(
+            self.pool,
+            self.shared,
+            refresh_seconds=options.refresh_seconds,
+            retention_seconds=options.change_retention_seconds,
+            timeout=options.connect_timeout_seconds,
+            renew=self.dialect.renew_lease,
+        )
         self.sync.start()
+
+    def healthy(self) -> bool:
+        """Readiness: the poller reaches the database (the views are current)."""
+        return self.sync is not None and self.sync.healthy()
 
     async def close(self) -> None:
         if self.sync is not None:
