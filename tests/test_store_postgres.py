@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+import requests
 
 from adserver.catalogue import reasons
 from adserver.errors import BadRequest
@@ -27,7 +28,9 @@ from adserver.state.view import Delta, MetricsState
 from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.statistics import moments_of, vector_array
-from tests.support.processes import free_port
+from tests.support.events import feedback
+from tests.support.http import model_doc, send_event
+from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory, free_port
 from tests.support.statistic_models import HISTOGRAM, MOMENTS, Spread, spread_rows
 from tests.support.stores import BUCKETS
 from tests.test_startup import refused
@@ -269,3 +272,26 @@ def test_start_up_refusals_of_the_postgres_state(tmp_path: Path) -> None:
     (without / "__init__.py").write_text("raise ImportError('no psycopg here')\n")
     stderr = refused("--state", "postgres", env={"PYTHONPATH": str(tmp_path)})
     assert "pip install '.[postgres]'" in stderr
+
+
+def eventually(check: Any, timeout: float = 5.0) -> None:
+    """``check()`` true within ``timeout`` (a replica's view follows the others' commits)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the views did not converge"
+        time.sleep(0.05)
+
+
+def test_two_server_replicas_share_one_state(servers: ServerFactory, postgres_dsn: str) -> None:
+    """Over HTTP: an event id is new once across replicas, and each replica's views show the
+    other's events within a poll."""
+    env = {"POSTGRES_DSN": postgres_dsn}
+    args = ("--state", "postgres", "--storage_uri", MULTICLASS_NUMERIC)
+    a, b = servers(*args, env=env), servers(*args, env=env)
+    send_event(a.url, feedback([1, 2], [1, 1]), "e1")
+    send_event(b.url, feedback([1, 2], [1, 1]), "e1")  # a redelivery through the other replica
+    send_event(b.url, feedback([0], [0]), "e2")
+    for replica in (a, b):
+        eventually(lambda url=replica.url: model_doc(url)["events"] == 2)
+    assert requests.get(a.url + "/health/ready", timeout=5).status_code == 200
+    assert a.stop() == 0 and b.stop() == 0
