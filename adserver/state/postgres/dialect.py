@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from adserver.errors import StartupError
 from adserver.state.committer import RowCounts, statistic_rows
@@ -229,6 +229,17 @@ class PostgresDialect:
         self._change: Pending | None = None
         with pool.connection() as connection:
             self.slot = claim_slot(connection, writer, options.slots)
+        #: The readers' connections (the poller's, bucket reads): opened on the IOLoop.
+        self.readers: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            options.dsn,
+            min_size=1,
+            max_size=options.pool_size,
+            kwargs=options.connection_kwargs(),
+            configure=options.configure_async,
+            timeout=options.connect_timeout_seconds,
+            name="feedback-state-readers",
+            open=False,
+        )
 
     @classmethod
     def open(

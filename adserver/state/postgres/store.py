@@ -9,53 +9,27 @@ from one REPEATABLE READ snapshot.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from adserver.state.buckets import TimeBuckets
-from adserver.state.committer import CommitPolicy, Committer, load_views
-from adserver.state.join import Joiner
+from adserver.state.committer import Committer, load_views
 from adserver.state.postgres.changes import SharedViews, Snapshot
 from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
 from adserver.state.postgres.sync import StateSync
-from adserver.state.store import Clock
-from adserver.state.view import Delta, KeyedState, MetricsState
+from adserver.state.view import Delta, KeyedState
 from cm_models.statistics import StateKey
 
 
 class PostgresStore(Committer[PostgresDialect]):
-    """``pool``: the readers' (poller, bucket reads, readiness) connections, opened with the
-    IOLoop (:meth:`start`)."""
+    """The committer over one keyspace; :meth:`start` starts its poller once serving."""
 
-    def __init__(
-        self,
-        states: Mapping[str, MetricsState],
-        dialect: PostgresDialect,
-        server_model: str,
-        policy: CommitPolicy,
-        *,
-        joiner: Joiner | None = None,
-        buckets: TimeBuckets,
-        clock: Clock = time.time,
-    ) -> None:
-        options = dialect.options
-        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            options.dsn,
-            min_size=1,
-            max_size=options.pool_size,
-            kwargs=options.connection_kwargs(),
-            configure=options.configure_async,
-            timeout=options.connect_timeout_seconds,
-            name="feedback-state-readers",
-            open=False,
-        )
-        super().__init__(
-            states, dialect, server_model, policy, joiner=joiner, buckets=buckets, clock=clock
-        )
-        self.sync: StateSync | None = None
+    sync: StateSync | None = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The readers' connections (poller, bucket reads), opened with the IOLoop."""
+        return self.dialect.readers
 
     @property
     def options(self) -> PostgresOptions:
@@ -96,4 +70,4 @@ class PostgresStore(Committer[PostgresDialect]):
         if self.sync is not None:
             await self.sync.close()
         await super().close()
-        await self.pool.close()
+        await self.dialect.readers.close()
