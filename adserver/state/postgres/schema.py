@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from adserver.catalogue.wire import KEYSPACE_PREFIX, SQL_VECTOR_ADD, SQL_VECTOR_SUM
 from adserver.errors import StartupError
 from cm_models.statistics import ColumnType, Statistic
 
@@ -25,8 +26,8 @@ MAX_IDENTIFIER = 63  # bytes of a PostgreSQL name (NAMEDATALEN - 1)
 
 #: ``feedback_vector_add(a, b)``: the elementwise sum of two float8[] of one length (the
 #: upsert's merge of a vector); ``feedback_vector_sum(v)``: the aggregate (a span's read).
-VECTOR_ADD = "feedback_vector_add"
-VECTOR_SUM = "feedback_vector_sum"
+VECTOR_ADD = SQL_VECTOR_ADD
+VECTOR_SUM = SQL_VECTOR_SUM
 
 SQL_TYPES: dict[ColumnType, str] = {
     "int": "bigint",
@@ -104,7 +105,7 @@ class KeyspaceError(StartupError):
 def keyspace_name(model_name: str) -> str:
     """``feedback_`` + the model name, lowercased, every other character ``_``; a name past
     PostgreSQL's 63 bytes is cut and given a hash of the whole, so two long names differ."""
-    name = "feedback_" + re.sub(r"[^a-z0-9_]", "_", model_name.lower())
+    name = KEYSPACE_PREFIX + re.sub(r"[^a-z0-9_]", "_", model_name.lower())
     if len(name) <= MAX_IDENTIFIER:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
