@@ -162,9 +162,8 @@ class Pending:
     def fetchall(self) -> list[Any]:
         return self._result().fetchall()
 
-    @property
-    def rowcount(self) -> int:
-        return self._result().rowcount
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._result())
 
 
 class Pipe:

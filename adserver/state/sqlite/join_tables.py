@@ -253,7 +253,7 @@ class SQLJoinTables:
     def parked(self, request_id: str, rows: range) -> np.ndarray:
         mask = np.zeros(len(rows), bool)
         key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
-        for first, count in self.cursor.execute(self.PARKED, key).fetchall():
+        for first, count in self.cursor.execute(self.PARKED, key):
             mask[max(first - rows.start, 0) : first + count - rows.start] = True
         return mask
 
@@ -311,7 +311,7 @@ class SQLJoinTables:
         """The first of ``query``'s (at most ``batch``) rows whose row counts (the last column)
         add up to ``excess``: what to drop to get back to the bound."""
         chosen = []
-        for found in self.cursor.execute(query, (batch,)).fetchall():
+        for found in self.cursor.execute(query, (batch,)):
             chosen.append(found)
             excess -= found[2]
             if excess <= 0:
