@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from adserver.catalogue import reasons
+from adserver.catalogue.families import EVICTED, PREDICTION_EXPIRED
 from adserver.errors import BadRequest
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
@@ -33,6 +34,7 @@ from tests.support.http import model_doc, send_event
 from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory, free_port
 from tests.support.statistic_models import HISTOGRAM, MOMENTS, Spread, spread_rows
 from tests.support.stores import BUCKETS
+from tests.support.timing import FakeClock
 from tests.test_startup import refused
 from tests.test_store_sqlite import event
 
@@ -55,6 +57,7 @@ def open_store(
     states: dict[str, MetricsState] | None = None,
     joiner: Joiner | None = None,
     dialect: PostgresDialect | None = None,
+    clock: Any = time.time,
     **policy: Any,
 ) -> PostgresStore:
     return PostgresStore(
@@ -64,6 +67,7 @@ def open_store(
         CommitPolicy(**{"retention": 3600.0, "max_ids": 1000, **policy}),
         joiner=joiner,
         buckets=BUCKETS,
+        clock=clock,
     )
 
 
@@ -167,6 +171,28 @@ def test_a_prediction_through_one_replica_joins_a_label_through_another(
     assert state.confusion.classes == [0, 1, 2]
     assert state.confusion.matrix().tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
     assert (fresh.row_counts.logged, fresh.row_counts.parked) == (5, 0)  # global tallies
+
+
+def test_expired_predictions_count_once_when_replicas_sweep_together(postgres_dsn: str) -> None:
+    clock = FakeClock()
+    joiner = Joiner({MODEL: MultiClassNumeric()}, ttl=10)
+    opened = [open_store(postgres_dsn, joiner=joiner, clock=clock) for _ in range(3)]
+    rows = [
+        Entry(operation=LoggedRows(f"r{i}", "response", np.array([1, 2]), 0)) for i in range(50)
+    ]
+    assert commit(opened[0], *rows) == [True] * 50
+    clock.now += 100  # every replica's sweep is due, and every logged request expired
+
+    async def sweep() -> None:
+        await asyncio.gather(*(s.commit([event(f"e{i}", [1], [1])]) for i, s in enumerate(opened)))
+        for store in opened:
+            await store.close()
+
+    run(sweep())
+    fresh = open_store(postgres_dsn)
+    assert fresh.state.count(EVICTED, PREDICTION_EXPIRED) == 100  # each waiting row once
+    assert fresh.row_counts.logged == 0
+    run(fresh.close())
 
 
 def test_the_class_cap_is_global(postgres_dsn: str, stores: list) -> None:

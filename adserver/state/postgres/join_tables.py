@@ -7,6 +7,7 @@ holder sees the other's commit once it is granted)."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,6 +86,37 @@ class PostgresJoinTables(SQLJoinTables):
         self.lock(request_id)
         return super().unpark(request_id, rows)
 
+    def _drop_logged(
+        self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
+    ) -> None:
+        """Only what this transaction deleted counts: another replica may have dropped (or
+        joined) some of ``found`` since it was read, so the requests are locked first and the
+        rows counted are those the delete returns."""
+        ids = sorted({request_id for request_id, _, _ in found})
+        for request_id in ids:
+            self.lock(request_id)
+        gone = self.cursor.execute(CLAIM_LOGGED, (ids,)).fetchall()
+        super()._drop_logged(gone, reason, dropped)
+
+    def _drop_parked(
+        self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
+    ) -> None:
+        for request_id in sorted({request_id for request_id, _, _ in found}):
+            self.lock(request_id)
+        ids, firsts = [r for r, _, _ in found], [first for _, first, _ in found]
+        gone = self.cursor.execute(CLAIM_PARKED, (ids, firsts)).fetchall()
+        super()._drop_parked(gone, reason, dropped)
+
+
+#: Delete requests (by id) and return what went, as the drops count it.
+CLAIM_LOGGED = (
+    "DELETE FROM predictions WHERE request_id = ANY(%s) "
+    "RETURNING request_id, waiting, GREATEST(request_rows, predicted_rows)"
+)
+CLAIM_PARKED = (
+    "DELETE FROM parked_blocks WHERE (request_id, first_row) IN "
+    "(SELECT * FROM unnest(%s::text[], %s::bigint[])) RETURNING request_id, first_row, rows"
+)
 
 for _name in STATEMENTS:
     setattr(PostgresJoinTables, _name, translate(getattr(SQLJoinTables, _name)))
