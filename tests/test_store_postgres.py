@@ -18,7 +18,7 @@ import requests
 
 from adserver.catalogue import reasons
 from adserver.catalogue.families import EVICTED, PREDICTION_EXPIRED
-from adserver.errors import BadRequest
+from adserver.errors import BadRequest, Unavailable
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
 from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
@@ -321,3 +321,22 @@ def test_two_server_replicas_share_one_state(servers: ServerFactory, postgres_ds
         eventually(lambda url=replica.url: model_doc(url)["events"] == 2)
     assert requests.get(a.url + "/health/ready", timeout=5).status_code == 200
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_the_writer_reconnects_after_the_database_restarts(private_postgres: Any) -> None:
+    """The events of a commit that met the restart get 503 (their sender retries); the next
+    transaction runs on a new connection, and nothing counts twice."""
+    store = open_store(private_postgres.create_database("restarts"))
+    assert commit(store, event("e1", [1], [1])) == [True]
+    private_postgres.restart()
+    outcomes = []
+    for _ in range(2):  # the first may meet the broken connection
+        try:
+            outcomes.append(commit(store, event("e2", [1], [1])))
+        except Unavailable as exc:
+            assert exc.reason == reasons.STORE_ERROR
+            outcomes.append(None)
+    assert outcomes in ([None, [True]], [[True], [False]])  # counted once either way
+    assert commit(store, event("e1", [1], [1])) == [False]  # remembered before the restart
+    assert store.state.count("rows_accepted") == 2
+    run(store.close())
