@@ -135,7 +135,7 @@ def open_postgres(
             "(DROP SCHEMA ... CASCADE), with every replica stopped"
         )
     try:
-        import psycopg  # noqa: F401
+        import psycopg
         import psycopg_pool  # noqa: F401
     except ImportError as exc:
         raise StartupError(
@@ -161,6 +161,9 @@ def open_postgres(
         return PostgresStore(
             states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets
         )
+    except psycopg.Error as exc:  # the database went away between connecting and loading
+        dialect.close()
+        raise StartupError(f"cannot load the PostgreSQL state: {exc}") from exc
     except BaseException:
         dialect.close()
         raise
