@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from adserver.state.postgres.changes import SharedViews, encode_changes
 from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
 from adserver.state.postgres.reader import PostgresBucketReader
-from adserver.state.postgres.schema import keyspace_name
+from adserver.state.postgres.schema import VECTOR_SUM, keyspace_name
 from adserver.state.postgres.sync import StateSync
 from adserver.state.reads import bucket_statistics
 from adserver.state.view import Delta, KeyedState, MetricsState
@@ -109,7 +109,7 @@ async def polls_each_commit_once(options: PostgresOptions) -> None:
 async def polled_once(options: PostgresOptions, pool: AsyncConnectionPool[Any]) -> None:
     state = views()
     shared = SharedViews(state, prototype().statistics)
-    sync = StateSync(pool, shared)
+    sync = StateSync(pool, shared, VECTOR_SUM)
     await sync.poll()  # the base: every change so far (none)
     with connect(options) as other, connect(options) as slow:
         slow.execute("BEGIN")
@@ -210,7 +210,7 @@ async def reads_and_reload(options: PostgresOptions, written: list[dict[str, lis
 async def read_and_reloaded(
     pool: AsyncConnectionPool[Any], written: list[dict[str, list[Any]]]
 ) -> None:
-    reader = PostgresBucketReader({MODEL: prototype()}, pool)
+    reader = PostgresBucketReader({MODEL: prototype()}, pool, VECTOR_SUM)
     assert [s.name for s in bucket_statistics(prototype())][-2:] == [HISTOGRAM.name, MOMENTS.name]
     twice = written * 2  # buckets 7 and 8
     for segment in (None, "x"):
@@ -223,7 +223,7 @@ async def read_and_reloaded(
     state = views()
     shared = SharedViews(state, prototype().statistics)
     state.apply(StateKey(MODEL), Delta(counters=[("stale", "", 1)]))  # what a reload forgets
-    await StateSync(pool, shared).reload()
+    await StateSync(pool, shared, VECTOR_SUM).reload()
     assert comparable(state.total(MODEL)) == expected(written, None)
     assert comparable(state.at(StateKey(MODEL, "x"))) == expected(written, "x")
 
@@ -247,7 +247,7 @@ def test_health_follows_the_database(private_postgres: Any) -> None:
 async def follows_the_database(server: Any, options: PostgresOptions) -> None:
     async with open_pool(options) as pool:
         state = views()
-        sync = StateSync(pool, SharedViews(state, prototype().statistics), timeout=1)
+        sync = StateSync(pool, SharedViews(state, prototype().statistics), VECTOR_SUM, timeout=1)
         sync.start()
         try:
             await eventually(lambda: sync.polls > 2 and sync.healthy(), 5)

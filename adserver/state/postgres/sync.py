@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from adserver.state.committer import every_statistic
 from adserver.state.postgres.changes import SharedViews, Snapshot
-from adserver.state.postgres.reader import SQL, snapshot_read
+from adserver.state.postgres.reader import postgres_sql, snapshot_read
 from adserver.state.reads import key_of
 from adserver.state.view import KeyedState
 from cm_models.statistics import ALL_TIME, Row, StateKey
@@ -58,6 +58,7 @@ Renew = Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]]
 
 class StateSync:
     """``shared``: the views, loaded at start-up (the snapshot they hold is its base);
+    ``vector_sum``: the keyspace's aggregate of vectors (a reload sums every slot's rows);
     ``renew``: the store's renewal of its slot lease on a pooled connection (None: no lease).
     """
 
@@ -65,6 +66,7 @@ class StateSync:
         self,
         pool: AsyncConnectionPool[Any],
         shared: SharedViews,
+        vector_sum: str,
         *,
         refresh_seconds: float = 0.25,
         retention_seconds: float = 120.0,
@@ -74,6 +76,7 @@ class StateSync:
     ) -> None:
         self.pool = pool
         self.shared = shared
+        self.sql = postgres_sql(vector_sum)
         self.refresh_seconds = refresh_seconds
         self.retention_seconds = retention_seconds
         self.timeout = timeout
@@ -155,9 +158,9 @@ class StateSync:
             for statistic in every_statistic(views.prototypes):
                 grouped = ("model", "segment")
                 if statistic.mergeable:  # every slot's rows summed by the database
-                    query = SQL.spanned(statistic, grouped, "time_bucket = %s")
+                    query = self.sql.spanned(statistic, grouped, "time_bucket = %s")
                 else:  # ``last``: one row per key (slot 0)
-                    query = SQL.listed(statistic, grouped, "time_bucket = %s")
+                    query = self.sql.listed(statistic, grouped, "time_bucket = %s")
                 cursor = await connection.execute(query, (ALL_TIME,), binary=True)
                 stored.append((statistic.name, await cursor.fetchall()))
         self.reloads += 1
