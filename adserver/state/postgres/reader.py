@@ -32,17 +32,22 @@ T = TypeVar("T")
 ROWS_PER_SLICE = 4096
 
 
+#: Seconds one statement of a bucket read or a full reload may run: they read far more than a
+#: poll (whose statements get ``--postgres_connect_timeout_seconds``).
+READ_STATEMENT_SECONDS = 30.0
+
+
 @asynccontextmanager
 async def snapshot_read(
-    pool: AsyncConnectionPool[Any], timeout: float
+    pool: AsyncConnectionPool[Any], wait: float, statement: float = READ_STATEMENT_SECONDS
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection in one REPEATABLE READ, read-only transaction: every statement of
-    it sees the same commits. ``timeout`` bounds the wait for a connection and each statement
-    (the database's ``statement_timeout``)."""
-    async with pool.connection(timeout=timeout) as connection:
+    """A pooled connection (waited for at most ``wait`` seconds) in one REPEATABLE READ,
+    read-only transaction: every statement of it sees the same commits, and runs at most
+    ``statement`` seconds (the database's ``statement_timeout``)."""
+    async with pool.connection(timeout=wait) as connection:
         await connection.execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-            f"SET LOCAL statement_timeout = {max(1, round(timeout * 1000))}"
+            f"SET LOCAL statement_timeout = {max(1, round(statement * 1000))}"
         )
         try:
             yield connection
@@ -80,8 +85,7 @@ class PostgresBucketReader:
 
     ``models``: the models' all-time views by name, as for SQLite's reader; ``pool``: the
     store's async pool (closed by the store); ``vector_sum``: the keyspace's aggregate of
-    vectors; ``timeout``: ``--postgres_connect_timeout_seconds`` (a connection's wait and each
-    statement's limit).
+    vectors; ``timeout``: ``--postgres_connect_timeout_seconds`` (the wait for a connection).
     """
 
     def __init__(
