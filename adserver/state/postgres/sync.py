@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from adserver.state.committer import every_statistic
 from adserver.state.postgres.changes import SharedViews, Snapshot
-from adserver.state.postgres.reader import SQL, snapshot_read
+from adserver.state.postgres.reader import READ_STATEMENT_SECONDS, postgres_sql, snapshot_read
 from adserver.state.reads import key_of
 from adserver.state.view import KeyedState
 from cm_models.statistics import ALL_TIME, Row, StateKey
@@ -58,6 +58,7 @@ Renew = Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]]
 
 class StateSync:
     """``shared``: the views, loaded at start-up (the snapshot they hold is its base);
+    ``vector_sum``: the keyspace's aggregate of vectors (a reload sums every slot's rows);
     ``renew``: the store's renewal of its slot lease on a pooled connection (None: no lease).
     """
 
@@ -65,6 +66,7 @@ class StateSync:
         self,
         pool: AsyncConnectionPool[Any],
         shared: SharedViews,
+        vector_sum: str,
         *,
         refresh_seconds: float = 0.25,
         retention_seconds: float = 120.0,
@@ -74,6 +76,7 @@ class StateSync:
     ) -> None:
         self.pool = pool
         self.shared = shared
+        self.sql = postgres_sql(vector_sum)
         self.refresh_seconds = refresh_seconds
         self.retention_seconds = retention_seconds
         self.timeout = timeout
@@ -109,7 +112,7 @@ class StateSync:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.refresh(), 2 * self.timeout)
+                await asyncio.wait_for(self.refresh(), self._limit())
             except Exception as exc:  # an outage: keep the last state, try again
                 if not self._failing:
                     log.warning("state sync failed: %s", exc or type(exc).__name__)
@@ -120,11 +123,22 @@ class StateSync:
                 self._failing = False
             await asyncio.sleep(self.refresh_seconds)
 
+    def _reloading(self, now: float) -> bool:
+        """Change rows this replica has not seen may be trimmed soon: read the tables instead."""
+        return now - self.synced > self.retention_seconds / 2
+
+    def _limit(self) -> float:
+        """Seconds a round may take: a poll's statements and the wait for a connection, or a
+        reload's (which reads every table)."""
+        if self._reloading(self.clock()):
+            return self.timeout + READ_STATEMENT_SECONDS
+        return 2 * self.timeout
+
     async def refresh(self) -> None:
         """One round: a poll (or a reload after an outage), then the lease and the trim when
         they are due."""
         started = self.clock()
-        if started - self.synced > self.retention_seconds / 2:
+        if self._reloading(started):
             await self.reload()
         else:
             await self.poll()
@@ -138,7 +152,7 @@ class StateSync:
     async def poll(self) -> int:
         """The changes committed since the views' snapshot; returns how many were applied."""
         base = str(self.shared.base)
-        async with snapshot_read(self.pool, self.timeout) as connection:
+        async with snapshot_read(self.pool, self.timeout, self.timeout) as connection:
             snapshot = await scalar(connection, SNAPSHOT)
             cursor = await connection.execute(CHANGES_SINCE, (base, base), binary=True)
             rows = await cursor.fetchall()
@@ -155,9 +169,9 @@ class StateSync:
             for statistic in every_statistic(views.prototypes):
                 grouped = ("model", "segment")
                 if statistic.mergeable:  # every slot's rows summed by the database
-                    query = SQL.spanned(statistic, grouped, "time_bucket = %s")
+                    query = self.sql.spanned(statistic, grouped, "time_bucket = %s")
                 else:  # ``last``: one row per key (slot 0)
-                    query = SQL.listed(statistic, grouped, "time_bucket = %s")
+                    query = self.sql.listed(statistic, grouped, "time_bucket = %s")
                 cursor = await connection.execute(query, (ALL_TIME,), binary=True)
                 stored.append((statistic.name, await cursor.fetchall()))
         self.reloads += 1
