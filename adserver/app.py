@@ -18,6 +18,7 @@ from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON
 from adserver.errors import StartupError
 from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
 from adserver.exposition.seldon_labels import configured_model_labels, seldon_default_labels
+from adserver.exposition.state_stats import SharedFigures, StateStats
 from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
 from adserver.http.auth import Authenticator, TokenFile
 from adserver.http.handlers import make_app
@@ -177,9 +178,11 @@ def open_reader(settings: Settings, store: Committer[Any]) -> BucketReader:
     models = {model: views.total(model) for model in views.models()}
     if settings.state == "postgres":
         from adserver.state.postgres.reader import PostgresBucketReader
+        from adserver.state.postgres.schema import VECTOR_SUM
 
         pool = cast("PostgresStore", store).pool
-        return PostgresBucketReader(models, pool, settings.postgres_connect_timeout_seconds)
+        timeout = settings.postgres_connect_timeout_seconds
+        return PostgresBucketReader(models, pool, VECTOR_SUM, timeout)
     if settings.state == "sqlite":
         return SQLiteBucketReader.durable(models, state_path(settings.state_dir))
     assert isinstance(store, SQLiteStore)
@@ -354,10 +357,13 @@ def build_server(settings: Settings) -> Server:
     )
     lifecycle = Lifecycle()
     start_state = None
+    state_stats = StateStats(settings.model_name, settings.state)
     if settings.state == "postgres":  # its poller starts once serving; ready while it polls
         shared = cast("PostgresStore", store)
         lifecycle.checks.append(shared.healthy)
         start_state = shared.start
+        figures = SharedFigures(shared.stats, shared.round_trips, shared.staleness)
+        state_stats = StateStats(settings.model_name, "postgres", shared.keyspace, figures)
     service = FeedbackService(
         model,
         store,
@@ -388,7 +394,7 @@ def build_server(settings: Settings) -> Server:
     issuer = oidc_verifier(settings)
     auth = authenticator(settings, issuer)
     kafka = kafka_transport(settings, service)
-    others: list[Collector] = [gauges] + ([kafka.stats] if kafka is not None else [])
+    others: list[Collector] = [gauges, state_stats] + ([kafka.stats] if kafka is not None else [])
     collector = FeedbackCollector(
         settings.model_name,
         model_sources(store, model, models, seldon),

@@ -30,7 +30,7 @@ from cm_models import MultiClassNumeric
 from cm_models.confusion import Cells
 from cm_models.statistics import moments_of, vector_array
 from tests.support.events import feedback
-from tests.support.http import model_doc, send_event
+from tests.support.http import model_doc, scrape, send_event
 from tests.support.processes import MULTICLASS_NUMERIC, ServerFactory, free_port
 from tests.support.statistic_models import HISTOGRAM, MOMENTS, Spread, spread_rows
 from tests.support.stores import BUCKETS
@@ -320,6 +320,12 @@ def test_two_server_replicas_share_one_state(servers: ServerFactory, postgres_ds
     for replica in (a, b):
         eventually(lambda url=replica.url: model_doc(url)["events"] == 2)
     assert requests.get(a.url + "/health/ready", timeout=5).status_code == 200
+    samples = scrape(b.url)
+    info = {"model": "model", "backend": "postgres", "keyspace": "feedback_model"}
+    model = frozenset({"model": "model"}.items())
+    assert samples[("feedback_state_info", frozenset(info.items()))] == 1
+    assert samples[("feedback_state_transactions_total", model)] == 2  # e1 and e2 through b
+    assert samples[("feedback_state_round_trips_total", model)] >= 2
     assert a.stop() == 0 and b.stop() == 0
 
 

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from adserver.state.committer import Committer, load_views
 from adserver.state.postgres.changes import SharedViews, Snapshot
 from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+from adserver.state.postgres.schema import VECTOR_SUM
 from adserver.state.postgres.sync import StateSync
 from adserver.state.view import Delta, KeyedState
 from cm_models.statistics import StateKey
@@ -55,12 +56,24 @@ class PostgresStore(Committer[PostgresDialect]):
         self.sync = StateSync(
             self.pool,
             self.shared,
+            VECTOR_SUM,
             refresh_seconds=options.refresh_seconds,
             retention_seconds=options.change_retention_seconds,
             timeout=options.connect_timeout_seconds,
             renew=self.dialect.renew_lease,
         )
         self.sync.start()
+
+    @property
+    def keyspace(self) -> str:
+        return self.dialect.keyspace
+
+    def round_trips(self) -> int:
+        return self.dialect.pipe.round_trips
+
+    def staleness(self) -> float:
+        """Seconds since the views last matched the database (0 before polling: just loaded)."""
+        return 0.0 if self.sync is None else self.sync.staleness()
 
     def healthy(self) -> bool:
         """Readiness: the poller reaches the database (the views are current)."""
