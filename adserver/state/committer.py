@@ -188,6 +188,10 @@ class Dialect(Protocol):
 
     def release_savepoint(self) -> None: ...
 
+    def reserve(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Right after :meth:`begin`: the event keys the transaction will :meth:`remember` (a
+        shared dialect locks and reads them all at once)."""
+
     def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
         """Record an event key at ``now``: 2 for a new row, 1 for a known key last seen at or
         before ``forgotten_by`` (it counts again), 0 for a duplicate."""
@@ -439,6 +443,9 @@ class Committer(StateStore, Generic[D]):
         now = self.clock()
         dialect = self.dialect
         dialect.begin()
+        dialect.reserve(
+            [e.event_key for entries, _ in batches for e in entries if e.event_key is not None]
+        )
         if dialect.shared:  # what the other replicas changed since: bounds are global
             stored = dialect.tallies()
             self.seen_count = stored.get(SEEN_IDS, 0)

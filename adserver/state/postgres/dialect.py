@@ -4,7 +4,11 @@ The committer's writer thread runs one transaction per group of events on a conn
 small pool (a broken connection is replaced at the next transaction). Statements whose result
 is not needed (upserts, tallies, savepoints, locks, the change row) are queued and sent in one
 pipeline with the next statement that needs a result, or with COMMIT: a transaction costs a
-round trip per remembered event id and per join read, plus one.
+round trip per remembered event id and per join read, plus one. A transaction's statistic rows
+are merged by key in Python (events of one group touch the same few cells and counters) and
+sent at COMMIT as one statement per statistic, the rows as one JSON document
+(``json_populate_recordset``): the database's work per group grows with the keys it touches,
+not with its events.
 
 Replicas never add to one hot row: a statistic's rows and the tallies are kept per *slot* (a
 lease each replica holds, :func:`claim_slot`), and reads sum the slots; a ``last`` statistic is
@@ -15,17 +19,19 @@ replicas.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
 import socket
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
@@ -52,7 +58,15 @@ from adserver.state.postgres.schema import (
 from adserver.state.sqlite.store import merged
 from adserver.state.view import CUSTOM, Delta, series
 from cm_models.custom_metrics import MetricType, SeriesKey
-from cm_models.statistics import ALL_TIME, Row, StateKey, Statistic
+from cm_models.statistics import (
+    ALL_TIME,
+    Row,
+    StateKey,
+    Statistic,
+    add_vectors,
+    combined_moments,
+    vector_array,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +182,23 @@ class Pending:
 
 class Pipe:
     """The statements of the open transaction, sent in pipelines: a cursor for the join tables
-    too (``execute`` / ``executemany``, results fetched lazily)."""
+    too (``execute`` / ``executemany``, results fetched lazily).
+
+    A savepoint is sent only before the first statement after it: most batches of a group send
+    none (their remembered ids and rows are kept in Python until COMMIT), so they need none.
+    """
 
     def __init__(self, dialect: PostgresDialect) -> None:
         self.dialect = dialect
         self.queue: list[Pending] = []
         self.round_trips = 0
         self.statements = 0
+        self.savepoint: bool | None = None  # None: none open; False: open, not sent yet
 
     def execute(self, query: str, params: Any = None, binary: bool = False) -> Pending:
+        if self.savepoint is False:
+            self.savepoint = True
+            self.execute("SAVEPOINT batch")
         pending = Pending(self, query, params, binary=binary)
         self.queue.append(pending)
         self.statements += 1
@@ -184,6 +206,9 @@ class Pipe:
 
     def executemany(self, query: str, params: Sequence[Any]) -> None:
         if params:
+            if self.savepoint is False:
+                self.savepoint = True
+                self.execute("SAVEPOINT batch")
             self.queue.append(Pending(self, query, params, many=True))
             self.statements += len(params)
 
@@ -198,8 +223,15 @@ class Pipe:
             for pending in queue:
                 pending.run(connection)
 
+    def end_savepoint(self, statement: str) -> None:
+        """ROLLBACK TO or RELEASE the open savepoint, if it was sent."""
+        if self.savepoint:
+            self.execute(statement)
+        self.savepoint = None
+
     def discard(self) -> None:
         self.queue.clear()
+        self.savepoint = None
 
 
 class PostgresDialect:
@@ -226,6 +258,14 @@ class PostgresDialect:
         self.pipe = Pipe(self)
         self.locked: set[str] = set()  # resources and request ids locked in this transaction
         self._change: Pending | None = None
+        self._rows: list[tuple[str, Row]] = []  # (statistic, stored row) of the transaction
+        # (len(self._rows), len(self._seen_journal), len(self._inserts)) at the open savepoint
+        self._savepoint = (0, 0, 0)
+        self._inserts: list[tuple[str, str, float]] = []  # new remembered ids, sent at COMMIT
+        # The transaction's reserved event keys: seen_at, or None if not remembered.
+        self._seen: dict[tuple[str, str], float | None] = {}
+        self._seen_reads: list[Pending] = []  # their rows, fetched when first needed
+        self._seen_journal: list[tuple[tuple[str, str], float | None]] = []  # key, seen_at before
         with pool.connection() as connection:
             self.slot = claim_slot(connection, writer, options.slots)
         #: The readers' connections (the poller's, bucket reads): opened on the IOLoop.
@@ -446,6 +486,8 @@ class PostgresDialect:
         )
 
     def commit(self) -> object:
+        self._send_inserts()
+        self._send_rows()
         self.pipe.execute("COMMIT")
         self.pipe.flush()
         change, self._change = self._change, None
@@ -454,6 +496,11 @@ class PostgresDialect:
     def rollback(self) -> None:
         self.pipe.discard()
         self._change = None
+        self._rows.clear()
+        self._inserts.clear()
+        self._seen.clear()
+        self._seen_reads.clear()
+        self._seen_journal.clear()
         connection = self._connection
         if connection is None or connection.broken:
             return
@@ -461,13 +508,20 @@ class PostgresDialect:
             connection.execute("ROLLBACK")
 
     def savepoint(self) -> None:
-        self.pipe.execute("SAVEPOINT batch")
+        self._savepoint = (len(self._rows), len(self._seen_journal), len(self._inserts))
+        self.pipe.savepoint = False
 
     def rollback_to_savepoint(self) -> None:
-        self.pipe.execute("ROLLBACK TO SAVEPOINT batch")
+        rows, remembered, inserts = self._savepoint
+        del self._rows[rows:]
+        del self._inserts[inserts:]
+        while len(self._seen_journal) > remembered:
+            key, before = self._seen_journal.pop()
+            self._seen[key] = before
+        self.pipe.end_savepoint("ROLLBACK TO SAVEPOINT batch")
 
     def release_savepoint(self) -> None:
-        self.pipe.execute("RELEASE SAVEPOINT batch")
+        self.pipe.end_savepoint("RELEASE SAVEPOINT batch")
 
     def lock(self, resource: str) -> None:
         """A transaction lock on a named resource (a request id, ``classes:<model>``...), taken
@@ -478,17 +532,59 @@ class PostgresDialect:
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (self.lock_class, resource)
             )
 
-    def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
-        """One statement: inserted (2), a known key forgotten by now seen again (1), or a
-        duplicate (0, no row). A replica inserting the same key waits for the other's commit."""
-        found = self.query(
-            "INSERT INTO seen AS t VALUES (%s, %s, %s) ON CONFLICT (source, id) DO UPDATE "
-            "SET seen_at = excluded.seen_at WHERE t.seen_at <= %s RETURNING (xmax = 0)",
-            (*key, now, forgotten_by),
+    def reserve(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Lock the transaction's event keys (sorted: replicas lock them in one order, so these
+        locks cannot deadlock) and read which are remembered, queued: the first statement that
+        needs a result (the tallies) carries them, so a group of events costs no round trip per
+        event. A replica redelivering one of them waits for this commit, then finds it."""
+        wanted = sorted(set(keys) - self._seen.keys())
+        if not wanted:
+            return
+        locks = sorted({event_lock(self.keyspace, key) for key in wanted})
+        self.pipe.execute(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) k", (locks,)
         )
-        if not found:
+        self._seen.update(dict.fromkeys(wanted))
+        self._seen_reads.append(
+            self.pipe.execute(
+                "SELECT source, id, seen_at FROM seen "
+                "WHERE (source, id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([source for source, _ in wanted], [event_id for _, event_id in wanted]),
+            )
+        )
+
+    def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
+        """Decided here, from the reserved keys' rows (a key not reserved is reserved now); a new
+        id is inserted at COMMIT with the others. Plain INSERT: a conflict would be a broken
+        lock, and fails the transaction (503, retried) rather than count an event twice."""
+        if key not in self._seen:
+            self.reserve([key])
+        seen = self._seen_rows()
+        at = seen[key]
+        if at is None:
+            self._inserts.append((*key, now))
+            found = 2
+        elif at <= forgotten_by:  # past its retention: counts again (a sweep may just have
+            # deleted the row, ours or another replica's: then it is a new row after all)
+            inserted = self.query(
+                "INSERT INTO seen AS t VALUES (%s, %s, %s) ON CONFLICT (source, id) "
+                "DO UPDATE SET seen_at = excluded.seen_at RETURNING (xmax = 0)",
+                (*key, now),
+            )
+            found = 2 if inserted[0][0] else 1
+        else:
             return 0
-        return 2 if found[0][0] else 1
+        self._seen_journal.append((key, at))
+        seen[key] = now
+        return found
+
+    def _seen_rows(self) -> dict[tuple[str, str], float | None]:
+        """The reserved keys' ``seen_at`` (None: not remembered), their reads fetched once."""
+        reads, self._seen_reads = self._seen_reads, []
+        for read in reads:
+            for source, event_id, at in read.fetchall():
+                self._seen[(source, event_id)] = at
+        return self._seen
 
     def forget_ids(self, seen_by: float | None, limit: int) -> int:
         where, parameters = ("WHERE seen_at <= %s", (seen_by,)) if seen_by is not None else ("", ())
@@ -504,21 +600,60 @@ class PostgresDialect:
         return PostgresJoinTables(self.pipe, counts, self.lock)
 
     def write(self, keys: Sequence[StateKey], delta: Delta) -> None:
-        """Each statistic's rows under every key, sorted by primary key (concurrent upserts in
-        one order cannot deadlock), statistics by name; vectors as float8[]."""
-        for name in sorted(delta.parts):
+        """Kept until COMMIT (:meth:`_send_rows`); a rolled-back savepoint drops its rows."""
+        for name, items in delta.parts.items():
             statistic = self.statistics[name]
-            rows = statistic_rows(statistic, delta.parts[name])
             slot = 0 if statistic.merge == "last" else self.slot
-            vector_at = self._vectors[name]
-            if vector_at:
-                rows = [dense(row, vector_at) for row in rows]
-            width = len(statistic.keys)
-            stored = sorted(
-                ((slot, *key, *row) for key in keys for row in rows),
-                key=lambda r: (r[3], r[1], r[2], *r[ROW_OFFSET : ROW_OFFSET + width]),
+            rows = statistic_rows(statistic, items)
+            self._rows += [(name, (slot, *key, *row)) for key in keys for row in rows]
+
+    def _send_inserts(self) -> None:
+        """The transaction's new remembered ids, one statement (plain INSERT: see remember)."""
+        if self._inserts:
+            sources, ids, times = zip(*self._inserts)
+            self._inserts.clear()
+            self.pipe.execute(
+                "INSERT INTO seen SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[])",
+                (list(sources), list(ids), list(times)),
             )
-            self.pipe.executemany(self._upserts[name], stored)
+
+    def _send_rows(self) -> None:
+        """The transaction's rows merged by primary key, one upsert per statistic (by name),
+        its rows in primary-key order (concurrent upserts in one order cannot deadlock)."""
+        merged: dict[str, dict[Row, Row]] = {}
+        for name, row in self._rows:
+            width = ROW_OFFSET + len(self.statistics[name].keys)
+            into = merged.setdefault(name, {})
+            key, values = row[:width], row[width:]
+            known = into.get(key)
+            into[key] = values if known is None else self._merge(name, known, values)
+        self._rows.clear()
+        for name in sorted(merged):
+            statistic = self.statistics[name]
+            columns = [column for column, _ in statistic_columns(statistic)]
+            vector_at = [ROW_OFFSET + i for i in self._vectors[name]]
+            order = sort_key(len(statistic.keys))
+            records = [
+                dict(zip(columns, json_values((*key, *values), vector_at)))
+                for key, values in sorted(merged[name].items(), key=lambda kv: order(kv[0]))
+            ]
+            self.pipe.execute(
+                self._upserts[name],
+                (orjson.dumps(records, option=orjson.OPT_SERIALIZE_NUMPY).decode(),),
+            )
+
+    def _merge(self, name: str, known: Row, values: Row) -> Row:
+        """Two rows of one key by the statistic's merge (as its upsert would add them)."""
+        statistic = self.statistics[name]
+        if statistic.merge == "last":
+            return values
+        if statistic.merge == "moments":
+            return tuple(combined_moments(known, values))
+        kinds = [kind for _, kind in statistic.values]
+        return tuple(
+            add_vectors(a, b) if kind == "vector" else a + b
+            for a, b, kind in zip(known, values, kinds)
+        )
 
     def add_classes(self, model: str, classes: Iterable[int]) -> None:
         self.pipe.executemany(
@@ -550,20 +685,35 @@ class PostgresDialect:
             self.pool.close()
 
 
-def dense(row: Row, positions: Sequence[int]) -> Row:
-    """A row with its vector values as :class:`~adserver.state.postgres.vectors.Dense`."""
+def event_lock(keyspace: str, key: tuple[str, str]) -> int:
+    """The advisory lock (int64) of one event key in a keyspace."""
+    digest = hashlib.blake2b(
+        "\0".join((keyspace, *key)).encode(), digest_size=8, person=b"feedback-seen"
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def json_values(row: Row, vectors: Sequence[int]) -> Row:
+    """A stored row for JSON: its vector values as arrays (dense: the table's float8[])."""
+    if not vectors:
+        return row
     values = list(row)
-    for i in positions:
-        values[i] = vectors.Dense(values[i])
+    for i in vectors:
+        values[i] = vector_array(values[i])
     return tuple(values)
+
+
+def sort_key(keys: int) -> Callable[[Row], tuple[Any, ...]]:
+    """A stored row's primary key, in the table's order (bucket, model, segment, keys, slot)."""
+    own = slice(ROW_OFFSET, ROW_OFFSET + keys)
+    return lambda row: (row[3], row[1], row[2], *row[own], row[0])
 
 
 def upsert(statistic: Statistic[Any, Any]) -> str:
     """Add rows to a statistic's table (alias ``t``), merging each value by its merge."""
-    columns = statistic_columns(statistic)
-    placeholders = ", ".join("%s" for _ in columns)
     return (
-        f"INSERT INTO {statistic.name} AS t VALUES ({placeholders}) "
+        f"INSERT INTO {statistic.name} AS t SELECT * FROM "
+        f"json_populate_recordset(NULL::{statistic.name}, %s::json) "
         f"ON CONFLICT ({', '.join(primary_key(statistic))}) DO UPDATE SET "
         + ", ".join(merged(statistic, VECTOR_ADD, "t."))
     )

@@ -329,6 +329,9 @@ class SQLiteDialect:
     def release_savepoint(self) -> None:
         self.cursor.execute("RELEASE batch")
 
+    def reserve(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Nothing to lock or read ahead: :meth:`remember` is one local statement."""
+
     def remember(self, key: tuple[str, str], now: float, forgotten_by: float) -> int:
         cursor = self.cursor
         cursor.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (*key, now))
