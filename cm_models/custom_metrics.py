@@ -130,6 +130,14 @@ class MetricCatalog:
             self.register(family, kind)
         self.series.update(series)
 
+    def refresh(self, types: Mapping[str, MetricType], series: Iterable[SeriesKey]) -> None:
+        """What a shared store holds now (other replicas admit too): families not known yet are
+        registered (journalled: a rollback forgets them, and they are read again), series added."""
+        for family, kind in types.items():
+            if family not in self.types:
+                self.register(family, kind)
+        self.series.update(series)
+
     def mark(self) -> int:
         """A point to :meth:`rollback` to (a transaction or savepoint begins)."""
         return len(self._journal)

@@ -6,11 +6,14 @@ commit and the bookkeeping a rollback puts back all live here, once. A dialect s
 statements: a transaction and its savepoints, remembered ids, join tables, and the rows of
 declared statistics keyed by :class:`StateKey`.
 
-What replicas will share is state, kept in the store: the classes (``classes``), the custom
-catalog (the custom statistics' own keys) and the counts of remembered ids and rows (tallies).
-A dialect here is its store's only writer (SQLite holds a lock on its file), so the committer
-reads them once at start-up, keeps them in memory and writes them through in each transaction;
-a shared dialect (PostgreSQL) will read them inside the transaction instead.
+What replicas share is state, kept in the store: the classes (``classes``), the segments, the
+custom catalog (the custom statistics' own keys) and the counts of remembered ids and rows
+(tallies). A dialect that is its store's only writer (SQLite holds a lock on its file) has them
+read once at start-up, kept in memory and written through in each transaction. A shared dialect
+(PostgreSQL, many replicas) has the tallies read inside every transaction, and the classes,
+segments and catalog re-read under a lock whenever a cap decision depends on them; its commits
+are published (``publish``) for the other replicas' views, and a transaction the database
+aborts for concurrency (a deadlock, a serialization failure) is run again whole.
 
 An event is acknowledged only after its transaction committed; a redelivered event finds its
 key remembered and changes nothing.
@@ -19,7 +22,9 @@ key remembered and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -51,7 +56,13 @@ from adserver.state.view import (
     segment_name,
 )
 from cm_models.base import InvalidFeedback
-from cm_models.custom_metrics import MetricCatalog
+from cm_models.custom_metrics import (
+    CustomMetric,
+    MetricCatalog,
+    MetricType,
+    SeriesKey,
+    family_name,
+)
 from cm_models.statistics import (
     ALL_TIME,
     DEFAULT_SEGMENT,
@@ -75,8 +86,18 @@ BUCKET_BATCH = 4
 # The tallies a store keeps (a row each): remembered event ids, and rows the join holds.
 SEEN_IDS, LOGGED_ROWS, PARKED_ROWS = "seen_ids", "logged_rows", "parked_rows"
 TALLIES = (SEEN_IDS, LOGGED_ROWS, PARKED_ROWS)
+# A transaction a shared database aborted for concurrency is run this many times at most, after
+# a jittered pause of up to RETRY_PAUSE * 2**attempt seconds; then its events get 503.
+MAX_ATTEMPTS = 5
+RETRY_PAUSE = 0.005
+# Upper bounds of the events-per-transaction histogram (group commit's batch sizes).
+TRANSACTION_EVENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# SQLSTATEs of the aborts worth a retry, by the reason they are counted under.
+RETRY_REASONS = {"40P01": "deadlock", "40001": "serialization"}
 
 BatchResult = list[bool] | RequestError  # per batch: applied flags, or why it failed
+# One transaction's outcomes, all-time deltas (for the views) and the dialect's commit token.
+Written = tuple[list[BatchResult], list[tuple[StateKey, Delta]], object]
 _Batch = tuple[Sequence[Entry], Scores | None, "asyncio.Future[list[bool]]"]
 
 
@@ -111,6 +132,11 @@ class Dialect(Protocol):
     durable: bool
     #: The exceptions that mean a transient fault (the client retries on 503).
     errors: tuple[type[Exception], ...]
+    #: Other processes write the same store (replicas): see the module's docstring.
+    shared: bool
+    #: The exceptions after which the whole transaction is run again (deadlocks, serialization
+    #: failures of a shared database); they abort the transaction, so nothing of it is kept.
+    retryable: tuple[type[Exception], ...]
 
     def prepare(
         self,
@@ -139,7 +165,19 @@ class Dialect(Protocol):
 
     def begin(self) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> object:
+        """Commit; a token naming the commit for the views (None where no one else reads it)."""
+
+    def publish(self, deltas: Sequence[tuple[StateKey, Delta]]) -> None:
+        """Shared only, just before :meth:`commit`: the transaction's all-time deltas, for the
+        other replicas' views."""
+
+    def lock(self, resource: str) -> None:
+        """Hold ``resource`` (e.g. ``classes:<model>``) exclusively until the transaction ends:
+        shared only (one writer needs no lock)."""
+
+    def catalog(self) -> tuple[dict[str, MetricType], set[SeriesKey]]:
+        """The custom families (with their types) and series the store holds."""
 
     def rollback(self) -> None:
         """Undo the open transaction, if SQL has not already."""
@@ -165,7 +203,8 @@ class Dialect(Protocol):
 
     def add_classes(self, model: str, classes: Iterable[int]) -> None: ...
 
-    def write_tallies(self, tallies: dict[str, int]) -> None: ...
+    def write_tallies(self, moved: dict[str, tuple[int, int]]) -> None:
+        """The tallies that moved in this transaction: name -> (before, after)."""
 
     def close(self) -> None: ...
 
@@ -224,6 +263,25 @@ class Writes:
         return [(keys[0], d) for keys, d in self.groups.items() if keys[0].bucket == ALL_TIME]
 
 
+@dataclass
+class CommitStats:
+    """What the transactions were like: how many, how many events each held (group commit),
+    and the retries by reason."""
+
+    transactions: int = 0
+    events: int = 0
+    sizes: list[int] = field(default_factory=lambda: [0] * len(TRANSACTION_EVENTS))
+    retries: Counter[str] = field(default_factory=Counter)
+
+    def committed(self, events: int) -> None:
+        self.transactions += 1
+        self.events += events
+        for i, bound in enumerate(TRANSACTION_EVENTS):
+            if events <= bound:
+                self.sizes[i] += 1
+                break
+
+
 D = TypeVar("D", bound=Dialect)
 
 
@@ -257,7 +315,7 @@ class Committer(StateStore, Generic[D]):
             for m, state in states.items()
         }
         dialect.prepare(every_statistic(states), owners(states))
-        load_views(dialect, self.views)
+        self._load_views()
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
         # decides custom metric types and classes in commit order, identically in any mode.
         self.catalog = MetricCatalog(policy.reserved_prefixes, policy.max_custom_series)
@@ -279,6 +337,17 @@ class Committer(StateStore, Generic[D]):
         self._flushing: asyncio.Task[None] | None = None
         self._closed = False
         self._last_purge = float("-inf")
+        self.stats = CommitStats()
+
+    def _load_views(self) -> None:
+        """Fill the views from the store at start-up."""
+        load_views(self.dialect, self.views)
+
+    def _apply_committed(self, token: object, deltas: list[tuple[StateKey, Delta]]) -> None:
+        """After commit: the committed all-time deltas to the in-memory views, in commit order
+        (``token``: the dialect's name of the commit)."""
+        for key, delta in deltas:
+            self.views.apply(key, delta)
 
     async def commit(self, entries: Sequence[Entry]) -> list[bool]:
         """A join whose model may not run in the transaction (a user's) is written once to
@@ -324,10 +393,11 @@ class Committer(StateStore, Generic[D]):
                 try:
                     written = await loop.run_in_executor(
                         self._writer,
-                        self._write,
+                        self._write_retrying,
                         [(entries, scores) for entries, scores, _ in group],
                     )
                     outcomes = self._settle(*written)
+                    self.stats.committed(sum(len(entries) for entries, *_ in group))
                 except Exception:  # never leave a sender hanging: 503, and it retries
                     log.exception("state commit failed")
                     for *_, future in group:
@@ -344,20 +414,35 @@ class Committer(StateStore, Generic[D]):
             self._flushing = None
 
     def _settle(
-        self, outcomes: list[BatchResult], deltas: list[tuple[StateKey, Delta]]
+        self, outcomes: list[BatchResult], deltas: list[tuple[StateKey, Delta]], token: object
     ) -> list[BatchResult]:
-        """After commit: apply the committed deltas to the in-memory view, in commit order."""
-        for key, delta in deltas:
-            self.views.apply(key, delta)
+        self._apply_committed(token, deltas)
         return outcomes
 
-    def _write(
-        self, batches: list[tuple[Sequence[Entry], Scores | None]]
-    ) -> tuple[list[BatchResult], list[tuple[StateKey, Delta]]]:
+    def _write_retrying(self, batches: list[tuple[Sequence[Entry], Scores | None]]) -> Written:
+        """:meth:`_write`, run again after an abort the dialect calls retryable (its effects
+        were rolled back and undone), after a short jittered pause."""
+        for attempt in itertools.count(1):
+            try:
+                return self._write(batches)
+            except self.dialect.retryable as exc:
+                if attempt >= MAX_ATTEMPTS:
+                    raise
+                reason = RETRY_REASONS.get(getattr(exc, "sqlstate", None) or "", "other")
+                self.stats.retries[reason] += 1
+                log.info("transaction retried", extra={"reason": reason, "attempt": attempt})
+                time.sleep(random.uniform(0, RETRY_PAUSE * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _write(self, batches: list[tuple[Sequence[Entry], Scores | None]]) -> Written:
         """One transaction for all batches; a batch that fails is rolled back alone."""
         now = self.clock()
         dialect = self.dialect
         dialect.begin()
+        if dialect.shared:  # what the other replicas changed since: bounds are global
+            stored = dialect.tallies()
+            self.seen_count = stored.get(SEEN_IDS, 0)
+            self.row_counts = RowCounts(stored.get(LOGGED_ROWS, 0), stored.get(PARKED_ROWS, 0))
         start = self._mark()
         outcomes: list[BatchResult] = []
         deltas: list[tuple[StateKey, Delta]] = []
@@ -378,7 +463,7 @@ class Committer(StateStore, Generic[D]):
                     if not isolate:
                         dialect.rollback()
                         self._undo(start)
-                        return [as_request_error(exc)], []
+                        return [as_request_error(exc)], [], None
                     dialect.rollback_to_savepoint()
                     self._undo(mark)
                     outcomes.append(as_request_error(exc))
@@ -388,14 +473,16 @@ class Committer(StateStore, Generic[D]):
                 if isolate:
                     dialect.release_savepoint()
             self._write_tallies(start)
-            dialect.commit()
+            if dialect.shared:
+                dialect.publish(deltas)
+            token = dialect.commit()
         except BaseException:
             try:
                 dialect.rollback()
             finally:
                 self._undo(start)
             raise
-        return outcomes, deltas
+        return outcomes, deltas, token
 
     def _mark(self) -> Mark:
         return Mark(
@@ -486,7 +573,15 @@ class Committer(StateStore, Generic[D]):
         known = self.segments[model]
         if name in known:
             return name, 0
-        if name == OVERFLOW_SEGMENT or len(known) >= self.policy.segment_cap(model):
+        cap = self.policy.segment_cap(model)
+        if self.dialect.shared and name != OVERFLOW_SEGMENT and len(known) < cap:
+            # Another replica may have admitted it, or others up to the cap (at the cap, the
+            # cached set is the whole set: no segment is admitted anywhere any more).
+            self.dialect.lock(f"segments:{model}")
+            known |= self.dialect.segments(model)
+            if name in known:
+                return name, 0
+        if name == OVERFLOW_SEGMENT or len(known) >= cap:
             return OVERFLOW_SEGMENT, rows.row_count
         known.add(name)
         self._segment_journal.append((model, name))
@@ -511,7 +606,9 @@ class Committer(StateStore, Generic[D]):
         if now == start.tallies:
             return
         moved = zip(TALLIES, start.tallies, now)
-        self.dialect.write_tallies({name: value for name, then, value in moved if then != value})
+        self.dialect.write_tallies(
+            {name: (then, value) for name, then, value in moved if then != value}
+        )
 
     def _check_classes(self, model: str, delta: Delta) -> None:
         """The matrix is dense (classes squared): refuse an event that would grow a model's too
@@ -527,6 +624,12 @@ class Committer(StateStore, Generic[D]):
         new -= known
         if not new:
             return
+        if self.dialect.shared:  # admitted by another replica since, or the cap reached there
+            self.dialect.lock(f"classes:{model}")
+            known |= self.dialect.classes(model)
+            new -= known
+            if not new:
+                return
         if len(known) + len(new) > self.policy.max_classes:
             raise BadRequest(
                 f"the event would make {len(known) + len(new)} classes; at most "
@@ -543,8 +646,21 @@ class Committer(StateStore, Generic[D]):
         series cap, which are dropped and counted."""
         if not delta.metrics:
             return delta
+        if self.dialect.shared:
+            self._refresh_catalog(delta.metrics)
         kept, refused = self.catalog.admit(delta.metrics)
         return delta.admitted(kept, refused, METRICS_REJECTED)
+
+    def _refresh_catalog(self, metrics: Sequence[CustomMetric]) -> None:
+        """Series this replica has not seen may have been admitted by another (or families of
+        other types): read the catalog again, under its lock. At the series cap the cached
+        catalog is the whole catalog (no series is admitted anywhere any more)."""
+        catalog = self.catalog
+        if catalog.max_series is not None and len(catalog.series) >= catalog.max_series:
+            return
+        if any((family_name(m), m.tags) not in catalog.series for m in metrics):
+            self.dialect.lock("catalog")
+            catalog.refresh(*self.dialect.catalog())
 
     def _first_sighting(self, key: tuple[str, str], now: float) -> bool:
         """Record the event key; False if it was seen within the retention window.

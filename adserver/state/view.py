@@ -415,12 +415,20 @@ class MetricsState:
                 f"the model declares statistics named {clashes}, which the server keeps itself "
                 f"({', '.join(builtin)}) or the model declares twice: rename them"
             )
+        self.version = 0  # bumped on every change, so readers can cache what they derive
+        self._empty_tables()
+
+    def _empty_tables(self) -> None:
         self.tables: dict[str, Any] = {name: s.empty() for name, s in self.statistics.items()}
         self.confusion = self.tables[CELLS] = ConfusionMatrix(self.classes)
         self.counters: Counter[CounterKey] = self.tables[COUNTERS]
         self.label_delay: Histogram = self.tables[LABEL_DELAY]
         self.custom = CustomMetricsState(*(self.tables[CUSTOM[kind]] for kind in CUSTOM))
-        self.version = 0  # bumped on every change, so readers can cache what they derive
+
+    def reset(self) -> None:
+        """Empty again, in place (a reader may hold this state), before a full reload."""
+        self.version += 1
+        self._empty_tables()
 
     @classmethod
     def for_model(cls, model: FeedbackModel) -> MetricsState:
@@ -491,6 +499,16 @@ class KeyedState:
             if key.segment != DEFAULT_SEGMENT and key.bucket == ALL_TIME:
                 self._segments[key.model][key.segment] = view
         return view
+
+    def reset(self) -> None:
+        """Every model's totals emptied in place and its segments dropped: a shared store reloads
+        the views whole when it can no longer tell which changes they hold."""
+        for model, segments in self._segments.items():
+            for segment in segments:
+                del self.views[StateKey(model, segment)]
+            segments.clear()
+        for view in self.views.values():
+            view.reset()
 
     def apply(self, key: StateKey, delta: Delta) -> None:
         """A delta of a segment counts in its model's totals too."""

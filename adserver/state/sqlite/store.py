@@ -33,7 +33,8 @@ from adserver.state.sqlite.schema import (
     statistic_columns,
 )
 from adserver.state.store import Clock
-from adserver.state.view import Delta
+from adserver.state.view import CUSTOM, Delta, series
+from cm_models.custom_metrics import MetricType, SeriesKey
 from cm_models.statistics import ALL_TIME, Row, StateKey, Statistic
 
 __all__ = [
@@ -169,6 +170,8 @@ class SQLiteDialect:
     """The SQL of :class:`adserver.state.committer.Dialect` on one SQLite connection."""
 
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    shared = False  # the file's lock makes this process its only writer
+    retryable: tuple[type[Exception], ...] = ()
 
     def __init__(self, connection: sqlite3.Connection, durable: bool) -> None:
         self.connection = connection
@@ -296,6 +299,23 @@ class SQLiteDialect:
     def commit(self) -> None:
         self.cursor.execute("COMMIT")
 
+    def publish(self, deltas: Sequence[tuple[StateKey, Delta]]) -> None:
+        """Never called: no other process reads this store's changes."""
+
+    def lock(self, resource: str) -> None:
+        """Nothing to lock: the transaction is the only writer (BEGIN IMMEDIATE)."""
+
+    def catalog(self) -> tuple[dict[str, MetricType], set[SeriesKey]]:
+        types: dict[str, MetricType] = {}
+        found: set[SeriesKey] = set()
+        for kind, name in CUSTOM.items():
+            for family, tags in self.connection.execute(
+                f"SELECT DISTINCT family, tags FROM {name} WHERE time_bucket = ?", (ALL_TIME,)
+            ):
+                types[family] = kind
+                found.add(series(family, tags))
+        return types, found
+
     def rollback(self) -> None:
         if self.connection.in_transaction:  # SQLite may have rolled back already
             self.cursor.execute("ROLLBACK")
@@ -344,8 +364,11 @@ class SQLiteDialect:
             "INSERT OR IGNORE INTO classes VALUES (?, ?)", [(model, c) for c in classes]
         )
 
-    def write_tallies(self, tallies: dict[str, int]) -> None:
-        self.cursor.executemany("INSERT OR REPLACE INTO tallies VALUES (?, ?)", tallies.items())
+    def write_tallies(self, moved: dict[str, tuple[int, int]]) -> None:
+        self.cursor.executemany(
+            "INSERT OR REPLACE INTO tallies VALUES (?, ?)",
+            [(name, after) for name, (_, after) in moved.items()],
+        )
 
     def close(self) -> None:
         self.connection.close()
