@@ -218,7 +218,7 @@ def test_every_event_counts_once_through_crashes_and_a_database_restart(
             sending = [clients.submit(send, i) for i in range(EVENTS)]
             for point, fault in enumerate(faults, 1):  # each at its share of the stream
                 share = EVENTS * point // (len(faults) + 1)
-                wait_until(lambda: len(tries) >= share, 60, f"{share} events acknowledged")
+                wait_until(lambda n=share: len(tries) >= n, 60, f"{share} events acknowledged")
                 fault()
             for done in sending:
                 done.result()
