@@ -43,6 +43,7 @@ from adserver.state.view import MetricsState, Placement
 from cm_models import MultiClassNumeric
 from cm_models.custom_metrics import CustomMetric
 from tests.support.oracle import Counted, assert_matches, one_matrix, sklearn_summary
+from tests.support.postgres import fresh_database
 from tests.support.stores import BUCKETS, event
 from tests.support.timing import FakeClock
 
@@ -105,9 +106,9 @@ class Places:
         if self.backend == "sqlite":
             base = dataclasses.replace(base, state_dir=tempfile.mkdtemp(dir=self.root))
         elif self.backend == "postgres":
-            base = dataclasses.replace(
-                base, postgres_dsn=self.request.getfixturevalue("postgres_dsn")
-            )  # type: ignore[call-arg]
+            # a database per place: a hypothesis example must not see the one before
+            server = self.request.getfixturevalue("postgres_server")
+            base = dataclasses.replace(base, postgres_dsn=fresh_database(server))
         place = Place(base)
         self.made.append(place)
         return place
