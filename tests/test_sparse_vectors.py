@@ -180,12 +180,7 @@ def test_a_wide_classifier_stores_its_histograms_by_their_non_zero_bins(
     scores[np.arange(MINUTES), truth] += rng.random(MINUTES)  # often right, to spread the AUCs
     scores /= scores.sum(axis=1, keepdims=True)
     server = servers(
-        "--storage_uri",
-        ONE_HOT,
-        "--state",
-        "sqlite",
-        "--score_range",
-        "0,1",
+        "--storage_uri", ONE_HOT, "--state", "sqlite", "--score_range", "0,1",
         env={"STATE_DIR": str(tmp_path)},
     )
     start = (int(datetime.datetime.now(datetime.UTC).timestamp()) // 60 - MINUTES) * 60
