@@ -86,6 +86,12 @@ class Place:
         self.opened.append(store)
         return store
 
+    async def serving(self, store: Committer[Any]) -> None:
+        """What the server does once its IOLoop runs: a shared store opens its readers' pool
+        and starts polling the other replicas' commits."""
+        if self.settings.state == "postgres":
+            await store.start()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Close what a failing test left open (a closed store's close does nothing)."""
         for store in self.opened:
@@ -374,6 +380,7 @@ async def bucket_sums_hold(place: Place, store: Committer[Any], reference: Refer
     """Ranges of prediction time read from the buckets equal scikit-learn over their rows."""
     hour = NOW - NOW % HOUR
     ranges = [(hour - HOUR, hour), (hour - 3 * HOUR, hour + 25 * 60), (hour - 40 * 60, hour + 60)]
+    await place.serving(store)
     reader = open_reader(place.settings, store)
     try:
         spans = [BUCKETS.cover(start, end, NOW) for start, end in ranges]
