@@ -24,9 +24,13 @@ setup(
     extras_require={
         # --kafka_bootstrap_servers: the consumer (librdkafka) and Avro records
         "kafka": ["confluent-kafka>=2.6", "fastavro>=1.9"],
+        # --state postgres: the driver and its connection pools
+        "postgres": ["psycopg[binary]>=3.2", "psycopg-pool>=3.2"],
         "test": [
             "confluent-kafka>=2.6",  # tests/test_kafka_*.py: the consumer on the mock cluster
             "fastavro>=1.9",
+            "psycopg[binary]>=3.2",  # tests/test_store_postgres.py and the replicas' tests
+            "psycopg-pool>=3.2",
             "pytest>=8",
             "hypothesis>=6.100",
             "scikit-learn>=1.4",

@@ -6,9 +6,9 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import tornado.httpserver
 from prometheus_client.registry import Collector
@@ -18,6 +18,7 @@ from adserver.catalogue.wire import METRIC_PREFIX, PROCESS_METRIC_PREFIX, SELDON
 from adserver.errors import StartupError
 from adserver.exposition.collector import FeedbackCollector, ModelSource, build_registry
 from adserver.exposition.seldon_labels import configured_model_labels, seldon_default_labels
+from adserver.exposition.state_stats import SharedFigures, StateStats
 from adserver.exposition.windows import RangeDocuments, WindowGauges, parse_windows
 from adserver.http.auth import Authenticator, TokenFile
 from adserver.http.handlers import make_app
@@ -33,7 +34,7 @@ from adserver.models_config import load_configured_models, load_models_config
 from adserver.replies.sender import ReplySender
 from adserver.settings import Settings
 from adserver.state.buckets import TimeBuckets
-from adserver.state.committer import CommitPolicy
+from adserver.state.committer import CommitPolicy, Committer
 from adserver.state.join import Joiner
 from adserver.state.reads import BucketReader
 from adserver.state.sqlite.reader import SQLiteBucketReader
@@ -43,6 +44,7 @@ from cm_models.protocol import FeedbackModel
 
 if TYPE_CHECKING:
     from adserver.kafka.consumer import KafkaTransport
+    from adserver.state.postgres.store import PostgresStore
     from adserver.wire.kafka import AvroSchemas
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Server:
     reader: BucketReader
     issuer: OIDCVerifier | None = None  # --auth oidc: its keys are fetched once serving
     kafka: KafkaTransport | None = None  # --kafka_bootstrap_servers: started once serving
+    start_state: Callable[[], Awaitable[None]] | None = None  # --state postgres: its poller
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Stop every transport, let in-flight events finish and commit, then release everything."""
@@ -77,17 +80,32 @@ def open_store(
     reserved_prefixes: tuple[str, ...] = (),
     kinds: Mapping[str, str] | None = None,
     segment_caps: Mapping[str, int] | None = None,
-) -> SQLiteStore:
+) -> Committer[Any]:
     """The committer over the dialect ``--state`` names. ``memory`` runs the same store on an
-    in-memory database: identical semantics, no file. ``states``: each model's prototype (the
-    server model's among them); ``kinds``: each configured model's kind, claimed in the file;
-    ``segment_caps``: the models' own segment caps (the others have ``--max_segments``)."""
-    if settings.state not in ("sqlite", "memory"):
-        raise StartupError(f"unknown --state {settings.state!r}: expected sqlite or memory")
+    in-memory database: identical semantics, no file; ``postgres`` one shared by replicas.
+    ``states``: each model's prototype (the server model's among them); ``kinds``: each
+    configured model's kind, claimed in the file; ``segment_caps``: the models' own segment
+    caps (the others have ``--max_segments``)."""
+    if settings.state not in ("sqlite", "memory", "postgres"):
+        raise StartupError(
+            f"unknown --state {settings.state!r}: expected sqlite, postgres or memory"
+        )
     try:
         buckets = TimeBuckets.parse(settings.time_buckets)
     except ValueError as exc:
         raise StartupError(f"--time_buckets {settings.time_buckets!r}: {exc}") from exc
+    policy = CommitPolicy(
+        retention=settings.dedup_retention_seconds,
+        max_ids=settings.dedup_max_ids,
+        join_max_rows=settings.join_max_rows,
+        max_classes=settings.max_classes,
+        reserved_prefixes=reserved_prefixes,
+        max_custom_series=settings.max_custom_series,
+        max_segments=settings.max_segments,
+        segment_caps=dict(segment_caps or {}),
+    )
+    if settings.state == "postgres":
+        return open_postgres(settings, states, joiner, policy, buckets, kinds)
     durable = settings.state == "sqlite"
     if durable and settings.reset_state:
         moved = reset_state(settings.state_dir)
@@ -99,31 +117,80 @@ def open_store(
         kinds,
         str(buckets),
     )
-    policy = CommitPolicy(
-        retention=settings.dedup_retention_seconds,
-        max_ids=settings.dedup_max_ids,
-        join_max_rows=settings.join_max_rows,
-        max_classes=settings.max_classes,
-        reserved_prefixes=reserved_prefixes,
-        max_custom_series=settings.max_custom_series,
-        max_segments=settings.max_segments,
-        segment_caps=dict(segment_caps or {}),
-    )
     return SQLiteStore(states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets)
 
 
-def open_reader(settings: Settings, store: SQLiteStore) -> SQLiteBucketReader:
+def open_postgres(
+    settings: Settings,
+    states: Mapping[str, MetricsState],
+    joiner: Joiner,
+    policy: CommitPolicy,
+    buckets: TimeBuckets,
+    kinds: Mapping[str, str] | None,
+) -> PostgresStore:
+    """``--state postgres``: the keyspace of ``--postgres_schema`` in ``--postgres_dsn``; the
+    driver (psycopg) is the ``postgres`` extra, imported only here."""
+    if settings.reset_state:
+        raise StartupError(
+            "--reset_state does not apply to --state postgres: drop the schema yourself "
+            "(DROP SCHEMA ... CASCADE), with every replica stopped"
+        )
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise StartupError(
+            f"--state postgres needs the postgres extra: pip install '.[postgres]' ({exc})"
+        ) from exc
+    from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+    from adserver.state.postgres.schema import keyspace_name
+    from adserver.state.postgres.store import PostgresStore
+
+    options = PostgresOptions(
+        settings.postgres_dsn,
+        settings.postgres_schema or keyspace_name(settings.model_name),
+        pool_size=settings.postgres_pool_size,
+        refresh_seconds=settings.postgres_refresh_seconds,
+        slots=settings.postgres_slots,
+        change_retention_seconds=settings.postgres_change_retention_seconds,
+        connect_timeout_seconds=settings.postgres_connect_timeout_seconds,
+    )
+    dialect = PostgresDialect.open(
+        options, settings.model_name, model_kind(settings.storage_uri), kinds, str(buckets)
+    )
+    try:
+        return PostgresStore(
+            states, dialect, settings.model_name, policy, joiner=joiner, buckets=buckets
+        )
+    except psycopg.Error as exc:  # the database went away between connecting and loading
+        dialect.close()
+        raise StartupError(f"cannot load the PostgreSQL state: {exc}") from exc
+    except BaseException:
+        dialect.close()
+        raise
+
+
+def open_reader(settings: Settings, store: Committer[Any]) -> BucketReader:
     """Durable: its own thread and read-only connection to the state file; memory: inline on
-    the store's connection (the only one that sees the temporary database)."""
+    the store's connection (the only one that sees the temporary database); postgres: over
+    the store's pool of readers."""
     views = store.views
     models = {model: views.total(model) for model in views.models()}
+    if settings.state == "postgres":
+        from adserver.state.postgres.reader import PostgresBucketReader
+        from adserver.state.postgres.schema import VECTOR_SUM
+
+        pool = cast("PostgresStore", store).pool
+        timeout = settings.postgres_connect_timeout_seconds
+        return PostgresBucketReader(models, pool, VECTOR_SUM, timeout)
     if settings.state == "sqlite":
         return SQLiteBucketReader.durable(models, state_path(settings.state_dir))
+    assert isinstance(store, SQLiteStore)
     return SQLiteBucketReader.inline(models, store.connection)
 
 
 def model_sources(
-    store: SQLiteStore,
+    store: Committer[Any],
     model: FeedbackModel,
     models: Mapping[str, FeedbackModel],
     seldon_labels: Mapping[str, str],
@@ -289,6 +356,14 @@ def build_server(settings: Settings) -> Server:
         else None
     )
     lifecycle = Lifecycle()
+    start_state = None
+    state_stats = StateStats(settings.model_name, settings.state)
+    if settings.state == "postgres":  # its poller starts once serving; ready while it polls
+        shared = cast("PostgresStore", store)
+        lifecycle.checks.append(shared.healthy)
+        start_state = shared.start
+        figures = SharedFigures(shared.stats, shared.round_trips, shared.staleness)
+        state_stats = StateStats(settings.model_name, "postgres", shared.keyspace, figures)
     service = FeedbackService(
         model,
         store,
@@ -319,7 +394,7 @@ def build_server(settings: Settings) -> Server:
     issuer = oidc_verifier(settings)
     auth = authenticator(settings, issuer)
     kafka = kafka_transport(settings, service)
-    others: list[Collector] = [gauges] + ([kafka.stats] if kafka is not None else [])
+    others: list[Collector] = [gauges, state_stats] + ([kafka.stats] if kafka is not None else [])
     collector = FeedbackCollector(
         settings.model_name,
         model_sources(store, model, models, seldon),
@@ -360,7 +435,9 @@ def build_server(settings: Settings) -> Server:
     lifecycle.register(transport)
     if kafka is not None:
         lifecycle.register(kafka, kafka.healthy)
-    return Server(settings, service, transport, sender, lifecycle, reader, issuer, kafka)
+    return Server(
+        settings, service, transport, sender, lifecycle, reader, issuer, kafka, start_state
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -369,6 +446,8 @@ async def serve(settings: Settings) -> None:
     # full scans, which would otherwise add their pauses to the latency tail of events.
     gc.freeze()
     server.http.start(settings.http_port, settings.http_host)
+    if server.start_state is not None:
+        await server.start_state()
     if server.sender is not None:
         server.sender.start()
     if server.issuer is not None:

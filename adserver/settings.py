@@ -16,6 +16,7 @@ from typing import Any
 from adserver.catalogue.wire import PROTOCOL_SELDON_FEEDBACK, SUBCOMMAND
 
 AUTH_MODES = ("none", "token", "oidc")
+MAX_SLOTS = 32767  # a slot is a smallint
 DEFAULT_MODEL = "adserver.cm_models.multiclass_one_hot.MulticlassOneHot"
 
 
@@ -110,11 +111,48 @@ class Settings:
     reply_retries: int = setting(3, "REPLY_RETRIES", "retries of a failed reply, backing off")
     reply_queue_size: int = setting(1000, "REPLY_QUEUE_SIZE", "replies waiting; more are dropped")
     state: str = setting(
-        "sqlite", "STATE", "state store: sqlite (durable, in --state_dir) or memory (lost on exit)"
+        "sqlite",
+        "STATE",
+        "state store: sqlite (durable, in --state_dir), postgres (shared by replicas) or memory "
+        "(lost on exit)",
     )
     state_dir: str = setting("./state", "STATE_DIR", "directory of the SQLite state file")
     reset_state: bool = setting(
         False, "RESET_STATE", "move an existing (e.g. corrupt) state file aside and start empty"
+    )
+    postgres_dsn: str = setting(
+        "",
+        "POSTGRES_DSN",
+        "--state postgres: libpq connection string or URI (empty: libpq's PG* variables; a "
+        "password is best kept in PGPASSFILE)",
+    )
+    postgres_schema: str = setting(
+        "",
+        "POSTGRES_SCHEMA",
+        "--state postgres: the schema (keyspace) of this model's state (empty: feedback_<model>)",
+    )
+    postgres_pool_size: int = setting(
+        4, "POSTGRES_POOL_SIZE", "--state postgres: most connections of the readers' pool"
+    )
+    postgres_refresh_seconds: float = setting(
+        0.25,
+        "POSTGRES_REFRESH_SECONDS",
+        "--state postgres: how often other replicas' commits are read into the views",
+    )
+    postgres_slots: int = setting(
+        64,
+        "POSTGRES_SLOTS",
+        "--state postgres: row slots replicas lease (more replicas than slots share them)",
+    )
+    postgres_change_retention_seconds: float = setting(
+        120.0,
+        "POSTGRES_CHANGE_RETENTION_SECONDS",
+        "--state postgres: how long the change log is kept (a replica behind by half reloads)",
+    )
+    postgres_connect_timeout_seconds: float = setting(
+        2.0,
+        "POSTGRES_CONNECT_TIMEOUT_SECONDS",
+        "--state postgres: connect and poll timeout; readiness fails after a few missed polls",
     )
     dedup_retention_seconds: float = setting(
         86400.0, "DEDUP_RETENTION_SECONDS", "how long an event id is remembered to drop redelivery"
@@ -252,10 +290,17 @@ class Settings:
             "max_models",
             "max_segments",
             "window_refresh_seconds",
+            "postgres_pool_size",
+            "postgres_refresh_seconds",
+            "postgres_slots",
+            "postgres_change_retention_seconds",
+            "postgres_connect_timeout_seconds",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"--{name} must be positive")
+        if self.postgres_slots > MAX_SLOTS:
+            raise ValueError(f"--postgres_slots must be at most {MAX_SLOTS}")
         if self.max_body_bytes_in_flight < self.max_body_bytes:
             raise ValueError("--max_body_bytes_in_flight must be at least --max_body_bytes")
         if self.reply_retries < 0:

@@ -109,6 +109,22 @@ def counter(base_url: str, family: str, model: str = "bench", timeout_s: float =
     return int(found.get(model, 0))
 
 
+_ANY_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{.*\})?\s+(\S+)", re.MULTILINE)
+
+
+def totals(base_url: str, names: tuple[str, ...], timeout_s: float = 10.0) -> dict[str, float]:
+    """The sum over every label set of each sample name in `names` found in the text exposition
+    (a figure of the whole process, such as the state's transactions); absent names are left out."""
+    code, body = request(base_url + "/v1/metrics", timeout_s=timeout_s)
+    if code != 200:
+        raise RuntimeError(f"GET /v1/metrics answered {code}")
+    found: dict[str, float] = {}
+    for name, value in _ANY_SAMPLE.findall(body.decode(errors="replace")):
+        if name in names:
+            found[name] = found.get(name, 0.0) + float(value)
+    return found
+
+
 def stable_counts(
     base_url: str, model: str | None = "bench", settle_s: float = 0.1, timeout_s: float = 10.0
 ) -> Counts:

@@ -66,6 +66,7 @@ ALL_SERVERS = (
     "seed-models",
     "seed-token",
     "seed-oidc",
+    "seed-postgres",
     "memory-full",
     "sqlite-full",
     "replyce",
@@ -87,6 +88,7 @@ DURABLE = (
     "seed-models",
     "seed-token",
     "seed-oidc",
+    "seed-postgres",
 )  # kill -9 and restart at the end: acked rows survive
 SPREAD_MODELS = 50  # seed-models: its models config's models, each with 2 endpoints (segments)
 MODELS_REJECT = ("models_config", "unrecognized", "invalid choice")  # before --models_config
@@ -95,6 +97,12 @@ FLAG_REJECT = ("unrecognized", "invalid choice")  # before --auth, --score_range
 REGRESSION_REJECT = ("no module named 'adserver.cm_models.regression_metrics'",)
 REGRESSION = "adserver.cm_models.regression_metrics.RegressionMetrics"
 COSTED = ("seed-scores", "seed-regression")  # the event-cost variants (issue 14)
+# seed-postgres before --state postgres, or without its extra (psycopg) installed
+POSTGRES_REJECT = (*FLAG_REJECT, ".[postgres]")
+# A PostgreSQL server's own figures: round trips, and the histogram of events per transaction.
+ROUND_TRIPS = "feedback_state_round_trips_total"
+TX_EVENTS_SUM = "feedback_state_transaction_events_sum"
+TX_EVENTS_COUNT = "feedback_state_transaction_events_count"
 AUTH_READY_S = 10.0  # an OIDC server answers 503 until it has fetched the issuer's keys
 BASELINE_REPEATS = 3  # default --repeats with --baseline: a spread needs more than one round
 RUN_OVERHEAD_S = 1.5  # per measured run besides warm-up and duration: count probes, wrk start
@@ -250,6 +258,7 @@ class Runner:
             kind: payloads.write_payloads(work / "payloads", kind=kind) for kind in payloads.BODIES
         }
         self._issuer: auth.Issuer | None = None
+        self._postgres: Any = None  # bench.postgres.PostgresServer, started by postgres_dsn
 
     def fail(self, msg: str) -> None:
         print(f"FAIL: {msg}", file=sys.stderr, flush=True)
@@ -500,6 +509,9 @@ class Runner:
         for server, sink in sinks.items():
             self.note_sink(server, sink)
         for v in variants:
+            if v.plain == "seed-postgres" and v.name in started and started[v.name].alive():
+                self.note_state(v.name, started[v.name])
+        for v in variants:
             m = started.get(v.name)
             if m is None:
                 continue
@@ -629,6 +641,15 @@ class Runner:
                 "token_file": issuer.token_file,
             }
             seeds.append(("seed-oidc", p.seed_grid, oidc))
+        if "seed-postgres" in p.servers:
+            # The seed's args on a shared state: a database of its own on the bench's PostgreSQL.
+            dsn = self.postgres_dsn(named("seed-postgres"))
+            if dsn is not None:
+                shared = {
+                    "flags": ["--state", "postgres", "--postgres_dsn", dsn],
+                    "may_reject": POSTGRES_REJECT,
+                }
+                seeds.append(("seed-postgres", p.seed_grid, shared))
         for server, grid, options in seeds:
             variant = self.seed_variant(named(server), grid, sinks, **options)
             if variant is not None:
@@ -706,6 +727,62 @@ class Runner:
             self._issuer = auth.Issuer(self.work / "issuer")
             print(f"issuer: {self._issuer.url}", flush=True)
         return self._issuer
+
+    def postgres_dsn(self, name: str) -> str | None:
+        """A new database for `name` on the bench's PostgreSQL server, started on first use and
+        pinned to the load core (it stands for a database on another machine). None without
+        PostgreSQL's binaries or psycopg (both optional: the variant is skipped), or when the
+        server fails (a failure)."""
+        try:
+            import psycopg
+
+            from bench.postgres import PostgresError, PostgresServer, find_bindir
+        except ImportError as exc:
+            return self.skip(name, f"cannot import psycopg or bench.postgres: {exc}")
+        if find_bindir() is None:
+            return self.skip(name, "no PostgreSQL server binaries (apt-get install postgresql)")
+        try:
+            if self._postgres is None:
+                server = PostgresServer()
+                self._postgres = server.start()
+                pinned = servers.pin_tree(server.pid or 0, self.load_cpu)
+                print(f"postgres: pid {server.pid}, {pinned} processes pinned", flush=True)
+            database = name.replace(BASE_SUFFIX, "_base").replace("-", "_")
+            return str(self._postgres.create_database(database))
+        except (PostgresError, psycopg.Error, OSError) as exc:
+            self.fail(f"{name}: PostgreSQL: {exc}")
+            return None
+
+    def skip(self, name: str, why: str) -> None:
+        """Record a server of the plan that cannot run here (not a failure)."""
+        self.r.servers.append(ServerResult(name=name, argv=[], status=f"skipped: {why}"))
+        print(f"SKIP {name}: {why}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Stop the PostgreSQL server, if one was started (after every server using it)."""
+        if self._postgres is not None:
+            self._postgres.close()
+            self._postgres = None
+
+    def note_state(self, name: str, m: servers.Managed) -> None:
+        """Round trips per event and events per transaction, from the server's own figures over
+        its whole run (warm-ups included): what group commit and pipelining save."""
+        try:
+            found = probe.totals(m.base_url, (ROUND_TRIPS, TX_EVENTS_SUM, TX_EVENTS_COUNT))
+        except (OSError, RuntimeError) as exc:
+            self.fail(f"{name}: cannot read its state figures: {exc}")
+            return
+        trips, events = found.get(ROUND_TRIPS), found.get(TX_EVENTS_SUM)
+        transactions = found.get(TX_EVENTS_COUNT)
+        if trips is None or not events or not transactions:
+            self.fail(f"{name}: no feedback_state_* figures in /v1/metrics: {sorted(found)}")
+            return
+        self.note(
+            name,
+            f"state: {trips / events:.2f} round trips per event, "
+            f"{events / transactions:.1f} events per transaction "
+            f"({transactions:.0f} transactions, {trips:.0f} round trips)",
+        )
 
     def check_auth(self, v: Variant, m: servers.Managed) -> bool:
         """Auth is really on before any case is measured: an event without a token answers
@@ -1038,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ps = servers.ProcessSet(Path(tmp))
+        runner: Runner | None = None
         try:
             base = None
             if args.baseline and commit:
@@ -1045,7 +1123,10 @@ def main(argv: list[str] | None = None) -> int:
                     servers.REPO_ROOT, args.baseline, commit, Path(tmp) / "baseline", sys.executable
                 )
                 print(f"baseline: {args.baseline} ({commit[:10]}) exported to {base.tree}")
-            Runner(plan, ps, Path(tmp), server_cpu, load_cpu, results, args.retry_noisy, base).run()
+            runner = Runner(
+                plan, ps, Path(tmp), server_cpu, load_cpu, results, args.retry_noisy, base
+            )
+            runner.run()
         except ab.BaselineError as exc:
             results.failures.append(str(exc))
             print(f"FAIL: {exc}", file=sys.stderr)
@@ -1055,6 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: stopping servers", file=sys.stderr)
         finally:
             ps.stop_all()
+            if runner is not None:
+                runner.close()
     results.machine["loadavg_end"] = os.getloadavg()[0]
     results.targets = targets.evaluate(results)
     results.ab = ab.compare(results)

@@ -38,6 +38,23 @@ def pinned(argv: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
+def pin_tree(pid: int, cpu: int | None) -> int:
+    """Pin a started server `pid` and its children to `cpu` (a server that forks, like
+    PostgreSQL's postmaster: its later children inherit it); returns how many were pinned."""
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        return 0
+    pinned_count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid"
+            if int(stat.parent.name) == pid or ppid == pid:
+                os.sched_setaffinity(int(stat.parent.name), {cpu})
+                pinned_count += 1
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return pinned_count
+
+
 def tree_env(tree: Path) -> dict[str, str]:
     """This environment with `tree` first on PYTHONPATH: a baseline server's imports come from
     its own tree (its cwd too, since `python -m` puts the cwd before PYTHONPATH), not ours."""

@@ -80,6 +80,7 @@ def evaluate(r: BenchResults) -> list[Target]:
     dead1c16, reply1c16 = r.case("deadsink", 1, 16), r.case("replyce", 1, 16)
     seed1c16, seed1c1 = r.case("seed", 1, 16), r.case("seed", 1, 1)
     models1c16, models1c1 = r.case("seed-models", 1, 16), r.case("seed-models", 1, 1)
+    shared1c16, shared1c1 = r.case("seed-postgres", 1, 16), r.case("seed-postgres", 1, 1)
     mem = r.server("memory")
     targets = [
         Target("single row c16 req/s vs floor", _ratio(_req(mem1c16), _req(floor1c16)), ">=", 0.8),
@@ -119,6 +120,20 @@ def evaluate(r: BenchResults) -> list[Target]:
             _ratio(_req(models1c16), _req(seed1c16)),
             ">=",
             0.9,
+        ),
+        # Issue 15's bar: the shared state (every event a PostgreSQL transaction, over TCP to a
+        # server on the load core) keeps half the floor and 70% of the seed's SQLite.
+        Target(
+            "shared state (seed-postgres: seed + --state postgres) single row c16 req/s vs floor",
+            _ratio(_req(shared1c16), _req(floor1c16)),
+            ">=",
+            0.5,
+        ),
+        Target(
+            "shared state (seed-postgres) single row c16 req/s vs seed (SQLite)",
+            _ratio(_req(shared1c16), _req(seed1c16)),
+            ">=",
+            0.7,
         ),
         *(
             Target(
@@ -230,6 +245,15 @@ def evaluate(r: BenchResults) -> list[Target]:
         )
         for server, what in AUTH
     ]
+    targets.append(
+        Target(
+            "shared state (seed-postgres) single row c1 p99 vs seed (SQLite) c1 p99",
+            _ratio(_p99(shared1c1), _p99(seed1c1)),
+            "<=",
+            2.0,
+            required=False,
+        )
+    )
     targets.append(
         Target(
             "default config (seed) single row c1 p99 vs durable without replies (sqlite)",

@@ -72,6 +72,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert "auth on: 401 without a token, 2xx with it" in notes[guarded], notes
             assert guarded in servers and "kill -9 + restart" in notes[guarded], notes
     assert "issuer served" in notes["seed-oidc"] or statuses["seed-oidc"].startswith("skipped")
+    # skipped only without PostgreSQL's binaries or psycopg, or by a server without the store
+    if not statuses["seed-postgres"].startswith("skipped"):
+        assert "seed-postgres" in servers and "kill -9 + restart" in notes["seed-postgres"], notes
+        assert "round trips per event" in notes["seed-postgres"], notes
     targets = {t["name"]: t for t in doc["targets"]}
     seed_p99 = "default config (seed) single row c1 p99 vs memory c1 p99"
     assert targets[seed_p99]["measured"] is not None, targets

@@ -47,6 +47,9 @@ SCRAPE_ANNOTATIONS = {
 STATE_DIR = "/var/lib/feedback-metrics"
 YAML_FILES = sorted(CONFIG.glob("*.yaml"))
 WORKLOADS = ["deployment.yaml", "knative-service.yaml"]
+# the same workloads with the state on PostgreSQL, the DSN from postgres-secret.yaml
+POSTGRES_WORKLOADS = ["postgres-deployment.yaml", "postgres-knative-service.yaml"]
+POSTGRES_SECRET = "multiclass-model-metrics-postgres"
 
 
 def in_ci() -> bool:
@@ -79,7 +82,7 @@ def one(name: str, kind: str) -> dict[str, Any]:
 
 def pod_template(name: str) -> dict[str, Any]:
     """The pod template of the workload in config/<name> (Deployment or Knative Service)."""
-    kind = "Deployment" if name == "deployment.yaml" else "Service"
+    kind = "Deployment" if name.endswith("deployment.yaml") else "Service"
     return one(name, kind)["spec"]["template"]
 
 
@@ -116,19 +119,21 @@ def test_expected_files_exist() -> None:
     expected = {
         "knative-service.yaml", "trigger.yaml", "deployment.yaml", "servicemonitor.yaml",
         "prometheus-rules.yaml", "prometheusrule.yaml", "grafana-dashboard.json",
-        "example-settings.env",
+        "example-settings.env", "postgres-secret.yaml", *POSTGRES_WORKLOADS,
     }  # fmt: skip
     assert expected <= names
 
 
+@pytest.mark.parametrize("name", ["deployment.yaml", "postgres-deployment.yaml"])
 @pytest.mark.parametrize("kind", ["Deployment", "Service"])
-def test_deployment_yaml_validates(kind: str) -> None:
-    validate(one("deployment.yaml", kind))
+def test_deployment_yaml_validates(name: str, kind: str) -> None:
+    validate(one(name, kind))
 
 
-def test_knative_pod_spec_validates_as_a_pod() -> None:
+@pytest.mark.parametrize("name", ["knative-service.yaml", "postgres-knative-service.yaml"])
+def test_knative_pod_spec_validates_as_a_pod(name: str) -> None:
     """Knative's revision template is a Kubernetes PodSpec subset: catch misspelt fields offline."""
-    template = copy.deepcopy(pod_template("knative-service.yaml"))
+    template = copy.deepcopy(pod_template(name))
     for c in template["spec"]["containers"]:
         c.setdefault("name", "user-container")
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
@@ -149,13 +154,15 @@ def test_workload_runs_the_reference_command(name: str) -> None:
 @pytest.mark.parametrize(("name", "port_name"), [
     ("deployment.yaml", "metrics"),
     ("knative-service.yaml", "http1"),
+    ("postgres-deployment.yaml", "metrics"),
+    ("postgres-knative-service.yaml", "http1"),
 ])  # fmt: skip
 def test_workload_port(name: str, port_name: str) -> None:
     ports = container(name)["ports"]
     assert [(p["name"], p["containerPort"]) for p in ports] == [(port_name, 8080)]
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("name", WORKLOADS + POSTGRES_WORKLOADS)
 def test_workload_probes_health_endpoints(name: str) -> None:
     c = container(name)
     assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
@@ -163,29 +170,34 @@ def test_workload_probes_health_endpoints(name: str) -> None:
     declared = {p["name"] for p in c["ports"]} | {p["containerPort"] for p in c["ports"]}
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         port = c.get(probe, {}).get("httpGet", {}).get("port")
-        if name == "knative-service.yaml":
+        if name.endswith("knative-service.yaml"):
             assert port is None, "Knative rejects probe ports; it probes the container port"
         elif probe in c:
             assert port in declared, f"{probe} targets undeclared port {port!r}"
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("name", WORKLOADS + POSTGRES_WORKLOADS)
 def test_workload_is_scraped_on_v1_metrics(name: str) -> None:
     annotations = pod_template(name)["metadata"]["annotations"]
     assert {k: annotations.get(k) for k in SCRAPE_ANNOTATIONS} == SCRAPE_ANNOTATIONS
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
-def test_workload_is_locked_down_with_writable_state(name: str) -> None:
-    """Non-root, read-only root filesystem, and STATE_DIR on a volume so SQLite can write."""
-    template = pod_template(name)
+def assert_locked_down(name: str) -> None:
+    """Non-root, read-only root filesystem, no privilege escalation."""
     c = container(name)
-    pod_security = template["spec"].get("securityContext", {})
-    security = {**pod_security, **c["securityContext"]}
+    security = {**pod_template(name)["spec"].get("securityContext", {}), **c["securityContext"]}
     assert security["runAsNonRoot"] is True
     assert security["runAsUser"] == 10001
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_workload_is_locked_down_with_writable_state(name: str) -> None:
+    """Locked down, and STATE_DIR on a volume so SQLite can write."""
+    assert_locked_down(name)
+    template = pod_template(name)
+    c = container(name)
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["STATE_DIR"] == STATE_DIR
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -194,7 +206,7 @@ def test_workload_is_locked_down_with_writable_state(name: str) -> None:
     assert "resources" in c and c["resources"]["requests"]
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("name", WORKLOADS + POSTGRES_WORKLOADS)
 def test_workload_sets_seldon_label_env(name: str) -> None:
     """The seldon_metric_* families take their labels from these variables."""
     env = {e["name"] for e in container(name)["env"]}
@@ -204,13 +216,14 @@ def test_workload_sets_seldon_label_env(name: str) -> None:
     } <= env  # fmt: skip
 
 
-def test_service_routes_to_the_deployment_pods() -> None:
-    deployment = one("deployment.yaml", "Deployment")
-    service = one("deployment.yaml", "Service")
+@pytest.mark.parametrize("name", ["deployment.yaml", "postgres-deployment.yaml"])
+def test_service_routes_to_the_deployment_pods(name: str) -> None:
+    deployment = one(name, "Deployment")
+    service = one(name, "Service")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    port_names = {p["name"] for p in container("deployment.yaml")["ports"]}
+    port_names = {p["name"] for p in container(name)["ports"]}
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
 
 
@@ -249,7 +262,7 @@ def test_triggers_deliver_feedback_and_predictions_to_the_knative_service() -> N
         }
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("name", WORKLOADS + POSTGRES_WORKLOADS)
 def test_triggers_and_server_keep_only_their_model(name: str) -> None:
     """Filters match exactly; on type alone every model's predictions would fill the join tables.
     The server's INFERENCE_SERVICE names the same model, and its Seldon deployment label too."""
@@ -269,11 +282,56 @@ def test_knative_service_runs_exactly_one_replica() -> None:
     assert annotations["autoscaling.knative.dev/max-scale"] == "1"
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("name", WORKLOADS + POSTGRES_WORKLOADS)
 def test_replies_never_match_a_trigger(name: str) -> None:
     """A reply re-enters the Broker: its type must differ from every filter, or it loops."""
     args = container(name)["args"]
     assert args[args.index("--event_type") + 1] not in triggers()
+
+
+# ---- the workloads on PostgreSQL -----------------------------------------------------------
+
+
+def test_postgres_secret_validates() -> None:
+    secret = one("postgres-secret.yaml", "Secret")
+    validate(secret)
+    assert secret["metadata"]["name"] == POSTGRES_SECRET
+    assert "REPLACE-ME" in secret["stringData"]["dsn"], "a placeholder, never a real password"
+
+
+@pytest.mark.parametrize("name", POSTGRES_WORKLOADS)
+def test_postgres_workload_runs_the_reference_command_on_postgres(name: str) -> None:
+    """The reference args with --state postgres; they parse to the PostgreSQL store."""
+    c = container(name)
+    assert c["image"] == IMAGE
+    assert c["args"] == [*REFERENCE_ARGS[:-1], "--state", "postgres", REFERENCE_ARGS[-1]]
+    assert "command" not in c
+    assert load_settings(c["args"], environ={}).state == "postgres"
+
+
+@pytest.mark.parametrize("name", POSTGRES_WORKLOADS)
+def test_postgres_workload_reads_the_dsn_from_the_secret(name: str) -> None:
+    """Locked down, POSTGRES_DSN from the Secret (never inline), no STATE_DIR, no volume at all."""
+    assert_locked_down(name)
+    c = container(name)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POSTGRES_DSN"] == {
+        "name": "POSTGRES_DSN",
+        "valueFrom": {"secretKeyRef": {"name": POSTGRES_SECRET, "key": "dsn"}},
+    }
+    assert "STATE_DIR" not in env
+    assert "volumeMounts" not in c and "volumes" not in pod_template(name)["spec"]
+    secret = one("postgres-secret.yaml", "Secret")
+    workload = one(name, "Deployment" if name.endswith("deployment.yaml") else "Service")
+    assert secret["metadata"]["namespace"] == workload["metadata"]["namespace"]
+
+
+def test_postgres_workloads_run_several_replicas() -> None:
+    """The point of a shared state: three Deployment replicas, Knative free to scale out."""
+    assert one("postgres-deployment.yaml", "Deployment")["spec"]["replicas"] == 3
+    annotations = pod_template("postgres-knative-service.yaml")["metadata"]["annotations"]
+    assert int(annotations["autoscaling.knative.dev/max-scale"]) > 1
+    assert annotations["autoscaling.knative.dev/min-scale"] == "1"  # one pod keeps the series
 
 
 def test_prometheusrule_carries_the_rule_file_groups() -> None:
@@ -320,7 +378,8 @@ def test_dashboard_shows_what_users_asked_for() -> None:
     for title, _, expr in dashboard_targets():
         by_panel.setdefault(title, []).append(expr)
     exprs = "\n".join(e for panel in by_panel.values() for e in panel)
-    assert 'sum by (truth, prediction) (feedback_confusion_matrix_total{model=~".*"})' in exprs
+    matrix = "sum by (truth, prediction) ((max without (instance, pod) (feedback_confusion_matrix_"
+    assert matrix in exprs
     accuracy = by_panel["Accuracy"]
     assert len(accuracy) == 2 and sum("[1h]" in e for e in accuracy) == 1, "all time + last 1h"
     for metric in (
@@ -332,6 +391,8 @@ def test_dashboard_shows_what_users_asked_for() -> None:
     assert {"Precision by class", "Recall by class"} <= by_panel.keys()
 
 
+#: The state backend of each target (labels backend, keyspace): no model label to filter on.
+STATE_INFO = "feedback_state_info"
 _SELECTOR = re.compile(r"(?<![\w:])((?:feedback|seldon_metric)_\w+)(\{[^}]*\})?")
 
 
@@ -340,6 +401,8 @@ def test_dashboard_selectors_filter_the_model_variable() -> None:
     for panel in iter_panels(load_dashboard()):
         for target in panel.get("targets", []):
             for metric, matchers in _SELECTOR.findall(target["expr"]):
+                if metric == STATE_INFO:  # one per target, no model label
+                    continue
                 assert 'model=~"$model"' in matchers, f"{panel['title']}: {metric} ignores $model"
 
 

@@ -58,6 +58,8 @@ SEGMENT: Final = "segment"  # a model's segment; "" = the model's totals
 WINDOW: Final = "window"  # a sliding window of prediction time (--windows)
 TOPIC: Final = "topic"  # a Kafka topic
 PARTITION: Final = "partition"  # a Kafka partition's number
+BACKEND: Final = "backend"  # where the state is kept (--state)
+KEYSPACE: Final = "keyspace"  # the PostgreSQL schema of the state; "" for another backend
 METHOD: Final = "method"  # Seldon's: the reply event type (--event_type)
 METHOD_DEFAULT: Final = "feedback"  # Seldon's method without an --event_type
 # Seldon's default metric labels (adserver/exposition/seldon_labels.py reads their values).
@@ -494,6 +496,44 @@ KAFKA: Final[dict[str, Family]] = {
     ),
 }
 
+#: Where the state lives, and for a shared database what its transactions cost and how fresh
+#: this replica's views are (process-local, like the Kafka figures: each replica's own).
+STATE_BACKENDS: Final = ("sqlite", "memory", "postgres")
+STATE: Final[dict[str, Family]] = {
+    "info": ours(
+        "state_info",
+        "gauge",
+        "1, labelled by where the state is kept (--state) and its keyspace (the PostgreSQL "
+        "schema; empty for another backend)",
+        BACKEND,
+        KEYSPACE,
+        backend=STATE_BACKENDS,
+    ),
+    "staleness": ours(
+        "state_staleness_seconds",
+        "gauge",
+        "seconds since this replica's views last matched the shared database (postgres only)",
+    ),
+    "transactions": ours(
+        "state_transactions", "counter", "state transactions committed (postgres only)"
+    ),
+    "transaction_events": ours(
+        "state_transaction_events",
+        "histogram",
+        "events per committed state transaction: group commit's batches (postgres only)",
+    ),
+    "round_trips": ours(
+        "state_round_trips", "counter", "round trips to the state database (postgres only)"
+    ),
+    "retries": ours(
+        "state_retries",
+        "counter",
+        "state transactions run again after the database aborted them, by reason (postgres only)",
+        REASON,
+        reason=("deadlock", "serialization", "other"),
+    ),
+}
+
 
 def custom(key: str, metric_type: MetricType) -> Family:
     """The family of a custom metric key (its labels are the sender's tags and Seldon's)."""
@@ -516,6 +556,7 @@ DOCUMENTED: Final[tuple[Family, ...]] = (
     *CONNECTIONS.values(),
     AUTH_REFUSED,
     *KAFKA.values(),
+    *STATE.values(),
     *WINDOW_TOTALS.values(),
     *WINDOW_PER_CLASS.values(),
     *REGRESSION_GAUGES.values(),

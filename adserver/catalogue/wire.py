@@ -139,3 +139,10 @@ OIDC_DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 # Kafka: headers of a refused record's copy on --kafka_dead_letter_topic
 DEAD_LETTER_REASON: Final = "dead-letter-reason"  # the refusal's reason code
 DEAD_LETTER_ORIGIN: Final = "dead-letter-origin"  # <topic>/<partition>/<offset> it came from
+
+# PostgreSQL (--state postgres): a model's schema (keyspace) is this prefix + its name, and the
+# SQL functions the keyspace defines for vectors (dense float8[]): the upsert's elementwise sum
+# and the aggregate a span's read sums with.
+KEYSPACE_PREFIX: Final = "feedback_"
+SQL_VECTOR_ADD: Final = "feedback_vector_add"
+SQL_VECTOR_SUM: Final = "feedback_vector_sum"

@@ -5,15 +5,21 @@ is read on demand as the stored rows of the buckets that tile it (``TimeBuckets.
 by the store and folded into a :class:`MetricsState` per span, the same class every summary and
 gauge is derived from. A bucket holds only what counts per row (a delta's row part): the
 confusion cells, the row counters, the label delay and the model's own additive statistics.
+
+Every backend's reader runs the same reads (:func:`read_range`, :func:`read_windows`): each is
+a generator that yields the statements it needs (in the backend's SQL, :class:`BucketSQL`) and
+folds the rows it is sent, so only running a statement differs (a thread, or the IOLoop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+import itertools
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from adserver.state.view import CELLS, COUNTERS, LABEL_DELAY, MetricsState
-from cm_models.statistics import DEFAULT_SEGMENT, Row, Statistic
+from cm_models.statistics import DEFAULT_SEGMENT, ColumnType, Row, Statistic
 
 #: The built-in statistics a bucket holds (with a model's own that add, :func:`bucket_statistics`).
 ROW_STATISTICS = (CELLS, COUNTERS, LABEL_DELAY)
@@ -22,6 +28,7 @@ ROW_STATISTICS = (CELLS, COUNTERS, LABEL_DELAY)
 IN_CHUNK = 500
 
 WindowKey = tuple[str, str]  # (model, segment); segment "" = the model's totals
+T = TypeVar("T")
 
 
 class BucketReader(Protocol):
@@ -83,3 +90,122 @@ class WindowFold:
             if state is None:
                 state = self.states[key] = empty_like(view)
             state.load(statistic, rows)
+
+
+@dataclass(frozen=True)
+class BucketSQL:
+    """The statements of bucket reads in one backend's SQL: its aggregate of vectors, its
+    placeholder, and how an integer sum keeps its type (PostgreSQL's ``SUM(bigint)`` is
+    ``numeric``)."""
+
+    vector_sum: str
+    placeholder: str = "?"
+    int_sum: str = "SUM({})"
+
+    def spanned(self, statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+        """The statement reading a statistic's rows over buckets, ordered by ``grouped_by`` and
+        its keys: :meth:`summed`, or :meth:`listed` for moments."""
+        if statistic.merge == "moments":
+            return self.listed(statistic, grouped_by, where)
+        return self.summed(statistic, grouped_by, where)
+
+    def summed(self, statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+        """The statement summing a statistic's values over buckets, by ``grouped_by`` and its
+        keys."""
+        keys = [*grouped_by, *(name for name, _ in statistic.keys)]
+        values = ", ".join(self.sum_of(name, kind) for name, kind in statistic.values)
+        table = statistic.name
+        if not keys:  # one sum; no row at all (rather than NULLs) where nothing matched
+            return f"SELECT {values} FROM {table} WHERE {where} HAVING COUNT(*) > 0"
+        group = ", ".join(keys)
+        return (
+            f"SELECT {group}, {values} FROM {table} WHERE {where} GROUP BY {group} ORDER BY {group}"
+        )
+
+    def listed(self, statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
+        """The statement listing a statistic's rows over buckets, by ``grouped_by`` and its keys
+        (then in the table's order, so a fold is the same at every read)."""
+        keys = [*grouped_by, *(name for name, _ in statistic.keys)]
+        order = ", ".join(dict.fromkeys([*keys, "time_bucket", "model", "segment"]))
+        columns = ", ".join([*keys, *(name for name, _ in statistic.values)])
+        return f"SELECT {columns} FROM {statistic.name} WHERE {where} ORDER BY {order}"
+
+    def sum_of(self, column: str, kind: ColumnType) -> str:
+        if kind == "vector":
+            return f"{self.vector_sum}({column})"
+        return self.int_sum.format(column) if kind == "int" else f"SUM({column})"
+
+    def in_list(self, buckets: Sequence[int]) -> str:
+        return f"time_bucket IN ({', '.join([self.placeholder] * len(buckets))})"
+
+
+class Query(NamedTuple):
+    """A statement a read asks its backend to run (its vectors come back as our bytes)."""
+
+    sql: str
+    parameters: tuple[Any, ...]
+
+
+#: A read: yields a :class:`Query` and is sent its rows (in slices), or yields None between two
+#: slices it folded (the backend may turn the IOLoop); returns what was read.
+Read = Generator[Query | None, Iterable[Sequence[Row]] | None, T]
+ChunkOf = Callable[[Statistic[Any, Any]], int]
+
+
+def read_range(
+    sql: BucketSQL,
+    view: MetricsState,
+    model: str,
+    segment: str | None,
+    spans: Sequence[Sequence[int]],
+    chunk_of: ChunkOf,
+) -> Read[list[MetricsState]]:
+    """One state per span of a model's (or one segment's) buckets."""
+    mark = sql.placeholder
+    where, fixed = f"model = {mark}", [model]
+    if segment is not None:
+        where, fixed = f"model = {mark} AND segment = {mark}", [model, segment]
+    states = []
+    for span in spans:
+        state = empty_like(view)
+        for statistic in bucket_statistics(view):
+            for part in chunks(span, chunk_of(statistic)):
+                statement = sql.spanned(statistic, (), f"{where} AND {sql.in_list(part)}")
+                found = yield Query(statement, (*fixed, *part))
+                assert found is not None
+                for rows in found:
+                    state.load(statistic.name, rows)
+                    yield None
+        states.append(state)
+    return states
+
+
+def read_windows(
+    sql: BucketSQL,
+    models: Mapping[str, MetricsState],
+    spans: Sequence[Sequence[int]],
+    chunk_of: ChunkOf,
+) -> Read[list[dict[WindowKey, MetricsState]]]:
+    """Per span, every (model, segment) with rows and each model's totals."""
+    statistics: dict[str, Statistic[Any, Any]] = {}
+    for view in models.values():  # a table per name, whichever models declare it
+        for statistic in bucket_statistics(view):
+            statistics.setdefault(statistic.name, statistic)
+    found = []
+    for span in spans:
+        fold = WindowFold(models)
+        for statistic in statistics.values():
+            for part in chunks(span, chunk_of(statistic)):
+                statement = sql.spanned(statistic, ("model", "segment"), sql.in_list(part))
+                answer = yield Query(statement, tuple(part))
+                assert answer is not None
+                for rows in answer:
+                    for (model, segment), group in itertools.groupby(rows, key=key_of):
+                        fold.add(statistic.name, model, segment, (row[2:] for row in group))
+                    yield None
+        found.append(fold.states)
+    return found
+
+
+def key_of(row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(row[:2])

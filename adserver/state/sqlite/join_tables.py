@@ -43,7 +43,7 @@ BLOCK = "first_row, rows, codec, shape"
 def overlapping(table: str, key: str) -> str:
     return (
         f"WHERE {key} AND first_row < :stop AND first_row + rows > :start AND first_row >= "
-        f"IFNULL((SELECT first_row FROM {table} WHERE {key} AND first_row <= :start "
+        f"COALESCE((SELECT first_row FROM {table} WHERE {key} AND first_row <= :start "
         "ORDER BY first_row DESC LIMIT 1), :start) ORDER BY first_row"
     )
 
@@ -108,6 +108,56 @@ def unbits(data: bytes, rows: int) -> np.ndarray:
 
 
 class SQLJoinTables:
+    """The join tables in one transaction. The statements are class attributes (SQLite's
+    dialect of SQL) so that another backend's subclass states only how its SQL differs."""
+
+    FIND = (
+        "SELECT request_rows, predicted_rows, predicted_at, segment FROM predictions "
+        "WHERE request_id = ?"
+    )
+    READ_BLOCKS = f"SELECT {BLOCK}, labelled, data FROM logged_blocks {IN_LOGGED}"
+    INSERT_BLOCK = "INSERT INTO logged_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    UPSERT_PREDICTION = (
+        "INSERT INTO predictions (request_id, request_rows, predicted_rows, predicted_at, "
+        "waiting, open, expires_at, segment) VALUES (:id, :request_rows, :predicted_rows, "
+        ":at, :predicted_rows, TRUE, :expires_at, :segment) ON CONFLICT (request_id) DO UPDATE "
+        "SET request_rows = :request_rows, predicted_rows = :predicted_rows, "
+        "predicted_at = :at, waiting = predictions.waiting + :predicted_rows - "
+        "predictions.predicted_rows, expires_at = :expires_at, segment = :segment"
+    )
+    MARK_BLOCK = (
+        "UPDATE logged_blocks SET labelled = ? "
+        "WHERE request_id = ? AND kind = 'response' AND first_row = ?"
+    )
+    MARK_PREDICTION = (
+        "UPDATE predictions SET waiting = waiting - :n, open = waiting - :n > 0 "
+        "WHERE request_id = :id"
+    )
+    PARKED = f"SELECT first_row, rows FROM parked_blocks {IN_PARKED}"
+    PARK = (
+        "INSERT INTO parked_blocks (request_id, first_row, rows, codec, shape, data, "
+        "arrived_at, expires_at, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    UNPARK = f"SELECT {BLOCK}, data, arrived_at, expires_at, segment FROM parked_blocks {IN_PARKED}"
+    DELETE_PARKED = "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?"
+    EXPIRED_LOGGED = (
+        "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
+        "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+    )
+    EXPIRED_PARKED = (
+        "SELECT request_id, first_row, rows FROM parked_blocks WHERE expires_at <= ? "
+        "ORDER BY expires_at LIMIT ?"
+    )
+    EVICTED_LOGGED = (
+        "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
+        "ORDER BY open, expires_at LIMIT ?"
+    )
+    EVICTED_PARKED = (
+        "SELECT request_id, first_row, rows FROM parked_blocks ORDER BY expires_at LIMIT ?"
+    )
+    DELETE_BLOCKS = "DELETE FROM logged_blocks WHERE request_id = ?"
+    DELETE_PREDICTION = "DELETE FROM predictions WHERE request_id = ?"
+
     def __init__(self, cursor: sqlite3.Cursor, counts: RowCounts) -> None:
         self.cursor = cursor
         self.counts = counts
@@ -115,11 +165,7 @@ class SQLJoinTables:
 
     def find(self, request_ids: Sequence[str]) -> tuple[str, Logged] | None:
         for request_id in request_ids:
-            found = self.cursor.execute(
-                "SELECT request_rows, predicted_rows, predicted_at, segment FROM predictions "
-                "WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
+            found = self.cursor.execute(self.FIND, (request_id,)).fetchone()
             if found is not None:
                 request_rows, predicted_rows, predicted_at, segment = found
                 return request_id, Logged(
@@ -142,9 +188,7 @@ class SQLJoinTables:
     ) -> tuple[Rows, list[tuple[int, int, bytes]]]:
         """Rows ``rows`` of one kind, and (first row, rows, labelled bits) of their blocks."""
         key = {"request_id": request_id, "kind": kind, "start": rows.start, "stop": rows.stop}
-        found = self.cursor.execute(
-            f"SELECT {BLOCK}, labelled, data FROM logged_blocks {IN_LOGGED}", key
-        ).fetchall()
+        found = self.cursor.execute(self.READ_BLOCKS, key).fetchall()
         values = concat(
             [decode(count, codec, shape, data) for _, count, codec, shape, _, data in found]
         )
@@ -157,7 +201,7 @@ class SQLJoinTables:
     ) -> Logged:
         kind, rows = logged.kind, logged.rows
         self.cursor.executemany(
-            "INSERT INTO logged_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.INSERT_BLOCK,
             [logged_block(request_id, kind, first, block) for first, block in blocks(rows)],
         )
         before = stored
@@ -177,12 +221,7 @@ class SQLJoinTables:
             )
         )
         self.cursor.execute(
-            "INSERT INTO predictions (request_id, request_rows, predicted_rows, predicted_at, "
-            "waiting, open, expires_at, segment) VALUES (:id, :request_rows, :predicted_rows, "
-            ":at, :predicted_rows, 1, :expires_at, :segment) ON CONFLICT (request_id) DO UPDATE "
-            "SET request_rows = :request_rows, predicted_rows = :predicted_rows, "
-            "predicted_at = :at, waiting = waiting + :predicted_rows - predicted_rows, "
-            "expires_at = :expires_at, segment = :segment",
+            self.UPSERT_PREDICTION,
             {
                 "id": request_id,
                 "request_rows": after.request_rows,
@@ -208,30 +247,19 @@ class SQLJoinTables:
             lo, hi = np.searchsorted(rows, (first, first + count))
             mask[rows[lo:hi] - first] = True
             updates.append((bits(mask), request_id, first))
-        self.cursor.executemany(
-            "UPDATE logged_blocks SET labelled = ? "
-            "WHERE request_id = ? AND kind = 'response' AND first_row = ?",
-            updates,
-        )
-        self.cursor.execute(
-            "UPDATE predictions SET waiting = waiting - :n, open = waiting - :n > 0 "
-            "WHERE request_id = :id",
-            {"n": len(rows), "id": request_id},
-        )
+        self.cursor.executemany(self.MARK_BLOCK, updates)
+        self.cursor.execute(self.MARK_PREDICTION, {"n": len(rows), "id": request_id})
 
     def parked(self, request_id: str, rows: range) -> np.ndarray:
         mask = np.zeros(len(rows), bool)
         key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
-        for first, count in self.cursor.execute(
-            f"SELECT first_row, rows FROM parked_blocks {IN_PARKED}", key
-        ):
+        for first, count in self.cursor.execute(self.PARKED, key):
             mask[max(first - rows.start, 0) : first + count - rows.start] = True
         return mask
 
     def park(self, request_id: str, first_row: int, truth: Rows, parked: Parked) -> None:
         self.cursor.execute(
-            "INSERT INTO parked_blocks (request_id, first_row, rows, codec, shape, data, "
-            "arrived_at, expires_at, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self.PARK,
             (
                 request_id,
                 first_row,
@@ -246,16 +274,10 @@ class SQLJoinTables:
 
     def unpark(self, request_id: str, rows: range) -> list[Parked]:
         key = {"request_id": request_id, "start": rows.start, "stop": rows.stop}
-        found = self.cursor.execute(
-            f"SELECT {BLOCK}, data, arrived_at, expires_at, segment FROM parked_blocks {IN_PARKED}",
-            key,
-        ).fetchall()
+        found = self.cursor.execute(self.UNPARK, key).fetchall()
         if not found:
             return []
-        self.cursor.executemany(
-            "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?",
-            [(request_id, first) for first, *_ in found],
-        )
+        self.cursor.executemany(self.DELETE_PARKED, [(request_id, first) for first, *_ in found])
         self.counts.parked -= sum(count for _, count, *_ in found)
         return [
             Parked(first, decode(count, codec, shape, data), arrived, expires, decode_segment(seg))
@@ -269,17 +291,9 @@ class SQLJoinTables:
         a prediction row still waiting for its label, or a parked label, is a label that will
         never count.
         """
-        logged = self.cursor.execute(
-            "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
-            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
-            (now, batch),
-        ).fetchall()
+        logged = self.cursor.execute(self.EXPIRED_LOGGED, (now, batch)).fetchall()
         self._drop_logged(logged, PREDICTION_EXPIRED, dropped)
-        parked = self.cursor.execute(
-            "SELECT request_id, first_row, rows FROM parked_blocks WHERE expires_at <= ? "
-            "ORDER BY expires_at LIMIT ?",
-            (now, batch),
-        ).fetchall()
+        parked = self.cursor.execute(self.EXPIRED_PARKED, (now, batch)).fetchall()
         self._drop_parked(parked, LABEL_EXPIRED, dropped)
         return len(logged) == batch or len(parked) == batch
 
@@ -287,19 +301,10 @@ class SQLJoinTables:
         """Above ``max_rows``, drop whole logged requests, those whose rows all have their label
         first, then the oldest; and the oldest parked labels. At most ``batch`` of each."""
         if self.counts.logged > max_rows:
-            chosen = self._covering(
-                "SELECT request_id, waiting, MAX(request_rows, predicted_rows) FROM predictions "
-                "ORDER BY open, expires_at LIMIT ?",
-                batch,
-                self.counts.logged - max_rows,
-            )
+            chosen = self._covering(self.EVICTED_LOGGED, batch, self.counts.logged - max_rows)
             self._drop_logged(chosen, PREDICTION_EVICTED, dropped)
         if self.counts.parked > max_rows:
-            chosen = self._covering(
-                "SELECT request_id, first_row, rows FROM parked_blocks ORDER BY expires_at LIMIT ?",
-                batch,
-                self.counts.parked - max_rows,
-            )
+            chosen = self._covering(self.EVICTED_PARKED, batch, self.counts.parked - max_rows)
             self._drop_parked(chosen, LABEL_EVICTED, dropped)
 
     def _covering(self, query: str, batch: int, excess: int) -> list[tuple[str, int, int]]:
@@ -317,8 +322,8 @@ class SQLJoinTables:
         self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
     ) -> None:
         ids = [(request_id,) for request_id, _, _ in found]
-        self.cursor.executemany("DELETE FROM logged_blocks WHERE request_id = ?", ids)
-        self.cursor.executemany("DELETE FROM predictions WHERE request_id = ?", ids)
+        self.cursor.executemany(self.DELETE_BLOCKS, ids)
+        self.cursor.executemany(self.DELETE_PREDICTION, ids)
         self.counts.logged -= sum(rows for _, _, rows in found)
         dropped[reason] += sum(waiting for _, waiting, _ in found)
 
@@ -326,8 +331,7 @@ class SQLJoinTables:
         self, found: list[tuple[str, int, int]], reason: str, dropped: Counter[str]
     ) -> None:
         self.cursor.executemany(
-            "DELETE FROM parked_blocks WHERE request_id = ? AND first_row = ?",
-            [(request_id, first) for request_id, first, _ in found],
+            self.DELETE_PARKED, [(request_id, first) for request_id, first, _ in found]
         )
         rows = sum(rows for _, _, rows in found)
         self.counts.parked -= rows

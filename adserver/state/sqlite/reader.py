@@ -21,27 +21,26 @@ one read (in memory mode a read is as of its slices, not of one commit).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sqlite3
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from adserver.state.reads import (
     IN_CHUNK,
-    WindowFold,
+    BucketSQL,
+    Query,
+    Read,
     WindowKey,
-    bucket_statistics,
-    chunks,
-    empty_like,
+    read_range,
+    read_windows,
 )
 from adserver.state.sqlite.functions import VECTOR_SUM, register
 from adserver.state.view import MetricsState
 from cm_models.statistics import Statistic
 
 T = TypeVar("T")
-Read = Generator[None, None, T]  # yields between slices of rows, returns what was read
 
 #: Summed rows folded between two turns of the IOLoop (memory mode).
 ROWS_PER_SLICE = 4096
@@ -54,41 +53,8 @@ INLINE_BUCKETS = 8
 INLINE_VECTOR_BUCKETS = 1
 
 
-def spanned(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
-    """The statement reading a statistic's rows over buckets, ordered by ``grouped_by`` and its
-    keys: :func:`summed`, or :func:`listed` for moments."""
-    if statistic.merge == "moments":
-        return listed(statistic, grouped_by, where)
-    return summed(statistic, grouped_by, where)
-
-
-def summed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
-    """The statement summing a statistic's values over buckets, by ``grouped_by`` and its keys."""
-    keys = [*grouped_by, *(name for name, _ in statistic.keys)]
-    values = ", ".join(
-        f"{VECTOR_SUM}({name})" if kind == "vector" else f"SUM({name})"
-        for name, kind in statistic.values
-    )
-    if not keys:  # one sum; no row at all (rather than NULLs) where nothing matched
-        return f"SELECT {values} FROM {statistic.name} WHERE {where} HAVING COUNT(*) > 0"
-    group = ", ".join(keys)
-    return (
-        f"SELECT {group}, {values} FROM {statistic.name} WHERE {where} "
-        f"GROUP BY {group} ORDER BY {group}"
-    )
-
-
-def listed(statistic: Statistic[Any, Any], grouped_by: Sequence[str], where: str) -> str:
-    """The statement listing a statistic's rows over buckets, by ``grouped_by`` and its keys
-    (then in the table's order, so a fold is the same at every read)."""
-    keys = [*grouped_by, *(name for name, _ in statistic.keys)]
-    order = ", ".join(dict.fromkeys([*keys, "time_bucket", "model", "segment"]))
-    columns = ", ".join([*keys, *(name for name, _ in statistic.values)])
-    return f"SELECT {columns} FROM {statistic.name} WHERE {where} ORDER BY {order}"
-
-
-def in_list(buckets: Sequence[int]) -> str:
-    return f"time_bucket IN ({', '.join('?' * len(buckets))})"
+#: Bucket reads in SQLite's SQL (a vector is our bytes; ``vector_sum`` returns them too).
+SQL = BucketSQL(VECTOR_SUM)
 
 
 class SQLiteBucketReader:
@@ -127,12 +93,13 @@ class SQLiteBucketReader:
     async def read_range(
         self, model: str, segment: str | None, spans: Sequence[Sequence[int]]
     ) -> list[MetricsState]:
-        return await self._run(lambda connection: self._range(connection, model, segment, spans))
+        view = self.models[model]
+        return await self._run(lambda: read_range(SQL, view, model, segment, spans, self._chunk_of))
 
     async def read_windows(
         self, spans: Sequence[Sequence[int]]
     ) -> list[dict[WindowKey, MetricsState]]:
-        return await self._run(lambda connection: self._windows(connection, spans))
+        return await self._run(lambda: read_windows(SQL, self.models, spans, self._chunk_of))
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -140,14 +107,17 @@ class SQLiteBucketReader:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def _run(self, read: Callable[[sqlite3.Connection], Read[T]]) -> T:
+    async def _run(self, read: Callable[[], Read[T]]) -> T:
         if self.path is None:
-            assert self._connection is not None
-            reading = read(self._connection)
+            connection = self._connection
+            assert connection is not None
+            reading = read()
             try:
+                request = next(reading)
                 while True:
-                    next(reading)
-                    await asyncio.sleep(0)  # events commit between slices
+                    if request is None:
+                        await asyncio.sleep(0)  # events commit between slices
+                    request = reading.send(answer(connection, request))
             except StopIteration as done:
                 return done.value
         if self._thread is None:  # made at the first read: a server nobody asks never has one
@@ -156,7 +126,7 @@ class SQLiteBucketReader:
             self._thread, self._in_snapshot, read
         )
 
-    def _in_snapshot(self, read: Callable[[sqlite3.Connection], Read[T]]) -> T:
+    def _in_snapshot(self, read: Callable[[], Read[T]]) -> T:
         """On the reader thread: one read transaction, so every statistic read agrees."""
         if self._connection is None:
             assert self.path is not None
@@ -165,9 +135,10 @@ class SQLiteBucketReader:
         connection = self._connection
         connection.execute("BEGIN")
         try:
-            reading = read(connection)
+            reading = read()
+            request = next(reading)
             while True:
-                next(reading)
+                request = reading.send(answer(connection, request))
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
         finally:
@@ -182,55 +153,13 @@ class SQLiteBucketReader:
             self._connection.close()
             self._connection = None
 
-    def _range(
-        self,
-        connection: sqlite3.Connection,
-        model: str,
-        segment: str | None,
-        spans: Sequence[Sequence[int]],
-    ) -> Read[list[MetricsState]]:
-        view = self.models[model]
-        where, fixed = "model = ?", [model]
-        if segment is not None:
-            where, fixed = "model = ? AND segment = ?", [model, segment]
-        states = []
-        for span in spans:
-            state = empty_like(view)
-            for statistic in bucket_statistics(view):
-                for part in chunks(span, self._chunk_of(statistic)):
-                    query = spanned(statistic, (), f"{where} AND {in_list(part)}")
-                    for rows in slices(connection.execute(query, (*fixed, *part))):
-                        state.load(statistic.name, rows)
-                        yield
-            states.append(state)
-        return states
 
-    def _windows(
-        self, connection: sqlite3.Connection, spans: Sequence[Sequence[int]]
-    ) -> Read[list[dict[WindowKey, MetricsState]]]:
-        statistics: dict[str, Statistic[Any, Any]] = {}
-        for view in self.models.values():  # a table per name, whichever models declare it
-            for statistic in bucket_statistics(view):
-                statistics.setdefault(statistic.name, statistic)
-        found = []
-        for span in spans:
-            fold = WindowFold(self.models)
-            for statistic in statistics.values():
-                for part in chunks(span, self._chunk_of(statistic)):
-                    query = spanned(statistic, ("model", "segment"), in_list(part))
-                    for rows in slices(connection.execute(query, tuple(part))):
-                        for (model, segment), group in itertools.groupby(rows, key=key_of):
-                            fold.add(statistic.name, model, segment, (row[2:] for row in group))
-                        yield
-            found.append(fold.states)
-        return found
+def answer(connection: sqlite3.Connection, request: Query | None) -> Iterator[list[Any]] | None:
+    """A read's query run (its rows in slices, as it folds them), or nothing to a turn."""
+    return None if request is None else slices(connection.execute(request.sql, request.parameters))
 
 
 def slices(cursor: sqlite3.Cursor) -> Iterator[list[Any]]:
     """A statement's rows, :data:`ROWS_PER_SLICE` at a time."""
     while rows := cursor.fetchmany(ROWS_PER_SLICE):
         yield rows
-
-
-def key_of(row: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(row[:2])

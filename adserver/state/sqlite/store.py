@@ -374,32 +374,38 @@ class SQLiteDialect:
         self.connection.close()
 
 
-#: Chan's pairwise update of (count, shift, mean, m2) about the stored row's shift, as
-#: combined_moments() computes it, operation for operation (shift, mean and m2 are REAL, so no
-#: division is an integer one); SET reads the old row.
-_DELTA = "((excluded.shift - shift) + (excluded.mean - mean))"
-MOMENTS_MERGE = (
-    "count = count + excluded.count",
-    "shift = CASE WHEN count = 0 THEN excluded.shift ELSE shift END",
-    "mean = CASE WHEN count = 0 THEN excluded.mean WHEN excluded.count = 0 THEN mean "
-    f"ELSE mean + {_DELTA} * excluded.count / (count + excluded.count) END",
-    "m2 = CASE WHEN count = 0 THEN excluded.m2 WHEN excluded.count = 0 THEN m2 "
-    f"ELSE m2 + excluded.m2 + {_DELTA} * {_DELTA} * count "
-    "* excluded.count / (count + excluded.count) END",
-)
+def moments_merge(t: str = "") -> tuple[str, ...]:
+    """Chan's pairwise update of (count, shift, mean, m2) about the stored row's shift, as
+    combined_moments() computes it, operation for operation (shift, mean and m2 are REAL, so no
+    division is an integer one); SET reads the old row, named ``t`` + column (PostgreSQL needs
+    the table's alias where SQLite takes a bare column)."""
+    delta = f"((excluded.shift - {t}shift) + (excluded.mean - {t}mean))"
+    return (
+        f"count = {t}count + excluded.count",
+        f"shift = CASE WHEN {t}count = 0 THEN excluded.shift ELSE {t}shift END",
+        f"mean = CASE WHEN {t}count = 0 THEN excluded.mean WHEN excluded.count = 0 THEN {t}mean "
+        f"ELSE {t}mean + {delta} * excluded.count / ({t}count + excluded.count) END",
+        f"m2 = CASE WHEN {t}count = 0 THEN excluded.m2 WHEN excluded.count = 0 THEN {t}m2 "
+        f"ELSE {t}m2 + excluded.m2 + {delta} * {delta} * {t}count "
+        f"* excluded.count / ({t}count + excluded.count) END",
+    )
 
 
-def merged(statistic: Statistic[Any, Any]) -> list[str]:
-    """Each value column's SET clause under the statistic's merge."""
+MOMENTS_MERGE = moments_merge()
+
+
+def merged(statistic: Statistic[Any, Any], vector_add: str = VECTOR_ADD, t: str = "") -> list[str]:
+    """Each value column's SET clause under the statistic's merge; ``vector_add``: the SQL
+    function adding two vectors, ``t``: how the stored row's columns are named."""
     if statistic.merge == "moments":
-        return list(MOMENTS_MERGE)
+        return list(moments_merge(t))
     if statistic.merge == "last":
         return [f"{v} = excluded.{v}" for v, _ in statistic.values]
     return [
         (
-            f"{v} = {VECTOR_ADD}({v}, excluded.{v})"
+            f"{v} = {vector_add}({t}{v}, excluded.{v})"
             if kind == "vector"
-            else f"{v} = {v} + excluded.{v}"
+            else f"{v} = {t}{v} + excluded.{v}"
         )
         for v, kind in statistic.values
     ]

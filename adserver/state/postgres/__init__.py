@@ -1,0 +1,1 @@
+"""The PostgreSQL dialect of the state store."""
