@@ -167,10 +167,13 @@ class PostgresServer:
         self.start(timeout)
 
     def close(self) -> None:
-        """Stop the server and remove its directory (if this object made it)."""
-        self.stop()
+        """Stop the server and remove its directory (if this object made it: then nothing of
+        it is kept, so it is killed rather than made to write its shutdown checkpoint)."""
         if self._own_workdir:
+            self.kill()
             shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            self.stop()
 
     def __enter__(self) -> PostgresServer:
         return self.start()

@@ -1,10 +1,10 @@
-"""The SQLite store: exactly-once commits, retention, restart and refusal of bad files."""
+"""What only the SQLite store has: its file (bounds, housekeeping, spill, upgrades, refusal of
+bad files); what every store keeps is in test_store_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import sqlite3
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from adserver.errors import RequestError
-from adserver.exposition.summary import model_summary
 from adserver.http.answers import json_error
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
@@ -31,20 +30,12 @@ from adserver.state.sqlite.store import (
     state_path,
 )
 from adserver.state.store import Entry
-from adserver.state.view import Delta, MetricsState, Placement
+from adserver.state.view import MetricsState
 from cm_models import MultiClassNumeric
-from cm_models.confusion import Cells
-from cm_models.custom_metrics import CustomMetric
 from cm_models.statistics import ALL_TIME, DEFAULT_SEGMENT
 from tests.data.state_v3 import build as version_3
-from tests.support.stores import BUCKETS
+from tests.support.stores import BUCKETS, event
 from tests.support.timing import FakeClock
-
-
-def event(event_id: str, truth: list[int], predicted: list[int], **extra) -> Entry:
-    cells = Cells.from_labels(np.array(truth), np.array(predicted))
-    delta = Delta(cells=cells, counters=(("rows_accepted", "", len(truth)),), **extra)
-    return Entry(delta, ("src", event_id))
 
 
 def open_sqlite(tmp_path: Path, clock=None, joiner=None, states=None, **kwargs) -> SQLiteStore:
@@ -63,106 +54,6 @@ def memory_store(clock: FakeClock, **kwargs: Any) -> SQLiteStore:
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-def test_duplicates_change_nothing(tmp_path: Path) -> None:
-    async def scenario() -> SQLiteStore:
-        store = open_sqlite(tmp_path)
-        assert await store.commit([event("a", [1, 2], [1, 1])]) == [True]
-        assert await store.commit([event("a", [1, 2], [1, 1]), event("b", [0], [0])]) == [
-            False,
-            True,
-        ]
-        await store.close()
-        return store
-
-    store = run(scenario())
-    assert store.state.count("rows_accepted") == 3
-    assert store.state.confusion.matrix().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
-
-
-def test_concurrent_redeliveries_count_once(tmp_path: Path) -> None:
-    """Twenty copies of one event arriving together land in one group: one counts."""
-
-    async def scenario() -> list[list[bool]]:
-        store = open_sqlite(tmp_path)
-        results = await asyncio.gather(*(store.commit([event("x", [1], [1])]) for _ in range(20)))
-        await store.close()
-        return results
-
-    results = run(scenario())
-    assert sum(r[0] for r in results) == 1
-
-
-def test_restart_restores_everything(tmp_path: Path) -> None:
-    metrics = (
-        CustomMetric("c", "COUNTER", 2.0, (("a", "b"),)),
-        CustomMetric("g", "GAUGE", 7.0),
-        CustomMetric("t", "TIMER", 15.0),
-    )
-
-    async def write() -> dict:
-        store = open_sqlite(tmp_path)
-        await store.commit([event("1", [0, 1, 1], [0, 1, 0], metrics=metrics)])
-        await store.commit([event("2", [2], [1], metrics=metrics[1:])])
-        await store.close()
-        return model_summary(store.state)
-
-    before = run(write())
-    reopened = open_sqlite(tmp_path)
-    assert model_summary(reopened.state) == before
-    custom = reopened.state.custom
-    assert custom.counters == {("c", (("a", "b"),)): 2.0}
-    assert custom.gauges == {("g", ()): 7.0}
-    timer = custom.timers[("t", ())]
-    assert (timer.count, timer.total) == (2, pytest.approx(0.03))
-    assert run(reopened.commit([event("1", [0], [0])])) == [False]
-
-
-def test_retention_expiry_with_clock(tmp_path: Path) -> None:
-    clock = FakeClock()
-
-    async def scenario() -> list[bool]:
-        store = open_sqlite(tmp_path, clock, retention=100.0)
-        first = await store.commit([event("a", [1], [1])])
-        clock.now += 99
-        within = await store.commit([event("a", [1], [1])])
-        clock.now += 2
-        after = await store.commit([event("a", [1], [1])])
-        await store.close()
-        return first + within + after
-
-    assert run(scenario()) == [True, False, True]
-
-
-def test_seen_ids_are_bounded(tmp_path: Path) -> None:
-    clock = FakeClock()
-
-    async def scenario() -> SQLiteStore:
-        store = open_sqlite(tmp_path, clock, max_ids=5)
-        for i in range(12):
-            clock.now += 1
-            await store.commit([event(str(i), [1], [1])])
-        await store.commit([Entry()])  # the bound is enforced by the sweep before each commit
-        await store.close()
-        return store
-
-    store = run(scenario())
-    rows = sqlite3.connect(state_path(str(tmp_path))).execute("SELECT id FROM seen").fetchall()
-    assert sorted(int(r[0]) for r in rows) == [7, 8, 9, 10, 11]
-    assert store.state.count("rows_accepted") == 12
-
-
-def test_memory_store_has_the_same_semantics() -> None:
-    clock = FakeClock()
-
-    async def scenario() -> list[bool]:
-        store = memory_store(clock, retention=10.0, max_ids=100)
-        out = await store.commit([event("a", [1], [1]), event("a", [1], [1])])
-        clock.now += 11
-        return out + await store.commit([event("a", [1], [1])])
-
-    assert run(scenario()) == [True, False, True]
 
 
 def spill_files() -> set[str]:
@@ -443,34 +334,3 @@ def test_classes_and_tallies_are_stored_with_the_counts(tmp_path: Path) -> None:
     reopened = open_sqlite(tmp_path, max_classes=3)
     assert (reopened.seen_count, reopened.row_counts.logged) == (2, 3)
     assert reopened.classes == {"m": {0, 1}}
-
-
-def test_an_entry_counts_under_its_own_model_and_segment_across_a_restart(tmp_path: Path) -> None:
-    """State is addressed by (model, segment, bucket): an entry's segment keeps its counts apart
-    from the others' (and counts in its model's totals), in the file too; each model's classes
-    have their own cap."""
-    canary = Placement(("canary",))
-
-    def states() -> dict[str, MetricsState]:
-        return {"m": MetricsState(), "other": MetricsState()}
-
-    async def scenario() -> None:
-        store = open_sqlite(tmp_path, max_classes=2, states=states())
-        keyed = dataclasses.replace(event("a", [1, 1], [1, 0]), placement=canary)
-        assert await store.commit([keyed, event("b", [0], [0])]) == [True, True]
-        # "m" holds classes 0 and 1: a third is refused for it, not for another model
-        with pytest.raises(RequestError):
-            await store.commit([dataclasses.replace(event("c", [2], [2]), placement=canary)])
-        other = dataclasses.replace(event("d", [2], [3]), model="other")
-        assert await store.commit([other]) == [True]
-        await store.close()
-
-    run(scenario())
-    reopened = open_sqlite(tmp_path, max_classes=2, states=states())
-    views = reopened.views
-    assert views.segments("m")["canary"].confusion.matrix().tolist() == [[0, 0], [1, 1]]
-    assert views.total("m").confusion.matrix().tolist() == [[1, 0], [1, 1]]  # with segment ""
-    assert views.total("other").confusion.classes == [2, 3]
-    assert reopened.classes == {"m": {0, 1}, "other": {2, 3}}
-    assert reopened.dialect.classes("other") == {2, 3}
-    run(reopened.close())

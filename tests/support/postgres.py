@@ -34,11 +34,16 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
+def fresh_database(server: PostgresServer) -> str:
+    """The DSN of a new, empty database (its name unique in the session)."""
+    return server.create_database(f"test_{next(_databases)}")
+
+
 @pytest.fixture
 def postgres_dsn(postgres_server: PostgresServer) -> str:
     """The DSN of a new, empty database on the session's server: tests never see each
     other's keyspaces."""
-    return postgres_server.create_database(f"test_{next(_databases)}")
+    return fresh_database(postgres_server)
 
 
 @pytest.fixture
