@@ -547,8 +547,8 @@ class PostgresDialect:
         self._seen.update(dict.fromkeys(wanted))
         self._seen_reads.append(
             self.pipe.execute(
-                "SELECT source, id, seen_at FROM seen "
-                "WHERE (source, id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                "SELECT source, id, seen_at FROM unnest(%s::text[], %s::text[]) "
+                "AS k(source, id) JOIN seen USING (source, id)",  # an index probe per key
                 ([source for source, _ in wanted], [event_id for _, event_id in wanted]),
             )
         )
