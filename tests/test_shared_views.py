@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adserver.state.postgres.changes import (
+    MAX_EXTRA,
     SharedViews,
     Snapshot,
     decode_changes,
@@ -273,3 +274,41 @@ def test_an_own_commit_after_a_reads_snapshot_survives_it() -> None:
     assert (views.total(MODEL).count("c"), shared.extra) == (11, {})
     shared.local(*counted(5, 10))  # nor a late local application
     assert views.total(MODEL).count("c") == 11
+
+
+def gauge(xid: int, value: float) -> tuple[int, list[tuple[StateKey, Delta]]]:
+    metric = CustomMetric("queue_depth", "GAUGE", value)
+    return xid, [(StateKey(MODEL), admitted(Delta(metrics=(metric,))))]
+
+
+def test_a_gauge_ends_as_the_database_holds_it_whatever_order_commits_arrive() -> None:
+    """B commits 2 after A committed 1 (xid 10 < 11), B applies its own at once and polls A's
+    later: the poll's re-read of the ``last`` rows puts the database's value (2) back."""
+    views = KeyedState({MODEL: MetricsState()}, MODEL)
+    statistics = MetricsState().statistics
+    shared = SharedViews(views, statistics)
+    shared.local(*gauge(11, 2.0))
+    assert shared.last_dirty
+    a_commit = encode_changes(statistics, gauge(10, 1.0)[1])
+    stored = gauge(11, 2.0)[1][0][1]
+
+    def the_database(into: KeyedState) -> None:
+        into.apply(StateKey(MODEL), stored)
+
+    shared.poll(Snapshot.parse("12:12:"), [(10, a_commit), (11, b"")], the_database)
+    assert views.total(MODEL).custom.gauges == {("queue_depth", ()): 2.0}
+    assert not shared.last_dirty
+
+
+def test_own_commits_kept_beyond_the_bound_make_the_next_refresh_a_reload() -> None:
+    views = KeyedState({MODEL: MetricsState()}, MODEL)
+    shared = SharedViews(views, MetricsState().statistics)
+    for xid in range(10, 10 + MAX_EXTRA + 1):
+        shared.local(*counted(xid, 1))
+    assert shared.needs_reload and len(shared.extra) == 1
+    assert views.total(MODEL).count("c") == MAX_EXTRA + 1
+    shared.reload(Snapshot.parse(f"{10 + MAX_EXTRA}:{10 + MAX_EXTRA}:"), lambda v: None)
+    # the reload's snapshot shows all but the last commit (they come from the tables); the
+    # last is put back once
+    assert not shared.needs_reload
+    assert views.total(MODEL).count("c") == 1

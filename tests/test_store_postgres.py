@@ -21,7 +21,7 @@ from adserver.catalogue.families import EVICTED, PREDICTION_EXPIRED
 from adserver.errors import BadRequest, Unavailable
 from adserver.state.committer import CommitPolicy
 from adserver.state.join import Joiner, Label, LoggedRows
-from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions, event_lock
 from adserver.state.postgres.schema import KeyspaceError, keyspace_name
 from adserver.state.postgres.store import PostgresStore
 from adserver.state.store import Entry
@@ -346,3 +346,78 @@ def test_the_writer_reconnects_after_the_database_restarts(private_postgres: Any
     assert commit(store, event("e1", [1], [1])) == [False]  # remembered before the restart
     assert store.state.count("rows_accepted") == 2
     run(store.close())
+
+
+def held_elsewhere(dsn: str, dialect: PostgresDialect, resource: str) -> bool:
+    """Whether another session finds ``resource``'s transaction lock taken."""
+    with psycopg.connect(dsn, autocommit=True) as other:
+        found = other.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (dialect.lock_class, resource)
+        ).fetchone()
+        return not (found and found[0])
+
+
+def test_a_savepoint_rolled_back_releases_its_locks_and_they_are_taken_again(
+    postgres_dsn: str,
+) -> None:
+    """ROLLBACK TO SAVEPOINT releases the locks taken after it: a later batch of the same
+    transaction must lock the request again (else another replica joins it unlocked)."""
+    dialect = open_dialect(postgres_dsn)
+    try:
+        dialect.begin()
+        dialect.tallies()
+        dialect.savepoint()
+        dialect.lock("r")
+        dialect.query("SELECT 1")
+        assert held_elsewhere(postgres_dsn, dialect, "r")
+        dialect.rollback_to_savepoint()
+        dialect.query("SELECT 1")
+        assert not held_elsewhere(postgres_dsn, dialect, "r")
+        dialect.savepoint()
+        dialect.lock("r")
+        dialect.query("SELECT 1")
+        assert held_elsewhere(postgres_dsn, dialect, "r")
+        dialect.release_savepoint()
+        dialect.commit()
+        assert not held_elsewhere(postgres_dsn, dialect, "r")
+    finally:
+        dialect.close()
+
+
+def test_a_nul_in_an_id_is_refused_alone_and_the_group_commits(
+    postgres_dsn: str, stores: list
+) -> None:
+    """PostgreSQL keeps no NUL in text: that event's batch is a 400, its neighbours count."""
+    store = open_store(postgres_dsn)
+    stores.append(store)
+    outcomes, _, _ = store._write_retrying(
+        [([event("bad\0id", [1], [1])], None), ([event("good", [2], [2])], None)]
+    )
+    assert isinstance(outcomes[0], BadRequest) and outcomes[0].reason == reasons.NUL_CHARACTER
+    assert outcomes[1] == [True]
+    fresh = open_store(postgres_dsn)
+    stores.append(fresh)
+    assert fresh.state.count("rows_accepted") == 1
+    assert fresh.seen_count == 1
+
+
+def test_a_lock_held_by_a_vanished_replica_is_a_503_not_a_hang(
+    postgres_dsn: str, stores: list
+) -> None:
+    """Another session holds the event key's lock and never ends (a partitioned replica): the
+    commit gives up after lock_timeout with a 503 the sender retries."""
+    store = open_store(postgres_dsn)
+    stores.append(store)
+    other = psycopg.connect(postgres_dsn, autocommit=True)
+    try:
+        other.execute("BEGIN")
+        other.execute(
+            "SELECT pg_advisory_xact_lock(%s)", (event_lock(store.keyspace, ("src", "e1")),)
+        )
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            commit(store, event("e1", [1], [1]))
+        assert time.monotonic() - started < 15
+    finally:
+        other.close()
+    assert commit(store, event("e1", [1], [1])) == [True]  # the retry, once the lock is gone

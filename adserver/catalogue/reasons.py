@@ -58,6 +58,8 @@ INVALID_ROW_INDEX: Final = "invalid_row_index"
 JOIN_UNSUPPORTED: Final = "join_unsupported"
 UNJOINABLE_BIN_DATA: Final = "unjoinable_bin_data"
 TOO_MANY_ROWS: Final = "too_many_rows"  # 413: more rows than --max_event_rows
+# shared state (PostgreSQL keeps no NUL in text)
+NUL_CHARACTER: Final = "nul_character"  # an id, segment or tag holding a NUL character
 
 # user models
 MODEL_REJECTED: Final = "model_rejected"
@@ -174,6 +176,7 @@ AREAS: Final[dict[str, tuple[str, ...]]] = {
         UNJOINABLE_BIN_DATA,
         TOO_MANY_ROWS,
     ),
+    "shared state": (NUL_CHARACTER,),
     "user models": (MODEL_REJECTED, MODEL_OUTPUT, INVALID_DATA),
     "413": (BODY_TOO_LARGE,),
     "503": (

@@ -92,6 +92,8 @@ MAX_ATTEMPTS = 5
 RETRY_PAUSE = 0.005
 # Upper bounds of the events-per-transaction histogram (group commit's batch sizes).
 TRANSACTION_EVENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Series a shared store's catalog remembers refusing, at most (then it forgets them all).
+REFUSED_SERIES = 10_000
 # SQLSTATEs of the aborts worth a retry, by the reason they are counted under.
 RETRY_REASONS = {"40P01": "deadlock", "40001": "serialization"}
 
@@ -323,6 +325,9 @@ class Committer(StateStore, Generic[D]):
         # Shared state, cached: the writer (the writer thread, or the IOLoop in memory mode)
         # decides custom metric types and classes in commit order, identically in any mode.
         self.catalog = MetricCatalog(policy.reserved_prefixes, policy.max_custom_series)
+        # Shared: series the catalog refused after a re-read (a type clash, a reserved name):
+        # refused again without one (types never change); forgotten on rollback, and when full.
+        self._refused_series: set[SeriesKey] = set()
         for view in self.views.views.values():
             custom = view.custom
             self.catalog.load(custom.types, [*custom.counters, *custom.gauges, *custom.timers])
@@ -503,6 +508,7 @@ class Committer(StateStore, Generic[D]):
 
     def _undo(self, mark: Mark) -> None:
         self.seen_count, self._last_purge = mark.seen_count, mark.last_purge
+        self._refused_series.clear()  # a refusal may have rested on what is rolled back
         self.row_counts = mark.row_counts.copy()
         while len(self._class_journal) > mark.classes:
             model, admitted = self._class_journal.pop()
@@ -656,6 +662,13 @@ class Committer(StateStore, Generic[D]):
         if self.dialect.shared:
             self._refresh_catalog(delta.metrics)
         kept, refused = self.catalog.admit(delta.metrics)
+        if refused and self.dialect.shared:
+            if len(self._refused_series) >= REFUSED_SERIES:
+                self._refused_series.clear()
+            admitted = {id(m) for m in kept}
+            self._refused_series.update(
+                (family_name(m), m.tags) for m in delta.metrics if id(m) not in admitted
+            )
         return delta.admitted(kept, refused, METRICS_REJECTED)
 
     def _refresh_catalog(self, metrics: Sequence[CustomMetric]) -> None:
@@ -665,7 +678,11 @@ class Committer(StateStore, Generic[D]):
         catalog = self.catalog
         if catalog.max_series is not None and len(catalog.series) >= catalog.max_series:
             return
-        if any((family_name(m), m.tags) not in catalog.series for m in metrics):
+        known = catalog.series.__contains__
+        refused = self._refused_series.__contains__
+        if any(
+            not known(s) and not refused(s) for s in ((family_name(m), m.tags) for m in metrics)
+        ):
             self.dialect.lock("catalog")
             catalog.refresh(*self.dialect.catalog())
 

@@ -98,6 +98,10 @@ class Snapshot(NamedTuple):
         return f"{self.xmin}:{self.xmax}:{','.join(map(str, sorted(self.xip)))}"
 
 
+#: Own commits kept for a reload at most (their deltas, while polls fail but commits do not):
+#: beyond, they are forgotten and the views must be reloaded whole before the next poll.
+MAX_EXTRA = 10_000
+
 #: The snapshot before any transaction: nothing is visible in it.
 NOTHING = Snapshot(1, 1, frozenset())
 
@@ -117,19 +121,35 @@ class SharedViews:
         self.statistics = statistics
         self.base = NOTHING
         self.extra: dict[int, Deltas] = {}
+        #: An own commit set a ``last`` statistic since the last poll (see :meth:`poll`).
+        self.last_dirty = False
+        #: The views hold own commits no longer in :attr:`extra`: only a reload may come next.
+        self.needs_reload = False
+        self._lasts = frozenset(n for n, s in statistics.items() if not s.mergeable)
 
     def local(self, xid: int | None, deltas: Deltas) -> None:
         """An own commit (``xid`` None: it published no change row, so no poll can see it)."""
         if xid is not None:
             if self.base.visible(xid) or xid in self.extra:
                 return  # a poll saw it first
+            if len(self.extra) >= MAX_EXTRA:
+                self.extra.clear()
+                self.needs_reload = True
             self.extra[xid] = deltas
         for key, delta in deltas:
             self.views.apply(key, delta)
+            self.last_dirty |= not self._lasts.isdisjoint(delta.parts)
 
-    def poll(self, snapshot: Snapshot, rows: Iterable[tuple[int, bytes]]) -> int:
+    def poll(
+        self,
+        snapshot: Snapshot,
+        rows: Iterable[tuple[int, bytes]],
+        lasts: Callable[[KeyedState], None] | None = None,
+    ) -> int:
         """``rows``: (xid, payload) of every change visible in ``snapshot`` but not in
-        :attr:`base`; returns how many were applied (not already applied locally)."""
+        :attr:`base`; returns how many were applied (not already applied locally). ``lasts``
+        loads the ``last`` statistics' rows as of ``snapshot``: their values are the database's
+        (the last commit's), whatever order the commits reached this replica in."""
         applied = 0
         for xid, payload in rows:
             if xid in self.extra:
@@ -137,6 +157,9 @@ class SharedViews:
             for key, name, stored in decode_changes(self.statistics, payload):
                 self.views.load(key, name, stored)
             applied += 1
+        if lasts is not None:
+            lasts(self.views)
+            self.last_dirty = False
         self.advance(snapshot)
         return applied
 
@@ -147,6 +170,7 @@ class SharedViews:
         loader(self.views)
         kept = {xid: d for xid, d in self.extra.items() if not snapshot.visible(xid)}
         self.base, self.extra = snapshot, {}
+        self.needs_reload = False
         for xid, deltas in kept.items():
             self.local(xid, deltas)
 

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,7 +38,8 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from adserver.errors import StartupError
+from adserver.catalogue import reasons
+from adserver.errors import BadRequest, StartupError
 from adserver.state.committer import RowCounts, statistic_rows
 from adserver.state.postgres import vectors
 from adserver.state.postgres.changes import encode_changes
@@ -100,15 +102,50 @@ class PostgresOptions:
         }
 
     def configure(self, connection: psycopg.Connection[Any]) -> None:
-        """A new pooled connection: the keyspace on its search_path, our binary codecs."""
+        """A new pooled connection: the keyspace on its search_path, our binary codecs, and
+        limits on waiting (:data:`SESSION_LIMITS`)."""
         set_keyspace(connection, self.keyspace)
+        for name, value in SESSION_LIMITS.items():
+            connection.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), value))
         vectors.register(connection)
 
     async def configure_async(self, connection: psycopg.AsyncConnection[Any]) -> None:
         await connection.execute(
             sql.SQL("SET search_path TO {}").format(sql.Identifier(self.keyspace))
         )
+        for name, value in SESSION_LIMITS.items():
+            await connection.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), value))
         vectors.register(connection)
+
+
+#: Every connection's limits: a lock held by a replica that vanished mid-transaction (a network
+#: partition) is waited for at most ``lock_timeout`` (then 503, retried), the server drops that
+#: replica's session after ``idle_in_transaction_session_timeout`` or when its keepalives fail
+#: (releasing its locks), and no statement of ours runs longer than ``statement_timeout``.
+SESSION_LIMITS = {
+    "lock_timeout": sql.Literal("5s"),
+    "statement_timeout": sql.Literal("30s"),
+    "idle_in_transaction_session_timeout": sql.Literal("30s"),
+    "tcp_keepalives_idle": sql.Literal(5),
+    "tcp_keepalives_interval": sql.Literal(2),
+    "tcp_keepalives_count": sql.Literal(3),
+}
+#: A transaction open longer than this makes the replica unready (its events wait behind it).
+STUCK_SECONDS = 10.0
+
+
+def has_nul(*texts: str) -> bool:
+    return any("\0" in text for text in texts)
+
+
+def storable(*texts: str) -> None:
+    """PostgreSQL keeps no NUL character in text: such a value is refused (400) in its batch."""
+    if has_nul(*texts):
+        raise BadRequest(
+            "a text value (an event id or source, a request id, a segment value or a metric "
+            "tag) holds a NUL character, which the PostgreSQL state cannot store",
+            reasons.NUL_CHARACTER,
+        )
 
 
 def writer_id() -> str:
@@ -254,13 +291,19 @@ class PostgresDialect:
         self.statistics: dict[str, Statistic[Any, Any]] = {}
         self._upserts: dict[str, str] = {}
         self._vectors: dict[str, list[int]] = {}  # value positions of a statistic's vectors
+        self._texts: dict[str, list[int]] = {}  # key positions of a statistic's texts
         self._connection: psycopg.Connection[Any] | None = None
         self.pipe = Pipe(self)
-        self.locked: set[str] = set()  # resources and request ids locked in this transaction
+        # Resources and request ids locked in this transaction, in order; a savepoint rolled
+        # back releases those locked after it, and they are forgotten with it.
+        self.locked: dict[str, None] = {}
+        self._reserved: list[tuple[str, str]] = []  # event keys reserved, in order
+        self.began_at: float | None = None  # monotonic time of the open transaction's BEGIN
         self._change: Pending | None = None
         self._rows: list[tuple[str, Row]] = []  # (statistic, stored row) of the transaction
-        # (len(self._rows), len(self._seen_journal), len(self._inserts)) at the open savepoint
-        self._savepoint = (0, 0, 0)
+        # What the open savepoint rolls back: lengths of _rows, _seen_journal, _inserts,
+        # locked and _reserved when it began.
+        self._savepoint = (0, 0, 0, 0, 0)
         self._inserts: list[tuple[str, str, float]] = []  # new remembered ids, sent at COMMIT
         # The transaction's reserved event keys: seen_at, or None if not remembered.
         self._seen: dict[tuple[str, str], float | None] = {}
@@ -382,6 +425,7 @@ class PostgresDialect:
                     "the setting that sizes it (--score_bins/--error_buckets), or drop the schema"
                 )
         self._upserts[name] = upsert(statistic)
+        self._texts[name] = [i for i, (_, kind) in enumerate(statistic.keys) if kind == "text"]
         self._vectors[name] = [
             len(statistic.keys) + i
             for i, (_, kind) in enumerate(statistic.values)
@@ -472,8 +516,8 @@ class PostgresDialect:
         """A transaction left open by a failure before the committer could roll it back (its
         first round trip) is rolled back first."""
         self.rollback()
-        self.locked.clear()
         self._change = None
+        self.began_at = time.monotonic()
         self.pipe.execute("BEGIN")
 
     def publish(self, deltas: Sequence[tuple[StateKey, Delta]]) -> None:
@@ -490,6 +534,7 @@ class PostgresDialect:
         self._send_rows()
         self.pipe.execute("COMMIT")
         self.pipe.flush()
+        self.began_at = None
         change, self._change = self._change, None
         return None if change is None else int(change.fetchone()[0])
 
@@ -501,6 +546,9 @@ class PostgresDialect:
         self._seen.clear()
         self._seen_reads.clear()
         self._seen_journal.clear()
+        self._reserved.clear()
+        self.locked.clear()
+        self.began_at = None
         connection = self._connection
         if connection is None or connection.broken:
             return
@@ -508,16 +556,32 @@ class PostgresDialect:
             connection.execute("ROLLBACK")
 
     def savepoint(self) -> None:
-        self._savepoint = (len(self._rows), len(self._seen_journal), len(self._inserts))
+        self._savepoint = (
+            len(self._rows),
+            len(self._seen_journal),
+            len(self._inserts),
+            len(self.locked),
+            len(self._reserved),
+        )
         self.pipe.savepoint = False
 
     def rollback_to_savepoint(self) -> None:
-        rows, remembered, inserts = self._savepoint
+        """Rows, ids and decisions of the batch are dropped; so are the locks it took (SQL
+        releases them), and the keys it reserved under them, read first so that a late read
+        cannot bring them back: a later batch locks them again."""
+        rows, remembered, inserts, locked, reserved = self._savepoint
         del self._rows[rows:]
         del self._inserts[inserts:]
         while len(self._seen_journal) > remembered:
             key, before = self._seen_journal.pop()
             self._seen[key] = before
+        if len(self._reserved) > reserved:
+            self._seen_rows()
+            for key in self._reserved[reserved:]:
+                del self._seen[key]
+            del self._reserved[reserved:]
+        for name in list(self.locked)[locked:]:
+            del self.locked[name]
         self.pipe.end_savepoint("ROLLBACK TO SAVEPOINT batch")
 
     def release_savepoint(self) -> None:
@@ -526,8 +590,9 @@ class PostgresDialect:
     def lock(self, resource: str) -> None:
         """A transaction lock on a named resource (a request id, ``classes:<model>``...), taken
         once per transaction; queued: the server takes it before the statements after it."""
+        storable(resource)
         if resource not in self.locked:
-            self.locked.add(resource)
+            self.locked[resource] = None
             self.pipe.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (self.lock_class, resource)
             )
@@ -537,9 +602,10 @@ class PostgresDialect:
         locks cannot deadlock) and read which are remembered, queued: the first statement that
         needs a result (the tallies) carries them, so a group of events costs no round trip per
         event. A replica redelivering one of them waits for this commit, then finds it."""
-        wanted = sorted(set(keys) - self._seen.keys())
+        wanted = sorted({key for key in keys if not has_nul(*key)} - self._seen.keys())
         if not wanted:
             return
+        self._reserved += wanted
         locks = sorted({event_lock(self.keyspace, key) for key in wanted})
         self.pipe.execute(
             "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) k", (locks,)
@@ -558,6 +624,7 @@ class PostgresDialect:
         id is inserted at COMMIT with the others. Plain INSERT: a conflict would be a broken
         lock, and fails the transaction (503, retried) rather than count an event twice."""
         if key not in self._seen:
+            storable(*key)
             self.reserve([key])
         seen = self._seen_rows()
         at = seen[key]
@@ -605,6 +672,11 @@ class PostgresDialect:
             statistic = self.statistics[name]
             slot = 0 if statistic.merge == "last" else self.slot
             rows = statistic_rows(statistic, items)
+            texts = self._texts[name]
+            for key in keys:
+                storable(key.model, key.segment)
+            for row in rows:
+                storable(*(row[i] for i in texts))
             self._rows += [(name, (slot, *key, *row)) for key in keys for row in rows]
 
     def _send_inserts(self) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from adserver.catalogue import reasons
+from adserver.errors import Unavailable
 from adserver.state.reads import IN_CHUNK, BucketSQL, Read, WindowKey, read_range, read_windows
 from adserver.state.view import MetricsState
 from cm_models.statistics import Row, Statistic
@@ -104,19 +106,30 @@ class PostgresBucketReader:
         self, model: str, segment: str | None, spans: Sequence[Sequence[int]]
     ) -> list[MetricsState]:
         view = self.models[model]
-        async with snapshot_read(self.pool, self.timeout) as connection:
-            return await run(
-                connection, read_range(self.sql, view, model, segment, spans, chunk_of)
-            )
+        with unavailable_on_fault():
+            async with snapshot_read(self.pool, self.timeout) as connection:
+                return await run(
+                    connection, read_range(self.sql, view, model, segment, spans, chunk_of)
+                )
 
     async def read_windows(
         self, spans: Sequence[Sequence[int]]
     ) -> list[dict[WindowKey, MetricsState]]:
-        async with snapshot_read(self.pool, self.timeout) as connection:
-            return await run(connection, read_windows(self.sql, self.models, spans, chunk_of))
+        with unavailable_on_fault():
+            async with snapshot_read(self.pool, self.timeout) as connection:
+                return await run(connection, read_windows(self.sql, self.models, spans, chunk_of))
 
     async def close(self) -> None:
         """Nothing of its own: the pool is the store's."""
+
+
+@contextmanager
+def unavailable_on_fault() -> Iterator[None]:
+    """The database unreachable, or a read over its time limit: a 503 the reader may retry."""
+    try:
+        yield
+    except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
+        raise Unavailable("state store unavailable", reasons.STORE_ERROR) from exc
 
 
 def chunk_of(statistic: Statistic[Any, Any]) -> int:

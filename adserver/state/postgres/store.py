@@ -9,13 +9,14 @@ from one REPEATABLE READ snapshot.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from adserver.state.committer import Committer, load_views
 from adserver.state.postgres.changes import SharedViews, Snapshot
-from adserver.state.postgres.dialect import PostgresDialect, PostgresOptions
+from adserver.state.postgres.dialect import STUCK_SECONDS, PostgresDialect, PostgresOptions
 from adserver.state.postgres.schema import VECTOR_SUM
 from adserver.state.postgres.sync import StateSync
 from adserver.state.view import Delta, KeyedState
@@ -76,8 +77,11 @@ class PostgresStore(Committer[PostgresDialect]):
         return 0.0 if self.sync is None else self.sync.staleness()
 
     def healthy(self) -> bool:
-        """Readiness: the poller reaches the database (the views are current)."""
-        return self.sync is not None and self.sync.healthy()
+        """Readiness: the poller reaches the database (the views are current) and no commit
+        has been stuck for :data:`STUCK_SECONDS` (behind a lock, say: events wait behind it)."""
+        began = self.dialect.began_at
+        stuck = began is not None and time.monotonic() - began > STUCK_SECONDS
+        return self.sync is not None and self.sync.healthy() and not stuck
 
     async def close(self) -> None:
         if self.sync is not None:

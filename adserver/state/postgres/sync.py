@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -31,7 +32,7 @@ from adserver.state.postgres.changes import SharedViews, Snapshot
 from adserver.state.postgres.reader import READ_STATEMENT_SECONDS, postgres_sql, snapshot_read
 from adserver.state.reads import key_of
 from adserver.state.view import KeyedState
-from cm_models.statistics import ALL_TIME, Row, StateKey
+from cm_models.statistics import ALL_TIME, Row, StateKey, Statistic
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class StateSync:
         self._trim_more = False
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        # ``last`` statistics (gauges): commits apply in the order they reach this replica,
+        # not the database's, so each poll that moved anything re-reads their rows.
+        self._lasts = [s for s in every_statistic(shared.views.prototypes) if not s.mergeable]
         self.polls = 0
         self.reloads = 0
 
@@ -130,7 +134,7 @@ class StateSync:
     def _limit(self) -> float:
         """Seconds a round may take: a poll's statements and the wait for a connection, or a
         reload's (which reads every table)."""
-        if self._reloading(self.clock()):
+        if self._reloading(self.clock()) or self.shared.needs_reload:
             return self.timeout + READ_STATEMENT_SECONDS
         return 2 * self.timeout
 
@@ -138,7 +142,7 @@ class StateSync:
         """One round: a poll (or a reload after an outage), then the lease and the trim when
         they are due."""
         started = self.clock()
-        if self._reloading(started):
+        if self._reloading(started) or self.shared.needs_reload:
             await self.reload()
         else:
             await self.poll()
@@ -156,26 +160,38 @@ class StateSync:
             snapshot = await scalar(connection, SNAPSHOT)
             cursor = await connection.execute(CHANGES_SINCE, (base, base), binary=True)
             rows = await cursor.fetchall()
+            lasts = None
+            if rows or self.shared.last_dirty:
+                lasts = await self._read(connection, self._lasts)
         self.polls += 1
-        return self.shared.poll(Snapshot.parse(snapshot), rows)
+        return self.shared.poll(
+            Snapshot.parse(snapshot), rows, None if lasts is None else partial(fold, stored=lasts)
+        )
 
     async def reload(self) -> None:
         """The views reset to the tables' all-time rows, all read at one snapshot; folded in one
         go (a half-folded view would be read by scrapes), bounded by the caps."""
-        views = self.shared.views
-        stored: list[tuple[str, list[Row]]] = []
         async with snapshot_read(self.pool, self.timeout) as connection:
             snapshot = await scalar(connection, SNAPSHOT)
-            for statistic in every_statistic(views.prototypes):
-                grouped = ("model", "segment")
-                if statistic.mergeable:  # every slot's rows summed by the database
-                    query = self.sql.spanned(statistic, grouped, "time_bucket = %s")
-                else:  # ``last``: one row per key (slot 0)
-                    query = self.sql.listed(statistic, grouped, "time_bucket = %s")
-                cursor = await connection.execute(query, (ALL_TIME,), binary=True)
-                stored.append((statistic.name, await cursor.fetchall()))
+            stored = await self._read(connection, every_statistic(self.shared.views.prototypes))
         self.reloads += 1
-        self.shared.reload(Snapshot.parse(snapshot), lambda into: fold(into, stored))
+        self.shared.reload(Snapshot.parse(snapshot), partial(fold, stored=stored))
+
+    async def _read(
+        self, connection: psycopg.AsyncConnection[Any], statistics: list[Statistic[Any, Any]]
+    ) -> list[tuple[str, list[Row]]]:
+        """The all-time rows of ``statistics``, every slot's summed (``last``: one row per key,
+        slot 0's, listed)."""
+        stored = []
+        for statistic in statistics:
+            grouped = ("model", "segment")
+            if statistic.mergeable:
+                query = self.sql.spanned(statistic, grouped, "time_bucket = %s")
+            else:
+                query = self.sql.listed(statistic, grouped, "time_bucket = %s")
+            cursor = await connection.execute(query, (ALL_TIME,), binary=True)
+            stored.append((statistic.name, await cursor.fetchall()))
+        return stored
 
     async def _housekeeping(self, renew: bool) -> None:
         async with self.pool.connection(timeout=self.timeout) as connection:
@@ -185,7 +201,7 @@ class StateSync:
             self._trim_more = cursor.rowcount >= TRIM_BATCH
 
 
-def fold(views: KeyedState, stored: list[tuple[str, list[Row]]]) -> None:
+def fold(views: KeyedState, *, stored: list[tuple[str, list[Row]]]) -> None:
     """Rows of each statistic by (model, segment) into the views (as ``load_views``: a model
     not configured, or a statistic it does not declare, stays in the tables, unread)."""
     for name, rows in stored:
