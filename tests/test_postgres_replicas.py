@@ -326,6 +326,11 @@ def test_a_database_outage_is_503_and_unready_everywhere_then_nothing_is_lost(
             answer = post_json(url, feedback(one_hot([2]), one_hot([2])), ce_headers())
             assert answer.status_code == 503, answer.text
             assert answer.json()["reason"] == reasons.STORE_ERROR
+            now = int(time.time()) // 60 * 60  # a range is read from the database: 503, not 500
+            span = {"from": str(now - 3600), "to": str(now)}
+            answer = requests.get(f"{url}/v1/models/{SEED_MODEL}/metrics", params=span, timeout=10)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["reason"] == reasons.STORE_ERROR
         private_postgres.start()
         wait_until(lambda: all(ready(url) for url in group.urls()), 15.0, "all ready again")
         for _ in range(5):

@@ -130,6 +130,10 @@ SESSION_LIMITS = {
     "tcp_keepalives_interval": sql.Literal(2),
     "tcp_keepalives_count": sql.Literal(3),
 }
+#: A pool's attempts to reconnect back off exponentially (1, 2, 4 s...) and give up after this;
+#: the next borrower starts again from 1 s: after an outage of any length, the database is
+#: found again within a few seconds of its return.
+RECONNECT_SECONDS = 4.0
 #: A transaction open longer than this makes the replica unready (its events wait behind it).
 STUCK_SECONDS = 10.0
 
@@ -320,6 +324,7 @@ class PostgresDialect:
             configure=options.configure_async,
             timeout=options.connect_timeout_seconds,
             name="feedback-state-readers",
+            reconnect_timeout=RECONNECT_SECONDS,
             open=False,
         )
 
@@ -342,6 +347,7 @@ class PostgresDialect:
             configure=options.configure,
             timeout=options.connect_timeout_seconds,
             name="feedback-state-writer",
+            reconnect_timeout=RECONNECT_SECONDS,
             open=False,
         )
         try:
