@@ -378,7 +378,10 @@ def test_dashboard_shows_what_users_asked_for() -> None:
     for title, _, expr in dashboard_targets():
         by_panel.setdefault(title, []).append(expr)
     exprs = "\n".join(e for panel in by_panel.values() for e in panel)
-    matrix = "sum by (truth, prediction) ((max without (instance, pod) (feedback_confusion_matrix_"
+    matrix = (
+        "sum by (truth, prediction) ((max by (keyspace, model, truth, prediction)"
+        " (feedback_confusion_matrix_"
+    )
     assert matrix in exprs
     accuracy = by_panel["Accuracy"]
     assert len(accuracy) == 2 and sum("[1h]" in e for e in accuracy) == 1, "all time + last 1h"
