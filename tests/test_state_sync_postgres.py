@@ -68,14 +68,7 @@ def options(postgres_dsn: str) -> PostgresOptions:
 def open_pool(options: PostgresOptions) -> AsyncConnectionPool[Any]:
     """A readers' pool as the store opens it (the keyspace, our binary codecs)."""
     return AsyncConnectionPool(
-        options.dsn,
-        min_size=1,
-        max_size=2,
-        kwargs=options.connection_kwargs(),
-        configure=options.configure_async,
-        timeout=options.connect_timeout_seconds,
-        reconnect_timeout=60,
-        open=False,
+        max_size=2, configure=options.configure_async, **options.pool_arguments("test-readers")
     )
 
 

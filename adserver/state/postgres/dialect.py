@@ -101,6 +101,18 @@ class PostgresOptions:
             "application_name": "feedback-metrics-server",
         }
 
+    def pool_arguments(self, name: str) -> dict[str, Any]:
+        """What every pool of ours is opened with (opened later, by its owner)."""
+        return {
+            "conninfo": self.dsn,
+            "min_size": 1,
+            "kwargs": self.connection_kwargs(),
+            "timeout": self.connect_timeout_seconds,
+            "name": name,
+            "reconnect_timeout": RECONNECT_SECONDS,
+            "open": False,
+        }
+
     def configure(self, connection: psycopg.Connection[Any]) -> None:
         """A new pooled connection: the keyspace on its search_path, our binary codecs, and
         limits on waiting (:data:`SESSION_LIMITS`)."""
@@ -317,15 +329,9 @@ class PostgresDialect:
             self.slot = claim_slot(connection, writer, options.slots)
         #: The readers' connections (the poller's, bucket reads): opened on the IOLoop.
         self.readers: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            options.dsn,
-            min_size=1,
             max_size=options.pool_size,
-            kwargs=options.connection_kwargs(),
             configure=options.configure_async,
-            timeout=options.connect_timeout_seconds,
-            name="feedback-state-readers",
-            reconnect_timeout=RECONNECT_SECONDS,
-            open=False,
+            **options.pool_arguments("feedback-state-readers"),
         )
 
     @classmethod
@@ -340,15 +346,9 @@ class PostgresDialect:
         """Connect, migrate (or check) the keyspace and lease a slot; unreachable or refused
         is a :class:`StartupError` (exit 2): the orchestrator restarts the pod."""
         pool = ConnectionPool(
-            options.dsn,
-            min_size=1,
             max_size=1,
-            kwargs=options.connection_kwargs(),
             configure=options.configure,
-            timeout=options.connect_timeout_seconds,
-            name="feedback-state-writer",
-            reconnect_timeout=RECONNECT_SECONDS,
-            open=False,
+            **options.pool_arguments("feedback-state-writer"),
         )
         try:
             pool.open(wait=True, timeout=options.connect_timeout_seconds * 2)
