@@ -88,6 +88,7 @@ class StateSync:
         self._trim_more = False
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         # ``last`` statistics (gauges): commits apply in the order they reach this replica,
         # not the database's, so each poll that moved anything re-reads their rows.
         self._lasts = [s for s in every_statistic(shared.views.prototypes) if not s.mergeable]
@@ -100,6 +101,10 @@ class StateSync:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Stop polling. The loop also checks :attr:`_closing`: a cancellation that lands in
+        the driver may come back as one of its errors, which the loop would take for an
+        outage and go on."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -114,9 +119,10 @@ class StateSync:
         return max(0.0, self.clock() - self.synced)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
-                await asyncio.wait_for(self.refresh(), self._limit())
+                async with asyncio.timeout(self._limit()):
+                    await self.refresh()
             except Exception as exc:  # an outage: keep the last state, try again
                 if not self._failing:
                     log.warning("state sync failed: %s", exc or type(exc).__name__)
