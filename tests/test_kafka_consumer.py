@@ -206,6 +206,105 @@ def test_a_rebalance_mid_stream_loses_nothing(tmp_path: Path) -> None:
             second.stop()
 
 
+def on_postgres(cluster: MockCluster, dsn: str, *topics: str) -> ServerProcess:
+    """A consuming server whose state is the shared database (``--state postgres``)."""
+    return start_server(
+        "--storage_uri",
+        MULTICLASS_NUMERIC,
+        "--state",
+        "postgres",
+        "--postgres_dsn",
+        dsn,
+        "--postgres_refresh_seconds",
+        "0.25",
+        *kafka_args(cluster, *topics),
+    )
+
+
+@pytest.mark.postgres
+def test_on_shared_postgres_rebalances_and_a_kill_9_count_exactly(
+    postgres_dsn: str,
+) -> None:
+    """Two servers in one group on one database while records flow: a member joins (a
+    rebalance), one is killed with SIGKILL mid-consume and another starts in its place. Records
+    redelivered (after refused commits or the kill) are CloudEvents seen before, by source and
+    id, so the database counts each once: exactly the produced cells, one document everywhere."""
+    cluster = MockCluster()
+    produced = produce(cluster, "feedback", 1, seed=20)  # the topic exists before they join
+    first = on_postgres(cluster, postgres_dsn, "feedback")
+    servers = [first]
+    done = threading.Event()
+
+    resent = 0
+
+    def stream() -> None:
+        nonlocal resent
+        seed = 21
+        while not done.is_set():
+            produced.update(produce(cluster, "feedback", 20, seed=seed))
+            produced[resend(cluster, "feedback", seed=seed)] += 1
+            resent += 1
+            seed += 1
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=stream)
+    producer.start()
+    docs: list[dict[str, object]] = []
+    try:
+        wait_for(lambda: rows(first) > 100, 60, "the first rows")
+        second = on_postgres(cluster, postgres_dsn, "feedback")
+        servers.append(second)
+        wait_for(lambda: "partitions assigned" in second.stderr(), 60, "the second's partitions")
+        wait_for(lambda: "partitions revoked" in first.stderr(), 60, "the first's revocation")
+        before = rows(second)
+        wait_for(lambda: rows(second) > before + 100, 60, "both consuming")
+        first.process.send_signal(signal.SIGKILL)  # mid-consume: no drain, no commit
+        first.process.wait(10)
+        third = on_postgres(cluster, postgres_dsn, "feedback")
+        servers.append(third)
+        wait_for(lambda: "partitions assigned" in third.stderr(), 60, "the third's partitions")
+        done.set()
+        producer.join()
+        expected = sum(produced.values())
+        alive = [second, third]
+
+        def one_document() -> bool:
+            docs[:] = [model_doc(server.url) for server in alive]
+            return all(doc == docs[0] for doc in docs) and rows_of(docs[0]) >= expected
+
+        wait_for(one_document, 60, f"both servers showing the same {expected} rows")
+        assert cells(docs[0]) == produced, f"{rows_of(docs[0])} rows, {expected} produced"
+        assert docs[0]["events"] == expected
+        # Still so once the last commits and the views' refresh are past (a double count shows).
+        time.sleep(2.0)
+        assert [model_doc(server.url) for server in alive] == [docs[0]] * 2
+        # The resent ones at least; redeliveries after the kill or refused commits add more.
+        for server in alive:
+            assert kafka(server, "feedback_events_duplicate_total", model="model") >= resent
+    finally:
+        done.set()
+        producer.join()
+        for server in servers:
+            if server.process.poll() is None:
+                server.stop()
+
+
+def resend(cluster: MockCluster, topic: str, seed: int) -> tuple[int, int]:
+    """One record sent twice, as a producer's retry does (the same source and id), to two
+    partitions, so often two servers: one row, one duplicate. Its cell."""
+    rng = random.Random(-seed)
+    truth, prediction = rng.randrange(3), rng.randrange(3)
+    body, headers = feedback_record(truth, prediction, new_id())
+    cluster.produce(topic, body, headers, partition=seed % PARTITIONS)
+    cluster.produce(topic, body, headers, partition=(seed + 1) % PARTITIONS)
+    cluster.flush()
+    return truth, prediction
+
+
+def rows_of(doc: dict[str, object]) -> int:
+    return sum(cells(doc).values())
+
+
 def test_poison_records_are_counted_skipped_and_dead_lettered(tmp_path: Path) -> None:
     cluster = MockCluster()
     good = produce(cluster, "feedback", 20, seed=8)
