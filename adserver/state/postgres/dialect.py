@@ -249,21 +249,20 @@ class Pipe:
         self.savepoint: bool | None = None  # None: none open; False: open, not sent yet
 
     def execute(self, query: str, params: Any = None, binary: bool = False) -> Pending:
-        if self.savepoint is False:
-            self.savepoint = True
-            self.execute("SAVEPOINT batch")
-        pending = Pending(self, query, params, binary=binary)
-        self.queue.append(pending)
-        self.statements += 1
-        return pending
+        return self._queue(Pending(self, query, params, binary=binary), 1)
 
     def executemany(self, query: str, params: Sequence[Any]) -> None:
         if params:
-            if self.savepoint is False:
-                self.savepoint = True
-                self.execute("SAVEPOINT batch")
-            self.queue.append(Pending(self, query, params, many=True))
-            self.statements += len(params)
+            self._queue(Pending(self, query, params, many=True), len(params))
+
+    def _queue(self, pending: Pending, statements: int) -> Pending:
+        """Queue a statement, after the open savepoint if it was not sent yet."""
+        if self.savepoint is False:
+            self.savepoint = True
+            self.execute("SAVEPOINT batch")
+        self.queue.append(pending)
+        self.statements += statements
+        return pending
 
     def flush(self) -> None:
         """Send what is queued and wait once for every result."""
